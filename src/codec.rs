@@ -1,0 +1,113 @@
+//! Payload encoding: the one place that knows payloads are CBOR (serde_cbor).
+//!
+//! Swapping the codec means changing this file and `PROTOCOL.md`, nothing else.
+
+use crate::error::Error;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// Appends the CBOR encoding of `value` to `buf`.
+pub(crate) fn encode_into<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) -> Result<(), Error> {
+    let mut ser = serde_cbor::Serializer::new(buf);
+    value
+        .serialize(&mut ser)
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Decodes exactly one CBOR item filling `bytes`.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_cbor::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// Renders any CBOR item for an error message: text as is, anything else in debug form.
+pub(crate) fn describe(bytes: &[u8]) -> String {
+    match serde_cbor::from_slice::<serde_cbor::Value>(bytes) {
+        Ok(serde_cbor::Value::Text(s)) => s,
+        Ok(v) => format!("{v:?}"),
+        Err(e) => format!("(undecodable error value: {e})"),
+    }
+}
+
+/// A byte buffer sent as one CBOR byte string: use it for binary payloads.
+///
+/// A plain `Vec<u8>` goes through serde as a sequence of numbers, which is several times larger
+/// and slower; `Bytes` is copied as one block.
+///
+/// ```
+/// let b = rpyc::Bytes::from(vec![1u8, 2, 3]);
+/// assert_eq!(&b[..], &[1, 2, 3]);
+/// assert_eq!(b.into_vec(), vec![1, 2, 3]);
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Bytes {
+    /// Returns the inner vector.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(v: Vec<u8>) -> Bytes {
+        Bytes(v)
+    }
+}
+
+impl From<&[u8]> for Bytes {
+    fn from(v: &[u8]) -> Bytes {
+        Bytes(v.to_vec())
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bytes {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Bytes, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = a.next_element::<u8>()? {
+                    v.push(b);
+                }
+                Ok(Bytes(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}

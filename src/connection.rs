@@ -1,0 +1,750 @@
+//! The connection: one symmetric channel between two peers, and the rules that keep many threads
+//! on it from deadlocking or mixing up replies.
+//!
+//! # Who owns what
+//!
+//! * **The read half** is owned by exactly one thread at a time, the *leader* of the
+//!   connection's worker pool ([`crate::dispatch`]). The leader only reads frames and routes
+//!   them; it never runs user code, never writes, and never waits for anything but the socket.
+//!   So something always reads the connection while it is open, whatever user threads do, and
+//!   callbacks are served without a background thread started by hand.
+//! * **The write half** sits behind one mutex. A thread encodes its whole frame first, then
+//!   takes the lock, writes the frame, and releases it: frames never interleave, and no lock is
+//!   held while encoding or while waiting for a reply. The leader never takes this lock.
+//! * **Replies find their caller by id.** A caller registers its id in the pending table
+//!   *before* writing the request; the leader removes the entry when the reply arrives and hands
+//!   the frame to that caller's own channel. A timed-out caller removes its entry, so a late
+//!   reply finds no one and is dropped (and logged); it can never be taken for another call's.
+//! * **Nested calls run on the waiting thread.** A request carries the id of the request its
+//!   sender is serving (`parent`). If that id belongs to a synchronous call of ours that is
+//!   waiting, the leader hands the request to that waiting thread, which runs it and goes back
+//!   to waiting. So client -> server -> client -> ... chains use no extra threads and cannot
+//!   starve the pool, at any depth.
+//! * **Other requests go to the pool.** The leader passes the read half to an idle worker (or
+//!   a new one, up to `max_workers`) and runs the request itself, so a request costs no thread
+//!   hand-off on its critical path. A slow handler occupies only its own thread.
+//!
+//! # When the connection ends
+//!
+//! Whoever notices first (a read or write error, end of stream, a protocol violation, or
+//! [`Connection::close`]) calls `terminate`, once: it records the reason, shuts the transport
+//! down (which wakes the leader), drops every waiting caller's channel so each fails at once
+//! with [`Error::Closed`], stops the pool, and drops the exported objects. Every later call
+//! fails fast with the same reason.
+//!
+//! # Ordering and concurrency guarantees
+//!
+//! * Frames sent by one thread are sent in the order that thread sent them.
+//! * Requests *start* in the order they arrive, but run concurrently, each on its own worker:
+//!   calls from different threads, async calls, and oneway calls may complete in any order.
+//! * A synchronous call's nested requests (callbacks made on its behalf) run one at a time on
+//!   the calling thread, in arrival order.
+//! * At most `max_workers` handlers of one connection run at once; further requests wait in a
+//!   queue of at most `max_queued` entries. A peer that overflows the queue is closed as
+//!   misbehaving (both limits are announced in the handshake).
+
+use crate::codec;
+use crate::dispatch::Pool;
+use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
+use crate::object::{self, ObjectTable, RemoteInner, RemoteObject};
+use crate::options::Options;
+use crate::service::{Args, Context, Failure, Service};
+use crate::threads::ThreadSet;
+use crate::transport::{Control, Transport};
+use crate::wire::{self, Frame, FrameReader, Hello, Kind, OutFrame};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// Locks a mutex, ignoring poisoning: no code of ours panics while holding these locks, and a
+/// user panic is caught before it could cross one.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the leader hands to a waiting caller.
+pub(crate) enum Delivery {
+    /// The reply (or error reply) to the caller's request.
+    Reply(Frame),
+    /// A request the peer made on behalf of the caller's request: run it while waiting.
+    Nested(Frame),
+}
+
+struct Waiter {
+    tx: Sender<Delivery>,
+    /// Only a thread blocked in a synchronous call runs nested requests.
+    serves_nested: bool,
+}
+
+/// A request that was sent and whose reply has not been taken yet.
+pub(crate) struct Pending {
+    pub(crate) id: u64,
+    pub(crate) rx: Receiver<Delivery>,
+}
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// Everything one connection's threads share.
+pub(crate) struct Shared {
+    /// Distinguishes connections in the thread-local record of requests being served.
+    pub(crate) id: u64,
+    pub(crate) peer: String,
+    pub(crate) service: Service,
+    pub(crate) call_timeout: Duration,
+    /// The peer's limits, from its hello.
+    peer_hello: Hello,
+    writer: Mutex<Box<dyn Write + Send>>,
+    control: Box<dyn Control>,
+    next_id: AtomicU64,
+    /// `None` once closed, so no caller can register after the waiters were failed.
+    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    closed: AtomicBool,
+    reason: Mutex<Option<String>>,
+    closed_cv: Condvar,
+    pub(crate) objects: Mutex<ObjectTable>,
+    pub(crate) remotes: Mutex<HashMap<u64, Weak<RemoteInner>>>,
+    releases: Mutex<Vec<(u64, u64)>>,
+    pub(crate) pool: Pool,
+    pub(crate) threads: Arc<ThreadSet>,
+    user_handles: AtomicUsize,
+    on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    established: AtomicBool,
+}
+
+/// One end of an rpyc connection. `Send + Sync` and cheap to clone: share it between threads.
+///
+/// The connection closes when [`close`](Connection::close) is called, when the peer goes away,
+/// or when the last `Connection` and [`RemoteObject`] handle of it is dropped.
+///
+/// ```no_run
+/// let conn = rpyc::connect("localhost", 18861)?;
+/// let sum: i64 = conn.root().call("add", (1, 2))?;
+/// assert_eq!(sum, 3);
+/// conn.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub struct Connection {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Clone for Connection {
+    fn clone(&self) -> Connection {
+        Connection::from_shared(self.shared.clone())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.shared.user_handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared
+                .terminate("every handle to the connection was dropped".into());
+        }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Connection {
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Connection {
+        shared.user_handles.fetch_add(1, Ordering::AcqRel);
+        Connection { shared }
+    }
+
+    /// Does the handshake on a fresh transport, starts the connection's reader, runs the
+    /// service's `on_connect`, and opens the connection for requests.
+    pub(crate) fn establish(
+        t: Transport,
+        opts: &Options,
+        threads: Arc<ThreadSet>,
+    ) -> Result<Connection, Error> {
+        let Transport {
+            reader,
+            mut writer,
+            peer,
+            control,
+        } = t;
+        let handshake = opts.handshake_timeout;
+        let _ = control.set_read_timeout(Some(handshake));
+        let mut reader = BufReader::with_capacity(64 * 1024, reader);
+        let ours = Hello {
+            version: wire::VERSION,
+            flags: 0,
+            max_frame: opts.max_frame as u32,
+            max_queued: opts.max_queued as u32,
+        };
+        let theirs = wire::exchange_hello(&mut reader, &mut *writer, ours).map_err(|e| match e {
+            Error::Timeout(Timeout::Handshake(_)) => Error::Timeout(Timeout::Handshake(handshake)),
+            other => other,
+        });
+        let theirs = match theirs {
+            Ok(h) => h,
+            Err(e) => {
+                control.shutdown();
+                return Err(e);
+            }
+        };
+        if theirs.flags & wire::FLAG_REFUSED != 0 {
+            control.shutdown();
+            return Err(Error::Handshake(format!(
+                "{peer} refused the connection: the server is at its connection limit; \
+                 retry later or raise its max_connections"
+            )));
+        }
+        let _ = control.set_read_timeout(None);
+        let shared = Arc::new(Shared {
+            id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+            peer,
+            service: opts.service.clone(),
+            call_timeout: opts.call_timeout,
+            peer_hello: theirs,
+            writer: Mutex::new(writer),
+            control,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(Some(HashMap::new())),
+            closed: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            closed_cv: Condvar::new(),
+            objects: Mutex::new(ObjectTable::default()),
+            remotes: Mutex::new(HashMap::new()),
+            releases: Mutex::new(Vec::new()),
+            pool: Pool::new(opts.max_workers, opts.max_queued),
+            threads,
+            user_handles: AtomicUsize::new(0),
+            on_close: Mutex::new(Vec::new()),
+            established: AtomicBool::new(false),
+        });
+        let conn = Connection::from_shared(shared.clone());
+        crate::dispatch::start(&shared, FrameReader::new(reader, opts.max_frame)).map_err(|e| {
+            shared.terminate(format!("cannot start the connection's thread: {e}"));
+            Error::Io(Arc::new(e))
+        })?;
+        if let Some(hook) = shared.service.inner.on_connect.clone() {
+            let cx = Context {
+                shared: shared.clone(),
+            };
+            if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
+                log::error!("{}: on_connect of service {} panicked", shared.peer, shared.service.name());
+            }
+        }
+        shared.established.store(true, Ordering::Release);
+        crate::dispatch::set_ready(&shared);
+        Ok(conn)
+    }
+
+    /// The peer's root service: call its methods through this handle.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// let n: usize = conn.root().call("len", ("hello",))?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn root(&self) -> RemoteObject {
+        RemoteObject::root(self.clone())
+    }
+
+    /// Checks that the peer answers, within the connection's call timeout.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// conn.ping()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn ping(&self) -> Result<(), Error> {
+        self.ping_timeout(self.shared.call_timeout)
+    }
+
+    /// Checks that the peer answers within `timeout`.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// conn.ping_timeout(std::time::Duration::from_secs(1))?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn ping_timeout(&self, timeout: Duration) -> Result<(), Error> {
+        let p = self.shared.send_request(0, "", &(), Kind::Ping, true)?;
+        let p = p.expect("a ping expects a reply");
+        let frame = self
+            .shared
+            .wait(&p, Instant::now() + timeout, "ping", timeout)?;
+        self.shared.decode_reply::<()>(frame, "ping")
+    }
+
+    /// Closes the connection now: waiting calls fail with [`Error::Closed`], the transport is
+    /// shut down, objects exported to the peer are dropped. Returns without waiting for the
+    /// peer. Calling it again does nothing.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// conn.close();
+    /// assert!(conn.is_closed());
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn close(&self) {
+        self.shared.terminate("closed by this side".into());
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<String> {
+        lock(&self.shared.reason).clone()
+    }
+
+    /// Blocks until the connection closes (e.g. a process that only serves its peer).
+    ///
+    /// ```no_run
+    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// conn.wait_closed();
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn wait_closed(&self) {
+        let mut r = lock(&self.shared.reason);
+        while r.is_none() {
+            r = self
+                .shared
+                .closed_cv
+                .wait(r)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Like [`wait_closed`](Connection::wait_closed), for at most `timeout`; returns whether the
+    /// connection is closed.
+    pub fn wait_closed_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut r = lock(&self.shared.reason);
+        while r.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            r = self
+                .shared
+                .closed_cv
+                .wait_timeout(r, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The peer's address (see [`Context::peer`]).
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Runs `f` when the connection closes (right away if it already has). For servers.
+    pub(crate) fn on_close(&self, f: impl FnOnce() + Send + 'static) {
+        let mut hooks = lock(&self.shared.on_close);
+        if self.is_closed() {
+            drop(hooks);
+            f();
+        } else {
+            hooks.push(Box::new(f));
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::Closed {
+            reason: lock(&self.reason)
+                .clone()
+                .unwrap_or_else(|| "closed".into()),
+        }
+    }
+
+    /// Encodes and sends a request; registers the caller first unless it is oneway.
+    pub(crate) fn send_request(
+        self: &Arc<Self>,
+        target: u64,
+        method: &str,
+        args: &dyn Args,
+        kind: Kind,
+        serves_nested: bool,
+    ) -> Result<Option<Pending>, Error> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let mut frame = OutFrame::new(method.len());
+        object::with_connection(self, || args.encode_args(frame.payload()))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let parent = object::serving_parent(self.id);
+        let bytes = frame.seal(kind, id, parent, target, method);
+        self.check_size(bytes.len() - 4)?;
+        let pending = if kind == Kind::Oneway {
+            None
+        } else {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            match lock(&self.pending).as_mut() {
+                Some(map) => map.insert(id, Waiter { tx, serves_nested }),
+                None => return Err(self.closed_error()),
+            };
+            Some(Pending { id, rx })
+        };
+        if let Err(e) = self.write_frame(bytes) {
+            if pending.is_some() {
+                self.forget(id);
+            }
+            return Err(e);
+        }
+        Ok(pending)
+    }
+
+    fn check_size(&self, body: usize) -> Result<(), Error> {
+        let limit = self.peer_hello.max_frame as usize;
+        if body > limit {
+            return Err(Error::TooLarge { size: body, limit });
+        }
+        Ok(())
+    }
+
+    /// Writes one whole frame under the write lock, then sends any queued releases.
+    fn write_frame(self: &Arc<Self>, bytes: &[u8]) -> Result<(), Error> {
+        let result = {
+            let mut w = lock(&self.writer);
+            if self.is_closed() {
+                return Err(self.closed_error());
+            }
+            w.write_all(bytes).and_then(|()| w.flush())
+        };
+        if let Err(e) = result {
+            self.terminate(format!("write failed: {e}"));
+            return Err(self.closed_error());
+        }
+        self.flush_releases();
+        Ok(())
+    }
+
+    /// Removes a caller from the pending table; returns its entry if it was still there.
+    fn forget(&self, id: u64) -> bool {
+        lock(&self.pending)
+            .as_mut()
+            .and_then(|m| m.remove(&id))
+            .is_some()
+    }
+
+    /// Waits for the reply to `p` until `deadline`, running nested requests meanwhile.
+    pub(crate) fn wait(
+        self: &Arc<Self>,
+        p: &Pending,
+        deadline: Instant,
+        method: &str,
+        timeout: Duration,
+    ) -> Result<Frame, Error> {
+        loop {
+            match p.rx.recv_deadline(deadline) {
+                Ok(Delivery::Reply(f)) => return Ok(f),
+                Ok(Delivery::Nested(f)) => self.serve(f),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(f) = self.abandon(p) {
+                        return Ok(f);
+                    }
+                    return Err(Error::Timeout(Timeout::Call {
+                        method: method.to_string(),
+                        after: timeout,
+                    }));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.closed_error()),
+            }
+        }
+    }
+
+    /// Gives up on a call: its late reply will be dropped. Nested requests that were already
+    /// handed to it go to the pool; a reply that slipped in is returned.
+    pub(crate) fn abandon(self: &Arc<Self>, p: &Pending) -> Option<Frame> {
+        self.forget(p.id);
+        let mut reply = None;
+        while let Ok(d) = p.rx.try_recv() {
+            match d {
+                Delivery::Reply(f) => reply = Some(f),
+                Delivery::Nested(f) => crate::dispatch::submit(self, f),
+            }
+        }
+        reply
+    }
+
+    /// Turns a reply frame into the caller's result.
+    pub(crate) fn decode_reply<R: serde::de::DeserializeOwned>(
+        self: &Arc<Self>,
+        frame: Frame,
+        method: &str,
+    ) -> Result<R, Error> {
+        match frame.header.kind {
+            Kind::Reply => object::with_connection(self, || codec::decode(frame.payload()))
+                .map_err(|e| {
+                    Error::Decode(format!(
+                        "the result of `{method}` is not a {}: {e}",
+                        std::any::type_name::<R>()
+                    ))
+                }),
+            _ => {
+                let (code, service, method, message): (u8, String, String, String) =
+                    codec::decode(frame.payload()).map_err(|e| {
+                        Error::Protocol(format!("malformed error reply to `{method}`: {e}"))
+                    })?;
+                Err(Error::Remote(RemoteError {
+                    kind: RemoteErrorKind::from_code(code),
+                    service,
+                    method,
+                    message,
+                }))
+            }
+        }
+    }
+
+    /// Decides where an incoming frame goes. Replies and nested requests are delivered here;
+    /// anything else is returned for a worker. An error means the peer broke the protocol.
+    pub(crate) fn route(&self, frame: Frame) -> Result<Option<Frame>, Error> {
+        let h = &frame.header;
+        match h.kind {
+            Kind::Reply | Kind::Error => {
+                let waiter = lock(&self.pending).as_mut().and_then(|m| m.remove(&h.id));
+                match waiter {
+                    Some(w) => {
+                        let _ = w.tx.send(Delivery::Reply(frame));
+                    }
+                    None if h.id == 0 || h.id >= self.next_id.load(Ordering::Relaxed) => {
+                        return Err(Error::Protocol(format!(
+                            "the peer replied to request {} which this side never sent",
+                            h.id
+                        )));
+                    }
+                    None => log::debug!(
+                        "{}: dropping the late reply to request {} (its caller timed out)",
+                        self.peer,
+                        h.id
+                    ),
+                }
+                Ok(None)
+            }
+            Kind::Call | Kind::Oneway if h.parent != 0 => {
+                let pending = lock(&self.pending);
+                let waiter = pending
+                    .as_ref()
+                    .and_then(|m| m.get(&h.parent))
+                    .filter(|w| w.serves_nested);
+                match waiter {
+                    Some(w) => {
+                        // The waiter is blocked in recv; if it just gave up, `abandon` drains
+                        // its channel and resubmits this request to the pool.
+                        let _ = w.tx.send(Delivery::Nested(frame));
+                        Ok(None)
+                    }
+                    None => Ok(Some(frame)),
+                }
+            }
+            _ => Ok(Some(frame)),
+        }
+    }
+
+    /// Runs one incoming request (or ping or release) and sends its reply.
+    pub(crate) fn serve(self: &Arc<Self>, frame: Frame) {
+        let h = &frame.header;
+        match h.kind {
+            Kind::Ping => {
+                let mut out = OutFrame::new(0);
+                out.payload().push(0xf6);
+                let _ = self.write_frame(out.seal(Kind::Reply, h.id, 0, 0, ""));
+            }
+            Kind::Release => match codec::decode::<Vec<(u64, u64)>>(frame.payload()) {
+                Ok(list) => {
+                    let dropped = lock(&self.objects).release(&list);
+                    drop(dropped); // user Drop code runs here, outside the lock
+                }
+                Err(e) => log::warn!("{}: ignoring a malformed release message: {e}", self.peer),
+            },
+            Kind::Call | Kind::Oneway => self.serve_call(&frame),
+            Kind::Reply | Kind::Error => {}
+        }
+    }
+
+    fn serve_call(self: &Arc<Self>, frame: &Frame) {
+        let h = &frame.header;
+        let method = frame.method();
+        let service = if h.target == 0 {
+            Some(self.service.clone())
+        } else {
+            lock(&self.objects).get(h.target)
+        };
+        let mut out = OutFrame::new(0);
+        let outcome: Result<usize, (RemoteErrorKind, String)> = match &service {
+            None => Err((
+                RemoteErrorKind::NoSuchObject,
+                format!(
+                    "object {} does not exist on this connection (released, never exported, \
+                     or another connection's)",
+                    h.target
+                ),
+            )),
+            Some(svc) => match svc.inner.methods.get(method) {
+                None => Err((
+                    RemoteErrorKind::NoSuchMethod,
+                    format!(
+                        "`{}` has no method `{method}`; it has: {}",
+                        svc.name(),
+                        svc.method_names().join(", ")
+                    ),
+                )),
+                Some(invoke) => {
+                    let cx = Context {
+                        shared: self.clone(),
+                    };
+                    let result = object::serving(self, h.id, || {
+                        catch_unwind(AssertUnwindSafe(|| invoke(&cx, frame.payload(), out.payload())))
+                    });
+                    match result {
+                        Ok(Ok(skip)) => Ok(skip),
+                        Ok(Err(Failure::Handler(m))) => Err((RemoteErrorKind::Handler, m)),
+                        Ok(Err(Failure::BadArguments(m))) => Err((RemoteErrorKind::BadArguments, m)),
+                        Ok(Err(Failure::BadResult(m))) => Err((RemoteErrorKind::BadResult, m)),
+                        Err(panic) => {
+                            let m = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "(non-text panic payload)".into());
+                            Err((RemoteErrorKind::Panic, m))
+                        }
+                    }
+                }
+            },
+        };
+        let service_name = service.as_ref().map_or("?", |s| s.name());
+        if h.kind == Kind::Oneway {
+            if let Err((kind, message)) = outcome {
+                log::warn!(
+                    "{}: oneway call {service_name}.{method} failed: {kind}: {message}",
+                    self.peer
+                );
+            }
+            return;
+        }
+        let fail = |kind: RemoteErrorKind, message: String| {
+            log::debug!("{}: {service_name}.{method}: {kind}: {message}", self.peer);
+            let mut out = OutFrame::new(0);
+            let body = (kind.code(), service_name, method, message);
+            codec::encode_into(out.payload(), &body).expect("strings and integers encode");
+            let _ = self.write_frame(out.seal(Kind::Error, h.id, 0, 0, ""));
+        };
+        match outcome {
+            Ok(skip) => {
+                out.skip_payload_prefix(skip);
+                let bytes = out.seal(Kind::Reply, h.id, 0, 0, "");
+                match self.check_size(bytes.len() - 4) {
+                    Ok(()) => {
+                        let _ = self.write_frame(bytes);
+                    }
+                    Err(e) => fail(RemoteErrorKind::BadResult, e.to_string()),
+                }
+            }
+            Err((kind, message)) => fail(kind, message),
+        }
+    }
+
+    /// Queues the release of a remote object reference; sent without blocking the caller
+    /// (it may be a `Drop` running in the middle of anything).
+    pub(crate) fn queue_release(self: &Arc<Self>, id: u64, count: u64) {
+        if self.is_closed() {
+            return;
+        }
+        lock(&self.releases).push((id, count));
+        self.flush_releases();
+    }
+
+    /// Sends queued releases if the write lock is free; otherwise its holder sends them when it
+    /// is done (every writer calls this after unlocking).
+    fn flush_releases(self: &Arc<Self>) {
+        loop {
+            if lock(&self.releases).is_empty() {
+                return;
+            }
+            let mut w = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            let batch = std::mem::take(&mut *lock(&self.releases));
+            if batch.is_empty() || self.is_closed() {
+                return;
+            }
+            let mut out = OutFrame::new(0);
+            codec::encode_into(out.payload(), &batch).expect("integers encode");
+            let bytes = out.seal(Kind::Release, 0, 0, 0, "");
+            if let Err(e) = w.write_all(bytes).and_then(|()| w.flush()) {
+                drop(w);
+                self.terminate(format!("write failed: {e}"));
+                return;
+            }
+        }
+    }
+
+    /// Ends the connection (once; later calls do nothing). See the module docs.
+    pub(crate) fn terminate(self: &Arc<Self>, reason: String) {
+        {
+            let mut r = lock(&self.reason);
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason.clone());
+            self.closed.store(true, Ordering::Release);
+        }
+        log::debug!("{}: connection closed: {reason}", self.peer);
+        self.control.shutdown();
+        let waiters = lock(&self.pending).take();
+        drop(waiters); // every waiting caller wakes up with Disconnected -> Error::Closed
+        crate::dispatch::stop(self);
+        let objects = std::mem::take(&mut *lock(&self.objects));
+        drop(objects);
+        lock(&self.remotes).clear();
+        lock(&self.releases).clear();
+        self.closed_cv.notify_all();
+        let hooks = std::mem::take(&mut *lock(&self.on_close));
+        for hook in hooks {
+            hook();
+        }
+        if self.established.load(Ordering::Acquire) {
+            if let Some(hook) = self.service.inner.on_disconnect.clone() {
+                let cx = Context {
+                    shared: self.clone(),
+                };
+                if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
+                    log::error!("{}: on_disconnect of service {} panicked", self.peer, self.service.name());
+                }
+            }
+        }
+    }
+}
+
+/// A synchronous call on `target`: send, wait (running nested requests), decode.
+pub(crate) fn call<R: serde::de::DeserializeOwned>(
+    shared: &Arc<Shared>,
+    target: u64,
+    method: &str,
+    args: &dyn Args,
+    timeout: Duration,
+) -> Result<R, Error> {
+    let p = shared
+        .send_request(target, method, args, Kind::Call, true)?
+        .expect("a call expects a reply");
+    let frame = shared.wait(&p, Instant::now() + timeout, method, timeout)?;
+    shared.decode_reply(frame, method)
+}

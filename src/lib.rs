@@ -1,0 +1,77 @@
+//! Symmetric remote calls for Rust programs that use threads, after Python's
+//! [RPyC](https://rpyc.readthedocs.io).
+//!
+//! One process exposes a [`Service`] (named methods); another connects and calls them. The
+//! connection is symmetric: the client can expose a service too, pass closures as callbacks,
+//! and either side can hand the other a [`RemoteObject`] whose calls run where the object
+//! lives. It is for test rigs, daemons and tools that are written with threads rather than an
+//! async runtime: everything blocks, any number of threads may share one [`Connection`], and
+//! nothing needs a background thread started by hand.
+//!
+//! ```
+//! use rpyc::{Service, ThreadedServer};
+//!
+//! // server
+//! let service = Service::new("calculator")
+//!     .method("add", |a: i64, b: i64| a + b)
+//!     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+//!         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+//!     });
+//! let server = ThreadedServer::new(service).hostname("127.0.0.1").port(0).build()?;
+//! let port = server.port();
+//! let handle = server.spawn()?;
+//!
+//! // client
+//! let conn = rpyc::connect("127.0.0.1", port)?;
+//! let sum: i64 = conn.root().call("add", (1, 2))?;
+//! assert_eq!(sum, 3);
+//! let err = conn.root().call::<f64, _>("div", (1.0, 0.0)).unwrap_err();
+//! assert!(err.to_string().contains("division by zero"));
+//! let pending = conn.root().call_async::<i64, _>("add", (20, 22))?;
+//! assert_eq!(pending.value()?, 42);
+//! conn.close();
+//! handle.close();
+//! # Ok::<(), rpyc::Error>(())
+//! ```
+//!
+//! # Design
+//!
+//! The wire protocol is specified in `PROTOCOL.md`. How threads share a connection (who reads,
+//! how a reply finds its caller, why nested callbacks cannot deadlock, what happens when the
+//! peer dies) is described in the docs of [`Connection`]'s module, reproduced here:
+//!
+//! * One thread at a time reads the connection and only routes what it reads; handlers run on a
+//!   per-connection pool that grows to `max_workers`.
+//! * A reply goes to exactly the caller whose request id it carries; a late reply after a
+//!   timeout is dropped.
+//! * A callback the peer makes while serving our call runs on our calling thread, so nested
+//!   calls need no extra threads and cannot deadlock at any depth.
+//! * When the connection ends, every waiting call fails at once with [`Error::Closed`].
+//!
+//! Requests start in arrival order but run concurrently; see [`Connection`] for the exact
+//! ordering guarantees.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod codec;
+mod connection;
+mod dispatch;
+mod error;
+mod object;
+mod options;
+mod server;
+mod service;
+mod threads;
+mod transport;
+mod wire;
+
+pub use codec::Bytes;
+pub use connection::Connection;
+pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
+pub use object::{AsyncResult, RemoteObject};
+#[cfg(unix)]
+pub use options::unix_connect;
+pub use options::{connect, connect_stream, connect_subprocess, Options};
+pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
+pub use service::{callback, Args, Context, ContextHandler, Handler, Service};

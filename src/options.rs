@@ -1,0 +1,219 @@
+//! Connection options: one builder for every way of connecting, also used by servers for the
+//! connections they accept.
+
+use crate::connection::Connection;
+use crate::error::Error;
+use crate::service::Service;
+use crate::threads::ThreadSet;
+use crate::transport;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Settings for a connection, with the entry points that open one.
+///
+/// Defaults: no service exposed, 30 s call timeout (like RPyC's `sync_request_timeout`), 10 s
+/// connect and handshake timeouts, 256 MiB largest frame, 64 workers, 65,536 queued requests.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// let callbacks = rpyc::Service::new("client").method("notify", |msg: String| println!("{msg}"));
+/// let conn = rpyc::Options::new()
+///     .service(callbacks)
+///     .call_timeout(Duration::from_secs(5))
+///     .connect("localhost", 18861)?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub(crate) service: Service,
+    pub(crate) call_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) max_workers: usize,
+    pub(crate) max_queued: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            service: Service::new("void"),
+            call_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_frame: 256 << 20,
+            max_workers: 64,
+            max_queued: 65_536,
+        }
+    }
+}
+
+impl Options {
+    /// The defaults.
+    pub fn new() -> Options {
+        Options::default()
+    }
+
+    /// The service this side exposes to the peer (its callbacks, for a client).
+    pub fn service(mut self, service: Service) -> Options {
+        self.service = service;
+        self
+    }
+
+    /// Default timeout of calls on this connection; each call can override it with
+    /// [`RemoteObject::call_timeout`](crate::RemoteObject::call_timeout). Also bounds how long a
+    /// write may make no progress before the connection is declared dead.
+    pub fn call_timeout(mut self, d: Duration) -> Options {
+        self.call_timeout = d;
+        self
+    }
+
+    /// How long establishing a TCP connection may take.
+    pub fn connect_timeout(mut self, d: Duration) -> Options {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// How long the peer may take to complete the rpyc handshake.
+    pub fn handshake_timeout(mut self, d: Duration) -> Options {
+        self.handshake_timeout = d;
+        self
+    }
+
+    /// Largest frame (one call or reply, encoded) this side accepts; announced to the peer,
+    /// which refuses to send more. At most 4 GiB - 1.
+    pub fn max_frame_size(mut self, bytes: usize) -> Options {
+        self.max_frame = bytes.clamp(1024, u32::MAX as usize);
+        self
+    }
+
+    /// Most handlers of one connection running at once (nested callbacks do not count: they
+    /// run on the thread that waits for them).
+    pub fn max_workers(mut self, n: usize) -> Options {
+        self.max_workers = n.max(1);
+        self
+    }
+
+    /// Most requests waiting for a worker; a peer that sends more is closed as misbehaving.
+    pub fn max_queued(mut self, n: usize) -> Options {
+        self.max_queued = n.clamp(1, u32::MAX as usize);
+        self
+    }
+
+    fn write_timeout(&self) -> Duration {
+        self.call_timeout.max(Duration::from_secs(1))
+    }
+
+    /// Connects over TCP to `host:port`.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::Options::new().connect("::1", 18861)?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
+        let t = transport::tcp_connect(host, port, self.connect_timeout, self.write_timeout())?;
+        Connection::establish(t, self, ThreadSet::new())
+    }
+
+    /// Connects to a server listening on the Unix socket at `path`.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::Options::new().unix_connect("/tmp/rpyc.sock")?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    #[cfg(unix)]
+    pub fn unix_connect(&self, path: impl AsRef<Path>) -> Result<Connection, Error> {
+        let path = path.as_ref();
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| Error::Connect {
+            addr: path.display().to_string(),
+            source: e.into(),
+        })?;
+        let t = transport::unix(s, path.display().to_string(), self.write_timeout())?;
+        Connection::establish(t, self, ThreadSet::new())
+    }
+
+    /// Runs the protocol over any byte stream: `reader` carries the peer's bytes to us,
+    /// `writer` ours to it. Both ends are symmetric, so this also *serves* a stream (see the
+    /// `stdio_server` example). Closing drops `writer`; the reading thread ends when `reader`
+    /// reports the end of the stream.
+    ///
+    /// ```no_run
+    /// // Serve the service on this process's stdin/stdout until the parent goes away.
+    /// let svc = rpyc::Service::new("child").method("pid", || std::process::id());
+    /// let conn = rpyc::Options::new().service(svc).connect_stream(std::io::stdin(), std::io::stdout())?;
+    /// conn.wait_closed();
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn connect_stream<R, W>(&self, reader: R, writer: W) -> Result<Connection, Error>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let t = transport::stream(reader, writer, "stream".into(), None);
+        Connection::establish(t, self, ThreadSet::new())
+    }
+
+    /// Starts `cmd` with its stdin and stdout piped and connects to the rpyc peer it runs
+    /// there. Closing the connection closes the child's stdin, and kills the child if it has
+    /// not exited half a second later.
+    ///
+    /// ```no_run
+    /// let conn = rpyc::Options::new().connect_subprocess(std::process::Command::new("./my-worker"))?;
+    /// let pid: u32 = conn.root().call("pid", ())?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn connect_subprocess(&self, cmd: Command) -> Result<Connection, Error> {
+        let t = transport::subprocess(cmd)?;
+        Connection::establish(t, self, ThreadSet::new())
+    }
+}
+
+/// Connects over TCP with default [`Options`].
+///
+/// ```no_run
+/// let conn = rpyc::connect("localhost", 18861)?;
+/// let sum: i64 = conn.root().call("add", (1, 2))?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn connect(host: &str, port: u16) -> Result<Connection, Error> {
+    Options::new().connect(host, port)
+}
+
+/// Connects to a Unix socket with default [`Options`].
+///
+/// ```no_run
+/// let conn = rpyc::unix_connect("/tmp/rpyc.sock")?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[cfg(unix)]
+pub fn unix_connect(path: impl AsRef<Path>) -> Result<Connection, Error> {
+    Options::new().unix_connect(path)
+}
+
+/// Runs the protocol over a byte stream with default [`Options`]; see
+/// [`Options::connect_stream`].
+///
+/// ```no_run
+/// let conn = rpyc::connect_stream(std::io::stdin(), std::io::stdout())?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn connect_stream<R, W>(reader: R, writer: W) -> Result<Connection, Error>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    Options::new().connect_stream(reader, writer)
+}
+
+/// Starts a child process and connects to it with default [`Options`]; see
+/// [`Options::connect_subprocess`].
+///
+/// ```no_run
+/// let conn = rpyc::connect_subprocess(std::process::Command::new("./my-worker"))?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn connect_subprocess(cmd: Command) -> Result<Connection, Error> {
+    Options::new().connect_subprocess(cmd)
+}

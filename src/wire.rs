@@ -428,6 +428,22 @@ mod tests {
     }
 
     #[test]
+    fn protocol_document_example_is_exact() {
+        let mut call = OutFrame::new(3);
+        call.payload().extend_from_slice(&[0x82, 0x01, 0x02]);
+        assert_eq!(
+            call.seal(Kind::Call, 1, 0, 0, "add"),
+            &[0, 0, 0, 0x0c, 0x85, 0, 1, 0, 0, 0x63, b'a', b'd', b'd', 0x82, 1, 2]
+        );
+        let mut reply = OutFrame::new(0);
+        reply.payload().push(0x03);
+        assert_eq!(
+            reply.seal(Kind::Reply, 1, 0, 0, ""),
+            &[0, 0, 0, 7, 0x85, 2, 1, 0, 0, 0x60, 3]
+        );
+    }
+
+    #[test]
     fn hello_rejects_other_protocols_by_name() {
         let mut b = [0u8; HELLO_LEN];
         b[..8].copy_from_slice(b"SSH-2.0-");

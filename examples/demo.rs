@@ -20,27 +20,38 @@ fn main() -> Result<(), rpyc::Error> {
         // A remote object: each call returns a new counter living on the server.
         .method("new_counter", || {
             let n = Arc::new(AtomicI64::new(0));
-            Service::new("counter").method("incr", move |by: i64| n.fetch_add(by, Ordering::SeqCst) + by)
+            Service::new("counter").method("incr", move |by: i64| {
+                n.fetch_add(by, Ordering::SeqCst) + by
+            })
         })
         // A callback: the server calls the client back, here three times.
-        .method("countdown", |from: u32, tick: RemoteObject| -> Result<String, rpyc::Error> {
-            for i in (1..=from).rev() {
-                tick.invoke::<(), _>((i,))?;
-            }
-            Ok("liftoff".to_string())
-        })
+        .method(
+            "countdown",
+            |from: u32, tick: RemoteObject| -> Result<String, rpyc::Error> {
+                for i in (1..=from).rev() {
+                    tick.invoke::<(), _>((i,))?;
+                }
+                Ok("liftoff".to_string())
+            },
+        )
         // The client's own service, reached through the context.
-        .method_with_context("ask_client", |cx: &rpyc::Context| -> Result<String, rpyc::Error> {
-            cx.peer_root().call("name", ())
-        });
+        .method_with_context(
+            "ask_client",
+            |cx: &rpyc::Context| -> Result<String, rpyc::Error> { cx.peer_root().call("name", ()) },
+        );
 
-    let server = ThreadedServer::new(service).hostname("127.0.0.1").port(0).build()?;
+    let server = ThreadedServer::new(service)
+        .hostname("127.0.0.1")
+        .port(0)
+        .build()?;
     let port = server.port();
     let handle = server.spawn()?;
     println!("server listening on 127.0.0.1:{port}");
 
     let client_service = Service::new("client").method("name", || "the demo client".to_string());
-    let conn = Options::new().service(client_service).connect("127.0.0.1", port)?;
+    let conn = Options::new()
+        .service(client_service)
+        .connect("127.0.0.1", port)?;
     let root = conn.root();
 
     println!("add(1, 2) = {}", root.call::<i64, _>("add", (1, 2))?);
@@ -48,20 +59,35 @@ fn main() -> Result<(), rpyc::Error> {
         Err(e) => println!("div(1, 0) failed as it should: {e}"),
         Ok(v) => println!("div(1, 0) = {v}?!"),
     }
-    println!("the server sees us as {}", root.call::<String, _>("whoami", ())?);
-    println!("the server asked us our name: {}", root.call::<String, _>("ask_client", ())?);
+    println!(
+        "the server sees us as {}",
+        root.call::<String, _>("whoami", ())?
+    );
+    println!(
+        "the server asked us our name: {}",
+        root.call::<String, _>("ask_client", ())?
+    );
 
     let counter: RemoteObject = root.call("new_counter", ())?;
     counter.call::<i64, _>("incr", (5,))?;
-    println!("remote counter = {}", counter.call::<i64, _>("incr", (10,))?);
+    println!(
+        "remote counter = {}",
+        counter.call::<i64, _>("incr", (10,))?
+    );
 
     let tick = rpyc::callback(|i: u32| println!("  tick {i}"));
-    println!("countdown: {}", root.call::<String, _>("countdown", (3u32, tick))?);
+    println!(
+        "countdown: {}",
+        root.call::<String, _>("countdown", (3u32, tick))?
+    );
 
     let pending: Vec<_> = (0..5)
         .map(|i| root.call_async::<i64, _>("add", (i, i)))
         .collect::<Result<_, _>>()?;
-    let doubled: Vec<i64> = pending.into_iter().map(|p| p.value()).collect::<Result<_, _>>()?;
+    let doubled: Vec<i64> = pending
+        .into_iter()
+        .map(|p| p.value())
+        .collect::<Result<_, _>>()?;
     println!("five async calls: {doubled:?}");
 
     conn.close();

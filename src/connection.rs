@@ -120,6 +120,22 @@ pub(crate) struct Shared {
 /// The connection closes when [`close`](Connection::close) is called, when the peer goes away,
 /// or when the last `Connection` and [`RemoteObject`] handle of it is dropped.
 ///
+/// # Concurrency and ordering
+///
+/// * Any number of threads may call through one connection at once; each call gets exactly its
+///   own reply (replies are matched by request id, never by order).
+/// * One internal thread always reads the connection, so the peer's callbacks are served even
+///   while every thread of yours is busy elsewhere or idle.
+/// * A callback the peer makes while serving your synchronous call runs on your calling thread
+///   (it is blocked anyway), so nested call chains of any depth need no extra threads.
+/// * Requests from the peer start in arrival order but run concurrently, on up to
+///   [`Options::max_workers`] threads: a slow handler delays no other call. Calls from different
+///   threads, async calls and oneway calls may therefore complete in any order; calls made one
+///   after another by one thread, each waiting for its reply, run in that order.
+/// * A timed-out call leaves the connection usable; its late reply is dropped.
+/// * When the connection ends, every waiting call fails at once with [`Error::Closed`], and so
+///   does every later call.
+///
 /// ```no_run
 /// let conn = rpyc::connect("localhost", 18861)?;
 /// let sum: i64 = conn.root().call("add", (1, 2))?;
@@ -175,7 +191,11 @@ impl Connection {
             control,
         } = t;
         let handshake = opts.handshake_timeout;
-        let _ = control.set_read_timeout(Some(handshake));
+        // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
+        // that shuts it down when the time is up: a child process is killed, a stream peer sees
+        // the end of our side.
+        let timed_read = control.set_read_timeout(Some(handshake)).is_ok();
+        let expired = AtomicBool::new(false);
         let mut reader = BufReader::with_capacity(64 * 1024, reader);
         let ours = Hello {
             version: wire::VERSION,
@@ -183,10 +203,36 @@ impl Connection {
             max_frame: opts.max_frame as u32,
             max_queued: opts.max_queued as u32,
         };
-        let theirs = wire::exchange_hello(&mut reader, &mut *writer, ours).map_err(|e| match e {
-            Error::Timeout(Timeout::Handshake(_)) => Error::Timeout(Timeout::Handshake(handshake)),
-            other => other,
+        let theirs = std::thread::scope(|s| {
+            let (done, finished) = crossbeam_channel::bounded::<()>(0);
+            if !timed_read {
+                let (control, expired) = (&control, &expired);
+                let watchdog = move || {
+                    if finished.recv_timeout(handshake) == Err(RecvTimeoutError::Timeout) {
+                        expired.store(true, Ordering::Release);
+                        control.shutdown();
+                    }
+                };
+                if let Err(e) = std::thread::Builder::new()
+                    .name("rpyc-handshake-timer".into())
+                    .spawn_scoped(s, watchdog)
+                {
+                    log::warn!("{peer}: no handshake timeout: cannot start its thread: {e}");
+                }
+            }
+            let r = wire::exchange_hello(&mut reader, &mut *writer, ours);
+            drop(done);
+            r
         });
+        let theirs = match theirs {
+            _ if expired.load(Ordering::Acquire) => {
+                Err(Error::Timeout(Timeout::Handshake(handshake)))
+            }
+            Err(Error::Timeout(Timeout::Handshake(_))) => {
+                Err(Error::Timeout(Timeout::Handshake(handshake)))
+            }
+            other => other,
+        };
         let theirs = match theirs {
             Ok(h) => h,
             Err(e) => {
@@ -234,10 +280,23 @@ impl Connection {
                 shared: shared.clone(),
             };
             if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
-                log::error!("{}: on_connect of service {} panicked", shared.peer, shared.service.name());
+                log::error!(
+                    "{}: on_connect of service {} panicked",
+                    shared.peer,
+                    shared.service.name()
+                );
             }
         }
-        shared.established.store(true, Ordering::Release);
+        // The reason lock orders this against `terminate`: if the peer left while on_connect
+        // ran, terminate skipped on_disconnect and it runs here, so it runs exactly once.
+        let closed_meanwhile = {
+            let r = lock(&shared.reason);
+            shared.established.store(true, Ordering::Release);
+            r.is_some()
+        };
+        if closed_meanwhile {
+            shared.run_on_disconnect();
+        }
         crate::dispatch::set_ready(&shared);
         Ok(conn)
     }
@@ -276,7 +335,7 @@ impl Connection {
         let p = p.expect("a ping expects a reply");
         let frame = self
             .shared
-            .wait(&p, Instant::now() + timeout, "ping", timeout)?;
+            .wait(&p, crate::options::deadline(timeout), "ping", timeout)?;
         self.shared.decode_reply::<()>(frame, "ping")
     }
 
@@ -325,7 +384,7 @@ impl Connection {
     /// Like [`wait_closed`](Connection::wait_closed), for at most `timeout`; returns whether the
     /// connection is closed.
     pub fn wait_closed_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::options::deadline(timeout);
         let mut r = lock(&self.shared.reason);
         while r.is_none() {
             let now = Instant::now();
@@ -609,12 +668,16 @@ impl Shared {
                         shared: self.clone(),
                     };
                     let result = object::serving(self, h.id, || {
-                        catch_unwind(AssertUnwindSafe(|| invoke(&cx, frame.payload(), out.payload())))
+                        catch_unwind(AssertUnwindSafe(|| {
+                            invoke(&cx, frame.payload(), out.payload())
+                        }))
                     });
                     match result {
                         Ok(Ok(skip)) => Ok(skip),
                         Ok(Err(Failure::Handler(m))) => Err((RemoteErrorKind::Handler, m)),
-                        Ok(Err(Failure::BadArguments(m))) => Err((RemoteErrorKind::BadArguments, m)),
+                        Ok(Err(Failure::BadArguments(m))) => {
+                            Err((RemoteErrorKind::BadArguments, m))
+                        }
                         Ok(Err(Failure::BadResult(m))) => Err((RemoteErrorKind::BadResult, m)),
                         Err(panic) => {
                             let m = panic
@@ -699,14 +762,16 @@ impl Shared {
 
     /// Ends the connection (once; later calls do nothing). See the module docs.
     pub(crate) fn terminate(self: &Arc<Self>, reason: String) {
-        {
+        let established = {
             let mut r = lock(&self.reason);
             if r.is_some() {
                 return;
             }
             *r = Some(reason.clone());
             self.closed.store(true, Ordering::Release);
-        }
+            // Read under the lock: see the end of `Connection::establish`.
+            self.established.load(Ordering::Acquire)
+        };
         log::debug!("{}: connection closed: {reason}", self.peer);
         self.control.shutdown();
         let waiters = lock(&self.pending).take();
@@ -721,14 +786,23 @@ impl Shared {
         for hook in hooks {
             hook();
         }
-        if self.established.load(Ordering::Acquire) {
-            if let Some(hook) = self.service.inner.on_disconnect.clone() {
-                let cx = Context {
-                    shared: self.clone(),
-                };
-                if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
-                    log::error!("{}: on_disconnect of service {} panicked", self.peer, self.service.name());
-                }
+        if established {
+            self.run_on_disconnect();
+        }
+    }
+
+    /// Runs the service's on_disconnect hook; called once, by `terminate` or `establish`.
+    fn run_on_disconnect(self: &Arc<Self>) {
+        if let Some(hook) = self.service.inner.on_disconnect.clone() {
+            let cx = Context {
+                shared: self.clone(),
+            };
+            if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
+                log::error!(
+                    "{}: on_disconnect of service {} panicked",
+                    self.peer,
+                    self.service.name()
+                );
             }
         }
     }
@@ -745,6 +819,6 @@ pub(crate) fn call<R: serde::de::DeserializeOwned>(
     let p = shared
         .send_request(target, method, args, Kind::Call, true)?
         .expect("a call expects a reply");
-    let frame = shared.wait(&p, Instant::now() + timeout, method, timeout)?;
+    let frame = shared.wait(&p, crate::options::deadline(timeout), method, timeout)?;
     shared.decode_reply(frame, method)
 }

@@ -25,6 +25,10 @@ pub(crate) struct Pool {
     state: Mutex<State>,
     cv: Condvar,
     max_workers: usize,
+    /// Threads of the pool at most: `max_workers` running handlers plus the leader, which only
+    /// reads. (Bounding threads by `max_workers` alone left one handler fewer, and none at all
+    /// with `max_workers(1)`.)
+    max_threads: usize,
     max_queued: usize,
 }
 
@@ -56,6 +60,7 @@ impl Pool {
             }),
             cv: Condvar::new(),
             max_workers: max_workers.max(1),
+            max_threads: max_workers.max(1) + 1,
             max_queued,
         }
     }
@@ -87,7 +92,7 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
         .jobs
         .len()
         .saturating_sub(st.idle)
-        .min(pool.max_workers.saturating_sub(st.threads));
+        .min(pool.max_threads.saturating_sub(st.threads));
     st.threads += wanted;
     drop(st);
     pool.cv.notify_all();
@@ -108,7 +113,7 @@ pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
         return;
     }
     st.jobs.push_back(job);
-    let spawn = st.ready && st.idle == 0 && st.threads < pool.max_workers;
+    let spawn = st.ready && st.idle == 0 && st.threads < pool.max_threads;
     if spawn {
         st.threads += 1;
     }
@@ -213,7 +218,7 @@ fn lead(shared: &Arc<Shared>, reader: FrameReader) -> Option<Frame> {
         if st.stopping {
             return None;
         }
-        if !st.ready || (st.idle == 0 && st.threads >= pool.max_workers) {
+        if !st.ready || (st.idle == 0 && st.threads >= pool.max_threads) {
             if st.jobs.len() >= pool.max_queued {
                 drop(st);
                 let e = Error::Protocol(format!(

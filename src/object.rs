@@ -145,7 +145,9 @@ impl Serialize for Service {
         if shared.is_closed() {
             return Err(S::Error::custom("the connection is closed"));
         }
-        let id = lock(&shared.objects).export(self).map_err(S::Error::custom)?;
+        let id = lock(&shared.objects)
+            .export(self)
+            .map_err(S::Error::custom)?;
         let mut m = s.serialize_map(Some(1))?;
         m.serialize_entry(OBJ_KEY, &id)?;
         m.end()
@@ -219,7 +221,9 @@ impl<'de> Deserialize<'de> for RemoteObject {
             D::Error::custom("a RemoteObject can only be received in an rpyc call or result")
         })?;
         if r.id == 0 {
-            return Err(D::Error::custom("object id 0 is reserved for the root service"));
+            return Err(D::Error::custom(
+                "object id 0 is reserved for the root service",
+            ));
         }
         Ok(RemoteObject::import(&shared, r.id))
     }
@@ -392,13 +396,14 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// Blocks until the reply arrives, up to `timeout`. On timeout the call is still pending:
     /// wait again, or drop the `AsyncResult` to abandon it.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        self.poll(Some(Instant::now() + timeout)).map_err(|e| match e {
-            Some(e) => e,
-            None => Error::Timeout(Timeout::Call {
-                method: self.method.clone(),
-                after: timeout,
-            }),
-        })
+        self.poll(Some(crate::options::deadline(timeout)))
+            .map_err(|e| match e {
+                Some(e) => e,
+                None => Error::Timeout(Timeout::Call {
+                    method: self.method.clone(),
+                    after: timeout,
+                }),
+            })
     }
 
     /// Waits (up to the connection's call timeout) and returns the result.
@@ -418,13 +423,26 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// `Ok` once the reply is stashed; `Err(None)` if not yet (by the deadline), `Err(Some)` if
     /// it never will.
     fn poll(&self, deadline: Option<Instant>) -> Result<(), Option<Error>> {
-        let mut reply = lock(&self.reply);
+        let mut reply = match deadline {
+            Some(_) => lock(&self.reply),
+            // `ready` never blocks: while another thread waits in `wait` it holds the lock,
+            // and the reply is not stashed yet.
+            None => match self.reply.try_lock() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Err(None),
+            },
+        };
         if reply.is_some() {
             return Ok(());
         }
         let got = match deadline {
             None => self.pending.rx.try_recv().map_err(|e| e.is_disconnected()),
-            Some(d) => self.pending.rx.recv_deadline(d).map_err(|e| e.is_disconnected()),
+            Some(d) => self
+                .pending
+                .rx
+                .recv_deadline(d)
+                .map_err(|e| e.is_disconnected()),
         };
         match got {
             Ok(crate::connection::Delivery::Reply(f)) => {

@@ -9,7 +9,7 @@ use crate::transport;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Settings for a connection, with the entry points that open one.
 ///
@@ -76,7 +76,9 @@ impl Options {
         self
     }
 
-    /// How long the peer may take to complete the rpyc handshake.
+    /// How long the peer may take to complete the rpyc handshake. Over a stream or to a child
+    /// process, which cannot time out a read, our end is shut down when the time is up (the
+    /// child is killed; a stream peer sees the end of our stream).
     pub fn handshake_timeout(mut self, d: Duration) -> Options {
         self.handshake_timeout = d;
         self
@@ -168,6 +170,14 @@ impl Options {
         let t = transport::subprocess(cmd)?;
         Connection::establish(t, self, ThreadSet::new())
     }
+}
+
+/// The instant `timeout` from now. A timeout too large to add to the clock (`Duration::MAX`,
+/// the usual way to say "no limit") waits about a century instead of panicking.
+pub(crate) fn deadline(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Connects over TCP with default [`Options`].

@@ -176,7 +176,7 @@ impl ServerBuilder {
                 next_conn: AtomicU64::new(0),
                 active: AtomicUsize::new(0),
                 threads: ThreadSet::new(),
-                accepting: Mutex::new(true),
+                accepting: Mutex::new(false),
                 cv: Condvar::new(),
                 accept_thread: Mutex::new(None),
                 cleaned: Mutex::new(false),
@@ -233,9 +233,11 @@ impl Listener {
         match self {
             Listener::Tcp(l) => transport::tcp(l.accept()?.0, write_timeout),
             #[cfg(unix)]
-            Listener::Unix(l, p) => {
-                transport::unix(l.accept()?.0, format!("{} (client)", p.display()), write_timeout)
-            }
+            Listener::Unix(l, p) => transport::unix(
+                l.accept()?.0,
+                format!("{} (client)", p.display()),
+                write_timeout,
+            ),
         }
     }
 }
@@ -276,7 +278,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("local", &self.inner.local).finish()
+        f.debug_struct("Server")
+            .field("local", &self.inner.local)
+            .finish()
     }
 }
 
@@ -297,6 +301,9 @@ impl Server {
     /// [`OneShotServer`], until its connection ends).
     pub fn start(self) -> Result<(), Error> {
         let inner = self.inner.clone();
+        // Only a running accept loop makes close() wait for it: a server that is never started
+        // (or dropped) must not make close() wait forever.
+        *lock(&inner.accepting) = true;
         accept_loop(self.listener, &inner);
         if inner.one_shot {
             // Serve the one connection to its end, unless closed meanwhile.
@@ -397,7 +404,10 @@ impl ServerInner {
                     IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
                     ip => ip,
                 };
-                let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, a.port()), Duration::from_secs(1));
+                let _ = TcpStream::connect_timeout(
+                    &SocketAddr::new(ip, a.port()),
+                    Duration::from_secs(1),
+                );
             }
             #[cfg(unix)]
             Local::Unix(p) => {

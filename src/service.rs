@@ -234,7 +234,11 @@ impl Args for () {
     }
 }
 
-fn decode_args<T: DeserializeOwned>(args: &[u8], arity: usize, types: &[&str]) -> Result<T, Failure> {
+fn decode_args<T: DeserializeOwned>(
+    args: &[u8],
+    arity: usize,
+    types: &[&str],
+) -> Result<T, Failure> {
     codec::decode(args).map_err(|e| {
         Failure::BadArguments(format!(
             "expected {arity} argument(s) ({}): {e}",
@@ -269,7 +273,9 @@ pub(crate) fn encode_result<R: Serialize>(r: &R, out: &mut Vec<u8>) -> Outcome {
             return Ok(OK_HEAD.len());
         }
         if encoded.starts_with(ERR_HEAD) {
-            return Err(Failure::Handler(codec::describe(&encoded[ERR_HEAD.len()..])));
+            return Err(Failure::Handler(codec::describe(
+                &encoded[ERR_HEAD.len()..],
+            )));
         }
     }
     Ok(0)

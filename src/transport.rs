@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 pub(crate) trait Control: Send + Sync {
     /// Makes blocked reads and writes return, and the peer see the end of the stream.
     fn shutdown(&self);
-    /// A read timeout for the handshake; `None` removes it.
+    /// A read timeout for the handshake; `None` removes it. An error means reads cannot time
+    /// out (then the handshake is timed by shutting the transport down).
     fn set_read_timeout(&self, _d: Option<Duration>) -> io::Result<()> {
-        Ok(())
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -59,8 +60,11 @@ pub(crate) fn tcp_connect(
         source: Arc::new(e),
     };
     let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(fail)?.collect();
-    let deadline = Instant::now() + timeout;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolved to no address");
+    let deadline = crate::options::deadline(timeout);
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        "the host name resolved to no address",
+    );
     for a in addrs {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -83,7 +87,10 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
     // A peer that stops reading must not block a writer forever: a send that makes no
     // progress for this long fails and closes the connection.
     s.set_write_timeout(Some(write_timeout))?;
-    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp peer".into());
+    let peer = s
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "tcp peer".into());
     Ok(Transport {
         reader: Box::new(s.try_clone()?),
         control: Box::new(s.try_clone()?),

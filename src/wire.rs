@@ -414,7 +414,17 @@ mod tests {
 
     #[test]
     fn header_round_trips_for_all_integer_widths() {
-        for &v in &[0u64, 23, 24, 255, 256, 65535, 65536, u32::MAX as u64, u64::MAX] {
+        for &v in &[
+            0u64,
+            23,
+            24,
+            255,
+            256,
+            65535,
+            65536,
+            u32::MAX as u64,
+            u64::MAX,
+        ] {
             let bytes = sealed(Kind::Call, v, v, v, "add");
             let len = u32::from_be_bytes(bytes[0..4].try_into().unwrap()) as usize;
             assert_eq!(len, bytes.len() - 4);
@@ -501,7 +511,10 @@ mod tests {
                 assert!(f.payload_at < input.len());
             }
         }
-        assert!(parsed > 0, "mutations of a valid frame should sometimes still parse");
+        assert!(
+            parsed > 0,
+            "mutations of a valid frame should sometimes still parse"
+        );
     }
 
     #[test]

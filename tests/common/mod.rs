@@ -1,0 +1,109 @@
+//! Helpers shared by the integration tests: a server on 127.0.0.1 that closes when dropped,
+//! clients whose calls time out instead of hanging, and bounded waiting.
+#![allow(dead_code)] // each test file uses a different subset
+
+use rpyc::{Connection, Options, ServerHandle, Service, ThreadedServer};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Every call in the tests gives up after this long, so a deadlock fails instead of hanging.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long tests wait for something that happens in the background (a release, a oneway).
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// A running server; closed when dropped, also when a test fails.
+pub struct TestServer {
+    pub handle: ServerHandle,
+    pub port: u16,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+/// Serves `service` on a free port of 127.0.0.1.
+pub fn serve(service: Service) -> TestServer {
+    serve_with(service, Options::new().call_timeout(CALL_TIMEOUT))
+}
+
+/// Serves `service` with `options` for the accepted connections.
+pub fn serve_with(service: Service, options: Options) -> TestServer {
+    let handle = ThreadedServer::new(service)
+        .hostname("127.0.0.1")
+        .port(0)
+        .options(options)
+        .build()
+        .expect("bind")
+        .spawn()
+        .expect("spawn the server");
+    let port = handle.port();
+    TestServer { handle, port }
+}
+
+/// Client options: the call timeout above, no service.
+pub fn options() -> Options {
+    Options::new().call_timeout(CALL_TIMEOUT)
+}
+
+/// Connects a client exposing no service.
+pub fn connect(server: &TestServer) -> Connection {
+    options()
+        .connect("127.0.0.1", server.port)
+        .expect("connect")
+}
+
+/// Connects a client exposing `service` to the server.
+pub fn connect_with(server: &TestServer, service: Service) -> Connection {
+    options()
+        .service(service)
+        .connect("127.0.0.1", server.port)
+        .expect("connect")
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sets its flag when dropped: capture one in a closure to observe when the closure is dropped.
+pub struct DropGuard(pub Arc<AtomicBool>);
+
+impl DropGuard {
+    /// A guard and the flag it sets.
+    pub fn new() -> (DropGuard, Arc<AtomicBool>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        (DropGuard(flag.clone()), flag)
+    }
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Whether a guard's flag is set.
+pub fn dropped(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::SeqCst)
+}
+
+/// The remote error inside `e`, or a panic naming what came instead.
+pub fn remote(e: rpyc::Error) -> rpyc::RemoteError {
+    match e {
+        rpyc::Error::Remote(r) => r,
+        other => panic!("expected Error::Remote, got {other:?}"),
+    }
+}

@@ -1,0 +1,377 @@
+//! Servers: the connection limit of `ThreadedServer`, `OneShotServer`, closing a server with
+//! its handle, and listening on IPv4 and IPv6 loopback.
+
+use rpyc::{Connection, Error, OneShotServer, Service, ThreadedServer};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn service() -> Service {
+    Service::new("calc")
+        .method("add", |a: i64, b: i64| a + b)
+        .method_with_context("peer", |cx: &rpyc::Context| cx.peer().to_string())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn works(conn: &Connection) {
+    assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);
+}
+
+#[test]
+fn client_over_the_connection_limit_gets_a_clear_refusal() {
+    let server = ThreadedServer::new(service())
+        .max_connections(2)
+        .build()
+        .unwrap();
+    let port = server.port();
+    let handle = server.spawn().unwrap();
+
+    let first = rpyc::connect("127.0.0.1", port).unwrap();
+    let second = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&first);
+    works(&second);
+    assert_eq!(handle.connections(), 2);
+
+    for _ in 0..3 {
+        match rpyc::connect("127.0.0.1", port) {
+            Err(Error::Handshake(why)) => {
+                assert!(why.contains("limit"), "{why}");
+                assert!(why.contains("max_connections"), "{why}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // The refused clients did not disturb the admitted ones.
+    works(&first);
+    works(&second);
+
+    // Once one leaves, a new client gets in (the server notices the close asynchronously).
+    first.close();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let third = loop {
+        match rpyc::connect("127.0.0.1", port) {
+            Ok(c) => break c,
+            Err(Error::Handshake(why)) if why.contains("limit") => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still refused after a client left"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    };
+    works(&third);
+    works(&second);
+    assert!(matches!(
+        rpyc::connect("127.0.0.1", port),
+        Err(Error::Handshake(_))
+    ));
+    third.close();
+    second.close();
+    wait_until("the server saw both leave", Duration::from_secs(5), || {
+        handle.connections() == 0
+    });
+    handle.close();
+}
+
+#[test]
+fn one_shot_server_serves_one_connection_then_returns() {
+    let server = OneShotServer::new(service()).build().unwrap();
+    let port = server.port();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let r = server.start();
+        let _ = done_tx.send(r);
+    });
+
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&conn);
+
+    // The server no longer accepts: a second client cannot get a connection.
+    match rpyc::connect("127.0.0.1", port) {
+        Err(Error::Connect { .. }) | Err(Error::Handshake(_)) => {}
+        Ok(c) => panic!(
+            "a second client got in: {:?}",
+            c.root().call::<i64, _>("add", (1, 1))
+        ),
+        Err(e) => panic!("unexpected error: {e:?}"),
+    }
+    // start() keeps serving the first one.
+    assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err());
+    works(&conn);
+
+    conn.close();
+    done_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("start() should return once its connection ends")
+        .unwrap();
+    assert!(matches!(
+        rpyc::connect("127.0.0.1", port),
+        Err(Error::Connect { .. })
+    ));
+}
+
+#[test]
+fn one_shot_server_handle_close_ends_start() {
+    let server = OneShotServer::new(service()).build().unwrap();
+    let port = server.port();
+    let handle = server.handle();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(server.start());
+    });
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&conn);
+    handle.close();
+    done_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert!(conn.wait_closed_timeout(Duration::from_secs(5)));
+}
+
+#[test]
+fn closing_the_server_stops_accepting_and_closes_live_connections() {
+    #[derive(Default)]
+    struct Gate(Mutex<bool>, Condvar);
+    let gate = Arc::new(Gate::default());
+    let entered = Arc::new(AtomicUsize::new(0));
+    let (g, e) = (gate.clone(), entered.clone());
+    let svc = service().method("blocked", move || {
+        e.fetch_add(1, Ordering::SeqCst);
+        let open = g.0.lock().unwrap();
+        let _ =
+            g.1.wait_timeout_while(open, Duration::from_secs(10), |o| !*o)
+                .unwrap();
+    });
+    let server = ThreadedServer::new(svc).build().unwrap();
+    let port = server.port();
+    let handle = server.spawn().unwrap();
+
+    let idle = rpyc::connect("127.0.0.1", port).unwrap();
+    let busy = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&idle);
+    let root = busy.root();
+    let caller = thread::spawn(move || root.call::<(), _>("blocked", ()));
+    wait_until(
+        "the call reached the server",
+        Duration::from_secs(5),
+        || entered.load(Ordering::SeqCst) == 1,
+    );
+
+    let h = handle.clone();
+    let closing = thread::spawn(move || h.close());
+    // Both connections close at once, busy handler or not.
+    assert!(idle.wait_closed_timeout(Duration::from_secs(2)));
+    assert!(busy.wait_closed_timeout(Duration::from_secs(2)));
+    match caller.join().unwrap() {
+        Err(Error::Closed { .. }) => {}
+        other => panic!("expected Error::Closed, got {other:?}"),
+    }
+    assert!(matches!(
+        idle.root().call::<i64, _>("add", (1, 2)),
+        Err(Error::Closed { .. })
+    ));
+    assert!(handle.is_closed());
+
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    closing.join().unwrap();
+    assert_eq!(handle.connections(), 0);
+    match rpyc::connect("127.0.0.1", port) {
+        Err(Error::Connect { .. }) => {}
+        other => panic!("a closed server accepted a client: {other:?}"),
+    }
+    handle.close(); // idempotent
+}
+
+#[test]
+fn blocking_start_returns_when_the_handle_closes() {
+    let server = ThreadedServer::new(service()).build().unwrap();
+    let port = server.port();
+    let handle = server.handle();
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done_tx.send(server.start());
+    });
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&conn);
+    assert!(done_rx.recv_timeout(Duration::from_millis(100)).is_err());
+    handle.close();
+    done_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert!(conn.wait_closed_timeout(Duration::from_secs(5)));
+}
+
+#[test]
+fn server_listens_on_ipv4_loopback() {
+    let server = ThreadedServer::new(service())
+        .hostname("127.0.0.1")
+        .build()
+        .unwrap();
+    let port = server.port();
+    assert_ne!(port, 0);
+    let handle = server.spawn().unwrap();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&conn);
+    let seen: String = conn.root().call("peer", ()).unwrap();
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    conn.close();
+    handle.close();
+}
+
+#[test]
+fn server_listens_on_ipv6_loopback() {
+    let server = ThreadedServer::new(service())
+        .hostname("::1")
+        .build()
+        .unwrap();
+    let port = server.port();
+    assert_ne!(port, 0);
+    let handle = server.spawn().unwrap();
+    let conn = rpyc::connect("::1", port).unwrap();
+    works(&conn);
+    let seen: String = conn.root().call("peer", ()).unwrap();
+    assert!(seen.starts_with("[::1]:"), "{seen}");
+    conn.close();
+    // Closing wakes the accept loop over IPv6 too.
+    let start = Instant::now();
+    handle.close();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(rpyc::connect("::1", port).is_err());
+}
+
+#[test]
+fn server_on_an_unspecified_address_closes_cleanly() {
+    // Listening on all interfaces (checked through loopback only): close must still be able
+    // to wake its own accept loop.
+    let server = ThreadedServer::new(service())
+        .hostname("0.0.0.0")
+        .build()
+        .unwrap();
+    let port = server.port();
+    let handle = server.spawn().unwrap();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    works(&conn);
+    let (tx, rx) = mpsc::channel();
+    let h = handle.clone();
+    thread::spawn(move || {
+        h.close();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("close of a 0.0.0.0 server hung");
+    assert!(conn.wait_closed_timeout(Duration::from_secs(5)));
+}
+
+#[test]
+fn closing_a_server_that_never_started_returns() {
+    // Dropped without start(): nothing will ever run its accept loop.
+    let server = ThreadedServer::new(service()).build().unwrap();
+    let port = server.port();
+    let handle = server.handle();
+    drop(server);
+    let (tx, rx) = mpsc::channel();
+    let h = handle.clone();
+    thread::spawn(move || {
+        h.close();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("close of a server that never started hung");
+    assert!(handle.is_closed());
+    assert!(rpyc::connect("127.0.0.1", port).is_err());
+
+    // Closed before start(): start() returns at once without serving anyone.
+    let server = ThreadedServer::new(service()).build().unwrap();
+    let port = server.port();
+    let handle = server.handle();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        handle.close();
+        let _ = tx.send(server.start());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("start() of a closed server kept running")
+        .unwrap();
+    assert!(rpyc::connect("127.0.0.1", port).is_err());
+}
+
+#[test]
+fn max_workers_bounds_the_handlers_running_at_once_exactly() {
+    for n in 1..=3usize {
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (r, p) = (running.clone(), peak.clone());
+        let svc = service().method("work", move || {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(200));
+            r.fetch_sub(1, Ordering::SeqCst);
+        });
+        let server = ThreadedServer::new(svc)
+            .options(rpyc::Options::new().max_workers(n))
+            .build()
+            .unwrap();
+        let port = server.port();
+        let handle = server.spawn().unwrap();
+        let conn = rpyc::connect("127.0.0.1", port).unwrap();
+        let root = conn.root();
+        let pending: Vec<_> = (0..n + 2)
+            .map(|_| root.call_async::<(), _>("work", ()).unwrap())
+            .collect();
+        for p in pending {
+            p.value_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("max_workers({n}): {e}"));
+        }
+        // The limit is reached (the calls overlap) and never passed.
+        assert_eq!(peak.load(Ordering::SeqCst), n, "max_workers({n})");
+        conn.close();
+        handle.close();
+    }
+}
+
+#[test]
+fn handler_can_close_its_own_server() {
+    let slot: Arc<Mutex<Option<rpyc::ServerHandle>>> = Arc::default();
+    let s = slot.clone();
+    let svc = service().method("shutdown", move || {
+        let handle = s.lock().unwrap().clone().expect("handle stored");
+        handle.close();
+    });
+    let server = ThreadedServer::new(svc).build().unwrap();
+    let port = server.port();
+    let handle = server.spawn().unwrap();
+    *slot.lock().unwrap() = Some(handle.clone());
+
+    let bystander = rpyc::connect("127.0.0.1", port).unwrap();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let root = conn.root();
+    thread::spawn(move || {
+        let _ = tx.send(root.call::<(), _>("shutdown", ()));
+    });
+    // The call cannot be answered: its own connection was closed under it.
+    match rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("shutdown call hung")
+    {
+        Err(Error::Closed { .. }) => {}
+        other => panic!("expected Error::Closed, got {other:?}"),
+    }
+    assert!(handle.is_closed());
+    assert!(bystander.wait_closed_timeout(Duration::from_secs(5)));
+    assert!(rpyc::connect("127.0.0.1", port).is_err());
+    slot.lock().unwrap().take();
+}

@@ -32,6 +32,39 @@ pub(crate) fn describe(bytes: &[u8]) -> String {
     }
 }
 
+/// Finds the ids of every object reference (`{key: id}`) in a payload nobody will decode.
+pub(crate) fn object_refs(payload: &[u8], key: &str) -> Vec<u64> {
+    use serde_cbor::Value;
+    fn walk(v: &Value, key: &str, out: &mut Vec<u64>) {
+        match v {
+            Value::Map(m) => {
+                if m.len() == 1 {
+                    if let Some((Value::Text(k), Value::Integer(id))) = m.iter().next() {
+                        if k == key && *id > 0 {
+                            out.push(*id as u64);
+                            return;
+                        }
+                    }
+                }
+                for (k, v) in m {
+                    walk(k, key, out);
+                    walk(v, key, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, key, out)),
+            Value::Tag(_, v) => walk(v, key, out),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if payload.windows(key.len()).any(|w| w == key.as_bytes()) {
+        if let Ok(v) = serde_cbor::from_slice::<Value>(payload) {
+            walk(&v, key, &mut out);
+        }
+    }
+    out
+}
+
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
 ///
 /// A plain `Vec<u8>` goes through serde as a sequence of numbers, which is several times larger

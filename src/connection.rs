@@ -587,11 +587,15 @@ impl Shared {
                             h.id
                         )));
                     }
-                    None => log::debug!(
-                        "{}: dropping the late reply to request {} (its caller timed out)",
-                        self.peer,
-                        h.id
-                    ),
+                    None => {
+                        log::debug!(
+                            "{}: dropping the late reply to request {} (its caller gave up)",
+                            self.peer,
+                            h.id
+                        );
+                        // A worker releases the objects it may carry (this thread never writes).
+                        return Ok(Some(frame));
+                    }
                 }
                 Ok(None)
             }
@@ -632,7 +636,7 @@ impl Shared {
                 Err(e) => log::warn!("{}: ignoring a malformed release message: {e}", self.peer),
             },
             Kind::Call | Kind::Oneway => self.serve_call(&frame),
-            Kind::Reply | Kind::Error => {}
+            Kind::Reply | Kind::Error => object::release_unread(self, frame.payload()),
         }
     }
 
@@ -691,6 +695,9 @@ impl Shared {
                 }
             },
         };
+        if let Err((RemoteErrorKind::NoSuchObject | RemoteErrorKind::NoSuchMethod, _)) = outcome {
+            object::release_unread(self, frame.payload());
+        }
         let service_name = service.as_ref().map_or("?", |s| s.name());
         if h.kind == Kind::Oneway {
             if let Err((kind, message)) = outcome {

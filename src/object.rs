@@ -83,6 +83,14 @@ fn current() -> Option<Arc<Shared>> {
     CURRENT.with(|c| c.borrow().last().cloned())
 }
 
+/// Releases the object references in a payload that will never be decoded (a call to an
+/// unknown method or object, a late or abandoned reply), so their owner can drop them.
+pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
+    for id in crate::codec::object_refs(payload, OBJ_KEY) {
+        shared.queue_release(id, 1);
+    }
+}
+
 /// Objects this side exported on one connection, with the number of references sent.
 #[derive(Default)]
 pub(crate) struct ObjectTable {
@@ -462,8 +470,15 @@ impl<R: DeserializeOwned> AsyncResult<R> {
 
 impl<R> Drop for AsyncResult<R> {
     fn drop(&mut self) {
-        if !self.done && lock(&self.reply).is_none() {
-            let _ = self.conn.shared.abandon(&self.pending);
+        if self.done {
+            return;
+        }
+        let shared = &self.conn.shared;
+        let unread = lock(&self.reply)
+            .take()
+            .or_else(|| shared.abandon(&self.pending));
+        if let Some(frame) = unread {
+            release_unread(shared, frame.payload());
         }
     }
 }

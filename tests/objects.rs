@@ -41,10 +41,20 @@ fn factory(flags: Arc<Mutex<Vec<Arc<AtomicBool>>>>) -> Service {
     let held2 = held.clone();
     let held3 = held.clone();
     Service::new("factory")
-        .method("new_counter", move |start: i64| {
+        .method("new_counter", {
+            let flags = flags.clone();
+            move |start: i64| {
+                let (guard, flag) = DropGuard::new();
+                flags.lock().unwrap().push(flag);
+                counter(start, guard)
+            }
+        })
+        // Like new_counter, after sleeping `ms` milliseconds.
+        .method("new_counter_after", move |ms: u64| {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
             let (guard, flag) = DropGuard::new();
             flags.lock().unwrap().push(flag);
-            counter(start, guard)
+            counter(0, guard)
         })
         // Returns a counter and keeps it in a slot, for `again` to return once more.
         .method("new_kept", move || {
@@ -456,4 +466,69 @@ fn closing_the_server_drops_the_objects_it_exported() {
         held.call::<i64, _>("get", ()),
         Err(Error::Closed { .. })
     ));
+}
+
+#[test]
+fn objects_sent_to_an_unknown_method_or_object_are_released() {
+    let server = serve(factory(Arc::default()));
+    let conn = connect(&server);
+
+    let (g, f) = DropGuard::new();
+    let err = conn
+        .root()
+        .call::<(), _>("no_such_method", (counter(1, g),))
+        .unwrap_err();
+    assert_eq!(remote(err).kind(), RemoteErrorKind::NoSuchMethod);
+    assert!(
+        wait_until(SETTLE, || dropped(&f)),
+        "an object sent to a method that does not exist was never released"
+    );
+
+    let ghost: RemoteObject = conn.root().call("forge", (4242u64,)).unwrap();
+    let (g, f) = DropGuard::new();
+    let err = ghost.call::<(), _>("get", (counter(1, g),)).unwrap_err();
+    assert_eq!(remote(err).kind(), RemoteErrorKind::NoSuchObject);
+    assert!(
+        wait_until(SETTLE, || dropped(&f)),
+        "an object sent to an object that does not exist was never released"
+    );
+}
+
+#[test]
+fn objects_in_a_reply_nobody_reads_are_released() {
+    let flags: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+    let server = serve(factory(flags.clone()));
+    let conn = connect(&server);
+
+    // An async call whose result is dropped unread.
+    let pending = conn
+        .root()
+        .call_async::<RemoteObject, _>("new_counter", (0i64,))
+        .unwrap();
+    pending.wait().unwrap();
+    drop(pending);
+    assert!(
+        wait_until(SETTLE, || flags.lock().unwrap().len() == 1
+            && dropped(&flag(&flags, 0))),
+        "the object in an unread async reply was never released"
+    );
+
+    // A reply that arrives after its caller timed out.
+    let err = conn
+        .root()
+        .call_timeout::<RemoteObject, _>(
+            "new_counter_after",
+            (150u64,),
+            std::time::Duration::from_millis(20),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
+    assert!(
+        wait_until(SETTLE, || flags.lock().unwrap().len() == 2
+            && dropped(&flag(&flags, 1))),
+        "the object in a late reply was never released"
+    );
+    // The connection still works.
+    let live: RemoteObject = conn.root().call("new_counter", (5i64,)).unwrap();
+    assert_eq!(live.call::<i64, _>("get", ()).unwrap(), 5);
 }

@@ -54,7 +54,7 @@ use crate::transport::{Control, Transport};
 use crate::wire::{self, Frame, FrameReader, Hello, Kind, OutFrame};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -80,6 +80,16 @@ struct Waiter {
     serves_nested: bool,
 }
 
+/// Where [`Shared::route`] sent a frame.
+pub(crate) enum Routed {
+    /// Delivered (or dropped); nothing more to do.
+    Done,
+    /// Delivered to a thread blocked in a synchronous call.
+    ToCaller,
+    /// A request (or a frame needing work) for the pool.
+    Job(Frame),
+}
+
 /// A request that was sent and whose reply has not been taken yet.
 pub(crate) struct Pending {
     pub(crate) id: u64,
@@ -98,7 +108,7 @@ pub(crate) struct Shared {
     /// The peer's limits, from its hello.
     peer_hello: Hello,
     writer: Mutex<Box<dyn Write + Send>>,
-    control: Box<dyn Control>,
+    control: Arc<dyn Control>,
     next_id: AtomicU64,
     /// `None` once closed, so no caller can register after the waiters were failed.
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
@@ -196,7 +206,8 @@ impl Connection {
         // the end of our side.
         let timed_read = control.set_read_timeout(Some(handshake)).is_ok();
         let expired = AtomicBool::new(false);
-        let mut reader = BufReader::with_capacity(64 * 1024, reader);
+        // The hello is read unbuffered, so nothing after it is taken from the stream.
+        let mut reader = reader;
         let ours = Hello {
             version: wire::VERSION,
             flags: 0,
@@ -271,7 +282,11 @@ impl Connection {
             established: AtomicBool::new(false),
         });
         let conn = Connection::from_shared(shared.clone());
-        crate::dispatch::start(&shared, FrameReader::new(reader, opts.max_frame)).map_err(|e| {
+        crate::dispatch::start(
+            &shared,
+            FrameReader::new(reader, opts.max_frame, shared.control.clone()),
+        )
+        .map_err(|e| {
             shared.terminate(format!("cannot start the connection's thread: {e}"));
             Error::Io(Arc::new(e))
         })?;
@@ -509,19 +524,38 @@ impl Shared {
         method: &str,
         timeout: Duration,
     ) -> Result<Frame, Error> {
+        use crate::dispatch::{self, CallerRead};
+        let timed_out = |this: &Arc<Self>| match this.abandon(p) {
+            Some(f) => Ok(f),
+            None => Err(Error::Timeout(Timeout::Call {
+                method: method.to_string(),
+                after: timeout,
+            })),
+        };
         loop {
-            match p.rx.recv_deadline(deadline) {
+            // Read our reply ourselves if nobody is reading: no thread hand-off.
+            if let Some(reader) = dispatch::take_for_caller(self) {
+                match dispatch::read_for_caller(self, reader, p, deadline) {
+                    CallerRead::Got(Delivery::Reply(f)) => return Ok(f),
+                    CallerRead::Got(Delivery::Nested(f)) => {
+                        self.serve(f);
+                        continue;
+                    }
+                    CallerRead::TimedOut => return timed_out(self),
+                    CallerRead::Ended => {}
+                }
+            }
+            let poll = Instant::now() + dispatch::caller_poll();
+            dispatch::caller_blocked(self, true);
+            let got = p.rx.recv_deadline(poll.min(deadline));
+            dispatch::caller_blocked(self, false);
+            match got {
                 Ok(Delivery::Reply(f)) => return Ok(f),
                 Ok(Delivery::Nested(f)) => self.serve(f),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(f) = self.abandon(p) {
-                        return Ok(f);
-                    }
-                    return Err(Error::Timeout(Timeout::Call {
-                        method: method.to_string(),
-                        after: timeout,
-                    }));
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return timed_out(self)
                 }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(self.closed_error()),
             }
         }
@@ -572,7 +606,7 @@ impl Shared {
 
     /// Decides where an incoming frame goes. Replies and nested requests are delivered here;
     /// anything else is returned for a worker. An error means the peer broke the protocol.
-    pub(crate) fn route(&self, frame: Frame) -> Result<Option<Frame>, Error> {
+    pub(crate) fn route(&self, frame: Frame) -> Result<Routed, Error> {
         let h = &frame.header;
         match h.kind {
             Kind::Reply | Kind::Error => {
@@ -580,6 +614,9 @@ impl Shared {
                 match waiter {
                     Some(w) => {
                         let _ = w.tx.send(Delivery::Reply(frame));
+                        if w.serves_nested {
+                            return Ok(Routed::ToCaller);
+                        }
                     }
                     None if h.id == 0 || h.id >= self.next_id.load(Ordering::Relaxed) => {
                         return Err(Error::Protocol(format!(
@@ -594,10 +631,10 @@ impl Shared {
                             h.id
                         );
                         // A worker releases the objects it may carry (this thread never writes).
-                        return Ok(Some(frame));
+                        return Ok(Routed::Job(frame));
                     }
                 }
-                Ok(None)
+                Ok(Routed::Done)
             }
             Kind::Call | Kind::Oneway if h.parent != 0 => {
                 let pending = lock(&self.pending);
@@ -610,12 +647,12 @@ impl Shared {
                         // The waiter is blocked in recv; if it just gave up, `abandon` drains
                         // its channel and resubmits this request to the pool.
                         let _ = w.tx.send(Delivery::Nested(frame));
-                        Ok(None)
+                        Ok(Routed::ToCaller)
                     }
-                    None => Ok(Some(frame)),
+                    None => Ok(Routed::Job(frame)),
                 }
             }
-            _ => Ok(Some(frame)),
+            _ => Ok(Routed::Job(frame)),
         }
     }
 

@@ -1,42 +1,82 @@
-//! The worker pool of one connection, in the leader/followers pattern.
+//! Who reads the connection, and who runs the peer's requests.
 //!
-//! The read half of the transport is a token held by one thread at a time, the leader. The
-//! leader reads a frame and routes it ([`Shared::route`]): replies and nested requests go to the
-//! threads waiting for them, and the leader reads on. When a frame is a request for the pool,
-//! the leader passes the read half to an idle follower (or starts one, up to `max_workers`) and
-//! runs the request itself, so serving a request never waits for a thread hand-off. When every
-//! worker is busy, the leader queues the request (at most `max_queued`) and keeps reading, so
-//! replies still reach the callers that busy workers are waiting for.
+//! # The reader token
 //!
-//! Until the service's `on_connect` has run, requests are queued, not run.
+//! The read half of the transport is a token ([`FrameReader`]) held by at most one thread at a
+//! time. Whoever holds it reads frames and routes them ([`Shared::route`]): replies and nested
+//! requests go to the threads waiting for them, other requests to the worker pool. A holder
+//! never runs user code: it puts the token back first.
+//!
+//! Three kinds of thread hold it:
+//!
+//! * **A pool thread (the leader)**, blocked in a plain read while the connection is quiet.
+//! * **A calling thread** waiting for its own reply, if the token is free when it starts
+//!   waiting. It reads its reply itself, without a thread hand-off; its reads time out every
+//!   [`READ_SLICE`](crate::wire::READ_SLICE) so it can honour its deadline (transports that
+//!   cannot time out a read, such as pipes, are only read by the pool).
+//! * **Nobody, briefly.** A holder that is about to run a request, or a caller that got its
+//!   reply, puts the token back *lazily*, without waking anyone, expecting to take it again
+//!   soon (the next request of a sequential client, the end of a short handler). A pool thread
+//!   *watches* while that happens and takes the token once it has lain unused for [`GRACE`], so
+//!   the connection is never left unread for longer than that: a slow handler delays other
+//!   requests by at most about a millisecond, and callbacks reach an idle client just as fast.
+//!   Watchers poll only while the connection is active, and sleep after [`LINGER`] of quiet.
+//!
+//! When other callers are blocked waiting, the token is never left lying: it goes to a pool
+//! thread at once, which routes their replies.
+//!
+//! # The pool
+//!
+//! Requests that are not nested in a waiting call run on the pool: the leader that read one
+//! runs it itself (so serving it costs no hand-off), and another thread takes over reading. The
+//! pool grows on demand to `max_workers` threads running handlers plus one reading; beyond
+//! that, requests queue (at most `max_queued`; a peer that exceeds it is closed) and the leader
+//! keeps reading, so replies still reach the callers that busy workers wait for. Spare threads
+//! end after [`IDLE_TIMEOUT`] (two are kept). Until the service's `on_connect` has run,
+//! requests are queued, not run.
 
-use crate::connection::{lock, Shared};
+use crate::connection::{lock, Delivery, Pending, Routed, Shared};
 use crate::error::Error;
 use crate::wire::{Frame, FrameReader};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a spare worker waits for work before it ends (two are always kept).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lazily released reader may lie unused before a watching pool thread takes it.
+const GRACE: Duration = Duration::from_micros(500);
+/// How long pool threads keep watching after the last lazy release.
+const LINGER: Duration = Duration::from_millis(50);
+/// How often a caller blocked on its channel checks whether it should read itself.
+const CALLER_POLL: Duration = Duration::from_millis(10);
 
 pub(crate) struct Pool {
     state: Mutex<State>,
     cv: Condvar,
     max_workers: usize,
-    /// Threads of the pool at most: `max_workers` running handlers plus the leader, which only
-    /// reads. (Bounding threads by `max_workers` alone left one handler fewer, and none at all
-    /// with `max_workers(1)`.)
+    /// Threads of the pool at most: `max_workers` running handlers plus the one reading.
     max_threads: usize,
     max_queued: usize,
 }
 
 struct State {
-    /// The read half, when no thread is leading.
+    /// The read half, when no thread holds it.
     reader: Option<FrameReader>,
-    jobs: VecDeque<Frame>,
+    /// When `reader` was put back; a watcher takes it after `GRACE`.
+    released_at: Instant,
+    /// Counts lazy releases, so watchers can tell the connection is active.
+    releases: u64,
+    /// A pool thread holds the reader (so nobody needs to watch).
+    pool_leads: bool,
+    /// Pool threads waiting with a short timeout, ready to take the reader.
+    watchers: usize,
+    /// Pool threads waiting for work without a timeout.
     idle: usize,
+    /// Calling threads blocked on their reply channel (not holding the reader).
+    callers_waiting: usize,
+    jobs: VecDeque<Frame>,
     threads: usize,
     ready: bool,
     stopping: bool,
@@ -52,8 +92,13 @@ impl Pool {
         Pool {
             state: Mutex::new(State {
                 reader: None,
-                jobs: VecDeque::new(),
+                released_at: Instant::now(),
+                releases: 0,
+                pool_leads: false,
+                watchers: 0,
                 idle: 0,
+                callers_waiting: 0,
+                jobs: VecDeque::new(),
                 threads: 0,
                 ready: false,
                 stopping: false,
@@ -71,6 +116,7 @@ pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()>
     {
         let mut st = lock(&shared.pool.state);
         st.reader = Some(reader);
+        st.released_at = long_ago();
         st.threads += 1;
     }
     spawn_worker(shared).inspect_err(|_| {
@@ -83,6 +129,27 @@ fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
     shared.threads.spawn("rpyc-worker", move || worker(s))
 }
 
+/// Wakes a waiting pool thread, or reserves a new one (the caller spawns it after unlocking
+/// when this returns true).
+fn wake_or_reserve(pool: &Pool, st: &mut State) -> bool {
+    if st.idle + st.watchers > 0 {
+        pool.cv.notify_one();
+        false
+    } else if st.threads < pool.max_threads {
+        st.threads += 1;
+        true
+    } else {
+        false
+    }
+}
+
+fn spawn_reserved(shared: &Arc<Shared>) {
+    if let Err(e) = spawn_worker(shared) {
+        log::error!("{}: cannot start a worker thread: {e}", shared.peer);
+        lock(&shared.pool.state).threads -= 1;
+    }
+}
+
 /// Lets queued requests run (after `on_connect`).
 pub(crate) fn set_ready(shared: &Arc<Shared>) {
     let pool = &shared.pool;
@@ -91,21 +158,18 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
     let wanted = st
         .jobs
         .len()
-        .saturating_sub(st.idle)
+        .saturating_sub(st.idle + st.watchers)
         .min(pool.max_threads.saturating_sub(st.threads));
     st.threads += wanted;
     drop(st);
     pool.cv.notify_all();
     for _ in 0..wanted {
-        if let Err(e) = spawn_worker(shared) {
-            log::error!("{}: cannot start a worker thread: {e}", shared.peer);
-            lock(&pool.state).threads -= 1;
-        }
+        spawn_reserved(shared);
     }
 }
 
-/// Hands a request to the pool from outside the leader (a caller that gave up on the call the
-/// request was nested in).
+/// Hands a request to the pool from a thread that is not the pool's leader (a caller that read
+/// it, or one that gave up on the call the request was nested in).
 pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
@@ -113,18 +177,14 @@ pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
         return;
     }
     st.jobs.push_back(job);
-    let spawn = st.ready && st.idle == 0 && st.threads < pool.max_threads;
-    if spawn {
-        st.threads += 1;
-    }
+    let spawn = st.ready && wake_or_reserve(pool, &mut st);
     drop(st);
-    pool.cv.notify_one();
-    if spawn && spawn_worker(shared).is_err() {
-        lock(&pool.state).threads -= 1;
+    if spawn {
+        spawn_reserved(shared);
     }
 }
 
-/// Stops the pool: idle workers end, queued requests are dropped.
+/// Stops the pool: waiting workers end, queued requests are dropped.
 pub(crate) fn stop(shared: &Shared) {
     let pool = &shared.pool;
     let (reader, jobs) = {
@@ -137,59 +197,150 @@ pub(crate) fn stop(shared: &Shared) {
     pool.cv.notify_all();
 }
 
-fn worker(shared: Arc<Shared>) {
-    while let Some(task) = next_task(&shared) {
-        match task {
-            Task::Lead(reader) => {
-                if let Some(job) = lead(&shared, reader) {
-                    shared.serve(job);
-                }
-            }
-            Task::Job(job) => shared.serve(job),
-        }
+/// How a holder puts the reader back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// Lazily, expecting to take it again soon; a watcher takes it after `GRACE`.
+    Lazy,
+    /// Lazily, by a pool thread that is about to watch for it itself.
+    LazySelfWatched,
+    /// For a pool thread to take at once.
+    Now,
+}
+
+/// An instant far enough back that a free reader is taken at once.
+fn long_ago() -> Instant {
+    let now = Instant::now();
+    now.checked_sub(GRACE).unwrap_or(now)
+}
+
+/// Puts the reader back, waking a pool thread only when needed (see the module docs).
+fn release(shared: &Arc<Shared>, reader: FrameReader, how: Release) {
+    let pool = &shared.pool;
+    let mut st = lock(&pool.state);
+    if st.stopping {
+        return;
+    }
+    st.reader = Some(reader);
+    st.pool_leads = false;
+    st.releases += 1;
+    st.released_at = Instant::now();
+    // A pool leader that just delivered a reply leaves the reader to that caller, which is
+    // still counted as blocked until it wakes.
+    let others_blocked = match how {
+        Release::LazySelfWatched => st.callers_waiting.saturating_sub(1),
+        _ => st.callers_waiting,
+    };
+    let spawn = if how == Release::Now || others_blocked > 0 {
+        // Blocked callers need someone reading now.
+        st.released_at = long_ago();
+        wake_or_reserve(pool, &mut st)
+    } else if st.watchers == 0 && how == Release::Lazy {
+        wake_or_reserve(pool, &mut st)
+    } else {
+        false
+    };
+    drop(st);
+    if spawn {
+        spawn_reserved(shared);
     }
 }
 
-fn next_task(shared: &Shared) -> Option<Task> {
+fn worker(shared: Arc<Shared>) {
+    // After running a request, a thread takes a free reader at once (it usually put it back
+    // itself to run that request).
+    let mut fresh = false;
+    while let Some(task) = next_task(&shared, fresh) {
+        fresh = match task {
+            Task::Lead(reader) => match lead(&shared, reader) {
+                Some(job) => {
+                    shared.serve(job);
+                    true
+                }
+                None => false,
+            },
+            Task::Job(job) => {
+                shared.serve(job);
+                true
+            }
+        };
+    }
+}
+
+fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
+    let mut fresh = fresh;
+    let mut seen = st.releases;
+    let mut active_until = Instant::now() + LINGER;
     loop {
         if st.stopping {
             st.threads -= 1;
             return None;
         }
-        if let Some(r) = st.reader.take() {
-            return Some(Task::Lead(r));
-        }
+        let now = Instant::now();
         if st.ready {
             if let Some(job) = st.jobs.pop_front() {
+                // Queued work first; make sure someone else reads or takes the rest.
+                let more = st.reader.is_some() || !st.jobs.is_empty();
+                if more && st.idle + st.watchers == 0 && wake_or_reserve(pool, &mut st) {
+                    drop(st);
+                    spawn_reserved(shared);
+                }
                 return Some(Task::Job(job));
             }
         }
-        st.idle += 1;
-        let (guard, timeout) = pool
-            .cv
-            .wait_timeout(st, IDLE_TIMEOUT)
-            .unwrap_or_else(|e| e.into_inner());
-        st = guard;
-        st.idle -= 1;
-        if timeout.timed_out()
-            && !st.stopping
-            && st.reader.is_none()
-            && st.jobs.is_empty()
-            && st.threads > 2
-        {
-            st.threads -= 1;
-            return None;
+        if st.reader.is_some() && (fresh || now >= st.released_at + GRACE) {
+            st.pool_leads = true;
+            return st.reader.take().map(Task::Lead);
+        }
+        fresh = false;
+        if st.releases != seen {
+            seen = st.releases;
+            active_until = now + LINGER;
+        }
+        // Watch while the reader is free or held by a caller (both release lazily), and for a
+        // while after activity; otherwise sleep until woken.
+        let watch = st.reader.is_some() || !st.pool_leads || now < active_until;
+        if watch {
+            let wait = match st.reader {
+                Some(_) => (st.released_at + GRACE).saturating_duration_since(now),
+                None => GRACE,
+            }
+            .max(Duration::from_micros(50));
+            st.watchers += 1;
+            st = pool
+                .cv
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            st.watchers -= 1;
+        } else {
+            st.idle += 1;
+            let (guard, timeout) = pool
+                .cv
+                .wait_timeout(st, IDLE_TIMEOUT)
+                .unwrap_or_else(|e| e.into_inner());
+            st = guard;
+            st.idle -= 1;
+            if timeout.timed_out()
+                && !st.stopping
+                && st.pool_leads
+                && st.jobs.is_empty()
+                && st.threads > 2
+            {
+                st.threads -= 1;
+                return None;
+            }
         }
     }
 }
 
-/// Reads and routes frames until one must be served by this thread (returned, after the read
-/// half was passed on) or the connection ends (`None`).
-fn lead(shared: &Arc<Shared>, reader: FrameReader) -> Option<Frame> {
+/// Reads and routes frames until this thread must run a request (returned, after the reader
+/// was put back), hands the reader on, or the connection ends (both `None`).
+fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
     let pool = &shared.pool;
-    let mut reader = reader;
+    reader.set_sliced(false);
     loop {
         let frame = match reader.read_frame() {
             Ok(Some(f)) => f,
@@ -206,8 +357,18 @@ fn lead(shared: &Arc<Shared>, reader: FrameReader) -> Option<Frame> {
             }
         };
         let job = match shared.route(frame) {
-            Ok(None) => continue,
-            Ok(Some(job)) => job,
+            Ok(Routed::Done) => continue,
+            Ok(Routed::ToCaller) => {
+                // A calling thread got its reply and will likely call again: leave it the
+                // reader, unless other callers wait for theirs.
+                let leave = reader.can_slice() && lock(&pool.state).callers_waiting <= 1;
+                if leave {
+                    release(shared, reader, Release::LazySelfWatched);
+                    return None;
+                }
+                continue;
+            }
+            Ok(Routed::Job(job)) => job,
             Err(e) => {
                 log::warn!("{}: closing the connection: {e}", shared.peer);
                 shared.terminate(e.to_string());
@@ -218,7 +379,8 @@ fn lead(shared: &Arc<Shared>, reader: FrameReader) -> Option<Frame> {
         if st.stopping {
             return None;
         }
-        if !st.ready || (st.idle == 0 && st.threads >= pool.max_threads) {
+        let helpers = st.idle + st.watchers;
+        if !st.ready || (helpers == 0 && st.threads >= pool.max_threads) {
             if st.jobs.len() >= pool.max_queued {
                 drop(st);
                 let e = Error::Protocol(format!(
@@ -232,31 +394,107 @@ fn lead(shared: &Arc<Shared>, reader: FrameReader) -> Option<Frame> {
             st.jobs.push_back(job);
             continue;
         }
-        st.reader = Some(reader);
-        if st.idle > 0 {
-            drop(st);
-            pool.cv.notify_one();
-            return Some(job);
-        }
-        st.threads += 1;
         drop(st);
-        match spawn_worker(shared) {
-            Ok(()) => return Some(job),
-            Err(e) => {
-                log::error!("{}: cannot start a worker thread: {e}", shared.peer);
-                let mut st = lock(&pool.state);
-                st.threads -= 1;
-                match st.reader.take() {
-                    Some(r) => {
-                        // Nobody took the read half: keep leading, queue the request.
-                        st.jobs.push_back(job);
-                        reader = r;
-                    }
-                    None => return Some(job),
+        release(shared, reader, Release::Lazy);
+        return Some(job);
+    }
+}
+
+/// What a calling thread's own reading produced.
+pub(crate) enum CallerRead {
+    /// Something for this caller (its reply, or a request nested in its call); the reader was
+    /// put back.
+    Got(Delivery),
+    /// The deadline passed; the reader went to the pool.
+    TimedOut,
+    /// The connection ended.
+    Ended,
+}
+
+/// Takes the reader for a calling thread, if it is free and can time out.
+pub(crate) fn take_for_caller(shared: &Shared) -> Option<FrameReader> {
+    let mut st = lock(&shared.pool.state);
+    if !st.reader.as_ref()?.can_slice() {
+        return None;
+    }
+    st.pool_leads = false;
+    let mut reader = st.reader.take()?;
+    drop(st);
+    reader.set_sliced(true);
+    Some(reader)
+}
+
+/// Reads on behalf of a caller until something for `p` arrives or `deadline` passes.
+pub(crate) fn read_for_caller(
+    shared: &Arc<Shared>,
+    mut reader: FrameReader,
+    p: &Pending,
+    deadline: Instant,
+) -> CallerRead {
+    loop {
+        if let Ok(d) = p.rx.try_recv() {
+            release(shared, reader, Release::Lazy);
+            return CallerRead::Got(d);
+        }
+        match reader.wait_readable() {
+            Ok(true) => {}
+            Ok(false) => {
+                if Instant::now() >= deadline {
+                    release(shared, reader, Release::Now);
+                    return CallerRead::TimedOut;
                 }
+                continue;
+            }
+            Err(e) => {
+                shared.terminate(reason(&e));
+                return CallerRead::Ended;
+            }
+        }
+        let frame = match reader.read_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                shared.terminate("the peer closed the connection".into());
+                return CallerRead::Ended;
+            }
+            Err(e) => {
+                if !shared.is_closed() {
+                    log::warn!("{}: closing the connection: {e}", shared.peer);
+                }
+                shared.terminate(reason(&e));
+                return CallerRead::Ended;
+            }
+        };
+        match shared.route(frame) {
+            Ok(Routed::Done | Routed::ToCaller) => {}
+            Ok(Routed::Job(job)) => submit(shared, job),
+            Err(e) => {
+                log::warn!("{}: closing the connection: {e}", shared.peer);
+                shared.terminate(e.to_string());
+                return CallerRead::Ended;
             }
         }
     }
+}
+
+/// Marks a caller as blocked on its channel (or no longer), so a released reader goes to the
+/// pool at once instead of waiting for its holder to come back.
+pub(crate) fn caller_blocked(shared: &Shared, blocked: bool) {
+    let mut st = lock(&shared.pool.state);
+    if blocked {
+        st.callers_waiting += 1;
+        // A reader lying free would otherwise wait out its grace period.
+        if st.reader.is_some() && !st.stopping {
+            st.released_at = long_ago();
+            shared.pool.cv.notify_one();
+        }
+    } else {
+        st.callers_waiting -= 1;
+    }
+}
+
+/// How long a blocked caller waits on its channel before looking at the reader again.
+pub(crate) fn caller_poll() -> Duration {
+    CALLER_POLL
 }
 
 fn reason(e: &Error) -> String {

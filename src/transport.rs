@@ -25,7 +25,7 @@ pub(crate) struct Transport {
     pub reader: Box<dyn Read + Send>,
     pub writer: Box<dyn Write + Send>,
     pub peer: String,
-    pub control: Box<dyn Control>,
+    pub control: Arc<dyn Control>,
 }
 
 impl Control for TcpStream {
@@ -93,7 +93,7 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
         .unwrap_or_else(|_| "tcp peer".into());
     Ok(Transport {
         reader: Box::new(s.try_clone()?),
-        control: Box::new(s.try_clone()?),
+        control: Arc::new(s.try_clone()?),
         writer: Box::new(s),
         peer,
     })
@@ -109,7 +109,7 @@ pub(crate) fn unix(
     s.set_write_timeout(Some(write_timeout))?;
     Ok(Transport {
         reader: Box::new(s.try_clone()?),
-        control: Box::new(s.try_clone()?),
+        control: Arc::new(s.try_clone()?),
         writer: Box::new(s),
         peer,
     })
@@ -174,7 +174,7 @@ where
         reader: Box::new(reader),
         writer: Box::new(ClosableWriter(w.clone())),
         peer,
-        control: Box::new(StreamControl {
+        control: Arc::new(StreamControl {
             writer: w,
             child: child.map(Mutex::new),
         }),

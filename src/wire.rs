@@ -7,8 +7,10 @@
 //! any memory is reserved for the body.
 
 use crate::error::Error;
+use crate::transport::Control;
 use std::io::{self, Read, Write};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// First four bytes each side sends.
 pub(crate) const MAGIC: [u8; 4] = *b"RPYC";
@@ -344,15 +346,103 @@ impl OutFrame {
     }
 }
 
-/// Reads frames from the read half of a transport. Owned by exactly one thread at a time.
-pub(crate) struct FrameReader {
-    inner: io::BufReader<Box<dyn Read + Send>>,
-    max_frame: usize,
+/// The transport's read half. With a read timeout set on the socket (only while a calling
+/// thread holds the reader, see [`FrameReader::set_sliced`]), a read that times out is retried,
+/// except when [`FrameReader::wait_readable`] asks for it: so a timeout can only ever happen
+/// between frames, never leave a frame half read.
+pub(crate) struct Patient {
+    inner: Box<dyn Read + Send>,
+    timeout_allowed: bool,
 }
 
+impl Read for Patient {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e)
+                    if !self.timeout_allowed
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Reads frames from the read half of a transport. Owned by exactly one thread at a time.
+pub(crate) struct FrameReader {
+    inner: io::BufReader<Patient>,
+    max_frame: usize,
+    control: Arc<dyn Control>,
+    /// Whether the transport supports read timeouts (sockets do, pipes do not).
+    can_slice: bool,
+    sliced: bool,
+}
+
+/// How long one read by a calling thread may block before it checks its deadline.
+pub(crate) const READ_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl FrameReader {
-    pub(crate) fn new(inner: io::BufReader<Box<dyn Read + Send>>, max_frame: usize) -> Self {
-        FrameReader { inner, max_frame }
+    /// Wraps the read half; `control` sets its timeouts. The transport must be in blocking mode.
+    pub(crate) fn new(
+        inner: Box<dyn Read + Send>,
+        max_frame: usize,
+        control: Arc<dyn Control>,
+    ) -> Self {
+        let can_slice = control.set_read_timeout(None).is_ok();
+        FrameReader {
+            inner: io::BufReader::with_capacity(
+                64 * 1024,
+                Patient {
+                    inner,
+                    timeout_allowed: false,
+                },
+            ),
+            max_frame,
+            control,
+            can_slice,
+            sliced: false,
+        }
+    }
+
+    /// Whether a thread with a deadline may hold this reader (its reads can time out).
+    pub(crate) fn can_slice(&self) -> bool {
+        self.can_slice
+    }
+
+    /// Sets the socket's read timeout to [`READ_SLICE`] (for a calling thread, which has a
+    /// deadline) or none (for the pool's leader). A system call only when the mode changes.
+    pub(crate) fn set_sliced(&mut self, on: bool) {
+        if self.can_slice && self.sliced != on {
+            let d = if on { Some(READ_SLICE) } else { None };
+            if self.control.set_read_timeout(d).is_ok() {
+                self.sliced = on;
+            }
+        }
+    }
+
+    /// Waits for the start of the next frame for at most one read slice. `Ok(false)`: nothing
+    /// arrived yet (nothing was consumed); `Ok(true)`: data or end of stream is there.
+    pub(crate) fn wait_readable(&mut self) -> Result<bool, Error> {
+        use io::BufRead;
+        self.inner.get_mut().timeout_allowed = true;
+        let r = self.inner.fill_buf().map(|_| ());
+        self.inner.get_mut().timeout_allowed = false;
+        match r {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(closed_by_io(e)),
+        }
     }
 
     /// Reads the next frame; `Ok(None)` is a clean end of stream between frames.
@@ -522,7 +612,11 @@ mod tests {
         let mut bytes = (u32::MAX).to_be_bytes().to_vec();
         bytes.extend_from_slice(&[0; 16]);
         let reader: Box<dyn Read + Send> = Box::new(io::Cursor::new(bytes));
-        let mut fr = FrameReader::new(io::BufReader::new(reader), 1 << 20);
+        struct NoControl;
+        impl Control for NoControl {
+            fn shutdown(&self) {}
+        }
+        let mut fr = FrameReader::new(reader, 1 << 20, Arc::new(NoControl));
         let err = fr.read_frame().err().unwrap().to_string();
         assert!(err.contains("over this side's limit"), "{err}");
     }

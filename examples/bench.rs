@@ -1,0 +1,622 @@
+//! Measures rpyc on loopback TCP against a raw blocking std TCP floor with the same payloads.
+//!
+//! Cases: call latency, echo throughput (1 MiB, 64 MiB), pipelined async calls, 8 threads
+//! sharing one connection, and connect + first call + close.
+//!
+//! Run with `cargo run --release --example bench` (about 30 s), or with `BENCH_QUICK=1` for a
+//! smoke run of a few seconds; `BENCH_FILTER=echo` runs only the cases whose name contains
+//! `echo`. Everything runs in this process on 127.0.0.1.
+//!
+//! The floor is what a hand-written blocking TCP program with the same shape achieves: frames
+//! are a 4-byte big-endian length and the payload, `TCP_NODELAY` is set on both ends, the
+//! server has one thread per connection that reads a whole frame (through a 64 KiB
+//! `BufReader`, like rpyc, in reads of at most 64 KiB) into a reused buffer and writes it back
+//! with one `write_all`; the client writes a whole prebuilt frame, then reads the whole reply.
+//! The rpyc side calls `echo(Bytes) -> Bytes` on a `ThreadedServer`.
+//!
+//! Each case alternates batches of the floor and of rpyc (so background load hits both alike)
+//! and reports the median batch of each; `±` is half the min-max range of the batches, relative
+//! to the median.
+
+use rpyc::{Bytes, Connection, Service, ThreadedServer};
+use std::hint::black_box;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const HOST: &str = "127.0.0.1";
+const MIB: usize = 1 << 20;
+/// Outstanding calls per window in the pipelined cases.
+const WINDOW: usize = 256;
+const THREADS: usize = 8;
+
+// ---------------------------------------------------------------------------------------------
+// The raw floor.
+
+/// Starts a raw echo server: one thread per connection, whole frame in, whole frame out.
+fn raw_server() -> io::Result<u16> {
+    let listener = TcpListener::bind((HOST, 0))?;
+    let port = listener.local_addr()?.port();
+    thread::Builder::new()
+        .name("raw-accept".into())
+        .spawn(move || {
+            for s in listener.incoming().flatten() {
+                let _ = thread::Builder::new()
+                    .name("raw-conn".into())
+                    .spawn(move || raw_serve(s));
+            }
+        })?;
+    Ok(port)
+}
+
+fn raw_serve(s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(64 << 10, s.try_clone()?);
+    let mut w = s;
+    // [length | payload], reused: the reply is written with a single write_all.
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            other => other?,
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        buf.resize(4 + n, 0);
+        buf[..4].copy_from_slice(&len);
+        read_chunked(&mut r, &mut buf[4..])?;
+        w.write_all(&buf)?;
+    }
+}
+
+/// Fills `buf` with reads of at most 64 KiB. On Linux loopback this is up to 3x faster for
+/// a 1 MiB message than one `read_exact` of the whole buffer (measured while writing this
+/// bench), so the floor uses it.
+fn read_chunked(r: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
+    for chunk in buf.chunks_mut(64 << 10) {
+        r.read_exact(chunk)?;
+    }
+    Ok(())
+}
+
+/// A length-prefixed frame holding `payload`.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(4 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+struct RawReader {
+    r: BufReader<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawReader {
+    /// Reads one frame into the reused buffer; returns its payload length.
+    fn recv(&mut self) -> io::Result<usize> {
+        let mut len = [0u8; 4];
+        self.r.read_exact(&mut len)?;
+        let n = u32::from_be_bytes(len) as usize;
+        self.buf.resize(n, 0);
+        read_chunked(&mut self.r, &mut self.buf)?;
+        Ok(n)
+    }
+}
+
+/// A raw client connection.
+struct RawConn {
+    w: TcpStream,
+    rd: RawReader,
+}
+
+impl RawConn {
+    fn connect(port: u16) -> io::Result<RawConn> {
+        let s = TcpStream::connect((HOST, port))?;
+        s.set_nodelay(true)?;
+        let r = BufReader::with_capacity(64 << 10, s.try_clone()?);
+        Ok(RawConn {
+            w: s,
+            rd: RawReader { r, buf: Vec::new() },
+        })
+    }
+
+    /// Writes a whole prebuilt frame, then reads the whole reply.
+    fn call(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.w.write_all(frame)?;
+        self.rd.recv()
+    }
+}
+
+/// A raw client that pipelines: the caller writes frames, a reader thread reads replies and
+/// reports each full window (the shape of rpyc's client: callers write, one thread reads).
+struct RawPipe {
+    w: TcpStream,
+    windows: mpsc::Receiver<io::Result<()>>,
+}
+
+impl RawPipe {
+    fn connect(port: u16, window: usize) -> io::Result<RawPipe> {
+        let c = RawConn::connect(port)?;
+        let mut rd = c.rd;
+        let (tx, rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("raw-pipe-reader".into())
+            .spawn(move || loop {
+                let mut result = Ok(());
+                for _ in 0..window {
+                    if let Err(e) = rd.recv() {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                let failed = result.is_err();
+                if tx.send(result).is_err() || failed {
+                    return;
+                }
+            })?;
+        Ok(RawPipe {
+            w: c.w,
+            windows: rx,
+        })
+    }
+
+    /// Sends one window of frames (one write each, like one rpyc call each), waits for replies.
+    fn window(&mut self, frame: &[u8], n: usize) -> io::Result<()> {
+        for _ in 0..n {
+            self.w.write_all(frame)?;
+        }
+        self.windows
+            .recv()
+            .map_err(|_| io::Error::other("reader thread ended"))?
+    }
+}
+
+impl Drop for RawPipe {
+    fn drop(&mut self) {
+        // Ends the reader thread and the server's thread for this connection.
+        let _ = self.w.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rpyc.
+
+fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
+    let service = Service::new("bench").method("echo", |b: Bytes| b);
+    let server = ThreadedServer::new(service)
+        .hostname(HOST)
+        .port(0)
+        .build()?;
+    let port = server.port();
+    Ok((port, server.spawn()?))
+}
+
+fn echo(conn: &Connection, payload: &Bytes) -> Res<usize> {
+    let r: Bytes = conn.root().call("echo", (payload,))?;
+    Ok(black_box(r).len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement.
+
+/// How long to measure one case.
+#[derive(Clone, Copy)]
+struct Plan {
+    batches: usize,
+    /// A batch runs iterations until this much time has passed...
+    batch: Duration,
+    /// ...and at least this many (at most `max_iters`).
+    min_iters: u64,
+    max_iters: u64,
+    warmup: Duration,
+    min_warmup: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                batches: 3,
+                batch: Duration::from_millis(40),
+                min_iters: 1,
+                max_iters: u64::MAX,
+                warmup: Duration::from_millis(20),
+                min_warmup: 1,
+            }
+        } else {
+            Plan {
+                batches: 11,
+                batch: Duration::from_millis(200),
+                min_iters: 1,
+                max_iters: u64::MAX,
+                warmup: Duration::from_millis(150),
+                min_warmup: 1,
+            }
+        }
+    }
+}
+
+/// Seconds per unit (unit: a call, a byte, a connect), over batches.
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn of(mut v: Vec<f64>) -> Stats {
+        v.sort_by(|a, b| a.total_cmp(b));
+        Stats {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+
+    /// Half the min-max range, in percent of the median.
+    fn spread(&self) -> f64 {
+        50.0 * (self.max - self.min) / self.median
+    }
+}
+
+/// Runs `op` (one iteration, returning how many units it processed) for one batch; returns
+/// seconds per unit.
+fn batch(plan: &Plan, op: &mut dyn FnMut() -> Res<u64>) -> Res<f64> {
+    let start = Instant::now();
+    let (mut iters, mut units) = (0u64, 0u64);
+    while iters < plan.max_iters && (iters < plan.min_iters || start.elapsed() < plan.batch) {
+        units += op()?;
+        iters += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / units as f64)
+}
+
+fn warm_up(plan: &Plan, op: &mut dyn FnMut() -> Res<u64>) -> Res<()> {
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < plan.min_warmup || start.elapsed() < plan.warmup {
+        op()?;
+        iters += 1;
+    }
+    Ok(())
+}
+
+/// Warms both sides up, then alternates their batches. Returns (floor, rpyc).
+fn measure(
+    plan: Plan,
+    floor: &mut dyn FnMut() -> Res<u64>,
+    rpyc: &mut dyn FnMut() -> Res<u64>,
+) -> Res<(Stats, Stats)> {
+    warm_up(&plan, floor)?;
+    warm_up(&plan, rpyc)?;
+    let (mut f, mut r) = (Vec::new(), Vec::new());
+    for i in 0..plan.batches {
+        // Alternate which side goes first, so neither always runs right after the other.
+        if i % 2 == 0 {
+            f.push(batch(&plan, floor)?);
+            r.push(batch(&plan, rpyc)?);
+        } else {
+            r.push(batch(&plan, rpyc)?);
+            f.push(batch(&plan, floor)?);
+        }
+    }
+    Ok((Stats::of(f), Stats::of(r)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting.
+
+#[derive(Clone, Copy)]
+enum Unit {
+    /// Shown as µs per `what`; lower is better.
+    Micros(&'static str),
+    /// Shown as `what`/s; higher is better.
+    Rate(&'static str),
+    /// Bytes, shown as MB/s (10^6); higher is better.
+    MegaBytes,
+}
+
+struct Row {
+    name: &'static str,
+    unit: Unit,
+    floor: Stats,
+    rpyc: Stats,
+    /// Extra `key=value` fields shown before the ratio.
+    extra: String,
+}
+
+impl Row {
+    /// The shown value for seconds-per-unit `s`.
+    fn value(&self, s: f64) -> f64 {
+        match self.unit {
+            Unit::Micros(_) => s * 1e6,
+            Unit::Rate(_) => 1.0 / s,
+            Unit::MegaBytes => 1.0 / s / 1e6,
+        }
+    }
+
+    /// rpyc / floor of the shown values: time ratio for time rows, rate ratio for rate rows.
+    fn ratio(&self) -> f64 {
+        self.value(self.rpyc.median) / self.value(self.floor.median)
+    }
+
+    fn show(&self, s: f64) -> String {
+        let v = self.value(s);
+        match self.unit {
+            Unit::Micros(what) => format!("{v:.2} µs/{what}"),
+            Unit::Rate(what) if v >= 1e4 => format!("{:.1}k {what}/s", v / 1e3),
+            Unit::Rate(what) => format!("{v:.0} {what}/s"),
+            Unit::MegaBytes => format!("{v:.0} MB/s"),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{:<17} rpyc={:>17} (±{:>4.1}%)  floor={:>17} (±{:>4.1}%)  {}ratio={:.2}",
+            self.name,
+            self.show(self.rpyc.median),
+            self.rpyc.spread(),
+            self.show(self.floor.median),
+            self.floor.spread(),
+            self.extra,
+            self.ratio()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases.
+
+fn main() -> Res<()> {
+    env_logger::init();
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let plan = Plan::new(quick);
+    // BENCH_FILTER=substring runs only the cases whose name contains it.
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
+    let wanted = |name: &str| name.contains(filter.as_str());
+    let started = Instant::now();
+
+    let raw_port = raw_server()?;
+    let (rpyc_port, server) = rpyc_server()?;
+
+    println!(
+        "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
+         time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
+         targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70.",
+        if quick { "quick" } else { "full" },
+        plan.batches,
+        thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+
+    let mut rows = Vec::new();
+    let mut emit = |row: Row| {
+        println!("{}", row.line());
+        rows.push(row);
+    };
+
+    let conn = rpyc::connect(HOST, rpyc_port)?;
+    let mut raw = RawConn::connect(raw_port)?;
+
+    // tcp.call.16B: sequential round trips.
+    if wanted("tcp.call.16B") {
+        let p = Bytes::from(vec![0xab; 16]);
+        let f = frame(&p);
+        assert_eq!(raw.call(&f)?, 16);
+        let r: Bytes = conn.root().call("echo", (&p,))?;
+        assert_eq!(r, p, "echo returned something else");
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                black_box(raw.call(&f)?);
+                Ok(1)
+            },
+            &mut || {
+                echo(&conn, &p)?;
+                Ok(1)
+            },
+        )?;
+        emit(Row {
+            name: "tcp.call.16B",
+            unit: Unit::Micros("call"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+
+    // tcp.echo.1MiB and tcp.echo.64MiB: one whole payload out, the whole payload back.
+    // Throughput counts the bytes sent plus the bytes received.
+    let mut one_mib = None;
+    for (name, size) in [("tcp.echo.1MiB", MIB), ("tcp.echo.64MiB", 64 * MIB)] {
+        if !wanted(name) {
+            continue;
+        }
+        let p = Bytes::from((0..size).map(|i| (i * 7 + 1) as u8).collect::<Vec<u8>>());
+        let f = frame(&p);
+        assert_eq!(raw.call(&f)?, size);
+        assert_eq!(raw.rd.buf[..], p[..], "raw echo returned something else");
+        let r: Bytes = conn.root().call("echo", (&p,))?;
+        assert!(r == p, "echo returned something else");
+        drop(r);
+        let mut plan = plan;
+        if size > MIB {
+            plan.warmup = Duration::ZERO;
+        }
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || Ok(black_box(raw.call(&f)?) as u64 * 2),
+            &mut || Ok(echo(&conn, &p)? as u64 * 2),
+        )?;
+        let mut extra = String::new();
+        match one_mib {
+            None => one_mib = Some((floor.median, rpyc.median)),
+            Some((floor1, rpyc1)) => {
+                // Seconds per byte are already normalized by size, so this is
+                // time(64 MiB) / (64 * time(1 MiB)).
+                extra = format!(
+                    "floor_scale={:.2} scale={:.2}  ",
+                    floor.median / floor1,
+                    rpyc.median / rpyc1
+                );
+            }
+        }
+        emit(Row {
+            name,
+            unit: Unit::MegaBytes,
+            floor,
+            rpyc,
+            extra,
+        });
+    }
+
+    // tcp.async.16B: windows of WINDOW outstanding calls, then collect them.
+    if wanted("tcp.async.16B") {
+        let p = Bytes::from(vec![0xcd; 16]);
+        let f = frame(&p);
+        let mut pipe = RawPipe::connect(raw_port, WINDOW)?;
+        let root = conn.root();
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                pipe.window(&f, WINDOW)?;
+                Ok(WINDOW as u64)
+            },
+            &mut || {
+                let pending = (0..WINDOW)
+                    .map(|_| root.call_async::<Bytes, _>("echo", (&p,)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for a in pending {
+                    black_box(a.value()?);
+                }
+                Ok(WINDOW as u64)
+            },
+        )?;
+        emit(Row {
+            name: "tcp.async.16B",
+            unit: Unit::Rate("calls"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+
+    // tcp.threads8.16B: 8 threads doing sequential calls, on one shared rpyc connection vs
+    // 8 raw connections.
+    if wanted("tcp.threads8.16B") {
+        let p = Bytes::from(vec![0xef; 16]);
+        let f = frame(&p);
+        let mut raws = (0..THREADS)
+            .map(|_| RawConn::connect(raw_port))
+            .collect::<io::Result<Vec<_>>>()?;
+        let per_thread: u64 = if quick { 50 } else { 250 };
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                thread::scope(|s| {
+                    let workers: Vec<_> = raws
+                        .iter_mut()
+                        .map(|c| {
+                            let f = &f;
+                            s.spawn(move || -> io::Result<()> {
+                                for _ in 0..per_thread {
+                                    black_box(c.call(f)?);
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    for w in workers {
+                        w.join().expect("raw thread panicked")?;
+                    }
+                    Ok::<_, io::Error>(())
+                })?;
+                Ok(per_thread * THREADS as u64)
+            },
+            &mut || {
+                thread::scope(|s| {
+                    let workers: Vec<_> = (0..THREADS)
+                        .map(|_| {
+                            let (conn, p) = (&conn, &p);
+                            s.spawn(move || -> Res<()> {
+                                let root = conn.root();
+                                for _ in 0..per_thread {
+                                    let r: Bytes = root.call("echo", (p,))?;
+                                    black_box(r);
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    for w in workers {
+                        w.join().expect("rpyc thread panicked")?;
+                    }
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                })?;
+                Ok(per_thread * THREADS as u64)
+            },
+        )?;
+        emit(Row {
+            name: "tcp.threads8.16B",
+            unit: Unit::Rate("calls"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+
+    // tcp.connect: connect, one 16-byte call, close. Bounded in count so that sockets in
+    // TIME_WAIT do not pile up.
+    if wanted("tcp.connect") {
+        let p = Bytes::from(vec![0x42; 16]);
+        let f = frame(&p);
+        let mut plan = plan;
+        plan.max_iters = if quick { 100 } else { 300 };
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                let mut c = RawConn::connect(raw_port)?;
+                black_box(c.call(&f)?);
+                drop(c);
+                Ok(1)
+            },
+            &mut || {
+                let c = rpyc::connect(HOST, rpyc_port)?;
+                echo(&c, &p)?;
+                c.close();
+                Ok(1)
+            },
+        )?;
+        emit(Row {
+            name: "tcp.connect",
+            unit: Unit::Micros("connect"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+
+    conn.close();
+    drop(raw);
+    server.close();
+
+    println!();
+    println!("| case | rpyc | floor | ratio |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} |",
+            r.name,
+            r.show(r.rpyc.median),
+            r.show(r.floor.median),
+            r.ratio()
+        );
+    }
+    println!();
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -3,32 +3,35 @@
 //!
 //! # Who owns what
 //!
-//! * **The read half** is owned by exactly one thread at a time, the *leader* of the
-//!   connection's worker pool ([`crate::dispatch`]). The leader only reads frames and routes
-//!   them; it never runs user code, never writes, and never waits for anything but the socket.
-//!   So something always reads the connection while it is open, whatever user threads do, and
-//!   callbacks are served without a background thread started by hand.
+//! * **The read half** is a token held by at most one thread at a time ([`crate::dispatch`]
+//!   says who and when): a pool thread (the *leader*), or a calling thread reading its own
+//!   reply. The holder only reads frames and routes them; it never runs user code while holding
+//!   it, never writes, and never waits for anything but the socket. A token put back is taken
+//!   by a watching pool thread within about a millisecond, so something always reads the
+//!   connection while it is open, whatever user threads do, and callbacks are served without a
+//!   background thread started by hand.
 //! * **The write half** sits behind one mutex. A thread encodes its whole frame first, then
 //!   takes the lock, writes the frame, and releases it: frames never interleave, and no lock is
 //!   held while encoding or while waiting for a reply. The leader never takes this lock.
 //! * **Replies find their caller by id.** A caller registers its id in the pending table
-//!   *before* writing the request; the leader removes the entry when the reply arrives and hands
-//!   the frame to that caller's own channel. A timed-out caller removes its entry, so a late
-//!   reply finds no one and is dropped (and logged); it can never be taken for another call's.
+//!   *before* writing the request; the reading thread removes the entry when the reply arrives
+//!   and hands the frame to that caller's own channel. A timed-out caller removes its entry, so
+//!   a late reply finds no one and is dropped (and logged); it can never be taken for another
+//!   call's.
 //! * **Nested calls run on the waiting thread.** A request carries the id of the request its
 //!   sender is serving (`parent`). If that id belongs to a synchronous call of ours that is
-//!   waiting, the leader hands the request to that waiting thread, which runs it and goes back
-//!   to waiting. So client -> server -> client -> ... chains use no extra threads and cannot
+//!   waiting, the reading thread hands the request to that waiting thread, which runs it and
+//!   goes back to waiting. So client -> server -> client -> ... chains use no extra threads and cannot
 //!   starve the pool, at any depth.
-//! * **Other requests go to the pool.** The leader passes the read half to an idle worker (or
-//!   a new one, up to `max_workers`) and runs the request itself, so a request costs no thread
-//!   hand-off on its critical path. A slow handler occupies only its own thread.
+//! * **Other requests go to the pool.** The leader that read one runs it itself, and another
+//!   pool thread takes over reading (up to `max_workers` handlers at once), so a request costs
+//!   no thread hand-off on its critical path. A slow handler occupies only its own thread.
 //!
 //! # When the connection ends
 //!
 //! Whoever notices first (a read or write error, end of stream, a protocol violation, or
 //! [`Connection::close`]) calls `terminate`, once: it records the reason, shuts the transport
-//! down (which wakes the leader), drops every waiting caller's channel so each fails at once
+//! down (which wakes the reading thread), drops every waiting caller's channel so each fails at once
 //! with [`Error::Closed`], stops the pool, and drops the exported objects. Every later call
 //! fails fast with the same reason.
 //!

@@ -299,9 +299,10 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             seen = st.releases;
             active_until = now + LINGER;
         }
-        // Watch while the reader is free or held by a caller (both release lazily), and for a
-        // while after activity; otherwise sleep until woken.
-        let watch = st.reader.is_some() || !st.pool_leads || now < active_until;
+        // One thread watches while the reader is free or held by a caller (both release
+        // lazily), and for a while after activity; the others sleep until woken.
+        let watch =
+            st.watchers == 0 && (st.reader.is_some() || !st.pool_leads || now < active_until);
         if watch {
             let wait = match st.reader {
                 Some(_) => (st.released_at + GRACE).saturating_duration_since(now),

@@ -1,0 +1,64 @@
+//! An open connection with nothing to do uses no CPU: no thread polls once activity stops.
+//! (Its own test binary, so no other test's threads add CPU time.)
+
+use rpyc::{Options, Service, ThreadedServer};
+use std::time::Duration;
+
+/// CPU time (user + system) of this process so far, in clock ticks (usually 10 ms).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_connections_use_no_cpu() {
+    let service = Service::new("idle").method("add", |a: i64, b: i64| a + b);
+    let handle = ThreadedServer::new(service)
+        .hostname("127.0.0.1")
+        .port(0)
+        .build()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let client_service = Service::new("client").method("ping", || "pong");
+    let conns: Vec<_> = (0..4)
+        .map(|_| {
+            Options::new()
+                .service(client_service.clone())
+                .call_timeout(Duration::from_secs(10))
+                .connect("127.0.0.1", handle.port())
+                .unwrap()
+        })
+        .collect();
+    // Activity first: sequential calls, async calls, threads.
+    for c in &conns {
+        for i in 0..200 {
+            assert_eq!(c.root().call::<i64, _>("add", (i, 1)).unwrap(), i + 1);
+        }
+        let pending: Vec<_> = (0..50)
+            .map(|i| c.root().call_async::<i64, _>("add", (i, i)).unwrap())
+            .collect();
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.value().unwrap(), 2 * i as i64);
+        }
+    }
+    // Let watchers notice the quiet (they linger 50 ms).
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks() - before;
+    assert!(
+        used <= 3,
+        "4 idle connections (both ends in this process) used {used} ticks of CPU in 1 s"
+    );
+    // And they still work.
+    for c in &conns {
+        assert_eq!(c.root().call::<i64, _>("add", (2, 2)).unwrap(), 4);
+    }
+    drop(conns);
+    handle.close();
+}

@@ -138,8 +138,10 @@ impl Options {
 
     /// Runs the protocol over any byte stream: `reader` carries the peer's bytes to us,
     /// `writer` ours to it. Both ends are symmetric, so this also *serves* a stream (see the
-    /// `stdio_server` example). Closing drops `writer`; the reading thread ends when `reader`
-    /// reports the end of the stream.
+    /// `stdio_server` example). Both must be blocking. Closing drops `writer`; the reading
+    /// thread ends when `reader` reports the end of the stream (so pass the two directions of
+    /// a pipe pair, not two handles of one socket: use [`Options::connect`] or
+    /// [`Options::unix_connect`] for sockets).
     ///
     /// ```no_run
     /// // Serve the service on this process's stdin/stdout until the parent goes away.

@@ -54,6 +54,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod buffers;
 mod codec;
 mod connection;
 mod dispatch;

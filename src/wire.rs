@@ -6,6 +6,7 @@
 //! one payload item encoded by [`crate::codec`]. The length is checked against the limit before
 //! any memory is reserved for the body.
 
+use crate::buffers;
 use crate::error::Error;
 use crate::transport::Control;
 use std::io::{self, Read, Write};
@@ -192,6 +193,12 @@ impl Frame {
     }
 }
 
+impl Drop for Frame {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.body));
+    }
+}
+
 fn head(b: &[u8], pos: &mut usize) -> Result<(u8, u64), Error> {
     let bad = || Error::Protocol("truncated or malformed frame header".into());
     let ib = *b.get(*pos).ok_or_else(bad)?;
@@ -346,6 +353,12 @@ impl OutFrame {
     }
 }
 
+impl Drop for OutFrame {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.buf));
+    }
+}
+
 /// The transport's read half. With a read timeout set on the socket (only while a calling
 /// thread holds the reader, see [`FrameReader::set_sliced`]), a read that times out is retried,
 /// except when [`FrameReader::wait_readable`] asks for it: so a timeout can only ever happen
@@ -469,17 +482,33 @@ impl FrameReader {
                 self.max_frame
             )));
         }
-        // Reserve at most 1 MiB up front: a peer that announces a large frame and sends nothing
-        // must not make us allocate it. Larger bodies grow as their bytes arrive.
-        let mut body = Vec::with_capacity(len.min(1 << 20));
-        let got = (&mut self.inner)
-            .take(len as u64)
-            .read_to_end(&mut body)
-            .map_err(closed_by_io)?;
-        if got < len {
-            return Err(Error::Protocol(format!(
-                "truncated frame: the peer closed the connection after {got} of {len} bytes"
-            )));
+        // A large body goes into a cached buffer when there is one. Otherwise reserve at most
+        // 1 MiB up front: a peer that announces a large frame and sends nothing must not make
+        // us allocate it. Larger bodies grow as their bytes arrive.
+        let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
+        // Reads smaller than the reader's buffer go through it: the kernel copies into that
+        // small, cache-hot buffer and we copy on. Reading straight into a large buffer was up to
+        // 2.5 times slower on loopback, depending on the buffer's offset in its page.
+        let chunk = self.inner.capacity() / 2;
+        let mut got = 0;
+        while got < len {
+            if got == body.len() {
+                let more = got.min(len - got);
+                body.reserve_exact(more);
+                body.resize(got + more, 0);
+            }
+            let end = body.len().min(got + chunk);
+            match self.inner.read(&mut body[got..end]) {
+                Ok(0) => {
+                    return Err(Error::Protocol(format!(
+                        "truncated frame: the peer closed the connection after {got} of {len} \
+                         bytes"
+                    )))
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(closed_by_io(e)),
+            }
         }
         Frame::parse(body).map(Some)
     }

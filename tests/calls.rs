@@ -370,3 +370,58 @@ fn failures_on_one_client_do_not_disturb_another() {
     assert_eq!(hammer.join().unwrap(), 2);
     assert_eq!(good.root().call::<usize, _>("count", ()).unwrap(), 1);
 }
+
+/// 8 MiB that differ with `seed` and along the buffer (no short repeating pattern).
+fn large_payload(seed: u64) -> Bytes {
+    let mut v = Vec::with_capacity(8 << 20);
+    for i in 0..(8u64 << 20) / 8 {
+        let w = (i ^ seed << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+/// The payload with every 8-byte word's bits inverted: what the `flip` methods return.
+fn flipped(b: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(b.len());
+    for w in b.chunks_exact(8) {
+        v.extend_from_slice(&(!u64::from_le_bytes(w.try_into().unwrap())).to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn large_bytes_round_trip_intact_many_times_in_both_directions() {
+    // Large frames and Bytes reuse buffers: every call must get exactly its own bytes, never
+    // a previous call's, whichever side sends them.
+    let client_side = Service::new("client").method("flip", |b: Bytes| Bytes::from(flipped(&b)));
+    let svc = service()
+        .method("flip", |b: Bytes| Bytes::from(flipped(&b)))
+        .method_with_context("flip_at_peer", |cx: &rpyc::Context, seed: u64| {
+            let back: Bytes = cx
+                .peer_root()
+                .call("flip", (large_payload(seed),))
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(back)
+        });
+    let server = serve(svc);
+    let conn = common::connect_with(&server, client_side);
+    let root = conn.root();
+    // `assert!` rather than `assert_eq!`: a failure would print megabytes.
+    for seed in 0..4 {
+        let sent = large_payload(seed);
+        let want = flipped(&sent);
+        let back: Bytes = root.call("flip", (&sent,)).unwrap();
+        assert!(
+            back.as_slice() == want,
+            "round trip {seed} came back altered"
+        );
+        drop(back);
+        // The server sends the payload to this side and returns what came back.
+        let nested: Bytes = root.call("flip_at_peer", (seed,)).unwrap();
+        assert!(
+            nested.as_slice() == want,
+            "nested round trip {seed} came back altered"
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! A small process-wide cache of large byte buffers, so large payloads reuse memory.
+//!
+//! A large payload passes through several buffers on each side (the outgoing frame, the
+//! received frame body, the decoded [`crate::Bytes`]). The allocator serves large blocks
+//! (glibc: 32 MiB and up) straight from the kernel and returns them on free, so every
+//! fresh buffer has all its pages faulted in again: copying 64 MiB into a fresh buffer costs
+//! four to five times as much as copying it into one that was used before. Buffers of at least
+//! [`MIN_POOLED`] bytes capacity are therefore put back here when dropped and taken from here
+//! when a large buffer is needed.
+//!
+//! Bounds: at most [`MAX_BUFFERS`] (8) buffers holding at most [`MAX_BYTES`] (512 MiB) of
+//! capacity in all are kept while unused, enough for every buffer of a 64 MiB call on both
+//! sides of one process; a single buffer larger than that is freed. When a returned buffer would
+//! exceed a bound, the smallest cached buffers are freed first (large buffers are the costly
+//! ones to fault in again). Cached buffers are kept for the life of the process. Buffers below
+//! [`MIN_POOLED`] never come here, so small messages take no lock and allocate as before.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Smallest capacity worth caching; smaller buffers are allocated and freed as usual.
+const MIN_POOLED: usize = 1 << 20;
+/// Most buffers kept while unused.
+const MAX_BUFFERS: usize = 8;
+/// Most capacity, in bytes, kept in unused buffers.
+const MAX_BYTES: usize = 512 << 20;
+
+/// The process-wide pool.
+static POOL: Pool = Pool::new();
+
+/// Unused buffers. Each keeps the length its last user left: a taker that overwrites the
+/// bytes anyway ([`take_sized`]) then need not zero them first.
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+        // Nothing panics while holding this lock; a poisoned list is still a valid list.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The smallest cached buffer with a capacity of at least `capacity`, if any.
+    fn take(&self, capacity: usize) -> Option<Vec<u8>> {
+        let mut free = self.lock();
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= capacity)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)?;
+        Some(free.swap_remove(best))
+    }
+
+    /// Keeps `buf` for reuse if it is large enough and fits the bounds (see the module docs).
+    fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() < MIN_POOLED || buf.capacity() > MAX_BYTES {
+            return;
+        }
+        let mut evicted = Vec::new();
+        {
+            let mut free = self.lock();
+            free.push(buf);
+            let mut total: usize = free.iter().map(|b| b.capacity()).sum();
+            while free.len() > MAX_BUFFERS || total > MAX_BYTES {
+                let smallest = (0..free.len())
+                    .min_by_key(|&i| free[i].capacity())
+                    .expect("the list is not empty");
+                let b = free.swap_remove(smallest);
+                total -= b.capacity();
+                evicted.push(b);
+            }
+        }
+        // Freed outside the lock: returning a large block to the kernel takes a while.
+        drop(evicted);
+    }
+
+    #[cfg(test)]
+    fn capacities(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self.lock().iter().map(|b| b.capacity()).collect();
+        c.sort_unstable();
+        c
+    }
+}
+
+/// An empty buffer with a capacity of at least `capacity`, from the pool if it has one.
+/// `None` if `capacity` is below [`MIN_POOLED`] or no cached buffer is large enough.
+pub(crate) fn take_empty(capacity: usize) -> Option<Vec<u8>> {
+    if capacity < MIN_POOLED {
+        return None;
+    }
+    let mut b = POOL.take(capacity)?;
+    b.clear();
+    Some(b)
+}
+
+/// A cached buffer of exactly `len` bytes whose contents are unspecified (whatever its last
+/// user left, or zeros): for a caller that overwrites all of them. `None` as for
+/// [`take_empty`].
+pub(crate) fn take_sized(len: usize) -> Option<Vec<u8>> {
+    if len < MIN_POOLED {
+        return None;
+    }
+    let mut b = POOL.take(len)?;
+    // Only the part the last user never initialized is zeroed.
+    b.resize(len, 0);
+    Some(b)
+}
+
+/// Returns a buffer to the pool if it is worth keeping; otherwise frees it. No lock is taken
+/// for a buffer below [`MIN_POOLED`].
+pub(crate) fn give(buf: Vec<u8>) {
+    if buf.capacity() >= MIN_POOLED {
+        POOL.give(buf);
+    }
+}
+
+/// A copy of `data`, in a cached buffer when it is large and one is available.
+pub(crate) fn copy_of(data: &[u8]) -> Vec<u8> {
+    match take_empty(data.len()) {
+        Some(mut b) => {
+            b.extend_from_slice(data);
+            b
+        }
+        None => data.to_vec(),
+    }
+}
+
+/// Makes room in `v` for `needed` bytes in all, moving its contents into a cached buffer when
+/// one is large enough (the old buffer goes to the pool). Without one, `v` is left alone and
+/// grows as a `Vec` does.
+pub(crate) fn reserve(v: &mut Vec<u8>, needed: usize) {
+    if needed <= v.capacity() {
+        return;
+    }
+    if let Some(mut bigger) = take_empty(needed) {
+        bigger.extend_from_slice(v);
+        give(std::mem::replace(v, bigger));
+    }
+}
+
+/// A `std::io::Write` onto a `Vec<u8>` that grows it through the pool (see [`reserve`]).
+pub(crate) struct PooledWriter<'a>(pub(crate) &'a mut Vec<u8>);
+
+impl std::io::Write for PooledWriter<'_> {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let needed = self.0.len() + data.len();
+        if needed > self.0.capacity() && needed >= MIN_POOLED {
+            reserve(self.0, needed);
+        }
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn pool_keeps_at_most_max_buffers_and_max_bytes() {
+        let pool = Pool::new();
+        // Too small to keep.
+        pool.give(Vec::with_capacity(MIN_POOLED - 1));
+        assert!(pool.capacities().is_empty());
+        // Too large to keep even alone (capacity only: these pages are never touched).
+        pool.give(Vec::with_capacity(MAX_BYTES + 1));
+        assert!(pool.capacities().is_empty());
+
+        // The buffer count is bounded; the smallest buffers go first.
+        for i in 0..MAX_BUFFERS + 4 {
+            pool.give(Vec::with_capacity((i + 1) * MIB));
+        }
+        let kept = pool.capacities();
+        assert_eq!(kept.len(), MAX_BUFFERS);
+        assert!(kept[0] >= 5 * MIB, "{kept:?}");
+
+        // The byte total is bounded.
+        for _ in 0..MAX_BUFFERS {
+            pool.give(Vec::with_capacity(100 * MIB));
+        }
+        let kept = pool.capacities();
+        assert!(kept.len() <= MAX_BUFFERS);
+        assert!(kept.iter().sum::<usize>() <= MAX_BYTES, "{kept:?}");
+        assert!(kept.iter().all(|&c| c >= 100 * MIB), "{kept:?}");
+    }
+
+    #[test]
+    fn pool_hands_out_the_smallest_buffer_that_fits() {
+        let pool = Pool::new();
+        assert!(pool.take(MIB).is_none());
+        pool.give(Vec::with_capacity(8 * MIB));
+        pool.give(Vec::with_capacity(2 * MIB));
+        pool.give(Vec::with_capacity(4 * MIB));
+        assert!(pool.take(9 * MIB).is_none());
+        let b = pool.take(3 * MIB).unwrap();
+        assert!(b.capacity() >= 3 * MIB && b.capacity() < 8 * MIB);
+        assert_eq!(pool.capacities().len(), 2);
+    }
+
+    #[test]
+    fn pooled_writer_keeps_the_prefix_when_it_moves_to_a_larger_buffer() {
+        let mut v = b"head".to_vec();
+        let big: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
+        // Make sure some cached buffer is large enough, whatever other tests took.
+        give(Vec::with_capacity(4 * MIB));
+        std::io::Write::write_all(&mut PooledWriter(&mut v), &big).unwrap();
+        assert_eq!(&v[..4], b"head");
+        assert_eq!(&v[4..], &big[..]);
+    }
+}

@@ -1,32 +1,17 @@
 //! Connection lifecycle: close is prompt and local, a dead peer fails every waiting and later
 //! call, ping, the services' on_connect / on_disconnect hooks, and the closed-state queries.
 
+mod common;
+
+use common::Gate;
 use rpyc::{Error, Options, ServerHandle, Service, ThreadedServer};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Holds handlers back until the test opens it (at most 10 s).
-#[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<bool>, Condvar)>);
-
-impl Gate {
-    fn wait(&self) {
-        let (open, cv) = &*self.0;
-        let g = open.lock().unwrap();
-        let _ = cv
-            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
-            .unwrap();
-    }
-    fn open(&self) {
-        *self.0 .0.lock().unwrap() = true;
-        self.0 .1.notify_all();
-    }
-}
 
 /// A server with `add`, and `blocked`, which signals `entered` and waits for the gate.
 struct Busy {

@@ -2,31 +2,15 @@
 //! behind (a usable connection whose next call gets its own answer), and the connect and
 //! handshake timeouts.
 
+mod common;
+
+use common::Gate;
 use rpyc::{Error, Options, ServerHandle, Service, ThreadedServer, Timeout};
 use std::io::Read;
 use std::net::TcpListener;
-use std::sync::{Arc, Condvar, Mutex};
+
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Holds handlers back until the test is done with them (at most 10 s), so closing the server
-/// does not wait for a sleeping handler.
-#[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<bool>, Condvar)>);
-
-impl Gate {
-    fn wait(&self) {
-        let (open, cv) = &*self.0;
-        let g = open.lock().unwrap();
-        let _ = cv
-            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
-            .unwrap();
-    }
-    fn open(&self) {
-        *self.0 .0.lock().unwrap() = true;
-        self.0 .1.notify_all();
-    }
-}
 
 /// A server whose `echo_after` answers `s` after `ms` milliseconds and whose `blocked` answers
 /// once the gate opens.

@@ -107,3 +107,25 @@ pub fn remote(e: rpyc::Error) -> rpyc::RemoteError {
         other => panic!("expected Error::Remote, got {other:?}"),
     }
 }
+
+/// Holds handlers back until the test opens it (at most 10 s), so closing a server never waits
+/// long for a handler a test left waiting.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Blocks until [`Gate::open`] (or 10 s).
+    pub fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let g = open.lock().unwrap();
+        let _ = cv
+            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
+            .unwrap();
+    }
+
+    /// Lets every waiter through.
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+}

@@ -7,7 +7,7 @@
 //!   says who and when): a pool thread (the *leader*), or a calling thread reading its own
 //!   reply. The holder only reads frames and routes them; it never runs user code while holding
 //!   it, never writes, and never waits for anything but the socket. A token put back is taken
-//!   by a watching pool thread within about a millisecond, so something always reads the
+//!   by a watching pool thread within a few milliseconds, so something always reads the
 //!   connection while it is open, whatever user threads do, and callbacks are served without a
 //!   background thread started by hand.
 //! * **The write half** sits behind one mutex. A thread encodes its whole frame first, then

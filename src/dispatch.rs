@@ -17,10 +17,11 @@
 //! * **Nobody, briefly.** A holder that is about to run a request, or a caller that got its
 //!   reply, puts the token back *lazily*, without waking anyone, expecting to take it again
 //!   soon (the next request of a sequential client, the end of a short handler). A pool thread
-//!   *watches* while that happens and takes the token once it has lain unused for [`GRACE`], so
-//!   the connection is never left unread for longer than that: a slow handler delays other
-//!   requests by at most about a millisecond, and callbacks reach an idle client just as fast.
-//!   Watchers poll only while the connection is active, and sleep after [`LINGER`] of quiet.
+//!   *watches* (one thread, looking every [`HELD_POLL`] while someone holds the token) and takes
+//!   the token once it has lain unused for [`GRACE`], so the connection is never left unread for
+//!   more than a few milliseconds: a slow handler delays other requests by at most that, and
+//!   callbacks reach an idle client just as fast. Watchers poll only while the connection is
+//!   active (or a caller holds the token), and sleep after [`LINGER`] of quiet.
 //!
 //! When other callers are blocked waiting, the token is never left lying: it goes to a pool
 //! thread at once, which routes their replies.
@@ -49,6 +50,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_micros(500);
 /// How long pool threads keep watching after the last lazy release.
 const LINGER: Duration = Duration::from_millis(50);
+/// How often the watcher looks at a reader that someone holds.
+const HELD_POLL: Duration = Duration::from_millis(2);
 /// How often a caller blocked on its channel checks whether it should read itself.
 const CALLER_POLL: Duration = Duration::from_millis(10);
 
@@ -306,7 +309,9 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
         if watch {
             let wait = match st.reader {
                 Some(_) => (st.released_at + GRACE).saturating_duration_since(now),
-                None => GRACE,
+                // Held by a caller, or by a pool leader shortly after activity: it will be put
+                // back lazily, so look again soon (but not as often as for a free reader).
+                None => HELD_POLL,
             }
             .max(Duration::from_micros(50));
             st.watchers += 1;

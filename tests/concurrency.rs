@@ -545,3 +545,59 @@ fn oneway_from_a_client_service_makes_the_server_call_back() {
     let got: Vec<u32> = (0..10).map(|_| rx.recv_timeout(SETTLE).unwrap()).collect();
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
+
+/// `n` bytes that depend on `seed`, so a mixed-up payload is caught.
+fn pattern(n: usize, seed: u8) -> rpyc::Bytes {
+    rpyc::Bytes::from(
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Checks a payload made by `pattern`; returns its length.
+fn checked(b: &rpyc::Bytes, seed: u8) -> Result<usize, String> {
+    if *b == pattern(b.len(), seed) {
+        Ok(b.len())
+    } else {
+        Err(format!("payload with seed {seed} arrived corrupted"))
+    }
+}
+
+#[test]
+fn large_payloads_both_ways_at_once_do_not_deadlock() {
+    // Far more than both sockets buffer, so each side must read while it writes.
+    const SIZE: usize = 16 << 20;
+    let server = serve(
+        Service::new("bulk")
+            .method("sink", |b: rpyc::Bytes| checked(&b, 1))
+            // Sends SIZE bytes to the client while the client is sending to us.
+            .method_with_context("push", |cx: &Context| -> Result<usize, Error> {
+                cx.peer_root().call("sink", (pattern(SIZE, 2),))
+            }),
+    );
+    let client = Service::new("client").method("sink", |b: rpyc::Bytes| checked(&b, 2));
+    let conn = Arc::new(connect_with(&server, client));
+    let (c1, c2) = (conn.clone(), conn.clone());
+    let up = thread::spawn(move || -> Result<(), Error> {
+        for _ in 0..2 {
+            assert_eq!(
+                c1.root().call::<usize, _>("sink", (pattern(SIZE, 1),))?,
+                SIZE
+            );
+        }
+        Ok(())
+    });
+    let down = thread::spawn(move || -> Result<(), Error> {
+        for _ in 0..2 {
+            assert_eq!(c2.root().call::<usize, _>("push", ())?, SIZE);
+        }
+        Ok(())
+    });
+    up.join()
+        .unwrap()
+        .expect("upload failed (a deadlock times out)");
+    down.join()
+        .unwrap()
+        .expect("download failed (a deadlock times out)");
+}

@@ -581,9 +581,11 @@ impl Shared {
     /// Turns a reply frame into the caller's result.
     pub(crate) fn decode_reply<R: serde::de::DeserializeOwned>(
         self: &Arc<Self>,
-        frame: Frame,
+        mut frame: Frame,
         method: &str,
     ) -> Result<R, Error> {
+        let detached = frame.detached.take();
+        let _offered = codec::offer(frame.payload(), detached);
         match frame.header.kind {
             Kind::Reply => object::with_connection(self, || codec::decode(frame.payload()))
                 .map_err(|e| {
@@ -660,7 +662,7 @@ impl Shared {
     }
 
     /// Runs one incoming request (or ping or release) and sends its reply.
-    pub(crate) fn serve(self: &Arc<Self>, frame: Frame) {
+    pub(crate) fn serve(self: &Arc<Self>, mut frame: Frame) {
         let h = &frame.header;
         match h.kind {
             Kind::Ping => {
@@ -675,12 +677,14 @@ impl Shared {
                 }
                 Err(e) => log::warn!("{}: ignoring a malformed release message: {e}", self.peer),
             },
-            Kind::Call | Kind::Oneway => self.serve_call(&frame),
+            Kind::Call | Kind::Oneway => self.serve_call(&mut frame),
             Kind::Reply | Kind::Error => object::release_unread(self, frame.payload()),
         }
     }
 
-    fn serve_call(self: &Arc<Self>, frame: &Frame) {
+    fn serve_call(self: &Arc<Self>, frame: &mut Frame) {
+        let detached = frame.detached.take();
+        let frame = &*frame;
         let h = &frame.header;
         let method = frame.method();
         let service = if h.target == 0 {
@@ -711,11 +715,14 @@ impl Shared {
                     let cx = Context {
                         shared: self.clone(),
                     };
+                    // The handler's argument decoding may take the detached byte string.
+                    let offered = codec::offer(frame.payload(), detached);
                     let result = object::serving(self, h.id, || {
                         catch_unwind(AssertUnwindSafe(|| {
                             invoke(&cx, frame.payload(), out.payload())
                         }))
                     });
+                    drop(offered);
                     match result {
                         Ok(Ok(skip)) => Ok(skip),
                         Ok(Err(Failure::Handler(m))) => Err((RemoteErrorKind::Handler, m)),

@@ -5,8 +5,17 @@
 //! of two items: a header array `[kind, id, parent, target, method]` encoded here by hand, and
 //! one payload item encoded by [`crate::codec`]. The length is checked against the limit before
 //! any memory is reserved for the body.
+//!
+//! A large frame (at least [`DETACH_MIN`] bytes) whose payload is a single byte string, or a
+//! one-element array holding one, with the string's data running to the end of the frame, is
+//! read in two parts: the body keeps everything before the string's head and ends in a
+//! placeholder empty byte string, and the head and data go into a [`Detached`] of the frame,
+//! the data straight into a buffer of its own. Decoding then moves that buffer into the
+//! received `Bytes` instead of copying it out of the body; see [`crate::codec`] (module docs)
+//! for how decoding stays exactly what the bytes as sent would give.
 
 use crate::buffers;
+use crate::codec::{Detached, PLACEHOLDER};
 use crate::error::Error;
 use crate::transport::Control;
 use std::io::{self, Read, Write};
@@ -167,6 +176,9 @@ pub(crate) struct Frame {
     pub body: Vec<u8>,
     pub header: Header,
     pub payload_at: usize,
+    /// The payload's byte string, when it was read apart from the body (see the module docs);
+    /// the payload then ends in a placeholder. Hand it to [`crate::codec::offer`] to decode.
+    pub detached: Option<Detached>,
 }
 
 impl Frame {
@@ -180,6 +192,7 @@ impl Frame {
             body,
             header,
             payload_at,
+            detached: None,
         })
     }
 
@@ -294,6 +307,33 @@ fn put_head(out: &mut Vec<u8>, major: u8, v: u64) {
         out.push(m | 27);
         out.extend_from_slice(&v.to_be_bytes());
     }
+}
+
+/// Smallest frame whose payload byte string is read apart from the body.
+pub(crate) const DETACH_MIN: usize = 256 * 1024;
+/// How much of a large frame is read first to decide whether to detach its byte string: more
+/// than the longest header, and a multiple of the reader's chunk.
+const PEEK: usize = 4096;
+
+/// Where a payload's byte string starts (its head) and where its data starts, if the payload at
+/// `payload_at` has a layout to detach (see the module docs) within `pre`, the first bytes of a
+/// body of `len` bytes. Only requests and replies qualify.
+fn detachable(pre: &[u8], len: usize) -> Option<(usize, usize)> {
+    let (header, payload_at) = parse_header(pre).ok()?;
+    if !matches!(header.kind, Kind::Call | Kind::Oneway | Kind::Reply) {
+        return None;
+    }
+    let at = match *pre.get(payload_at)? {
+        0x81 => payload_at + 1, // a one-element array
+        _ => payload_at,
+    };
+    let mut data_at = at;
+    let (major, n) = match pre.get(at)? {
+        // Definite lengths only (head() refuses indefinite ones).
+        b if b >> 5 == 2 => head(pre, &mut data_at).ok()?,
+        _ => return None,
+    };
+    (major == 2 && (data_at as u64).checked_add(n)? == len as u64).then_some((at, data_at))
 }
 
 /// Room left in front of the payload for the length prefix and a header without method name:
@@ -482,27 +522,65 @@ impl FrameReader {
                 self.max_frame
             )));
         }
+        if len >= DETACH_MIN {
+            let mut pre = [0u8; PEEK];
+            self.read_body(&mut pre[..], 0, PEEK, 0, len)?;
+            if let Some((at, data_at)) = detachable(&pre, len) {
+                let n = len - data_at;
+                // As for a body: a cached buffer, or at most 1 MiB up front, grown as bytes come.
+                let mut tail = buffers::take_sized(n).unwrap_or_else(|| vec![0; n.min(1 << 20)]);
+                let early = PEEK - data_at;
+                tail[..early].copy_from_slice(&pre[data_at..]);
+                self.read_body(&mut tail, early, n, data_at, len)?;
+                let mut body = Vec::with_capacity(at + 1);
+                body.extend_from_slice(&pre[..at]);
+                body.push(PLACEHOLDER);
+                let mut frame = Frame::parse(body)?;
+                frame.detached = Some(Detached {
+                    head: pre[at..data_at].to_vec(),
+                    tail,
+                });
+                return Ok(Some(frame));
+            }
+            let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
+            body[..PEEK].copy_from_slice(&pre);
+            self.read_body(&mut body, PEEK, len, 0, len)?;
+            return Frame::parse(body).map(Some);
+        }
         // A large body goes into a cached buffer when there is one. Otherwise reserve at most
         // 1 MiB up front: a peer that announces a large frame and sends nothing must not make
         // us allocate it. Larger bodies grow as their bytes arrive.
         let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
+        self.read_body(&mut body, 0, len, 0, len)?;
+        Frame::parse(body).map(Some)
+    }
+
+    /// Reads bytes `got..len` of a frame body into `body`, which holds at least `got` bytes and
+    /// grows (doubling, up to `len`) as they arrive. `body` starts at byte `at` of a frame body
+    /// of `frame_len` bytes (for the error message).
+    fn read_body<B: BodyBuf + ?Sized>(
+        &mut self,
+        body: &mut B,
+        mut got: usize,
+        len: usize,
+        at: usize,
+        frame_len: usize,
+    ) -> Result<(), Error> {
         // Reads smaller than the reader's buffer go through it: the kernel copies into that
         // small, cache-hot buffer and we copy on. Reading straight into a large buffer was up to
         // 2.5 times slower on loopback, depending on the buffer's offset in its page.
         let chunk = self.inner.capacity() / 2;
-        let mut got = 0;
         while got < len {
-            if got == body.len() {
-                let more = got.min(len - got);
-                body.reserve_exact(more);
-                body.resize(got + more, 0);
+            if got == body.filled() {
+                body.grow(got + got.min(len - got));
             }
-            let end = body.len().min(got + chunk);
-            match self.inner.read(&mut body[got..end]) {
+            let end = body.filled().min(got + chunk);
+            match self.inner.read(&mut body.bytes()[got..end]) {
                 Ok(0) => {
                     return Err(Error::Protocol(format!(
-                        "truncated frame: the peer closed the connection after {got} of {len} \
-                         bytes"
+                        "truncated frame: the peer closed the connection after {} of {frame_len} \
+                         bytes",
+                        at + got
                     )))
                 }
                 Ok(n) => got += n,
@@ -510,7 +588,39 @@ impl FrameReader {
                 Err(e) => return Err(closed_by_io(e)),
             }
         }
-        Frame::parse(body).map(Some)
+        Ok(())
+    }
+}
+
+/// Somewhere to read a frame body into: a growable vector or a fixed array.
+trait BodyBuf {
+    fn filled(&self) -> usize;
+    fn grow(&mut self, to: usize);
+    fn bytes(&mut self) -> &mut [u8];
+}
+
+impl BodyBuf for Vec<u8> {
+    fn filled(&self) -> usize {
+        self.len()
+    }
+    fn grow(&mut self, to: usize) {
+        self.reserve_exact(to - self.len());
+        self.resize(to, 0);
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl BodyBuf for [u8] {
+    fn filled(&self) -> usize {
+        self.len()
+    }
+    fn grow(&mut self, _: usize) {
+        unreachable!("a fixed buffer is read only up to its length")
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        self
     }
 }
 
@@ -648,5 +758,207 @@ mod tests {
         let mut fr = FrameReader::new(reader, 1 << 20, Arc::new(NoControl));
         let err = fr.read_frame().err().unwrap().to_string();
         assert!(err.contains("over this side's limit"), "{err}");
+    }
+
+    struct NoCtl;
+    impl Control for NoCtl {
+        fn shutdown(&self) {}
+    }
+
+    /// A sealed frame (length included) with `payload` as its payload bytes.
+    fn frame_bytes(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut f = OutFrame::new(4);
+        f.payload().extend_from_slice(payload);
+        f.seal(kind, 7, 0, 0, "echo").to_vec()
+    }
+
+    fn read_one(bytes: Vec<u8>) -> Result<Option<Frame>, Error> {
+        let reader: Box<dyn Read + Send> = Box::new(io::Cursor::new(bytes));
+        FrameReader::new(reader, 64 << 20, Arc::new(NoCtl)).read_frame()
+    }
+
+    fn cbor<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::codec::encode_into(&mut out, v).unwrap();
+        out
+    }
+
+    fn data(n: usize, seed: u8) -> crate::Bytes {
+        crate::Bytes::from(
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// A byte buffer that copies in `visit_bytes`, as `serde_bytes`-style types do.
+    #[derive(Debug, PartialEq)]
+    struct Copied(Vec<u8>);
+    impl<'de> serde::Deserialize<'de> for Copied {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Copied, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = Copied;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<Copied, E> {
+                    Ok(Copied(v.to_vec()))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+
+    /// Decodes `frame`'s payload as `T` with its detached part offered, as the connection does.
+    fn decode_offered<T: serde::de::DeserializeOwned>(frame: &mut Frame) -> Result<T, String> {
+        let d = frame.detached.take();
+        let _offered = crate::codec::offer(frame.payload(), d);
+        crate::codec::decode(frame.payload())
+    }
+
+    #[test]
+    fn large_byte_string_payloads_are_detached_and_decode_into_bytes_without_a_copy() {
+        for (kind, size) in [(Kind::Reply, 1 << 20), (Kind::Call, 300 * 1024)] {
+            let sent = data(size, 1);
+            let payload = if kind == Kind::Reply {
+                cbor(&sent)
+            } else {
+                cbor(&(&sent,))
+            };
+            let bytes = frame_bytes(kind, &payload);
+            let mut frame = read_one(bytes).unwrap().unwrap();
+            let d = frame.detached.as_ref().expect("detached");
+            assert_eq!(d.tail.len(), size);
+            assert_eq!(
+                &d.head[..],
+                &payload[payload.len() - size - d.head.len()..][..d.head.len()]
+            );
+            assert_eq!(*frame.payload().last().unwrap(), PLACEHOLDER);
+            assert!(
+                frame.body.len() < 64,
+                "the body holds only header and placeholder"
+            );
+            let tail_at = d.tail.as_ptr();
+            let got = if kind == Kind::Reply {
+                decode_offered::<crate::Bytes>(&mut frame).unwrap()
+            } else {
+                decode_offered::<(crate::Bytes,)>(&mut frame).unwrap().0
+            };
+            assert!(got == sent, "content differs");
+            assert_eq!(got.as_ptr(), tail_at, "the data was moved, not copied");
+        }
+    }
+
+    #[test]
+    fn detached_payloads_decode_into_other_types_exactly_as_contiguous_ones() {
+        let sent = data(1 << 20, 2);
+        for kind in [Kind::Reply, Kind::Call] {
+            let payload = if kind == Kind::Reply {
+                cbor(&sent)
+            } else {
+                cbor(&(&sent,))
+            };
+            let read = || read_one(frame_bytes(kind, &payload)).unwrap().unwrap();
+            fn same<T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+                mut frame: Frame,
+                payload: &[u8],
+            ) {
+                assert!(frame.detached.is_some());
+                let want = crate::codec::decode::<T>(payload);
+                let got = decode_offered::<T>(&mut frame);
+                // Not assert_eq!: a failure would print megabytes.
+                assert!(got == want, "{} differs", std::any::type_name::<T>());
+            }
+            same::<Copied>(read(), &payload);
+            same::<(Copied,)>(read(), &payload);
+            same::<serde_cbor::Value>(read(), &payload);
+            same::<String>(read(), &payload);
+            same::<u64>(read(), &payload);
+            same::<(crate::Bytes, u8)>(read(), &payload);
+            same::<(u8, crate::Bytes)>(read(), &payload);
+            same::<Vec<crate::Bytes>>(read(), &payload);
+            same::<Option<crate::Bytes>>(read(), &payload);
+            same::<(crate::Bytes,)>(read(), &payload);
+            same::<crate::Bytes>(read(), &payload);
+            // Described (for error messages) as the bytes sent.
+            let mut frame = read();
+            let d = frame.detached.take();
+            let _offered = crate::codec::offer(frame.payload(), d);
+            assert!(crate::codec::describe(frame.payload()) == crate::codec::describe(&payload));
+        }
+    }
+
+    #[test]
+    fn a_panicking_deserialize_leaves_no_detached_data_behind() {
+        struct Boom;
+        impl<'de> serde::Deserialize<'de> for Boom {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Boom, D::Error> {
+                let _b = crate::Bytes::deserialize(d)?;
+                panic!("boom");
+            }
+        }
+        let payload = cbor(&data(1 << 20, 3));
+        let mut frame = read_one(frame_bytes(Kind::Reply, &payload))
+            .unwrap()
+            .unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_offered::<Boom>(&mut frame)
+        }));
+        assert!(r.is_err());
+        // An empty byte string decoded afterwards on this thread is empty.
+        let empty: crate::Bytes = crate::codec::decode(&[0x40]).unwrap();
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn frames_of_other_layouts_are_read_whole_as_before() {
+        let big = data(1 << 20, 4);
+        let cases: Vec<(Kind, Vec<u8>)> = vec![
+            // Small frames.
+            (Kind::Reply, cbor(&data(1000, 5))),
+            (Kind::Reply, cbor(&data(DETACH_MIN - 100, 5))),
+            // Two byte strings.
+            (Kind::Call, cbor(&(&big, &big))),
+            (Kind::Call, cbor(&(data(10, 6), &big))),
+            // Trailing items after the byte string.
+            (Kind::Call, cbor(&(&big, 5u8))),
+            // Not a byte string, or not alone in its array.
+            (Kind::Reply, cbor(&(big.len(), "x".repeat(1 << 19)))),
+            (Kind::Reply, cbor(&vec![(&big,)])),
+            // Other kinds.
+            (Kind::Error, cbor(&big)),
+            (Kind::Release, cbor(&big)),
+        ];
+        for (i, (kind, payload)) in cases.into_iter().enumerate() {
+            let bytes = frame_bytes(kind, &payload);
+            let frame = read_one(bytes.clone()).unwrap().unwrap();
+            assert!(frame.detached.is_none(), "case {i} was detached");
+            assert!(frame.body == bytes[4..], "case {i} read differently");
+        }
+        // A trailing byte after a byte string that would otherwise qualify.
+        let mut payload = cbor(&big);
+        payload.push(0);
+        let bytes = frame_bytes(Kind::Reply, &payload);
+        let frame = read_one(bytes.clone()).unwrap().unwrap();
+        assert!(frame.detached.is_none());
+        assert!(frame.body == bytes[4..]);
+    }
+
+    #[test]
+    fn truncated_large_frames_report_frame_offsets_as_before() {
+        let payload = cbor(&data(1 << 20, 7));
+        let bytes = frame_bytes(Kind::Reply, &payload);
+        let len = bytes.len() - 4;
+        for cut in [100, 5000, 600_000] {
+            let err = read_one(bytes[..4 + cut].to_vec())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains(&format!("after {cut} of {len} bytes")),
+                "{err}"
+            );
+        }
     }
 }

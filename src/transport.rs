@@ -6,7 +6,8 @@ use crate::error::{Error, Timeout};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 /// Shuts a transport down and adjusts its timeouts, from any thread.
@@ -115,34 +116,63 @@ pub(crate) fn unix(
     })
 }
 
-/// A writer that `shutdown` can close (dropping it signals end of stream to the peer).
-struct ClosableWriter<W>(Arc<Mutex<Option<W>>>);
+/// The write half of a stream, which `shutdown` can close from another thread (dropping it
+/// signals the end of the stream to the peer).
+struct WriteHalf<W> {
+    writer: Mutex<Option<W>>,
+    closing: AtomicBool,
+}
 
-impl<W: Write> Write for ClosableWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match crate::connection::lock(&self.0).as_mut() {
-            Some(w) => w.write(buf),
-            None => Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+struct ClosableWriter<W>(Arc<WriteHalf<W>>);
+
+impl<W: Write> ClosableWriter<W> {
+    /// Runs `op` on the writer (`None` once it is closed). A writer whose stream is closing is
+    /// dropped before the lock is released, so a `shutdown` that found the lock taken still
+    /// closes it.
+    fn with<T>(&mut self, op: impl FnOnce(&mut W) -> io::Result<T>) -> Option<io::Result<T>> {
+        let mut w = crate::connection::lock(&self.0.writer);
+        let r = op(w.as_mut()?);
+        if self.0.closing.load(Ordering::Acquire) {
+            w.take();
         }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match crate::connection::lock(&self.0).as_mut() {
-            Some(w) => w.flush(),
-            None => Ok(()),
-        }
+        Some(r)
     }
 }
 
-/// Closes the write half when it is not in use; a write blocked on a full pipe keeps it.
+impl<W: Write> Write for ClosableWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.with(|w| w.write(buf))
+            .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.with(|w| w.flush()).unwrap_or(Ok(()))
+    }
+}
+
+/// Closes the write half (at once, or as soon as a write in progress returns) and, for a child
+/// process, makes sure it ends.
 struct StreamControl<W> {
-    writer: Arc<Mutex<Option<W>>>,
+    writer: Arc<WriteHalf<W>>,
     child: Option<Mutex<Child>>,
 }
 
 impl<W: Send> Control for StreamControl<W> {
     fn shutdown(&self) {
-        if let Ok(mut w) = self.writer.try_lock() {
-            w.take();
+        self.writer.closing.store(true, Ordering::Release);
+        // A short write or flush may hold the lock right now; a write blocked on a full pipe
+        // holds it until the peer reads, and then drops the writer itself (see `with`).
+        for _ in 0..100 {
+            match self.writer.writer.try_lock() {
+                Ok(mut w) => {
+                    w.take();
+                    break;
+                }
+                Err(TryLockError::Poisoned(p)) => {
+                    p.into_inner().take();
+                    break;
+                }
+                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
         if let Some(child) = &self.child {
             let mut child = crate::connection::lock(child);
@@ -169,7 +199,10 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let w = Arc::new(Mutex::new(Some(writer)));
+    let w = Arc::new(WriteHalf {
+        writer: Mutex::new(Some(writer)),
+        closing: AtomicBool::new(false),
+    });
     Transport {
         reader: Box::new(reader),
         writer: Box::new(ClosableWriter(w.clone())),

@@ -316,3 +316,30 @@ fn killed_subprocess_fails_the_connection() {
         !proc_dir.exists()
     });
 }
+
+#[test]
+fn closing_a_stream_always_ends_the_peer() {
+    // Closing races with the last reply's write and flush; repeat to catch a lost shutdown.
+    for round in 0..100 {
+        let ((a_read, a_write), (b_read, b_write)) = pipes();
+        let a = thread::spawn(move || {
+            Options::new()
+                .service(service())
+                .connect_stream(a_read, a_write)
+        });
+        let me = Service::new("b").method("name", || "side b".to_string());
+        let b = Options::new()
+            .service(me)
+            .connect_stream(b_read, b_write)
+            .unwrap();
+        let a = a.join().unwrap().unwrap();
+        works(&b);
+        // b's worker writes this reply; close b while it may still hold its writer.
+        assert_eq!(a.root().call::<String, _>("name", ()).unwrap(), "side b");
+        b.close();
+        assert!(
+            a.wait_closed_timeout(Duration::from_secs(5)),
+            "round {round}: the peer never saw the stream end"
+        );
+    }
+}

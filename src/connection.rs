@@ -149,8 +149,23 @@ pub(crate) struct Shared {
 /// * When the connection ends, every waiting call fails at once with [`Error::Closed`], and so
 ///   does every later call.
 ///
-/// ```no_run
-/// let conn = rpyc::connect("localhost", 18861)?;
+/// ```
+/// # let svc = rpyc::Service::new("calculator")
+/// #     .method("add", |a: i64, b: i64| a + b)
+/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+/// #     })
+/// #     .method("len", |s: String| s.len())
+/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+/// #     .method("log", |m: String| eprintln!("{m}"))
+/// #     .method("new_counter", || {
+/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+/// #         rpyc::Service::new("counter")
+/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+/// #     });
+/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+/// # let port = server.port();
+/// let conn = rpyc::connect("127.0.0.1", port)?;
 /// let sum: i64 = conn.root().call("add", (1, 2))?;
 /// assert_eq!(sum, 3);
 /// conn.close();
@@ -321,8 +336,23 @@ impl Connection {
 
     /// The peer's root service: call its methods through this handle.
     ///
-    /// ```no_run
-    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// let n: usize = conn.root().call("len", ("hello",))?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -332,8 +362,23 @@ impl Connection {
 
     /// Checks that the peer answers, within the connection's call timeout.
     ///
-    /// ```no_run
-    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.ping()?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -343,8 +388,23 @@ impl Connection {
 
     /// Checks that the peer answers within `timeout`.
     ///
-    /// ```no_run
-    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.ping_timeout(std::time::Duration::from_secs(1))?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -361,8 +421,23 @@ impl Connection {
     /// shut down, objects exported to the peer are dropped. Returns without waiting for the
     /// peer. Calling it again does nothing.
     ///
-    /// ```no_run
-    /// let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.close();
     /// assert!(conn.is_closed());
     /// # Ok::<(), rpyc::Error>(())

@@ -170,8 +170,23 @@ impl Serialize for Service {
 /// keeps its connection open. Receive one as an argument or result type like any other serde
 /// type.
 ///
-/// ```no_run
-/// # let conn = rpyc::connect("localhost", 18861)?;
+/// ```
+/// # let svc = rpyc::Service::new("calculator")
+/// #     .method("add", |a: i64, b: i64| a + b)
+/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+/// #     })
+/// #     .method("len", |s: String| s.len())
+/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+/// #     .method("log", |m: String| eprintln!("{m}"))
+/// #     .method("new_counter", || {
+/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+/// #         rpyc::Service::new("counter")
+/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+/// #     });
+/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+/// # let port = server.port();
+/// # let conn = rpyc::connect("127.0.0.1", port)?;
 /// let counter: rpyc::RemoteObject = conn.root().call("new_counter", ())?;
 /// let n: i64 = counter.call("incr", (5,))?;
 /// drop(counter); // the server's counter object is dropped now
@@ -282,8 +297,23 @@ impl RemoteObject {
     /// call timeout. Requests the peer makes on behalf of this call (callbacks) run on this
     /// thread while it waits.
     ///
-    /// ```no_run
-    /// # let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// let sum: i64 = conn.root().call("add", (1, 2))?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -295,10 +325,25 @@ impl RemoteObject {
     /// Like [`call`](RemoteObject::call) with its own timeout. A timed-out call returns
     /// [`Error::Timeout`]; the connection stays usable and the late reply is dropped.
     ///
-    /// ```no_run
-    /// # let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// use std::time::Duration;
-    /// let r: Result<(), _> = conn.root().call_timeout("sleep", (10.0,), Duration::from_millis(50));
+    /// let r: Result<(), _> = conn.root().call_timeout("sleep", (1.0,), Duration::from_millis(50));
     /// assert!(matches!(r, Err(rpyc::Error::Timeout(_))));
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -314,8 +359,23 @@ impl RemoteObject {
     /// Sends the call and returns at once; the result is collected later from the
     /// [`AsyncResult`]. Many async calls may be in flight on one connection.
     ///
-    /// ```no_run
-    /// # let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// let pending = conn.root().call_async::<i64, _>("add", (1, 2))?;
     /// // ... other work ...
     /// assert_eq!(pending.value()?, 3);
@@ -343,8 +403,23 @@ impl RemoteObject {
     /// Sends the call and expects no reply: returns once it is written. Failures on the peer
     /// are only logged there.
     ///
-    /// ```no_run
-    /// # let conn = rpyc::connect("localhost", 18861)?;
+    /// ```
+    /// # let svc = rpyc::Service::new("calculator")
+    /// #     .method("add", |a: i64, b: i64| a + b)
+    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+    /// #     })
+    /// #     .method("len", |s: String| s.len())
+    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+    /// #     .method("log", |m: String| eprintln!("{m}"))
+    /// #     .method("new_counter", || {
+    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    /// #         rpyc::Service::new("counter")
+    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+    /// #     });
+    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+    /// # let port = server.port();
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.root().call_oneway("log", ("hello",))?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
@@ -371,8 +446,23 @@ impl RemoteObject {
 ///
 /// Dropping it without taking the value abandons the call: its reply is dropped on arrival.
 ///
-/// ```no_run
-/// # let conn = rpyc::connect("localhost", 18861)?;
+/// ```
+/// # let svc = rpyc::Service::new("calculator")
+/// #     .method("add", |a: i64, b: i64| a + b)
+/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+/// #     })
+/// #     .method("len", |s: String| s.len())
+/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+/// #     .method("log", |m: String| eprintln!("{m}"))
+/// #     .method("new_counter", || {
+/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+/// #         rpyc::Service::new("counter")
+/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+/// #     });
+/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+/// # let port = server.port();
+/// # let conn = rpyc::connect("127.0.0.1", port)?;
 /// let calls: Vec<_> = (0..10)
 ///     .map(|i| conn.root().call_async::<i64, _>("add", (i, i)))
 ///     .collect::<Result<_, _>>()?;

@@ -16,13 +16,28 @@ use std::time::{Duration, Instant};
 /// Defaults: no service exposed, 30 s call timeout (like RPyC's `sync_request_timeout`), 10 s
 /// connect and handshake timeouts, 256 MiB largest frame, 64 workers, 65,536 queued requests.
 ///
-/// ```no_run
+/// ```
+/// # let svc = rpyc::Service::new("calculator")
+/// #     .method("add", |a: i64, b: i64| a + b)
+/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+/// #     })
+/// #     .method("len", |s: String| s.len())
+/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+/// #     .method("log", |m: String| eprintln!("{m}"))
+/// #     .method("new_counter", || {
+/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+/// #         rpyc::Service::new("counter")
+/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+/// #     });
+/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+/// # let port = server.port();
 /// use std::time::Duration;
 /// let callbacks = rpyc::Service::new("client").method("notify", |msg: String| println!("{msg}"));
 /// let conn = rpyc::Options::new()
 ///     .service(callbacks)
 ///     .call_timeout(Duration::from_secs(5))
-///     .connect("localhost", 18861)?;
+///     .connect("127.0.0.1", port)?;
 /// # Ok::<(), rpyc::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -184,8 +199,23 @@ pub(crate) fn deadline(timeout: Duration) -> Instant {
 
 /// Connects over TCP with default [`Options`].
 ///
-/// ```no_run
-/// let conn = rpyc::connect("localhost", 18861)?;
+/// ```
+/// # let svc = rpyc::Service::new("calculator")
+/// #     .method("add", |a: i64, b: i64| a + b)
+/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
+/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
+/// #     })
+/// #     .method("len", |s: String| s.len())
+/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
+/// #     .method("log", |m: String| eprintln!("{m}"))
+/// #     .method("new_counter", || {
+/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+/// #         rpyc::Service::new("counter")
+/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
+/// #     });
+/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
+/// # let port = server.port();
+/// let conn = rpyc::connect("127.0.0.1", port)?;
 /// let sum: i64 = conn.root().call("add", (1, 2))?;
 /// # Ok::<(), rpyc::Error>(())
 /// ```

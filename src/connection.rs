@@ -662,13 +662,18 @@ impl Shared {
         let detached = frame.detached.take();
         let _offered = codec::offer(frame.payload(), detached);
         match frame.header.kind {
-            Kind::Reply => object::with_connection(self, || codec::decode(frame.payload()))
-                .map_err(|e| {
+            Kind::Reply => {
+                let log = object::ImportLog::start();
+                let r = object::with_connection(self, || codec::decode(frame.payload()));
+                let imported = log.finish();
+                r.map_err(|e| {
+                    object::release_unread_except(self, frame.payload(), imported);
                     Error::Decode(format!(
                         "the result of `{method}` is not a {}: {e}",
                         std::any::type_name::<R>()
                     ))
-                }),
+                })
+            }
             _ => {
                 let (code, service, method, message): (u8, String, String, String) =
                     codec::decode(frame.payload()).map_err(|e| {
@@ -792,11 +797,16 @@ impl Shared {
                     };
                     // The handler's argument decoding may take the detached byte string.
                     let offered = codec::offer(frame.payload(), detached);
+                    let log = object::ImportLog::start();
                     let result = object::serving(self, h.id, || {
                         catch_unwind(AssertUnwindSafe(|| {
                             invoke(&cx, frame.payload(), out.payload())
                         }))
                     });
+                    let imported = log.finish();
+                    if let Ok(Err(Failure::BadArguments(_))) = &result {
+                        object::release_unread_except(self, frame.payload(), imported);
+                    }
                     drop(offered);
                     match result {
                         Ok(Ok(skip)) => Ok(skip),

@@ -35,6 +35,8 @@ const MAX_EXPORTED: usize = 1 << 20;
 thread_local! {
     /// The connection whose values this thread is encoding or decoding right now.
     static CURRENT: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
+    /// Object ids imported by the decode running on this thread, while an [`ImportLog`] runs.
+    static IMPORTED: RefCell<Option<Vec<u64>>> = const { RefCell::new(None) };
     /// The requests this thread is serving: (connection id, request id), innermost last.
     static SERVING: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
@@ -88,6 +90,47 @@ fn current() -> Option<Arc<Shared>> {
 pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
     for id in crate::codec::object_refs(payload, OBJ_KEY) {
         shared.queue_release(id, 1);
+    }
+}
+
+/// Records the object references a decode turned into handles, so that a decode that fails
+/// part-way can release the rest (see [`release_unread_except`]).
+pub(crate) struct ImportLog {
+    outer: Option<Option<Vec<u64>>>,
+}
+
+impl ImportLog {
+    pub(crate) fn start() -> ImportLog {
+        ImportLog {
+            outer: Some(IMPORTED.with(|i| i.replace(Some(Vec::new())))),
+        }
+    }
+
+    /// Stops recording; returns the ids imported meanwhile (once per receipt).
+    pub(crate) fn finish(mut self) -> Vec<u64> {
+        let outer = self.outer.take().expect("finished once");
+        IMPORTED.with(|i| i.replace(outer)).unwrap_or_default()
+    }
+}
+
+impl Drop for ImportLog {
+    fn drop(&mut self) {
+        if let Some(outer) = self.outer.take() {
+            IMPORTED.with(|i| i.replace(outer));
+        }
+    }
+}
+
+/// Releases the object references in a payload whose decode failed, except those the decode
+/// turned into handles (`imported`): those handles were dropped and released themselves.
+pub(crate) fn release_unread_except(shared: &Arc<Shared>, payload: &[u8], mut imported: Vec<u64>) {
+    for id in crate::codec::object_refs(payload, OBJ_KEY) {
+        match imported.iter().position(|&i| i == id) {
+            Some(at) => {
+                imported.swap_remove(at);
+            }
+            None => shared.queue_release(id, 1),
+        }
     }
 }
 
@@ -264,6 +307,11 @@ impl RemoteObject {
     }
 
     fn import(shared: &Arc<Shared>, id: u64) -> RemoteObject {
+        IMPORTED.with(|i| {
+            if let Some(log) = i.borrow_mut().as_mut() {
+                log.push(id);
+            }
+        });
         let mut remotes = lock(&shared.remotes);
         if let Some(inner) = remotes.get(&id).and_then(|w| w.upgrade()) {
             inner.received.fetch_add(1, Ordering::AcqRel);

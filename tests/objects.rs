@@ -532,3 +532,60 @@ fn objects_in_a_reply_nobody_reads_are_released() {
     let live: RemoteObject = conn.root().call("new_counter", (5i64,)).unwrap();
     assert_eq!(live.call::<i64, _>("get", ()).unwrap(), 5);
 }
+
+#[test]
+fn objects_in_arguments_that_fail_to_decode_are_released() {
+    let server = serve(
+        Service::new("typed")
+            .method("obj_then_int", |_o: RemoteObject, n: i64| n)
+            .method("int_then_obj", |n: i64, _o: RemoteObject| n),
+    );
+    let conn = connect(&server);
+
+    // The object decodes, the next argument does not.
+    let (g, f) = DropGuard::new();
+    let err = conn
+        .root()
+        .call::<i64, _>("obj_then_int", (counter(1, g), "not a number"))
+        .unwrap_err();
+    assert_eq!(remote(err).kind(), RemoteErrorKind::BadArguments);
+    assert!(
+        wait_until(SETTLE, || dropped(&f)),
+        "object before the bad argument kept"
+    );
+
+    // The decode fails before it reaches the object.
+    let (g, f) = DropGuard::new();
+    let err = conn
+        .root()
+        .call::<i64, _>("int_then_obj", ("not a number", counter(1, g)))
+        .unwrap_err();
+    assert_eq!(remote(err).kind(), RemoteErrorKind::BadArguments);
+    assert!(
+        wait_until(SETTLE, || dropped(&f)),
+        "object after the bad argument kept"
+    );
+    assert_eq!(
+        conn.root()
+            .call::<i64, _>("obj_then_int", (counter(1, DropGuard::new().0), 5))
+            .unwrap(),
+        5
+    );
+}
+
+#[test]
+fn objects_in_a_result_that_fails_to_decode_are_released() {
+    let flags: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+    let server = serve(factory(flags.clone()));
+    let conn = connect(&server);
+    let err = conn
+        .root()
+        .call::<i64, _>("new_counter", (3i64,))
+        .unwrap_err();
+    assert!(matches!(err, Error::Decode(_)), "{err}");
+    assert!(
+        wait_until(SETTLE, || flags.lock().unwrap().len() == 1
+            && dropped(&flag(&flags, 0))),
+        "the object in a result of the wrong type was never released"
+    );
+}

@@ -623,7 +623,7 @@ impl Shared {
                     CallerRead::Ended => {}
                 }
             }
-            let poll = Instant::now() + dispatch::caller_poll();
+            let poll = Instant::now() + dispatch::CALLER_POLL;
             dispatch::caller_blocked(self, true);
             let got = p.rx.recv_deadline(poll.min(deadline));
             dispatch::caller_blocked(self, false);

@@ -53,7 +53,7 @@ const LINGER: Duration = Duration::from_millis(50);
 /// How often the watcher looks at a reader that someone holds.
 const HELD_POLL: Duration = Duration::from_millis(2);
 /// How often a caller blocked on its channel checks whether it should read itself.
-const CALLER_POLL: Duration = Duration::from_millis(10);
+pub(crate) const CALLER_POLL: Duration = Duration::from_millis(10);
 
 pub(crate) struct Pool {
     state: Mutex<State>,
@@ -496,11 +496,6 @@ pub(crate) fn caller_blocked(shared: &Shared, blocked: bool) {
     } else {
         st.callers_waiting -= 1;
     }
-}
-
-/// How long a blocked caller waits on its channel before looking at the reader again.
-pub(crate) fn caller_poll() -> Duration {
-    CALLER_POLL
 }
 
 fn reason(e: &Error) -> String {

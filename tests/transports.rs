@@ -154,21 +154,25 @@ fn pipes() -> ((UnixStream, UnixStream), (UnixStream, UnixStream)) {
     ((b_to_a_r, a_to_b_w), (a_to_b_r, b_to_a_w))
 }
 
-#[test]
-fn connect_stream_runs_the_protocol_over_any_byte_stream() {
+/// Two connections joined by [`pipes`]: `a` serves [`service`], `b` is made by `connect_b`
+/// from its reading and writing ends. The handshake is symmetric, so both sides start at once.
+fn stream_pair(
+    connect_b: impl FnOnce(UnixStream, UnixStream) -> Result<Connection, Error>,
+) -> (Connection, Connection) {
     let ((a_read, a_write), (b_read, b_write)) = pipes();
-    // The handshake is symmetric: both sides must start at once.
     let a = thread::spawn(move || {
         Options::new()
             .service(service())
             .connect_stream(a_read, a_write)
     });
-    let b = thread::spawn(move || {
-        let me = Service::new("b").method("name", || "side b".to_string());
-        Options::new().service(me).connect_stream(b_read, b_write)
-    });
-    let a = a.join().unwrap().unwrap();
-    let b = b.join().unwrap().unwrap();
+    let b = connect_b(b_read, b_write).unwrap();
+    (a.join().unwrap().unwrap(), b)
+}
+
+#[test]
+fn connect_stream_runs_the_protocol_over_any_byte_stream() {
+    let me = Service::new("b").method("name", || "side b".to_string());
+    let (a, b) = stream_pair(|r, w| Options::new().service(me).connect_stream(r, w));
 
     works(&b);
     assert_eq!(
@@ -189,14 +193,7 @@ fn connect_stream_runs_the_protocol_over_any_byte_stream() {
 
 #[test]
 fn connect_stream_with_default_options_serves_nothing_but_calls_out() {
-    let ((a_read, a_write), (b_read, b_write)) = pipes();
-    let a = thread::spawn(move || {
-        Options::new()
-            .service(service())
-            .connect_stream(a_read, a_write)
-    });
-    let b = rpyc::connect_stream(b_read, b_write).unwrap();
-    let a = a.join().unwrap().unwrap();
+    let (a, b) = stream_pair(rpyc::connect_stream);
     works(&b);
     match a.root().call::<String, _>("name", ()) {
         Err(Error::Remote(e)) => assert_eq!(e.kind(), rpyc::RemoteErrorKind::NoSuchMethod),
@@ -321,18 +318,8 @@ fn killed_subprocess_fails_the_connection() {
 fn closing_a_stream_always_ends_the_peer() {
     // Closing races with the last reply's write and flush; repeat to catch a lost shutdown.
     for round in 0..100 {
-        let ((a_read, a_write), (b_read, b_write)) = pipes();
-        let a = thread::spawn(move || {
-            Options::new()
-                .service(service())
-                .connect_stream(a_read, a_write)
-        });
         let me = Service::new("b").method("name", || "side b".to_string());
-        let b = Options::new()
-            .service(me)
-            .connect_stream(b_read, b_write)
-            .unwrap();
-        let a = a.join().unwrap().unwrap();
+        let (a, b) = stream_pair(|r, w| Options::new().service(me).connect_stream(r, w));
         works(&b);
         // b's worker writes this reply; close b while it may still hold its writer.
         assert_eq!(a.root().call::<String, _>("name", ()).unwrap(), "side b");

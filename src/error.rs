@@ -51,6 +51,11 @@ pub enum Error {
     /// The peer broke the wire protocol (garbage, an unknown message type, ...); the connection
     /// is closed.
     Protocol(String),
+    /// A TLS failure: a key or certificate that does not load, or a handshake one side refused.
+    /// Says which check failed on which side, and what to do about it.
+    Tls(String),
+    /// An SSH failure: the session, authentication, the host key, or a forwarded channel.
+    Ssh(String),
     /// A local I/O failure outside a connection (spawning a process, binding a server, ...).
     Io(Arc<io::Error>),
 }
@@ -232,6 +237,8 @@ impl fmt::Display for Error {
                  raise Options::max_frame_size on the receiving side or send less"
             ),
             Error::Protocol(why) => write!(f, "protocol violation: {why}"),
+            Error::Tls(why) => write!(f, "TLS: {why}"),
+            Error::Ssh(why) => write!(f, "SSH: {why}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
         }
     }

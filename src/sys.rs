@@ -1,0 +1,102 @@
+//! The one place this crate calls the operating system directly: `poll(2)`, which the TLS
+//! transport and the SSH tunnel need to wait for a socket without holding a lock (std has no
+//! safe equivalent).
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::Duration;
+
+/// Ready for reading (or end of stream).
+pub(crate) const POLLIN: i16 = libc::POLLIN;
+/// Ready for writing.
+pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+/// Hung up or failed: reported whether asked for or not.
+pub(crate) const POLLHUP_OR_ERR: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+
+/// One descriptor to wait for: what to wait for (`events`) and, after [`poll`], what happened
+/// (`revents`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollFd {
+    pub fd: RawFd,
+    pub events: i16,
+    pub revents: i16,
+}
+
+impl PollFd {
+    pub(crate) fn new(fd: RawFd, events: i16) -> PollFd {
+        PollFd {
+            fd,
+            events,
+            revents: 0,
+        }
+    }
+}
+
+/// Waits until one of `fds` is ready or `timeout` passes (`None`: no limit); returns how many
+/// are ready (0 on timeout). An interrupted wait returns 0, so callers re-check their state.
+pub(crate) fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        // Round up, so a short timeout never becomes a busy loop of zero-length polls.
+        Some(d) => d
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .min(libc::c_int::MAX as u128) as libc::c_int,
+    };
+    let mut raw: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|p| libc::pollfd {
+            fd: p.fd,
+            events: p.events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `raw` is a valid, exclusively borrowed array of `raw.len()` pollfd structs for
+    // the duration of the call; poll only writes their `revents` fields.
+    let n = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    for (p, r) in fds.iter_mut().zip(&raw) {
+        p.revents = r.revents;
+    }
+    Ok(n as usize)
+}
+
+/// Waits for one descriptor; returns its `revents` (0 on timeout).
+pub(crate) fn wait_fd(fd: RawFd, events: i16, timeout: Option<Duration>) -> io::Result<i16> {
+    let mut p = [PollFd::new(fd, events)];
+    poll(&mut p, timeout)?;
+    Ok(p[0].revents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn poll_reports_readable_and_times_out() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(
+            wait_fd(b.as_raw_fd(), POLLIN, Some(Duration::from_millis(30))).unwrap(),
+            0
+        );
+        assert!(t.elapsed() >= Duration::from_millis(25));
+        a.write_all(b"x").unwrap();
+        let r = wait_fd(b.as_raw_fd(), POLLIN, Some(Duration::from_secs(5))).unwrap();
+        assert_ne!(r & POLLIN, 0);
+        assert_ne!(
+            wait_fd(a.as_raw_fd(), POLLOUT, Some(Duration::from_secs(5))).unwrap() & POLLOUT,
+            0
+        );
+    }
+}

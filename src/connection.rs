@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     /// Distinguishes connections in the thread-local record of requests being served.
     pub(crate) id: u64,
     pub(crate) peer: String,
+    /// What the transport's authenticator learned about the peer.
+    pub(crate) credentials: Option<crate::auth::Credentials>,
     pub(crate) service: Service,
     pub(crate) call_timeout: Duration,
     /// The peer's limits, from its hello.
@@ -217,6 +219,7 @@ impl Connection {
             mut writer,
             peer,
             control,
+            credentials,
         } = t;
         let handshake = opts.handshake_timeout;
         // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
@@ -266,9 +269,18 @@ impl Connection {
             Ok(h) => h,
             Err(e) => {
                 control.shutdown();
-                return Err(e);
+                // TLS 1.3 reports a rejected client certificate on the first read, which is
+                // the hello: the TLS layer's description says what really happened.
+                return Err(control.failure().map(Error::Tls).unwrap_or(e));
             }
         };
+        if theirs.flags & wire::FLAG_TLS_REQUIRED != 0 {
+            control.shutdown();
+            return Err(Error::Handshake(format!(
+                "{peer} only accepts TLS connections: connect with rpyc::ssl_connect or an \
+                 SslClient"
+            )));
+        }
         if theirs.flags & wire::FLAG_REFUSED != 0 {
             control.shutdown();
             return Err(Error::Handshake(format!(
@@ -280,6 +292,7 @@ impl Connection {
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer,
+            credentials,
             service: opts.service.clone(),
             call_timeout: opts.call_timeout,
             peer_hello: theirs,
@@ -497,6 +510,18 @@ impl Connection {
     /// The peer's address (see [`Context::peer`]).
     pub fn peer(&self) -> &str {
         &self.shared.peer
+    }
+
+    /// The certificate the peer presented and this side verified, on a TLS connection (for a
+    /// client: the server's). See [`Context::peer_certificate`].
+    pub fn peer_certificate(&self) -> Option<&crate::PeerCertificate> {
+        self.credentials()
+    }
+
+    /// What the authenticator learned about the peer, if it is a `T` (see
+    /// [`Context::credentials`]).
+    pub fn credentials<T: std::any::Any>(&self) -> Option<&T> {
+        self.shared.credentials.as_deref()?.downcast_ref()
     }
 
     /// Runs `f` when the connection closes (right away if it already has). For servers.

@@ -55,6 +55,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+mod auth;
 mod buffers;
 mod codec;
 mod connection;
@@ -62,14 +63,17 @@ mod dispatch;
 mod error;
 mod object;
 mod options;
+mod pki;
 mod server;
 mod service;
 #[cfg(unix)]
 mod sys;
 mod threads;
+mod tls;
 mod transport;
 mod wire;
 
+pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
 pub use codec::Bytes;
 pub use connection::Connection;
 pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
@@ -77,5 +81,7 @@ pub use object::{AsyncResult, RemoteObject};
 #[cfg(unix)]
 pub use options::unix_connect;
 pub use options::{connect, connect_stream, connect_subprocess, Options};
+pub use pki::{Issued, TestPki};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
 pub use service::{callback, Args, Context, ContextHandler, Handler, Service};
+pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};

@@ -1,6 +1,7 @@
 //! Connection options: one builder for every way of connecting, also used by servers for the
 //! connections they accept.
 
+use crate::auth::ClientAuthenticator;
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::service::Service;
@@ -9,6 +10,7 @@ use crate::transport;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Settings for a connection, with the entry points that open one.
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 ///     .connect("127.0.0.1", port)?;
 /// # Ok::<(), rpyc::Error>(())
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     pub(crate) service: Service,
     pub(crate) call_timeout: Duration,
@@ -49,6 +51,7 @@ pub struct Options {
     pub(crate) max_frame: usize,
     pub(crate) max_workers: usize,
     pub(crate) max_queued: usize,
+    pub(crate) authenticator: Option<Arc<dyn ClientAuthenticator>>,
 }
 
 impl Default for Options {
@@ -61,7 +64,23 @@ impl Default for Options {
             max_frame: 256 << 20,
             max_workers: 64,
             max_queued: 65_536,
+            authenticator: None,
         }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("service", &self.service)
+            .field("call_timeout", &self.call_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame", &self.max_frame)
+            .field("max_workers", &self.max_workers)
+            .field("max_queued", &self.max_queued)
+            .field("authenticator", &self.authenticator.is_some())
+            .finish()
     }
 }
 
@@ -119,7 +138,20 @@ impl Options {
         self
     }
 
-    fn write_timeout(&self) -> Duration {
+    /// Authenticates outgoing TCP connections ([`connect`](Self::connect)) with `a` before the
+    /// rpyc handshake, e.g. an [`SslClient`](crate::SslClient) (TLS) or your own
+    /// [`ClientAuthenticator`]. Not used for Unix sockets, streams or servers.
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().authenticator(rpyc::SslClient::new().ca_certs("ca.pem"));
+    /// # let _ = options;
+    /// ```
+    pub fn authenticator(mut self, a: impl ClientAuthenticator) -> Options {
+        self.authenticator = Some(Arc::new(a));
+        self
+    }
+
+    pub(crate) fn write_timeout(&self) -> Duration {
         self.call_timeout.max(Duration::from_secs(1))
     }
 
@@ -130,7 +162,13 @@ impl Options {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
-        let t = transport::tcp_connect(host, port, self.connect_timeout, self.write_timeout())?;
+        let s = transport::tcp_connect(host, port, self.connect_timeout)?;
+        let t = match &self.authenticator {
+            None => transport::tcp(s, self.write_timeout())?,
+            Some(a) => a
+                .authenticate(s, host, self.handshake_timeout)?
+                .into_transport(self.write_timeout())?,
+        };
         Connection::establish(t, self, ThreadSet::new())
     }
 

@@ -6,6 +6,7 @@
 //! belongs to its thread set, and [`ServerHandle::close`] stops accepting, closes every live
 //! connection and joins those threads.
 
+use crate::auth::Authenticator;
 use crate::connection::{lock, Connection};
 use crate::error::Error;
 use crate::options::Options;
@@ -90,9 +91,10 @@ impl OneShotServer {
 /// assert_ne!(server.port(), 0);
 /// # Ok::<(), rpyc::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerBuilder {
     options: Options,
+    authenticator: Option<Arc<dyn Authenticator>>,
     host: String,
     port: u16,
     unix: Option<PathBuf>,
@@ -100,10 +102,25 @@ pub struct ServerBuilder {
     one_shot: bool,
 }
 
+impl std::fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("options", &self.options)
+            .field("authenticator", &self.authenticator.is_some())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("unix", &self.unix)
+            .field("max_connections", &self.max_connections)
+            .field("one_shot", &self.one_shot)
+            .finish()
+    }
+}
+
 impl ServerBuilder {
     fn new(service: Service, one_shot: bool) -> ServerBuilder {
         ServerBuilder {
             options: Options::new().service(service),
+            authenticator: None,
             host: "127.0.0.1".into(),
             port: 0,
             unix: None,
@@ -146,8 +163,36 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds the listening socket.
+    /// Authenticates every accepted TCP connection before the rpyc handshake: an
+    /// [`SslAuthenticator`](crate::SslAuthenticator) for TLS, or your own [`Authenticator`].
+    /// It runs on the connection's own thread, bounded by the handshake timeout; a client it
+    /// refuses is logged with its address and the reason, and the server goes on serving.
+    ///
+    /// ```
+    /// # let pki = rpyc::TestPki::temp()?;
+    /// # let files = pki.issue("localhost", &["localhost"])?;
+    /// # let (key, cert, ca) = (files.key, files.cert, pki.ca_cert());
+    /// let auth = rpyc::SslAuthenticator::new(&key, &cert)?.ca_certs(&ca);
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).authenticator(auth).build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn authenticator(mut self, a: impl Authenticator) -> ServerBuilder {
+        self.authenticator = Some(Arc::new(a));
+        self
+    }
+
+    /// Binds the listening socket. Fails if the authenticator's configuration is wrong (e.g.
+    /// a CA file that does not load).
     pub fn build(self) -> Result<Server, Error> {
+        if let Some(a) = &self.authenticator {
+            if self.unix.is_some() {
+                return Err(Error::Tls(
+                    "authenticators work on TCP servers; remove unix_path or the authenticator"
+                        .into(),
+                ));
+            }
+            a.check()?;
+        }
         let listener = match &self.unix {
             #[cfg(unix)]
             Some(path) => Listener::Unix(bind_unix(path)?, path.clone()),
@@ -168,6 +213,7 @@ impl ServerBuilder {
             listener,
             inner: Arc::new(ServerInner {
                 options: self.options,
+                authenticator: self.authenticator,
                 max_connections: self.max_connections,
                 one_shot: self.one_shot,
                 local,
@@ -204,6 +250,22 @@ fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener,
     UnixListener::bind(path).map_err(fail)
 }
 
+/// An accepted client: a TCP socket still to be authenticated, or a ready transport.
+enum Accepted {
+    Tcp(TcpStream, String),
+    #[cfg_attr(not(unix), allow(dead_code))]
+    Ready(Transport),
+}
+
+impl Accepted {
+    fn peer(&self) -> &str {
+        match self {
+            Accepted::Tcp(_, peer) => peer,
+            Accepted::Ready(t) => &t.peer,
+        }
+    }
+}
+
 enum Listener {
     Tcp(TcpListener),
     #[cfg(unix)]
@@ -229,21 +291,25 @@ impl Listener {
         }
     }
 
-    fn accept(&self, write_timeout: Duration) -> io::Result<Transport> {
+    fn accept(&self, write_timeout: Duration) -> io::Result<Accepted> {
         match self {
-            Listener::Tcp(l) => transport::tcp(l.accept()?.0, write_timeout),
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept()?;
+                Ok(Accepted::Tcp(s, addr.to_string()))
+            }
             #[cfg(unix)]
-            Listener::Unix(l, p) => transport::unix(
+            Listener::Unix(l, p) => Ok(Accepted::Ready(transport::unix(
                 l.accept()?.0,
                 format!("{} (client)", p.display()),
                 write_timeout,
-            ),
+            )?)),
         }
     }
 }
 
 struct ServerInner {
     options: Options,
+    authenticator: Option<Arc<dyn Authenticator>>,
     max_connections: usize,
     one_shot: bool,
     local: Local,
@@ -439,8 +505,8 @@ impl ServerInner {
 fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
     let write_timeout = inner.options.call_timeout.max(Duration::from_secs(1));
     while !inner.closed.load(Ordering::Acquire) {
-        let t = match listener.accept(write_timeout) {
-            Ok(t) => t,
+        let a = match listener.accept(write_timeout) {
+            Ok(a) => a,
             Err(e) => {
                 if inner.closed.load(Ordering::Acquire) {
                     break;
@@ -457,18 +523,27 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         if inner.active.load(Ordering::Acquire) >= inner.max_connections {
             log::warn!(
                 "{}: refused: the server is at its limit of {} connections",
-                t.peer,
+                a.peer(),
                 inner.max_connections
             );
-            refuse(t);
+            match a {
+                // An authenticating client cannot read a plain refusal: just hang up.
+                Accepted::Tcp(s, _) if inner.authenticator.is_some() => drop(s),
+                Accepted::Tcp(s, _) => {
+                    if let Ok(t) = transport::tcp(s, write_timeout) {
+                        refuse(t)
+                    }
+                }
+                Accepted::Ready(t) => refuse(t),
+            }
             continue;
         }
         inner.active.fetch_add(1, Ordering::AcqRel);
         let me = inner.clone();
-        let peer = t.peer.clone();
-        let started = inner
-            .threads
-            .spawn("rpyc-handshake", move || serve_connection(&me, t));
+        let peer = a.peer().to_string();
+        let started = inner.threads.spawn("rpyc-handshake", move || {
+            serve_connection(&me, a, write_timeout)
+        });
         if let Err(e) = started {
             log::error!("{peer}: cannot start a thread for the connection: {e}");
             inner.connection_ended();
@@ -482,8 +557,36 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
     inner.cv.notify_all();
 }
 
-fn serve_connection(inner: &Arc<ServerInner>, t: Transport) {
-    let peer = t.peer.clone();
+/// Authenticates the client (if the server has an authenticator), then does the handshake.
+fn open_transport(
+    inner: &ServerInner,
+    a: Accepted,
+    write_timeout: Duration,
+) -> Result<Transport, Error> {
+    match (a, &inner.authenticator) {
+        (Accepted::Ready(t), _) => Ok(t),
+        (Accepted::Tcp(s, _), None) => Ok(transport::tcp(s, write_timeout)?),
+        (Accepted::Tcp(s, peer), Some(auth)) => {
+            let timeout = inner.options.handshake_timeout;
+            let authed = auth.authenticate(s, timeout).map_err(|e| {
+                log::warn!("{peer}: authentication failed: {e}");
+                e
+            })?;
+            Ok(authed.into_transport(write_timeout)?)
+        }
+    }
+}
+
+fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, write_timeout: Duration) {
+    let peer = a.peer().to_string();
+    let t = match open_transport(inner, a, write_timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("{peer}: connection failed: {e}");
+            inner.connection_ended();
+            return;
+        }
+    };
     match Connection::establish(t, &inner.options, inner.threads.clone()) {
         Ok(conn) => {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);

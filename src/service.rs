@@ -190,6 +190,30 @@ impl Context {
         &self.shared.peer
     }
 
+    /// The certificate the client presented and the server verified against its CA, on a TLS
+    /// connection whose server asks for one: who is calling. A service decides per client what
+    /// it allows with it.
+    ///
+    /// ```
+    /// let svc = rpyc::Service::new("s").method_with_context("reboot", |cx: &rpyc::Context| {
+    ///     match cx.peer_certificate().and_then(|c| c.common_name()) {
+    ///         Some("admin") => Ok("rebooting"),
+    ///         other => Err(format!("{other:?} may not reboot")),
+    ///     }
+    /// });
+    /// # drop(svc);
+    /// ```
+    pub fn peer_certificate(&self) -> Option<&crate::PeerCertificate> {
+        self.credentials()
+    }
+
+    /// What the connection's [`Authenticator`](crate::Authenticator) learned about the peer,
+    /// if it is a `T` (an [`SslAuthenticator`](crate::SslAuthenticator) keeps a
+    /// [`PeerCertificate`](crate::PeerCertificate); your own keeps what it chose).
+    pub fn credentials<T: std::any::Any>(&self) -> Option<&T> {
+        self.shared.credentials.as_deref()?.downcast_ref()
+    }
+
     /// The connection this call came in on; keep it to call the peer later.
     pub fn connection(&self) -> Connection {
         Connection::from_shared(self.shared.clone())

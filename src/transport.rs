@@ -19,6 +19,11 @@ pub(crate) trait Control: Send + Sync {
     fn set_read_timeout(&self, _d: Option<Duration>) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+    /// A description of a failure below the rpyc protocol (TLS), if one happened: it explains
+    /// a handshake that failed better than the I/O error does.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A fresh byte stream, before the handshake.
@@ -27,6 +32,8 @@ pub(crate) struct Transport {
     pub writer: Box<dyn Write + Send>,
     pub peer: String,
     pub control: Arc<dyn Control>,
+    /// What an authenticator learned about the peer (e.g. its TLS certificate).
+    pub credentials: Option<crate::auth::Credentials>,
 }
 
 impl Control for TcpStream {
@@ -49,12 +56,7 @@ impl Control for std::os::unix::net::UnixStream {
 }
 
 /// Connects over TCP, trying each address `host` resolves to.
-pub(crate) fn tcp_connect(
-    host: &str,
-    port: u16,
-    timeout: Duration,
-    write_timeout: Duration,
-) -> Result<Transport, Error> {
+pub(crate) fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Error> {
     let addr = format!("{host}:{port}");
     let fail = |e: io::Error| Error::Connect {
         addr: addr.clone(),
@@ -72,7 +74,7 @@ pub(crate) fn tcp_connect(
             return Err(Error::Timeout(Timeout::Connect(timeout)));
         }
         match TcpStream::connect_timeout(&a, left) {
-            Ok(s) => return tcp(s, write_timeout).map_err(fail),
+            Ok(s) => return Ok(s),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 return Err(Error::Timeout(Timeout::Connect(timeout)))
             }
@@ -97,6 +99,7 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
         control: Arc::new(s.try_clone()?),
         writer: Box::new(s),
         peer,
+        credentials: None,
     })
 }
 
@@ -113,6 +116,7 @@ pub(crate) fn unix(
         control: Arc::new(s.try_clone()?),
         writer: Box::new(s),
         peer,
+        credentials: None,
     })
 }
 
@@ -211,6 +215,7 @@ where
             writer: w,
             child: child.map(Mutex::new),
         }),
+        credentials: None,
     }
 }
 

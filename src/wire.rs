@@ -30,6 +30,9 @@ pub(crate) const VERSION: u16 = 1;
 pub(crate) const HELLO_LEN: usize = 16;
 /// Hello flag: the server refuses this connection (its connection limit is reached).
 pub(crate) const FLAG_REFUSED: u16 = 1;
+/// Hello flag, with `FLAG_REFUSED`: the server only speaks TLS (a plain client reached a TLS
+/// port).
+pub(crate) const FLAG_TLS_REQUIRED: u16 = 2;
 /// Longest method name accepted in a header.
 pub(crate) const MAX_METHOD_LEN: usize = 1024;
 

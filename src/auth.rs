@@ -1,0 +1,185 @@
+//! Authenticators: what a server does with an accepted TCP socket, and a client with a
+//! connected one, before the rpyc handshake. [`SslAuthenticator`](crate::SslAuthenticator) and
+//! [`SslClient`](crate::SslClient) are the TLS ones; users add their own (a pre-shared token,
+//! an IP allow-list) by implementing [`Authenticator`] or [`ClientAuthenticator`].
+//!
+//! An authenticator runs on the accepted connection's own thread (never on the accept loop),
+//! so a slow or silent client delays nobody else. What it returns, [`Authenticated`], is the
+//! stream the connection runs over (the same socket, or a TLS session on it) and the peer's
+//! credentials, which handlers read with [`Context::credentials`](crate::Context::credentials).
+
+use crate::error::Error;
+use crate::tls::{PeerCertificate, TlsConn};
+use crate::transport::{self, Transport};
+use std::any::Any;
+use std::fmt;
+use std::io;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the peer proved about itself: any value an authenticator chose to keep (for TLS, a
+/// [`PeerCertificate`]).
+pub(crate) type Credentials = Arc<dyn Any + Send + Sync>;
+
+/// Server-side authentication of each accepted TCP connection, before the rpyc handshake.
+///
+/// Return [`Authenticated::new`] with the socket (possibly carrying credentials) to accept the
+/// client, or an error to refuse it: the error is logged with the client's address and the
+/// socket is closed; the server goes on serving others. `timeout` is the server's handshake
+/// timeout: an authenticator that reads from the client must not wait longer.
+///
+/// ```
+/// use rpyc::{Authenticated, Authenticator, Error, Service, ThreadedServer};
+/// use std::io::{Read, Write};
+/// use std::net::TcpStream;
+/// use std::time::Duration;
+///
+/// /// Admits clients that first send the right 8-byte token; handlers see who they are.
+/// struct Token(&'static [u8; 8]);
+///
+/// impl Authenticator for Token {
+///     fn authenticate(&self, mut s: TcpStream, timeout: Duration) -> Result<Authenticated, Error> {
+///         s.set_read_timeout(Some(timeout))?;
+///         let mut got = [0u8; 8];
+///         s.read_exact(&mut got)?;
+///         if &got != self.0 {
+///             return Err(Error::Handshake("wrong token".into()));
+///         }
+///         Ok(Authenticated::new(s).credentials("token holder".to_string()))
+///     }
+/// }
+///
+/// let service = Service::new("s").method_with_context("whoami", |cx: &rpyc::Context| {
+///     cx.credentials::<String>().cloned().unwrap_or_default()
+/// });
+/// let server = ThreadedServer::new(service).authenticator(Token(b"s3cr3t!!")).build()?;
+/// let port = server.port();
+/// let handle = server.spawn()?;
+///
+/// // The client side sends the token (see `ClientAuthenticator`).
+/// struct SendToken(&'static [u8; 8]);
+/// impl rpyc::ClientAuthenticator for SendToken {
+///     fn authenticate(&self, mut s: TcpStream, _host: &str, _t: Duration) -> Result<Authenticated, Error> {
+///         s.write_all(self.0)?;
+///         Ok(Authenticated::new(s))
+///     }
+/// }
+/// let conn = rpyc::Options::new().authenticator(SendToken(b"s3cr3t!!")).connect("127.0.0.1", port)?;
+/// assert_eq!(conn.root().call::<String, _>("whoami", ())?, "token holder");
+/// handle.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub trait Authenticator: Send + Sync + 'static {
+    /// Authenticates the client on `socket` within `timeout`.
+    fn authenticate(&self, socket: TcpStream, timeout: Duration) -> Result<Authenticated, Error>;
+
+    /// Reports a configuration error once, when the server is built (for instance a CA file
+    /// that does not load), instead of refusing every client later. The default accepts.
+    fn check(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Client-side counterpart of [`Authenticator`]: runs on a freshly connected TCP socket before
+/// the rpyc handshake (see [`Options::authenticator`](crate::Options::authenticator)). `host`
+/// is the name the client connected to, for checks such as TLS hostname verification.
+///
+/// ```
+/// use rpyc::{Authenticated, ClientAuthenticator, Error};
+/// use std::io::Write;
+/// use std::net::TcpStream;
+/// use std::time::Duration;
+///
+/// /// Sends a token first (the server side is the example of `Authenticator`).
+/// struct SendToken(&'static [u8]);
+///
+/// impl ClientAuthenticator for SendToken {
+///     fn authenticate(&self, mut s: TcpStream, _host: &str, _t: Duration) -> Result<Authenticated, Error> {
+///         s.write_all(self.0)?;
+///         Ok(Authenticated::new(s))
+///     }
+/// }
+/// let options = rpyc::Options::new().authenticator(SendToken(b"s3cr3t!!"));
+/// # let _ = options;
+/// ```
+pub trait ClientAuthenticator: Send + Sync + 'static {
+    /// Authenticates this side to the server at `host` on `socket`, within `timeout`.
+    fn authenticate(
+        &self,
+        socket: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Authenticated, Error>;
+}
+
+/// An authenticated stream, ready for the rpyc handshake: returned by authenticators.
+///
+/// ```
+/// # fn f(socket: std::net::TcpStream) -> rpyc::Authenticated {
+/// rpyc::Authenticated::new(socket).credentials(42u32)
+/// # }
+/// ```
+pub struct Authenticated {
+    pub(crate) stream: Stream,
+    pub(crate) credentials: Option<Credentials>,
+}
+
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Tls(Arc<TlsConn>),
+}
+
+impl Authenticated {
+    /// The connection continues on `socket` as it is (plain TCP).
+    pub fn new(socket: TcpStream) -> Authenticated {
+        Authenticated {
+            stream: Stream::Tcp(socket),
+            credentials: None,
+        }
+    }
+
+    /// Attaches what the peer proved (a user name, a role, ...), for handlers to read with
+    /// [`Context::credentials`](crate::Context::credentials) and the client with
+    /// [`Connection::credentials`](crate::Connection::credentials).
+    pub fn credentials<T: Any + Send + Sync>(mut self, credentials: T) -> Authenticated {
+        self.credentials = Some(Arc::new(credentials));
+        self
+    }
+
+    /// The peer's verified certificate, when this is a TLS connection and the peer sent one.
+    pub fn peer_certificate(&self) -> Option<&PeerCertificate> {
+        self.credentials.as_deref()?.downcast_ref()
+    }
+
+    pub(crate) fn tls(conn: Arc<TlsConn>, peer: Option<PeerCertificate>) -> Authenticated {
+        Authenticated {
+            stream: Stream::Tls(conn),
+            credentials: peer.map(|p| Arc::new(p) as Credentials),
+        }
+    }
+
+    pub(crate) fn into_transport(self, write_timeout: Duration) -> io::Result<Transport> {
+        let mut t = match self.stream {
+            Stream::Tcp(s) => transport::tcp(s, write_timeout)?,
+            Stream::Tls(c) => TlsConn::transport(c, write_timeout),
+        };
+        t.credentials = self.credentials;
+        Ok(t)
+    }
+}
+
+impl fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticated")
+            .field(
+                "stream",
+                &match self.stream {
+                    Stream::Tcp(_) => "tcp",
+                    Stream::Tls(_) => "tls",
+                },
+            )
+            .field("credentials", &self.credentials.is_some())
+            .finish()
+    }
+}

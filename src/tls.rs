@@ -1,0 +1,1352 @@
+//! TLS on OpenSSL: [`SslAuthenticator`] for servers, [`SslClient`] and [`ssl_connect`] for
+//! clients, and the transport that lets many threads share one TLS session.
+//!
+//! # Secure by default
+//!
+//! A client verifies the server's certificate chain and its hostname, against the system's
+//! trust store or, once [`SslClient::ca_certs`] is given, against that CA alone. TLS 1.2 is the
+//! minimum. The only way to skip verification is the visibly named
+//! [`SslClient::dangerous_accept_any_server_certificate`]. A server given a CA with
+//! [`SslAuthenticator::ca_certs`] requires client certificates signed by it; the verified
+//! certificate ([`PeerCertificate`]) is available to handlers through
+//! [`Context::peer_certificate`](crate::Context::peer_certificate).
+//!
+//! # How threads share one SSL object
+//!
+//! OpenSSL forbids two threads inside one SSL object, and a `SslStream` cannot be split into
+//! halves. A lock held across a blocking `SSL_read` would stall every writer for as long as the
+//! peer is silent, and a lock held across a blocking `SSL_write` on a full socket deadlocks
+//! when both peers send large messages at once. So:
+//!
+//! * The socket is in non-blocking mode and the SSL object sits behind one mutex, which is held
+//!   only for a single `SSL_read` or `SSL_write` call. Such a call never waits for the
+//!   network: it moves what is already there and returns.
+//! * When OpenSSL wants more input (or socket space), the thread **releases the mutex** and
+//!   waits for the socket with `poll(2)`, then retries. A writer that could not finish retries
+//!   with the same bytes, as OpenSSL requires; in between, the reading thread takes the mutex
+//!   and drains incoming records, so two peers sending 64 MiB to each other both make progress.
+//! * The reading side is owned by one thread at a time (the connection's reader token), the
+//!   writing side by the connection's writer lock; the SSL mutex only orders their single calls.
+//! * Read timeouts (used by a calling thread that reads its own reply in slices) are poll
+//!   timeouts; closing shuts the socket down from any thread, which wakes every poll at once.
+//!
+//! Handshakes run in the same non-blocking mode against a deadline (the handshake timeout), so
+//! a client that connects and sends nothing, or stops half way, is dropped in time; on a
+//! server the handshake runs on the connection's own thread, never on the accept loop.
+
+use crate::auth::{Authenticated, Authenticator, ClientAuthenticator};
+use crate::connection::{lock, Connection};
+use crate::error::{Error, Timeout};
+use crate::options::Options;
+use crate::sys::{self, POLLIN, POLLOUT};
+use crate::transport::{Control, Transport};
+use openssl::error::ErrorStack;
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{
+    self, ErrorCode, Ssl, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslRef,
+    SslStream, SslVerifyMode, SslVersion,
+};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::{X509Ref, X509VerifyResult, X509};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The lowest TLS version a side accepts (TLS 1.2 unless raised).
+///
+/// ```
+/// let client = rpyc::SslClient::new().min_version(rpyc::TlsVersion::Tls13);
+/// # let _ = client;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (the default).
+    #[default]
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+impl TlsVersion {
+    fn ssl(self) -> SslVersion {
+        match self {
+            TlsVersion::Tls12 => SslVersion::TLS1_2,
+            TlsVersion::Tls13 => SslVersion::TLS1_3,
+        }
+    }
+}
+
+/// Whether a server asks clients for a certificate (see [`SslAuthenticator::client_cert`]).
+///
+/// ```
+/// # let pki = rpyc::TestPki::temp()?;
+/// # let server = pki.issue("localhost", &["localhost"])?;
+/// let auth = rpyc::SslAuthenticator::new(&server.key, &server.cert)?
+///     .ca_certs(pki.ca_cert())
+///     .client_cert(rpyc::ClientCert::Optional);
+/// # let _ = auth;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientCert {
+    /// Clients are not asked for a certificate (the default without a CA).
+    None,
+    /// Clients may present one; if they do, it must verify against the CA.
+    Optional,
+    /// Clients must present a certificate that verifies against the CA (the default once a CA
+    /// is given).
+    Required,
+}
+
+/// The certificate a peer presented and this side verified: who the peer is. Handlers get the
+/// client's through [`Context::peer_certificate`](crate::Context::peer_certificate); a client
+/// gets the server's through [`Connection::peer_certificate`](crate::Connection::peer_certificate).
+///
+/// ```
+/// # let pki = rpyc::TestPki::temp()?;
+/// # let files = pki.issue("localhost", &["localhost", "127.0.0.1"])?;
+/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert)?;
+/// # let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).authenticator(auth).build()?.spawn()?;
+/// let conn = rpyc::SslClient::new().ca_certs(pki.ca_cert()).connect("127.0.0.1", server.port())?;
+/// let cert = conn.peer_certificate().expect("a TLS connection");
+/// assert_eq!(cert.common_name(), Some("localhost"));
+/// assert!(cert.subject_alt_names().iter().any(|n| n == "DNS:localhost"));
+/// # server.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct PeerCertificate {
+    common_name: Option<String>,
+    subject: String,
+    issuer: String,
+    sans: Vec<String>,
+    x509: X509,
+}
+
+impl PeerCertificate {
+    fn new(x509: X509) -> PeerCertificate {
+        let common_name = x509
+            .subject_name()
+            .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+            .next()
+            .and_then(|e| e.data().to_string().ok());
+        let sans = x509
+            .subject_alt_names()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| {
+                        if let Some(d) = n.dnsname() {
+                            Some(format!("DNS:{d}"))
+                        } else if let Some(ip) = n.ipaddress() {
+                            ip_string(ip).map(|ip| format!("IP:{ip}"))
+                        } else if let Some(e) = n.email() {
+                            Some(format!("email:{e}"))
+                        } else {
+                            n.uri().map(|u| format!("URI:{u}"))
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PeerCertificate {
+            common_name,
+            subject: name_string(x509.subject_name()),
+            issuer: name_string(x509.issuer_name()),
+            sans,
+            x509,
+        }
+    }
+
+    /// The subject's common name (CN), if it has one.
+    pub fn common_name(&self) -> Option<&str> {
+        self.common_name.as_deref()
+    }
+
+    /// The subject, e.g. `CN=alice, O=lab`.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The issuer (the CA that signed it), e.g. `CN=rpyc test root CA`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The subject alternative names, written as OpenSSL prints them: `DNS:host`,
+    /// `IP:127.0.0.1`, `email:a@b`, `URI:...`.
+    pub fn subject_alt_names(&self) -> &[String] {
+        &self.sans
+    }
+
+    /// The certificate itself, for any other check.
+    pub fn certificate(&self) -> &X509 {
+        &self.x509
+    }
+}
+
+impl fmt::Debug for PeerCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerCertificate")
+            .field("subject", &self.subject)
+            .field("issuer", &self.issuer)
+            .field("subject_alt_names", &self.sans)
+            .finish()
+    }
+}
+
+fn ip_string(b: &[u8]) -> Option<String> {
+    match b.len() {
+        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+fn name_string(name: &openssl::x509::X509NameRef) -> String {
+    name.entries()
+        .map(|e| {
+            let key = e.object().nid().short_name().unwrap_or("?");
+            let value = e.data().to_string().unwrap_or_else(|_| "?".into());
+            format!("{key}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading keys and certificates
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| {
+        Error::Tls(format!(
+            "cannot read the {what} file {}: {e}; check the path and its permissions",
+            path.display()
+        ))
+    })
+}
+
+fn reasons(e: &ErrorStack) -> String {
+    let r: Vec<&str> = e.errors().iter().filter_map(|x| x.reason()).collect();
+    if r.is_empty() {
+        e.to_string()
+    } else {
+        r.join(", ")
+    }
+}
+
+/// Loads a PEM private key: PKCS#1, SEC1, PKCS#8, or encrypted PKCS#8 / legacy PEM with
+/// `passphrase`. Never prompts on a terminal.
+fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Private>, Error> {
+    let pem = read_file(path, "key")?;
+    let encrypted = pem.windows(9).any(|w| w == b"ENCRYPTED");
+    let key = match passphrase {
+        Some(p) => PKey::private_key_from_pem_passphrase(&pem, p.as_bytes()),
+        // An empty callback answer makes an encrypted key fail instead of prompting.
+        None => PKey::private_key_from_pem_callback(&pem, |_| Ok(0)),
+    };
+    key.map_err(|e| {
+        Error::Tls(match (encrypted, passphrase) {
+            (true, None) => format!(
+                "the key file {} is encrypted; give its passphrase \
+                 (SslAuthenticator::with_key_passphrase or SslClient::key_passphrase)",
+                path.display()
+            ),
+            (true, Some(_)) => format!(
+                "cannot decrypt the key file {}: wrong passphrase? ({})",
+                path.display(),
+                reasons(&e)
+            ),
+            _ => format!(
+                "the key file {} holds no PEM private key this build can read (PKCS#1, SEC1 \
+                 and PKCS#8 PEM are supported): {}",
+                path.display(),
+                reasons(&e)
+            ),
+        })
+    })
+}
+
+/// Loads every certificate of a PEM file (a leaf and its chain, or a CA bundle).
+fn load_certs(path: &Path, what: &str) -> Result<Vec<X509>, Error> {
+    let pem = read_file(path, what)?;
+    let certs = X509::stack_from_pem(&pem).map_err(|e| {
+        Error::Tls(format!(
+            "the {what} file {} is not a PEM certificate file: {}",
+            path.display(),
+            reasons(&e)
+        ))
+    })?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!(
+            "the {what} file {} holds no certificate (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Warns about a certificate this side presents that is outside its validity period (the peer
+/// will refuse it; the tests use such certificates on purpose, so it is not refused here).
+fn warn_validity(cert: &X509Ref, path: &Path) {
+    let Ok(now) = openssl::asn1::Asn1Time::days_from_now(0) else {
+        return;
+    };
+    if cert.not_after() < now {
+        log::warn!(
+            "the certificate in {} expired on {}; peers will refuse it",
+            path.display(),
+            cert.not_after()
+        );
+    } else if cert.not_before() > now {
+        log::warn!(
+            "the certificate in {} is not valid before {}; peers will refuse it",
+            path.display(),
+            cert.not_before()
+        );
+    }
+}
+
+/// A key and its certificate chain, as one side presents them.
+#[derive(Clone)]
+struct Identity {
+    key: PKey<Private>,
+    chain: Vec<X509>,
+    keyfile: PathBuf,
+    certfile: PathBuf,
+}
+
+impl Identity {
+    fn load(keyfile: &Path, certfile: &Path, passphrase: Option<&str>) -> Result<Identity, Error> {
+        let key = load_key(keyfile, passphrase)?;
+        let chain = load_certs(certfile, "certificate")?;
+        warn_validity(&chain[0], certfile);
+        let matches = chain[0]
+            .public_key()
+            .map(|p| p.public_eq(&key))
+            .unwrap_or(false);
+        if !matches {
+            return Err(Error::Tls(format!(
+                "the key in {} does not belong to the certificate in {} (the first certificate \
+                 of the file must be the one issued for this key)",
+                keyfile.display(),
+                certfile.display()
+            )));
+        }
+        Ok(Identity {
+            key,
+            chain,
+            keyfile: keyfile.into(),
+            certfile: certfile.into(),
+        })
+    }
+
+    fn install(&self, b: &mut SslContextBuilder) -> Result<(), Error> {
+        let fail = |e: ErrorStack| {
+            Error::Tls(format!(
+                "cannot use the key {} with the certificate {}: {}",
+                self.keyfile.display(),
+                self.certfile.display(),
+                reasons(&e)
+            ))
+        };
+        b.set_private_key(&self.key).map_err(fail)?;
+        b.set_certificate(&self.chain[0]).map_err(fail)?;
+        for c in &self.chain[1..] {
+            b.add_extra_chain_cert(c.clone()).map_err(fail)?;
+        }
+        b.check_private_key().map_err(fail)
+    }
+}
+
+/// A trust store holding exactly the certificates of `path` (nothing from the system).
+fn ca_store(path: &Path) -> Result<(openssl::x509::store::X509Store, Vec<X509>), Error> {
+    let certs = load_certs(path, "CA certificate")?;
+    let mut store = X509StoreBuilder::new().map_err(|e| Error::Tls(reasons(&e)))?;
+    for c in &certs {
+        store.add_cert(c.clone()).map_err(|e| {
+            Error::Tls(format!(
+                "cannot add the CA certificate from {}: {}",
+                path.display(),
+                reasons(&e)
+            ))
+        })?;
+    }
+    Ok((store.build(), certs))
+}
+
+fn common_settings(
+    b: &mut SslContextBuilder,
+    min: TlsVersion,
+    ciphers: &Option<String>,
+    suites: &Option<String>,
+) -> Result<(), Error> {
+    b.set_min_proto_version(Some(min.ssl())).map_err(|e| {
+        Error::Tls(format!(
+            "cannot set the minimum TLS version: {}",
+            reasons(&e)
+        ))
+    })?;
+    if let Some(c) = ciphers {
+        b.set_cipher_list(c).map_err(|e| {
+            Error::Tls(format!(
+                "the TLS 1.2 cipher list {c:?} selects no usable cipher: {}",
+                reasons(&e)
+            ))
+        })?;
+    }
+    if let Some(s) = suites {
+        b.set_ciphersuites(s).map_err(|e| {
+            Error::Tls(format!(
+                "the TLS 1.3 cipher suites {s:?} select no usable suite: {}",
+                reasons(&e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side
+
+/// TLS for a server: its key and certificate and, with [`ca_certs`](Self::ca_certs), the CA
+/// that client certificates must be signed by. Give it to
+/// [`ServerBuilder::authenticator`](crate::ServerBuilder::authenticator).
+///
+/// Files are PEM, as the `openssl` command line writes them: RSA, EC and Ed25519 keys in
+/// PKCS#1, SEC1 or PKCS#8 form (encrypted ones through [`with_key_passphrase`]
+/// (Self::with_key_passphrase)); the certificate file may carry the chain (leaf first, then
+/// intermediate CAs).
+///
+/// ```
+/// use rpyc::{Service, SslAuthenticator, ThreadedServer};
+/// # let pki = rpyc::TestPki::temp()?;
+/// # let files = pki.issue("localhost", &["localhost"])?;
+/// # let (key, cert, ca) = (files.key, files.cert, pki.ca_cert());
+/// let auth = SslAuthenticator::new(&key, &cert)?.ca_certs(&ca);
+/// let server = ThreadedServer::new(Service::new("s").method("ping", || "pong"))
+///     .port(0)
+///     .authenticator(auth)
+///     .build()?;
+/// let handle = server.spawn()?;
+/// # handle.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct SslAuthenticator {
+    identity: Identity,
+    ca: Option<PathBuf>,
+    client_cert: Option<ClientCert>,
+    min: TlsVersion,
+    ciphers: Option<String>,
+    suites: Option<String>,
+    acceptor: Arc<OnceLock<Result<SslAcceptor, Error>>>,
+}
+
+impl fmt::Debug for SslAuthenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SslAuthenticator")
+            .field("keyfile", &self.identity.keyfile)
+            .field("certfile", &self.identity.certfile)
+            .field("ca", &self.ca)
+            .field("client_cert", &self.client_cert_mode())
+            .field("min_version", &self.min)
+            .finish()
+    }
+}
+
+impl SslAuthenticator {
+    /// Loads the server's key and certificate (chain) from PEM files. Fails with a message
+    /// naming the file when one is missing, unreadable, encrypted, or the key does not belong
+    /// to the certificate.
+    pub fn new(
+        keyfile: impl AsRef<Path>,
+        certfile: impl AsRef<Path>,
+    ) -> Result<SslAuthenticator, Error> {
+        Self::load(keyfile.as_ref(), certfile.as_ref(), None)
+    }
+
+    /// Like [`new`](Self::new), for a key file encrypted with `passphrase`.
+    pub fn with_key_passphrase(
+        keyfile: impl AsRef<Path>,
+        certfile: impl AsRef<Path>,
+        passphrase: &str,
+    ) -> Result<SslAuthenticator, Error> {
+        Self::load(keyfile.as_ref(), certfile.as_ref(), Some(passphrase))
+    }
+
+    fn load(key: &Path, cert: &Path, pass: Option<&str>) -> Result<SslAuthenticator, Error> {
+        Ok(SslAuthenticator {
+            identity: Identity::load(key, cert, pass)?,
+            ca: None,
+            client_cert: None,
+            min: TlsVersion::Tls12,
+            ciphers: None,
+            suites: None,
+            acceptor: Default::default(),
+        })
+    }
+
+    fn changed(mut self) -> SslAuthenticator {
+        self.acceptor = Default::default();
+        self
+    }
+
+    /// Clients must present a certificate signed by a CA in `cafile` (PEM, one or more CA
+    /// certificates); see [`client_cert`](Self::client_cert) to make it optional. A file that
+    /// does not load is reported when the server is built.
+    pub fn ca_certs(mut self, cafile: impl AsRef<Path>) -> SslAuthenticator {
+        self.ca = Some(cafile.as_ref().into());
+        self.changed()
+    }
+
+    /// Whether clients are asked for a certificate: [`ClientCert::Required`] by default once a
+    /// CA is given, [`ClientCert::None`] without one. Asking needs a CA.
+    pub fn client_cert(mut self, mode: ClientCert) -> SslAuthenticator {
+        self.client_cert = Some(mode);
+        self.changed()
+    }
+
+    /// The lowest TLS version accepted: [`TlsVersion::Tls12`] by default.
+    pub fn min_version(mut self, v: TlsVersion) -> SslAuthenticator {
+        self.min = v;
+        self.changed()
+    }
+
+    /// The TLS 1.2 cipher list, in OpenSSL's syntax (e.g. `ECDHE+AESGCM`); the default is
+    /// Mozilla's "intermediate" list.
+    pub fn ciphers(mut self, list: &str) -> SslAuthenticator {
+        self.ciphers = Some(list.into());
+        self.changed()
+    }
+
+    /// The TLS 1.3 cipher suites, in OpenSSL's syntax (e.g. `TLS_AES_256_GCM_SHA384`).
+    pub fn ciphersuites(mut self, list: &str) -> SslAuthenticator {
+        self.suites = Some(list.into());
+        self.changed()
+    }
+
+    fn client_cert_mode(&self) -> ClientCert {
+        self.client_cert.unwrap_or(if self.ca.is_some() {
+            ClientCert::Required
+        } else {
+            ClientCert::None
+        })
+    }
+
+    fn acceptor(&self) -> Result<&SslAcceptor, Error> {
+        self.acceptor
+            .get_or_init(|| self.build())
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn build(&self) -> Result<SslAcceptor, Error> {
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
+            .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
+        common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
+        self.identity.install(&mut b)?;
+        let mode = self.client_cert_mode();
+        match (&self.ca, mode) {
+            (None, ClientCert::None) => b.set_verify(SslVerifyMode::NONE),
+            (None, _) => {
+                return Err(Error::Tls(
+                    "client certificates need a CA to verify them: call ca_certs(...) on the \
+                     SslAuthenticator"
+                        .into(),
+                ))
+            }
+            (Some(ca), mode) => {
+                let (store, certs) = ca_store(ca)?;
+                b.set_cert_store(store);
+                for c in &certs {
+                    // Tells clients which CA's certificate to send.
+                    let _ = b.add_client_ca(c);
+                }
+                b.set_verify(match mode {
+                    ClientCert::Required => {
+                        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
+                    }
+                    ClientCert::Optional => SslVerifyMode::PEER,
+                    ClientCert::None => SslVerifyMode::NONE,
+                });
+            }
+        }
+        b.set_session_id_context(b"rpyc")
+            .map_err(|e| Error::Tls(reasons(&e)))?;
+        Ok(b.build())
+    }
+}
+
+impl Authenticator for SslAuthenticator {
+    fn authenticate(&self, socket: TcpStream, timeout: Duration) -> Result<Authenticated, Error> {
+        let acceptor = self.acceptor()?;
+        let deadline = crate::options::deadline(timeout);
+        let peer = peer_of(&socket);
+        socket.set_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+        if plain_rpyc_client(&socket, deadline, timeout, &peer)? {
+            return Err(Error::Tls(format!(
+                "{peer} sent a plain rpyc hello to this TLS server; it was told to use \
+                 rpyc::ssl_connect"
+            )));
+        }
+        let ssl = Ssl::new(acceptor.context()).map_err(|e| Error::Tls(reasons(&e)))?;
+        let s = handshake(ssl, socket, Side::Server, deadline, timeout, &peer, None)?;
+        let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
+        Ok(Authenticated::tls(TlsConn::new(s, Side::Server), cert))
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        self.acceptor().map(|_| ())
+    }
+}
+
+/// A plain rpyc client on a TLS port sends the hello's magic first; answer it with a refusal
+/// that says TLS is required, so the client's error is clear. Returns whether that happened.
+fn plain_rpyc_client(
+    s: &TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+    peer: &str,
+) -> Result<bool, Error> {
+    let mut head = [0u8; crate::wire::HELLO_LEN];
+    loop {
+        match s.peek(&mut head) {
+            Ok(n) if n >= 4 && !head.starts_with(&crate::wire::MAGIC) => return Ok(false),
+            Ok(n) if n >= crate::wire::HELLO_LEN => break,
+            Ok(0) => {
+                return Err(Error::Tls(format!(
+                    "{peer} closed the connection before the TLS handshake"
+                )))
+            }
+            Ok(n) if !crate::wire::MAGIC.starts_with(&head[..n.min(4)]) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(Timeout::Handshake(timeout)));
+        }
+        sys::wait_fd(s.as_raw_fd(), POLLIN, Some(left))?;
+    }
+    // Consume the client's hello (closing with unread data would reset the connection before
+    // the client reads the refusal), answer, and hang up.
+    let mut rd = s;
+    let _ = rd.read_exact(&mut head);
+    let refusal = crate::wire::Hello {
+        version: crate::wire::VERSION,
+        flags: crate::wire::FLAG_REFUSED | crate::wire::FLAG_TLS_REQUIRED,
+        max_frame: 1024,
+        max_queued: 1,
+    };
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = (&*s).write_all(&refusal.encode());
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side
+
+/// TLS for a client: what to present and what to trust. Secure by default: the server's chain
+/// is verified against the system's trust store (or only [`ca_certs`](Self::ca_certs) when
+/// given) and its certificate must be for the host name connected to (or
+/// [`server_hostname`](Self::server_hostname)).
+///
+/// ```
+/// use rpyc::SslClient;
+/// # let pki = rpyc::TestPki::temp()?;
+/// # let files = pki.issue("localhost", &["localhost"])?;
+/// # pki.issue("alice", &[])?;
+/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert)?.ca_certs(pki.ca_cert());
+/// # let service = rpyc::Service::new("s").method_with_context("whoami", |cx: &rpyc::Context| {
+/// #     cx.peer_certificate().and_then(|c| c.common_name()).unwrap_or("").to_string()
+/// # });
+/// # let server = rpyc::ThreadedServer::new(service).authenticator(auth).build()?.spawn()?;
+/// # let (port, dir) = (server.port(), pki.dir());
+/// let conn = SslClient::new()
+///     .cert_key(dir.join("alice.pem"), dir.join("alice.key"))
+///     .ca_certs(dir.join("ca.pem"))
+///     .server_hostname("localhost") // the name in its certificate; we dial an IP address
+///     .connect("127.0.0.1", port)?;
+/// assert_eq!(conn.root().call::<String, _>("whoami", ())?, "alice");
+/// # server.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct SslClient {
+    cert_key: Option<(PathBuf, PathBuf)>,
+    passphrase: Option<String>,
+    ca: Option<PathBuf>,
+    server_hostname: Option<String>,
+    min: TlsVersion,
+    ciphers: Option<String>,
+    suites: Option<String>,
+    dangerous: bool,
+    options: Option<Options>,
+}
+
+impl fmt::Debug for SslClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SslClient")
+            .field("cert_key", &self.cert_key)
+            .field("ca", &self.ca)
+            .field("server_hostname", &self.server_hostname)
+            .field("min_version", &self.min)
+            .field("dangerous_accept_any_server_certificate", &self.dangerous)
+            .finish()
+    }
+}
+
+impl SslClient {
+    /// A client that presents no certificate and trusts the system's CAs.
+    pub fn new() -> SslClient {
+        SslClient::default()
+    }
+
+    /// Presents this certificate (chain) and key, for servers that require client
+    /// certificates.
+    pub fn cert_key(mut self, certfile: impl AsRef<Path>, keyfile: impl AsRef<Path>) -> SslClient {
+        self.cert_key = Some((certfile.as_ref().into(), keyfile.as_ref().into()));
+        self
+    }
+
+    /// The passphrase of an encrypted key file.
+    pub fn key_passphrase(mut self, passphrase: &str) -> SslClient {
+        self.passphrase = Some(passphrase.into());
+        self
+    }
+
+    /// Trusts only the CA certificates in `cafile` (PEM) for the server's chain, instead of the
+    /// system's trust store.
+    pub fn ca_certs(mut self, cafile: impl AsRef<Path>) -> SslClient {
+        self.ca = Some(cafile.as_ref().into());
+        self
+    }
+
+    /// The name the server's certificate must carry (and the SNI sent), when it differs from
+    /// the host connected to: an IP address, a tunnel's local end, an alias.
+    pub fn server_hostname(mut self, name: &str) -> SslClient {
+        self.server_hostname = Some(name.into());
+        self
+    }
+
+    /// The lowest TLS version accepted: [`TlsVersion::Tls12`] by default.
+    pub fn min_version(mut self, v: TlsVersion) -> SslClient {
+        self.min = v;
+        self
+    }
+
+    /// The TLS 1.2 cipher list, in OpenSSL's syntax.
+    pub fn ciphers(mut self, list: &str) -> SslClient {
+        self.ciphers = Some(list.into());
+        self
+    }
+
+    /// The TLS 1.3 cipher suites, in OpenSSL's syntax.
+    pub fn ciphersuites(mut self, list: &str) -> SslClient {
+        self.suites = Some(list.into());
+        self
+    }
+
+    /// **Dangerous**: accepts any server certificate, from anyone, for any name. The
+    /// connection is encrypted but not authenticated, so anyone on the path can read and
+    /// change it. For throwaway tests only.
+    pub fn dangerous_accept_any_server_certificate(mut self) -> SslClient {
+        self.dangerous = true;
+        self
+    }
+
+    /// Connection options (timeouts, a service to expose, limits) for [`connect`](Self::connect).
+    pub fn options(mut self, options: Options) -> SslClient {
+        self.options = Some(options);
+        self
+    }
+
+    /// Connects to `host:port` over TLS and returns a ready connection.
+    pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
+        let mut client = self.clone();
+        let options = client.options.take().unwrap_or_default();
+        options.authenticator(client).connect(host, port)
+    }
+
+    fn connector(&self) -> Result<SslConnector, Error> {
+        let mut b = SslConnector::builder(SslMethod::tls_client())
+            .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
+        common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
+        if let Some(ca) = &self.ca {
+            // Replaces the system store: only this CA is trusted.
+            b.set_cert_store(ca_store(ca)?.0);
+        }
+        if let Some((cert, key)) = &self.cert_key {
+            Identity::load(key, cert, self.passphrase.as_deref())?.install(&mut b)?;
+        }
+        if self.dangerous {
+            b.set_verify(SslVerifyMode::NONE);
+        }
+        Ok(b.build())
+    }
+}
+
+impl ClientAuthenticator for SslClient {
+    fn authenticate(
+        &self,
+        socket: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Authenticated, Error> {
+        let deadline = crate::options::deadline(timeout);
+        let connector = self.connector()?;
+        let name = self.server_hostname.as_deref().unwrap_or(host);
+        let ssl = connector
+            .configure()
+            .and_then(|c| {
+                c.verify_hostname(!self.dangerous)
+                    .use_server_name_indication(true)
+                    .into_ssl(name)
+            })
+            .map_err(|e| Error::Tls(format!("cannot set up TLS for {name:?}: {}", reasons(&e))))?;
+        let peer = format!(
+            "{host}:{}",
+            socket.peer_addr().map(|a| a.port()).unwrap_or(0)
+        );
+        socket.set_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+        let s = handshake(
+            ssl,
+            socket,
+            Side::Client,
+            deadline,
+            timeout,
+            &peer,
+            Some(name),
+        )?;
+        let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
+        Ok(Authenticated::tls(TlsConn::new(s, Side::Client), cert))
+    }
+}
+
+/// Connects to an rpyc server over TLS, verifying the server against the system's trust store
+/// and its certificate against `host`; presents `certfile`/`keyfile` when given (servers that
+/// require client certificates). For a private CA, another name, or other settings, use
+/// [`SslClient`].
+///
+/// ```no_run
+/// let conn = rpyc::ssl_connect("myserver.example", 18821, Some("client.key"), Some("client.pem"))?;
+/// let answer: i64 = conn.root().call("add", (1, 2))?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn ssl_connect(
+    host: &str,
+    port: u16,
+    keyfile: Option<&str>,
+    certfile: Option<&str>,
+) -> Result<Connection, Error> {
+    let client = match (keyfile, certfile) {
+        (Some(k), Some(c)) => SslClient::new().cert_key(c, k),
+        (None, None) => SslClient::new(),
+        _ => {
+            return Err(Error::Tls(
+                "give both keyfile and certfile, or neither".into(),
+            ))
+        }
+    };
+    client.connect(host, port)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handshake and its failures
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+fn peer_of(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "tls peer".into())
+}
+
+/// The socket under an SSL object. It remembers the first bytes it read, so a failed
+/// handshake can tell a plain rpyc server from a broken TLS one.
+pub(crate) struct Sock {
+    tcp: TcpStream,
+    first: [u8; 4],
+    seen: usize,
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        if self.seen < 4 {
+            let k = n.min(4 - self.seen);
+            self.first[self.seen..self.seen + k].copy_from_slice(&buf[..k]);
+            self.seen += k;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn handshake(
+    ssl: Ssl,
+    tcp: TcpStream,
+    side: Side,
+    deadline: Instant,
+    timeout: Duration,
+    peer: &str,
+    name: Option<&str>,
+) -> Result<SslStream<Sock>, Error> {
+    let fd = tcp.as_raw_fd();
+    let sock = Sock {
+        tcp,
+        first: [0; 4],
+        seen: 0,
+    };
+    let mut s = SslStream::new(ssl, sock).map_err(|e| Error::Tls(reasons(&e)))?;
+    loop {
+        let r = match side {
+            Side::Server => s.accept(),
+            Side::Client => s.connect(),
+        };
+        let e = match r {
+            Ok(()) => return Ok(s),
+            Err(e) => e,
+        };
+        let events = match e.code() {
+            ErrorCode::WANT_READ => POLLIN,
+            ErrorCode::WANT_WRITE => POLLOUT,
+            _ => {
+                return Err(Error::Tls(describe(
+                    &e,
+                    s.ssl(),
+                    s.get_ref(),
+                    side,
+                    peer,
+                    name,
+                )))
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(Timeout::Handshake(timeout)));
+        }
+        sys::wait_fd(fd, events, Some(left))?;
+    }
+}
+
+/// What check failed on which side, in words a user can act on.
+fn describe(
+    e: &ssl::Error,
+    ssl: &SslRef,
+    sock: &Sock,
+    side: Side,
+    peer: &str,
+    name: Option<&str>,
+) -> String {
+    let reasons: Vec<&str> = e
+        .ssl_error()
+        .map(|s| s.errors().iter().filter_map(|x| x.reason()).collect())
+        .unwrap_or_default();
+    let has = |s: &str| reasons.iter().any(|r| r.contains(s));
+    let verify = ssl.verify_result();
+    if side == Side::Client && sock.seen == 4 && sock.first == crate::wire::MAGIC {
+        return format!(
+            "{peer} speaks plain rpyc, not TLS: connect with rpyc::connect, or give the server \
+             an SslAuthenticator"
+        );
+    }
+    if verify != X509VerifyResult::OK {
+        return match side {
+            Side::Client => format!(
+                "this client rejected the server's certificate: {}{}",
+                verify.error_string(),
+                server_cert_hint(verify, name)
+            ),
+            Side::Server => format!(
+                "this server rejected the client's certificate: {}{}",
+                verify.error_string(),
+                client_cert_hint(verify)
+            ),
+        };
+    }
+    if let Some(alert) = reasons.iter().find(|r| r.contains("alert")) {
+        return match side {
+            Side::Client => format!(
+                "the server refused the handshake ({alert}){}",
+                alert_hint_client(alert)
+            ),
+            Side::Server => format!("the client refused the handshake ({alert}): it does not accept this server's certificate or settings"),
+        };
+    }
+    if has("peer did not return a certificate") || has("no certificate returned") {
+        return "the client sent no certificate, and this server requires one signed by its CA"
+            .into();
+    }
+    if has("unsupported protocol") || has("no protocols available") {
+        return format!(
+            "no TLS version in common with {peer}: this {} accepts TLS 1.2 or later",
+            side_name(side)
+        );
+    }
+    if has("wrong version number") || has("packet length too long") || has("http request") {
+        return format!(
+            "{peer} does not speak TLS ({}): is it a plain rpyc {}?",
+            reasons.join(", "),
+            match side {
+                Side::Client => "server (use rpyc::connect)",
+                Side::Server => "client (use rpyc::ssl_connect)",
+            }
+        );
+    }
+    if has("no shared cipher") || has("no suitable signature algorithm") {
+        return format!(
+            "no cipher or signature algorithm in common with {peer} ({}): check the ciphers \
+             settings of both sides",
+            reasons.join(", ")
+        );
+    }
+    if reasons.is_empty() || has("unexpected eof") {
+        let io = e.io_error().map(|i| format!(" ({i})")).unwrap_or_default();
+        return format!(
+            "{peer} closed the connection during the TLS handshake{io}: is it a TLS {}, and does \
+             it accept us?",
+            match side {
+                Side::Client => "server",
+                Side::Server => "client",
+            }
+        );
+    }
+    format!(
+        "the TLS handshake with {peer} failed on the {} side: {}",
+        side_name(side),
+        reasons.join(", ")
+    )
+}
+
+/// OpenSSL's X509_V_ERR_* codes this module explains (stable across OpenSSL versions).
+mod verify_code {
+    pub const UNABLE_TO_GET_ISSUER_CERT: i32 = 2;
+    pub const CERT_NOT_YET_VALID: i32 = 9;
+    pub const CERT_HAS_EXPIRED: i32 = 10;
+    pub const DEPTH_ZERO_SELF_SIGNED_CERT: i32 = 18;
+    pub const SELF_SIGNED_CERT_IN_CHAIN: i32 = 19;
+    pub const UNABLE_TO_GET_ISSUER_CERT_LOCALLY: i32 = 20;
+    pub const UNABLE_TO_VERIFY_LEAF_SIGNATURE: i32 = 21;
+    pub const HOSTNAME_MISMATCH: i32 = 62;
+    pub const IP_ADDRESS_MISMATCH: i32 = 64;
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Client => "client",
+        Side::Server => "server",
+    }
+}
+
+fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> String {
+    match v.as_raw() {
+        verify_code::HOSTNAME_MISMATCH | verify_code::IP_ADDRESS_MISMATCH => format!(
+            " (it is not issued for {:?}; connect with a name it carries, or set \
+             server_hostname(...) to one)",
+            name.unwrap_or("")
+        ),
+        verify_code::CERT_HAS_EXPIRED => {
+            " (the server's certificate has expired: renew it, or check this machine's clock)"
+                .into()
+        }
+        verify_code::CERT_NOT_YET_VALID => {
+            " (the server's certificate is not valid yet: check both machines' clocks)".into()
+        }
+        verify_code::UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        | verify_code::UNABLE_TO_GET_ISSUER_CERT
+        | verify_code::SELF_SIGNED_CERT_IN_CHAIN
+        | verify_code::DEPTH_ZERO_SELF_SIGNED_CERT
+        | verify_code::UNABLE_TO_VERIFY_LEAF_SIGNATURE => {
+            " (it is not signed by a CA this client trusts: pass the CA that signed it with \
+             ca_certs(...), or give the server its full chain)"
+                .into()
+        }
+        _ => String::new(),
+    }
+}
+
+fn client_cert_hint(v: X509VerifyResult) -> String {
+    match v.as_raw() {
+        verify_code::CERT_HAS_EXPIRED => " (the client's certificate has expired)".into(),
+        verify_code::CERT_NOT_YET_VALID => " (the client's certificate is not valid yet)".into(),
+        verify_code::UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        | verify_code::UNABLE_TO_GET_ISSUER_CERT
+        | verify_code::SELF_SIGNED_CERT_IN_CHAIN
+        | verify_code::DEPTH_ZERO_SELF_SIGNED_CERT
+        | verify_code::UNABLE_TO_VERIFY_LEAF_SIGNATURE => {
+            " (it is not signed by this server's CA)".into()
+        }
+        _ => String::new(),
+    }
+}
+
+fn alert_hint_client(alert: &str) -> &'static str {
+    if alert.contains("certificate required") {
+        ": it requires a client certificate; pass keyfile and certfile to ssl_connect, or \
+         SslClient::cert_key"
+    } else if alert.contains("unknown ca") {
+        ": it does not trust the CA that signed our client certificate"
+    } else if alert.contains("certificate expired") {
+        ": our client certificate has expired"
+    } else if alert.contains("bad certificate") || alert.contains("certificate unknown") {
+        ": it rejected our client certificate (expired, not yet valid, or from another CA)"
+    } else if alert.contains("protocol version") {
+        ": no TLS version in common; the server needs a newer TLS version"
+    } else if alert.contains("handshake failure") {
+        ": no cipher or signature algorithm in common"
+    } else {
+        ""
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transport: one SSL object shared by a reading and a writing thread
+
+/// A TLS session on a non-blocking socket, shared by the connection's read half, write half
+/// and control (see the module docs for the locking rules).
+pub(crate) struct TlsConn {
+    ssl: Mutex<SslStream<Sock>>,
+    fd: RawFd,
+    /// Another handle on the socket: shuts it down without taking the SSL lock.
+    sock: TcpStream,
+    peer: String,
+    read_timeout: Mutex<Option<Duration>>,
+    /// A write that makes no progress for this long fails (a peer that stopped reading).
+    write_timeout: Mutex<Duration>,
+    closing: AtomicBool,
+    /// The first TLS-level failure after the handshake, described (e.g. TLS 1.3's late
+    /// "certificate required" alert), for the connection's error message.
+    failure: Mutex<Option<String>>,
+    side: Side,
+}
+
+impl TlsConn {
+    fn new(s: SslStream<Sock>, side: Side) -> Arc<TlsConn> {
+        let sock = s.get_ref().tcp.try_clone();
+        let fd = s.get_ref().tcp.as_raw_fd();
+        let peer = peer_of(&s.get_ref().tcp);
+        Arc::new(TlsConn {
+            fd,
+            // A failed dup leaves only the SSL lock to shut down with; the fd is still there.
+            sock: sock.unwrap_or_else(|_| s.get_ref().tcp.try_clone().expect("dup socket")),
+            ssl: Mutex::new(s),
+            peer,
+            read_timeout: Mutex::new(None),
+            write_timeout: Mutex::new(Duration::from_secs(30)),
+            closing: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            side,
+        })
+    }
+
+    pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
+        *lock(&conn.write_timeout) = write_timeout;
+        Transport {
+            reader: Box::new(TlsReader(conn.clone())),
+            writer: Box::new(TlsWriter(conn.clone())),
+            peer: conn.peer.clone(),
+            control: conn,
+            credentials: None,
+        }
+    }
+
+    fn failed(&self, e: ssl::Error, doing: &str) -> io::Error {
+        if let Some(io) = e.io_error() {
+            return io::Error::new(io.kind(), io.to_string());
+        }
+        let reasons: Vec<&str> = e
+            .ssl_error()
+            .map(|s| s.errors().iter().filter_map(|x| x.reason()).collect())
+            .unwrap_or_default();
+        let msg = match reasons.iter().find(|r| r.contains("alert")) {
+            Some(alert) if self.side == Side::Client => format!(
+                "the server refused the connection after the handshake ({alert}){}",
+                alert_hint_client(alert)
+            ),
+            _ => format!(
+                "TLS error while {doing} ({} side): {}",
+                side_name(self.side),
+                if reasons.is_empty() {
+                    e.to_string()
+                } else {
+                    reasons.join(", ")
+                }
+            ),
+        };
+        log::debug!("{}: {msg}", self.peer);
+        lock(&self.failure).get_or_insert_with(|| msg.clone());
+        io::Error::other(msg)
+    }
+
+    /// Waits, without the SSL lock, until the socket is ready for `events` or `timeout`
+    /// passes (then `TimedOut`).
+    fn wait(&self, events: i16, timeout: Option<Duration>) -> io::Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ));
+        }
+        let r = sys::wait_fd(self.fd, events, timeout)?;
+        if r == 0 && timeout.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS wait timed out",
+            ));
+        }
+        Ok(())
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let r = lock(&self.ssl).ssl_read(buf);
+            let e = match r {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
+            };
+            match e.code() {
+                ErrorCode::WANT_READ => self.wait(POLLIN, *lock(&self.read_timeout))?,
+                ErrorCode::WANT_WRITE => self.wait(POLLOUT, *lock(&self.read_timeout))?,
+                // A close_notify, or the socket's end without one: the frame layer tells a
+                // clean end between frames from a truncated frame.
+                ErrorCode::ZERO_RETURN => return Ok(0),
+                ErrorCode::SYSCALL if e.io_error().is_none() => return Ok(0),
+                _ if self.closing.load(Ordering::Acquire) => return Ok(0),
+                _ if is_unexpected_eof(&e) => return Ok(0),
+                _ => return Err(self.failed(e, "reading")),
+            }
+        }
+    }
+
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let stall = *lock(&self.write_timeout);
+        loop {
+            if self.closing.load(Ordering::Acquire) {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "connection closed",
+                ));
+            }
+            // After WANT_WRITE the same bytes are offered again, as OpenSSL requires.
+            let r = lock(&self.ssl).ssl_write(buf);
+            let e = match r {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
+            };
+            match e.code() {
+                ErrorCode::WANT_WRITE => self.wait(POLLOUT, Some(stall)).map_err(|e| {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the peer read nothing for {stall:?}"),
+                        )
+                    } else {
+                        e
+                    }
+                })?,
+                // Rare (renegotiation): the reading thread may take the input first, so
+                // only wait briefly before trying again.
+                ErrorCode::WANT_READ => {
+                    self.wait(POLLIN, Some(Duration::from_millis(5)))
+                        .or_else(|e| {
+                            if e.kind() == io::ErrorKind::TimedOut {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        })?
+                }
+                ErrorCode::ZERO_RETURN => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the peer closed the TLS session",
+                    ))
+                }
+                _ => return Err(self.failed(e, "writing")),
+            }
+        }
+    }
+}
+
+fn is_unexpected_eof(e: &ssl::Error) -> bool {
+    e.ssl_error().is_some_and(|s| {
+        s.errors()
+            .iter()
+            .any(|x| x.reason().is_some_and(|r| r.contains("unexpected eof")))
+    })
+}
+
+impl Control for TlsConn {
+    fn shutdown(&self) {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        // A polite close_notify if the SSL object is free right now (it is only ever held for
+        // one non-blocking call); never wait for it.
+        if let Ok(mut s) = self.ssl.try_lock() {
+            let _ = s.shutdown();
+        }
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        *lock(&self.read_timeout) = d.filter(|d| !d.is_zero());
+        Ok(())
+    }
+
+    fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+}
+
+struct TlsReader(Arc<TlsConn>);
+
+impl Read for TlsReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+struct TlsWriter(Arc<TlsConn>);
+
+impl Write for TlsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

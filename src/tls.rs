@@ -937,14 +937,13 @@ fn handshake(
             ErrorCode::WANT_READ => POLLIN,
             ErrorCode::WANT_WRITE => POLLOUT,
             _ => {
-                return Err(Error::Tls(describe(
-                    &e,
-                    s.ssl(),
-                    s.get_ref(),
-                    side,
-                    peer,
-                    name,
-                )))
+                let why = describe(&e, s.ssl(), s.get_ref(), side, peer, name);
+                if side == Side::Server {
+                    // Let the client read our alert: closing with its data unread would reset
+                    // the connection and the alert could be lost.
+                    linger_close(&s.get_ref().tcp);
+                }
+                return Err(Error::Tls(why));
             }
         };
         let left = deadline.saturating_duration_since(Instant::now());
@@ -952,6 +951,30 @@ fn handshake(
             return Err(Error::Timeout(Timeout::Handshake(timeout)));
         }
         sys::wait_fd(fd, events, Some(left))?;
+    }
+}
+
+/// Ends our side of a failed connection politely: signals the end of our data, then reads and
+/// discards what the peer still sends, for at most a quarter of a second, so the peer reads
+/// everything we sent (a TLS alert) instead of a reset.
+fn linger_close(tcp: &TcpStream) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(250);
+    let mut buf = [0u8; 4096];
+    let mut r = tcp;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || sys::wait_fd(tcp.as_raw_fd(), POLLIN, Some(left)).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 

@@ -1,0 +1,321 @@
+//! TLS failures: each gives a clear client-side error naming what failed and where, is logged
+//! by the server with the client's address, and leaves the server serving the next client.
+//! Also the server's handshake timeout against silent and half-finished clients.
+
+mod common;
+
+use common::tls::{
+    capture_logs, logged, pki, serve_tls, server_options, still_serves, whoami, Pki,
+};
+use common::TestServer;
+use rpyc::{Error, SslAuthenticator, SslClient, TestPki};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+fn server(p: &Pki) -> TestServer {
+    capture_logs();
+    serve_tls(whoami(), p.authenticator(), server_options())
+}
+
+/// The client's error, which must be a TLS error, as text.
+fn tls_error(r: Result<rpyc::Connection, Error>) -> String {
+    match r {
+        Err(e @ Error::Tls(_)) => {
+            eprintln!("client error: {e}");
+            e.to_string()
+        }
+        Err(other) => panic!("expected Error::Tls, got {other:?}"),
+        Ok(_) => panic!("expected the connection to fail"),
+    }
+}
+
+fn wait_logged(parts: &[&str]) -> bool {
+    common::wait_until(Duration::from_secs(5), || logged(parts))
+}
+
+#[test]
+fn no_client_certificate_when_one_is_required() {
+    let p = pki();
+    let s = server(&p);
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .connect("localhost", s.port),
+    );
+    assert!(msg.contains("requires a client certificate"), "{msg}");
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "authentication failed",
+        "certificate"
+    ]));
+    still_serves(&s, &p);
+}
+
+#[test]
+fn client_certificate_from_another_ca() {
+    let p = pki();
+    let s = server(&p);
+    let other = TestPki::temp().unwrap();
+    let mallory = other.issue("mallory", &[]).unwrap();
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .cert_key(&mallory.cert, &mallory.key)
+            .connect("localhost", s.port),
+    );
+    assert!(msg.contains("does not trust the CA"), "{msg}");
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "rejected the client's certificate",
+        "not signed by this server's CA"
+    ]));
+    still_serves(&s, &p);
+}
+
+#[test]
+fn expired_client_certificate() {
+    let p = pki();
+    let s = server(&p);
+    let old = p.ca.issue_valid("old-client", &[], -30, -1).unwrap();
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .cert_key(&old.cert, &old.key)
+            .connect("localhost", s.port),
+    );
+    assert!(msg.contains("expired"), "{msg}");
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "client's certificate has expired"
+    ]));
+    still_serves(&s, &p);
+}
+
+#[test]
+fn not_yet_valid_client_certificate() {
+    let p = pki();
+    let s = server(&p);
+    let early = p.ca.issue_valid("early-client", &[], 2, 30).unwrap();
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .cert_key(&early.cert, &early.key)
+            .connect("localhost", s.port),
+    );
+    assert!(msg.contains("rejected our client certificate"), "{msg}");
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "client's certificate is not valid yet"
+    ]));
+    still_serves(&s, &p);
+}
+
+/// A server presenting `cert`, and the error a client trusting the CA gets from it.
+fn server_presenting(p: &Pki, cert: &rpyc::Issued) -> String {
+    capture_logs();
+    let auth = SslAuthenticator::new(&cert.key, &cert.cert).unwrap();
+    let s = serve_tls(whoami(), auth, server_options());
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .connect("localhost", s.port),
+    );
+    // The server logs that the client refused it, and still serves a client that accepts it.
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "the client refused the handshake"
+    ]));
+    let ok = SslClient::new()
+        .dangerous_accept_any_server_certificate()
+        .connect("localhost", s.port)
+        .expect("the server still serves");
+    assert!(ok.ping().is_ok());
+    msg
+}
+
+#[test]
+fn expired_server_certificate() {
+    let p = pki();
+    let old =
+        p.ca.issue_valid("localhost", &["localhost"], -30, -1)
+            .unwrap();
+    let msg = server_presenting(&p, &old);
+    assert!(
+        msg.contains("rejected the server's certificate") && msg.contains("has expired"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn not_yet_valid_server_certificate() {
+    let p = pki();
+    let early =
+        p.ca.issue_valid("localhost", &["localhost"], 2, 30)
+            .unwrap();
+    let msg = server_presenting(&p, &early);
+    assert!(msg.contains("not valid yet"), "{msg}");
+}
+
+#[test]
+fn server_hostname_mismatch() {
+    let p = pki();
+    let elsewhere = p.ca.issue("elsewhere", &["elsewhere.example"]).unwrap();
+    let msg = server_presenting(&p, &elsewhere);
+    assert!(
+        msg.contains("hostname mismatch") && msg.contains("\"localhost\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn untrusted_server_ca() {
+    let p = pki();
+    let other = TestPki::temp().unwrap();
+    let theirs = other.issue("localhost", &["localhost"]).unwrap();
+    let msg = server_presenting(&p, &theirs);
+    assert!(
+        msg.contains("not signed by a CA this client trusts"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn client_limited_to_tls_1_1() {
+    let p = pki();
+    let s = server(&p);
+    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    // OpenSSL 3 refuses TLS 1.1 at its default security level; lower it so the old
+    // protocol is really offered to the server.
+    b.set_security_level(0);
+    b.set_cipher_list("DEFAULT:@SECLEVEL=0").unwrap();
+    b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1))
+        .unwrap();
+    b.set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_1))
+        .unwrap();
+    b.set_verify(openssl::ssl::SslVerifyMode::NONE);
+    let tcp = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let err = b
+        .build()
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .connect("localhost", tcp)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("protocol version"), "{err}");
+    assert!(wait_logged(&[
+        "127.0.0.1:",
+        "no TLS version in common",
+        "TLS 1.2 or later"
+    ]));
+    still_serves(&s, &p);
+}
+
+#[test]
+fn plain_rpyc_client_against_a_tls_port() {
+    let p = pki();
+    let s = server(&p);
+    let err = rpyc::connect("127.0.0.1", s.port).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::Handshake(_)) && msg.contains("only accepts TLS"),
+        "{msg}"
+    );
+    assert!(wait_logged(&["127.0.0.1:", "plain rpyc hello"]));
+    still_serves(&s, &p);
+}
+
+#[test]
+fn tls_client_against_a_plain_port() {
+    let p = pki();
+    let plain = common::serve(whoami());
+    let msg = tls_error(p.client().connect("localhost", plain.port));
+    assert!(msg.contains("speaks plain rpyc, not TLS"), "{msg}");
+    // The plain server still serves plain clients.
+    let conn = common::connect(&plain);
+    assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
+}
+
+#[test]
+fn server_cut_off_half_way_through_the_handshake() {
+    // A "server" that reads the client's hello and hangs up.
+    let p = pki();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+    });
+    let msg = tls_error(p.client().connect("localhost", port));
+    t.join().unwrap();
+    assert!(
+        msg.contains("closed the connection during the TLS handshake"),
+        "{msg}"
+    );
+}
+
+/// The first bytes of a real ClientHello, to stop sending half way.
+fn client_hello_prefix() -> Vec<u8> {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    });
+    let c = SslClient::new().connect("localhost", port);
+    let hello = t.join().unwrap();
+    assert!(c.is_err());
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    hello[..hello.len() / 2].to_vec()
+}
+
+#[test]
+fn silent_and_half_finished_clients_are_dropped_after_the_handshake_timeout_without_delaying_others(
+) {
+    let p = pki();
+    capture_logs();
+    let timeout = Duration::from_millis(400);
+    let s = serve_tls(
+        whoami(),
+        p.authenticator(),
+        server_options().handshake_timeout(timeout),
+    );
+    let half = client_hello_prefix();
+    let mut silent = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let mut stalled = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stalled.write_all(&half).unwrap();
+    let started = Instant::now();
+    // A good client is served at once while the two others hold their handshakes open.
+    still_serves(&s, &p);
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    for sock in [&mut silent, &mut stalled] {
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        // The server hangs up: end of stream (or a reset), not our 5 s read timeout.
+        loop {
+            match sock.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "never dropped");
+                    break;
+                }
+            }
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(50) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(wait_logged(&["127.0.0.1:", "handshake timed out"]));
+    still_serves(&s, &p);
+}

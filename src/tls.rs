@@ -246,7 +246,9 @@ fn reasons(e: &ErrorStack) -> String {
 /// `passphrase`. Never prompts on a terminal.
 fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Private>, Error> {
     let pem = read_file(path, "key")?;
-    let encrypted = pem.windows(9).any(|w| w == b"ENCRYPTED");
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    // PKCS#8 encrypted, or a legacy PEM header `Proc-Type: 4,ENCRYPTED`.
+    let encrypted = has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"4,ENCRYPTED");
     let key = match passphrase {
         Some(p) => PKey::private_key_from_pem_passphrase(&pem, p.as_bytes()),
         // An empty callback answer makes an encrypted key fail instead of prompting.

@@ -1,0 +1,197 @@
+//! Keys and certificates made by the `openssl` command line (testdata/tls, see its gen.sh) load
+//! as they are: RSA 2048/4096, EC P-256/P-384 and Ed25519 keys in PKCS#1, SEC1 and PKCS#8 form,
+//! a chain with an intermediate CA, an encrypted key; and files that cannot load say why.
+
+mod common;
+
+use common::tls::{serve_tls, server_options, testdata, whoami};
+use rpyc::{Error, SslAuthenticator, SslClient};
+
+/// A client trusting the committed root CA, presenting `client` (a testdata name) if given.
+fn client(cert: Option<&str>) -> SslClient {
+    let c = SslClient::new().ca_certs(testdata("ca.pem"));
+    match cert {
+        Some(name) => c.cert_key(
+            testdata(&format!("{name}.pem")),
+            testdata(&format!("{name}.key")),
+        ),
+        None => c,
+    }
+}
+
+/// Serves with the committed server key `name`, requires client certificates from the root CA,
+/// and checks a client authenticated as `client_name` gets a call through with its CN seen.
+fn serves_with(auth: SslAuthenticator, client_file: &str, cn: &str) {
+    let server = serve_tls(
+        whoami(),
+        auth.ca_certs(testdata("ca.pem")),
+        server_options(),
+    );
+    for host in ["localhost", "127.0.0.1"] {
+        let conn = client(Some(client_file))
+            .connect(host, server.port)
+            .unwrap_or_else(|e| panic!("{client_file} to {host}: {e}"));
+        assert_eq!(conn.root().call::<String, _>("whoami", ()).unwrap(), cn);
+        assert_eq!(
+            conn.peer_certificate().unwrap().common_name(),
+            Some("localhost")
+        );
+    }
+}
+
+fn server_key(name: &str) -> SslAuthenticator {
+    SslAuthenticator::new(
+        testdata(&format!("{name}.key")),
+        testdata(&format!("{name}.pem")),
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn rsa_2048_pkcs1_server_key_loads() {
+    let pem = std::fs::read_to_string(testdata("server-rsa2048.key")).unwrap();
+    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    serves_with(server_key("server-rsa2048"), "client-rsa", "alice");
+}
+
+#[test]
+fn rsa_4096_pkcs8_server_key_loads() {
+    serves_with(server_key("server-rsa4096"), "client-rsa", "alice");
+}
+
+#[test]
+fn ec_p256_sec1_server_key_and_client_key_load() {
+    let pem = std::fs::read_to_string(testdata("server-p256.key")).unwrap();
+    assert!(pem.starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    serves_with(server_key("server-p256"), "client-p256", "bob");
+}
+
+#[test]
+fn ec_p384_pkcs8_server_key_loads() {
+    serves_with(server_key("server-p384"), "client-p256", "bob");
+}
+
+#[test]
+fn ed25519_server_and_client_keys_load() {
+    serves_with(server_key("server-ed25519"), "client-ed25519", "carol");
+}
+
+#[test]
+fn a_certificate_file_with_an_intermediate_ca_sends_the_chain() {
+    // The client trusts only the root; it can verify the server only if the server sends the
+    // intermediate from its certificate file.
+    serves_with(server_key("server-chain"), "client-rsa", "alice");
+}
+
+#[test]
+fn an_encrypted_key_loads_with_its_passphrase() {
+    let pass = std::fs::read_to_string(testdata("server-encrypted.passphrase")).unwrap();
+    let auth = SslAuthenticator::with_key_passphrase(
+        testdata("server-encrypted.key"),
+        testdata("server-encrypted.pem"),
+        &pass,
+    )
+    .unwrap();
+    serves_with(auth, "client-rsa", "alice");
+}
+
+#[test]
+fn an_encrypted_key_without_or_with_a_wrong_passphrase_says_so() {
+    let err = SslAuthenticator::new(
+        testdata("server-encrypted.key"),
+        testdata("server-encrypted.pem"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Tls(_)) && err.to_string().contains("is encrypted"),
+        "{err}"
+    );
+    let err = SslAuthenticator::with_key_passphrase(
+        testdata("server-encrypted.key"),
+        testdata("server-encrypted.pem"),
+        "wrong",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("wrong passphrase"), "{err}");
+}
+
+#[test]
+fn a_client_key_passphrase_works_too() {
+    let pass = std::fs::read_to_string(testdata("server-encrypted.passphrase")).unwrap();
+    // The client loads its key when it connects; the server does not ask for a certificate
+    // (this one is for servers), so what is under test is loading the encrypted key.
+    let server = serve_tls(whoami(), server_key("server-p256"), server_options());
+    let c = SslClient::new()
+        .ca_certs(testdata("ca.pem"))
+        .cert_key(
+            testdata("server-encrypted.pem"),
+            testdata("server-encrypted.key"),
+        )
+        .key_passphrase(&pass);
+    assert!(c.connect("localhost", server.port).unwrap().ping().is_ok());
+    let err = SslClient::new()
+        .ca_certs(testdata("ca.pem"))
+        .cert_key(
+            testdata("server-encrypted.pem"),
+            testdata("server-encrypted.key"),
+        )
+        .connect("localhost", server.port)
+        .unwrap_err();
+    assert!(err.to_string().contains("is encrypted"), "{err}");
+}
+
+#[test]
+fn missing_files_are_named_in_the_error() {
+    let err =
+        SslAuthenticator::new("/nonexistent/server.key", testdata("server-p256.pem")).unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/server.key") && err.to_string().contains("key"),
+        "{err}"
+    );
+    let err =
+        SslAuthenticator::new(testdata("server-p256.key"), "/nonexistent/server.pem").unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/server.pem"), "{err}");
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_refused() {
+    let err = SslAuthenticator::new(testdata("server-p384.key"), testdata("server-p256.pem"))
+        .unwrap_err();
+    assert!(err.to_string().contains("does not belong to"), "{err}");
+}
+
+#[test]
+fn files_that_are_not_pem_say_what_was_expected() {
+    let err =
+        SslAuthenticator::new(testdata("README.md"), testdata("server-p256.pem")).unwrap_err();
+    assert!(err.to_string().contains("no PEM private key"), "{err}");
+    let err =
+        SslAuthenticator::new(testdata("server-p256.key"), testdata("README.md")).unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // A certificate given as a key and a key as a certificate.
+    assert!(
+        SslAuthenticator::new(testdata("server-p256.pem"), testdata("server-p256.key")).is_err()
+    );
+}
+
+#[test]
+fn committed_certificates_stay_valid_for_decades() {
+    // Guards the promise of gen.sh: if someone regenerates with a short validity, this fails.
+    let in_fifty_years = openssl::asn1::Asn1Time::days_from_now(50 * 365).unwrap();
+    let now = openssl::asn1::Asn1Time::days_from_now(0).unwrap();
+    for entry in std::fs::read_dir(testdata("")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "pem") {
+            let pem = std::fs::read(&path).unwrap();
+            for cert in openssl::x509::X509::stack_from_pem(&pem).unwrap() {
+                assert!(cert.not_before() <= now, "{} not valid yet", path.display());
+                assert!(
+                    cert.not_after() >= in_fifty_years,
+                    "{} expires on {}: regenerate with testdata/tls/gen.sh",
+                    path.display(),
+                    cert.not_after()
+                );
+            }
+        }
+    }
+}

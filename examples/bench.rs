@@ -1,7 +1,9 @@
 //! Measures rpyc on loopback TCP against a raw blocking std TCP floor with the same payloads.
 //!
 //! Cases: call latency, echo throughput (1 MiB, 64 MiB), pipelined async calls, 8 threads
-//! sharing one connection, and connect + first call + close.
+//! sharing one connection, and connect + first call + close; then over mutual TLS (`tls.*`)
+//! against a raw-TLS floor: the same frames over a blocking OpenSSL `SslStream` with the same
+//! settings, keys (RSA 2048, testdata/tls) and client-certificate verification.
 //!
 //! Run with `cargo run --release --example bench` (about 30 s), or with `BENCH_QUICK=1` for a
 //! smoke run of a few seconds; `BENCH_FILTER=echo` runs only the cases whose name contains
@@ -604,6 +606,8 @@ fn main() -> Res<()> {
     drop(raw);
     server.close();
 
+    tls_cases(plan, quick, &wanted, &mut emit)?;
+
     println!();
     println!("| case | rpyc | floor | ratio |");
     println!("|---|---:|---:|---:|");
@@ -618,5 +622,188 @@ fn main() -> Res<()> {
     }
     println!();
     println!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: rpyc over SslAuthenticator / SslClient against raw blocking OpenSSL streams.
+
+fn tls_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/tls")
+        .join(name)
+}
+
+/// The raw floor's acceptor: the same settings SslAuthenticator uses (Mozilla intermediate,
+/// TLS 1.2+, client certificates required and verified against the CA).
+fn raw_tls_acceptor() -> Res<openssl::ssl::SslAcceptor> {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+    b.set_private_key_file(tls_file("server-rsa2048.key"), SslFiletype::PEM)?;
+    b.set_certificate_chain_file(tls_file("server-rsa2048.pem"))?;
+    b.set_ca_file(tls_file("ca.pem"))?;
+    b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    b.set_session_id_context(b"bench")?;
+    Ok(b.build())
+}
+
+fn raw_tls_connector() -> Res<openssl::ssl::SslConnector> {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod};
+    let mut b = SslConnector::builder(SslMethod::tls_client())?;
+    b.set_ca_file(tls_file("ca.pem"))?;
+    b.set_private_key_file(tls_file("client-rsa.key"), SslFiletype::PEM)?;
+    b.set_certificate_chain_file(tls_file("client-rsa.pem"))?;
+    Ok(b.build())
+}
+
+/// A raw TLS echo server: a thread per connection, whole frame in, whole frame out.
+fn raw_tls_server() -> Res<u16> {
+    let acceptor = raw_tls_acceptor()?;
+    let listener = TcpListener::bind((HOST, 0))?;
+    let port = listener.local_addr()?.port();
+    thread::Builder::new()
+        .name("raw-tls-accept".into())
+        .spawn(move || {
+            for s in listener.incoming().flatten() {
+                let acceptor = acceptor.clone();
+                let _ =
+                    thread::Builder::new()
+                        .name("raw-tls-conn".into())
+                        .spawn(move || -> Res<()> {
+                            s.set_nodelay(true)?;
+                            let mut s = acceptor.accept(s).map_err(|e| e.to_string())?;
+                            let mut buf = Vec::new();
+                            loop {
+                                let mut len = [0u8; 4];
+                                if s.read_exact(&mut len).is_err() {
+                                    return Ok(());
+                                }
+                                let n = u32::from_be_bytes(len) as usize;
+                                buf.resize(4 + n, 0);
+                                buf[..4].copy_from_slice(&len);
+                                s.read_exact(&mut buf[4..])?;
+                                s.write_all(&buf)?;
+                            }
+                        });
+            }
+        })?;
+    Ok(port)
+}
+
+/// A raw TLS client connection.
+struct RawTls {
+    s: openssl::ssl::SslStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawTls {
+    fn connect(c: &openssl::ssl::SslConnector, port: u16) -> Res<RawTls> {
+        let tcp = TcpStream::connect((HOST, port))?;
+        tcp.set_nodelay(true)?;
+        let s = c.connect("localhost", tcp).map_err(|e| e.to_string())?;
+        Ok(RawTls { s, buf: Vec::new() })
+    }
+
+    fn call(&mut self, frame: &[u8]) -> Res<usize> {
+        self.s.write_all(frame)?;
+        let mut len = [0u8; 4];
+        self.s.read_exact(&mut len)?;
+        let n = u32::from_be_bytes(len) as usize;
+        self.buf.resize(n, 0);
+        self.s.read_exact(&mut self.buf)?;
+        Ok(n)
+    }
+}
+
+fn tls_cases(
+    plan: Plan,
+    quick: bool,
+    wanted: &dyn Fn(&str) -> bool,
+    emit: &mut dyn FnMut(Row),
+) -> Res<()> {
+    if !["tls.call.16B", "tls.echo.1MiB", "tls.connect"]
+        .iter()
+        .any(|n| wanted(n))
+    {
+        return Ok(());
+    }
+    let raw_port = raw_tls_server()?;
+    let connector = raw_tls_connector()?;
+    let auth = rpyc::SslAuthenticator::new(
+        tls_file("server-rsa2048.key"),
+        tls_file("server-rsa2048.pem"),
+    )?
+    .ca_certs(tls_file("ca.pem"));
+    let server = ThreadedServer::new(Service::new("bench").method("echo", |b: Bytes| b))
+        .hostname(HOST)
+        .port(0)
+        .authenticator(auth)
+        .build()?
+        .spawn()?;
+    let client = rpyc::SslClient::new()
+        .ca_certs(tls_file("ca.pem"))
+        .cert_key(tls_file("client-rsa.pem"), tls_file("client-rsa.key"));
+    let conn = client.connect("localhost", server.port())?;
+    let mut raw = RawTls::connect(&connector, raw_port)?;
+
+    for (name, size) in [("tls.call.16B", 16), ("tls.echo.1MiB", MIB)] {
+        if !wanted(name) {
+            continue;
+        }
+        let p = Bytes::from((0..size).map(|i| (i * 5 + 3) as u8).collect::<Vec<u8>>());
+        let f = frame(&p);
+        assert_eq!(raw.call(&f)?, size);
+        assert!(raw.buf[..] == p[..], "raw TLS echo returned something else");
+        let r: Bytes = conn.root().call("echo", (&p,))?;
+        assert!(r == p, "echo returned something else");
+        let per = if size == 16 { 1 } else { 2 * size as u64 };
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || Ok(black_box(raw.call(&f)?) as u64 / size as u64 * per),
+            &mut || Ok(echo(&conn, &p)? as u64 / size as u64 * per),
+        )?;
+        emit(Row {
+            name,
+            unit: if size == 16 {
+                Unit::Micros("call")
+            } else {
+                Unit::MegaBytes
+            },
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+
+    // tls.connect: TCP connect + mutual TLS handshake + one 16-byte round trip + close.
+    if wanted("tls.connect") {
+        let p = Bytes::from(vec![0x42; 16]);
+        let f = frame(&p);
+        let mut plan = plan;
+        plan.max_iters = if quick { 20 } else { 60 };
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                let mut c = RawTls::connect(&connector, raw_port)?;
+                black_box(c.call(&f)?);
+                Ok(1)
+            },
+            &mut || {
+                let c = client.connect("localhost", server.port())?;
+                echo(&c, &p)?;
+                c.close();
+                Ok(1)
+            },
+        )?;
+        emit(Row {
+            name: "tls.connect",
+            unit: Unit::Micros("connect"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+    }
+    conn.close();
+    server.close();
     Ok(())
 }

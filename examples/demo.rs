@@ -1,6 +1,7 @@
-//! A tour in one process: a server, a client with a callback, a remote object, async calls.
+//! A tour in one process: a server, a client with a callback, a remote object, async calls;
+//! then the same server over mutual TLS, with a throwaway CA made in a temporary folder.
 
-use rpyc::{Options, RemoteObject, Service, ThreadedServer};
+use rpyc::{Options, RemoteObject, Service, SslAuthenticator, SslClient, TestPki, ThreadedServer};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -92,6 +93,46 @@ fn main() -> Result<(), rpyc::Error> {
 
     conn.close();
     handle.close();
+
+    // Mutual TLS: a throwaway CA (removed at the end) signs the server's and alice's
+    // certificates; the server requires client certificates signed by it.
+    let pki = TestPki::temp()?;
+    let server_files = pki.issue("localhost", &["localhost", "127.0.0.1"])?;
+    let alice = pki.issue("alice", &[])?;
+    let auth =
+        SslAuthenticator::new(&server_files.key, &server_files.cert)?.ca_certs(pki.ca_cert());
+    let secure = Service::new("secure").method_with_context("whoami", |cx: &rpyc::Context| {
+        let cert = cx
+            .peer_certificate()
+            .expect("client certificates are required");
+        cert.common_name().unwrap_or("?").to_string()
+    });
+    let tls_handle = ThreadedServer::new(secure)
+        .authenticator(auth)
+        .build()?
+        .spawn()?;
+    println!(
+        "TLS server on 127.0.0.1:{}, CA in {}",
+        tls_handle.port(),
+        pki.dir().display()
+    );
+    let tls = SslClient::new()
+        .ca_certs(pki.ca_cert())
+        .cert_key(&alice.cert, &alice.key)
+        .connect("localhost", tls_handle.port())?;
+    println!(
+        "over TLS the server knows us by our certificate: {}",
+        tls.root().call::<String, _>("whoami", ())?
+    );
+    match SslClient::new()
+        .ca_certs(pki.ca_cert())
+        .connect("localhost", tls_handle.port())
+    {
+        Err(e) => println!("without a client certificate: {e}"),
+        Ok(_) => println!("connected without a client certificate?!"),
+    }
+    tls.close();
+    tls_handle.close();
     println!("closed cleanly");
     Ok(())
 }

@@ -696,6 +696,8 @@ pub struct SslClient {
     suites: Option<String>,
     dangerous: bool,
     options: Option<Options>,
+    /// Built on first use and shared by clones; every setter starts a new one.
+    connector: Arc<OnceLock<Result<SslConnector, Error>>>,
 }
 
 impl fmt::Debug for SslClient {
@@ -720,12 +722,14 @@ impl SslClient {
     /// certificates.
     pub fn cert_key(mut self, certfile: impl AsRef<Path>, keyfile: impl AsRef<Path>) -> SslClient {
         self.cert_key = Some((certfile.as_ref().into(), keyfile.as_ref().into()));
+        self.connector = Default::default();
         self
     }
 
     /// The passphrase of an encrypted key file.
     pub fn key_passphrase(mut self, passphrase: &str) -> SslClient {
         self.passphrase = Some(passphrase.into());
+        self.connector = Default::default();
         self
     }
 
@@ -733,6 +737,7 @@ impl SslClient {
     /// system's trust store.
     pub fn ca_certs(mut self, cafile: impl AsRef<Path>) -> SslClient {
         self.ca = Some(cafile.as_ref().into());
+        self.connector = Default::default();
         self
     }
 
@@ -740,24 +745,28 @@ impl SslClient {
     /// the host connected to: an IP address, a tunnel's local end, an alias.
     pub fn server_hostname(mut self, name: &str) -> SslClient {
         self.server_hostname = Some(name.into());
+        self.connector = Default::default();
         self
     }
 
     /// The lowest TLS version accepted: [`TlsVersion::Tls12`] by default.
     pub fn min_version(mut self, v: TlsVersion) -> SslClient {
         self.min = v;
+        self.connector = Default::default();
         self
     }
 
     /// The TLS 1.2 cipher list, in OpenSSL's syntax.
     pub fn ciphers(mut self, list: &str) -> SslClient {
         self.ciphers = Some(list.into());
+        self.connector = Default::default();
         self
     }
 
     /// The TLS 1.3 cipher suites, in OpenSSL's syntax.
     pub fn ciphersuites(mut self, list: &str) -> SslClient {
         self.suites = Some(list.into());
+        self.connector = Default::default();
         self
     }
 
@@ -766,6 +775,7 @@ impl SslClient {
     /// change it. For throwaway tests only.
     pub fn dangerous_accept_any_server_certificate(mut self) -> SslClient {
         self.dangerous = true;
+        self.connector = Default::default();
         self
     }
 
@@ -775,14 +785,22 @@ impl SslClient {
         self
     }
 
-    /// Connects to `host:port` over TLS and returns a ready connection.
+    /// Connects to `host:port` over TLS and returns a ready connection. Key, certificate and
+    /// CA files are read at the first connect of this `SslClient` (and its clones), then reused.
     pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
         let mut client = self.clone();
         let options = client.options.take().unwrap_or_default();
         options.authenticator(client).connect(host, port)
     }
 
-    fn connector(&self) -> Result<SslConnector, Error> {
+    fn connector(&self) -> Result<&SslConnector, Error> {
+        self.connector
+            .get_or_init(|| self.build_connector())
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn build_connector(&self) -> Result<SslConnector, Error> {
         let mut b = SslConnector::builder(SslMethod::tls_client())
             .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
         common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
@@ -841,7 +859,9 @@ impl ClientAuthenticator for SslClient {
 /// Connects to an rpyc server over TLS, verifying the server against the system's trust store
 /// and its certificate against `host`; presents `certfile`/`keyfile` when given (servers that
 /// require client certificates). For a private CA, another name, or other settings, use
-/// [`SslClient`].
+/// [`SslClient`]; to connect often, keep one `SslClient` and call its
+/// [`connect`](SslClient::connect): it reads the files and the system's trust store (tens of
+/// milliseconds) once, where `ssl_connect` reads them on every call.
 ///
 /// ```no_run
 /// let conn = rpyc::ssl_connect("myserver.example", 18821, Some("client.key"), Some("client.pem"))?;

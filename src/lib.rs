@@ -34,6 +34,16 @@
 //! # Ok::<(), rpyc::Error>(())
 //! ```
 //!
+//! # Secure connections
+//!
+//! [`SslAuthenticator`] gives a server TLS on OpenSSL, with client certificates required and
+//! verified once a CA is given; [`ssl_connect`] and [`SslClient`] connect to it, verifying the
+//! server's chain and host name by default. Handlers see who is calling through
+//! [`Context::peer_certificate`]. Other schemes plug in through [`Authenticator`] and
+//! [`ClientAuthenticator`]. How one TLS session is shared by many threads without two of them
+//! ever inside OpenSSL at once, and without a lock held while waiting for the network, is
+//! described in [`SslAuthenticator`]'s module docs (`src/tls.rs`).
+//!
 //! # Design
 //!
 //! The wire protocol is specified in `PROTOCOL.md`. How threads share a connection (who reads,

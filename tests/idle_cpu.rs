@@ -1,5 +1,7 @@
-//! An open connection with nothing to do uses no CPU: no thread polls once activity stops.
-//! (Its own test binary, so no other test's threads add CPU time.)
+//! An open connection with nothing to do uses no CPU: no thread polls once activity stops,
+//! over plain TCP and over TLS. (Its own test binary, so no other test's threads add CPU time.)
+
+mod common;
 
 use rpyc::{Options, Service, ThreadedServer};
 use std::time::Duration;
@@ -24,16 +26,27 @@ fn idle_connections_use_no_cpu() {
         .unwrap()
         .spawn()
         .unwrap();
+    let pki = common::tls::pki();
+    let tls_handle =
+        ThreadedServer::new(Service::new("idle").method("add", |a: i64, b: i64| a + b))
+            .authenticator(pki.authenticator())
+            .build()
+            .unwrap()
+            .spawn()
+            .unwrap();
     let client_service = Service::new("client").method("ping", || "pong");
-    let conns: Vec<_> = (0..4)
-        .map(|_| {
-            Options::new()
-                .service(client_service.clone())
-                .call_timeout(Duration::from_secs(10))
-                .connect("127.0.0.1", handle.port())
-                .unwrap()
-        })
+    let options = Options::new()
+        .service(client_service)
+        .call_timeout(Duration::from_secs(10));
+    let mut conns: Vec<_> = (0..4)
+        .map(|_| options.connect("127.0.0.1", handle.port()).unwrap())
         .collect();
+    conns.extend((0..4).map(|_| {
+        pki.client()
+            .options(options.clone())
+            .connect("localhost", tls_handle.port())
+            .unwrap()
+    }));
     // Activity first: sequential calls, async calls, threads.
     for c in &conns {
         for i in 0..200 {
@@ -53,7 +66,8 @@ fn idle_connections_use_no_cpu() {
     let used = cpu_ticks() - before;
     assert!(
         used <= 3,
-        "4 idle connections (both ends in this process) used {used} ticks of CPU in 1 s"
+        "8 idle connections, 4 of them TLS (both ends in this process), used {used} ticks of \
+         CPU in 1 s"
     );
     // And they still work.
     for c in &conns {
@@ -61,4 +75,5 @@ fn idle_connections_use_no_cpu() {
     }
     drop(conns);
     handle.close();
+    tls_handle.close();
 }

@@ -1,5 +1,8 @@
 //! Threads: once its clients have closed and the server is closed, nothing the crate started
-//! is left running. (Its own test binary with one test, so no other test's threads count.)
+//! is left running, over plain TCP and over TLS. (Its own test binary with one test, so no
+//! other test's threads count.)
+
+mod common;
 
 use rpyc::{Options, RemoteObject, Service, ThreadedServer};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,6 +24,14 @@ fn thread_names() -> Vec<String> {
 
 #[test]
 fn closing_clients_and_server_leaves_no_threads_behind() {
+    exercise_then_close(None);
+    let pki = common::tls::pki();
+    exercise_then_close(Some(&pki));
+}
+
+/// Runs a server and four clients through every kind of call (over TLS with `tls`), closes
+/// them in every way, and checks that the thread count is back to where it started.
+fn exercise_then_close(tls: Option<&common::tls::Pki>) {
     let baseline = thread_names();
 
     let service = Service::new("svc")
@@ -47,18 +58,25 @@ fn closing_clients_and_server_leaves_no_threads_behind() {
             "ask_client",
             |cx: &rpyc::Context| -> Result<String, rpyc::Error> { cx.peer_root().call("name", ()) },
         );
-    let server = ThreadedServer::new(service).build().unwrap();
+    let mut server = ThreadedServer::new(service);
+    if let Some(p) = tls {
+        server = server.authenticator(p.authenticator());
+    }
+    let server = server.build().unwrap();
     let port = server.port();
     let handle = server.spawn().unwrap();
 
+    let tls_client = tls.map(|p| p.client());
     let clients: Vec<_> = (0..4)
         .map(|i| {
+            let tls_client = tls_client.clone();
             thread::spawn(move || {
                 let me = Service::new("client").method("name", move || format!("client {i}"));
-                let conn = Options::new()
-                    .service(me)
-                    .connect("127.0.0.1", port)
-                    .unwrap();
+                let options = Options::new().service(me);
+                let conn = match tls_client {
+                    Some(c) => c.options(options).connect("localhost", port).unwrap(),
+                    None => options.connect("127.0.0.1", port).unwrap(),
+                };
                 let root = conn.root();
                 // Concurrent calls on one connection make each side's pool grow.
                 let pending: Vec<_> = (0..8)

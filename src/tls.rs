@@ -423,9 +423,9 @@ fn common_settings(
 /// [`ServerBuilder::authenticator`](crate::ServerBuilder::authenticator).
 ///
 /// Files are PEM, as the `openssl` command line writes them: RSA, EC and Ed25519 keys in
-/// PKCS#1, SEC1 or PKCS#8 form (encrypted ones through [`with_key_passphrase`]
-/// (Self::with_key_passphrase)); the certificate file may carry the chain (leaf first, then
-/// intermediate CAs).
+/// PKCS#1, SEC1 or PKCS#8 form (encrypted ones through
+/// [`with_key_passphrase`](Self::with_key_passphrase)); the certificate file may carry the chain
+/// (leaf first, then intermediate CAs).
 ///
 /// ```
 /// use rpyc::{Service, SslAuthenticator, ThreadedServer};

@@ -161,7 +161,12 @@ impl Authenticated {
 
     pub(crate) fn into_transport(self, write_timeout: Duration) -> io::Result<Transport> {
         let mut t = match self.stream {
-            Stream::Tcp(s) => transport::tcp(s, write_timeout)?,
+            Stream::Tcp(s) => {
+                // An authenticator may have left the socket non-blocking; the connection
+                // needs it blocking.
+                s.set_nonblocking(false)?;
+                transport::tcp(s, write_timeout)?
+            }
             Stream::Tls(c) => TlsConn::transport(c, write_timeout),
         };
         t.credentials = self.credentials;

@@ -603,7 +603,7 @@ impl Authenticator for SslAuthenticator {
         let ssl = Ssl::new(acceptor.context()).map_err(|e| Error::Tls(reasons(&e)))?;
         let s = handshake(ssl, socket, Side::Server, deadline, timeout, &peer, None)?;
         let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
-        Ok(Authenticated::tls(TlsConn::new(s, Side::Server), cert))
+        Ok(Authenticated::tls(TlsConn::new(s, Side::Server)?, cert))
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -852,7 +852,7 @@ impl ClientAuthenticator for SslClient {
             Some(name),
         )?;
         let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
-        Ok(Authenticated::tls(TlsConn::new(s, Side::Client), cert))
+        Ok(Authenticated::tls(TlsConn::new(s, Side::Client)?, cert))
     }
 }
 
@@ -1192,14 +1192,13 @@ pub(crate) struct TlsConn {
 }
 
 impl TlsConn {
-    fn new(s: SslStream<Sock>, side: Side) -> Arc<TlsConn> {
-        let sock = s.get_ref().tcp.try_clone();
+    fn new(s: SslStream<Sock>, side: Side) -> io::Result<Arc<TlsConn>> {
+        let sock = s.get_ref().tcp.try_clone()?;
         let fd = s.get_ref().tcp.as_raw_fd();
         let peer = peer_of(&s.get_ref().tcp);
-        Arc::new(TlsConn {
+        Ok(Arc::new(TlsConn {
             fd,
-            // A failed dup leaves only the SSL lock to shut down with; the fd is still there.
-            sock: sock.unwrap_or_else(|_| s.get_ref().tcp.try_clone().expect("dup socket")),
+            sock,
             ssl: Mutex::new(s),
             peer,
             read_timeout: Mutex::new(None),
@@ -1207,7 +1206,7 @@ impl TlsConn {
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             side,
-        })
+        }))
     }
 
     pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {

@@ -22,5 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .connect(host, port)?,
     };
     println!("{}", conn.root().call::<String, _>("hello", ())?);
+    match conn.root().call::<String, _>("reboot", ()) {
+        Ok(r) => println!("reboot: {r}"),
+        Err(e) => println!("reboot refused: {e}"),
+    }
     Ok(())
 }

@@ -15,13 +15,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The server's key and certificate; with a CA, clients must present a certificate it signed.
     let auth = SslAuthenticator::new(key, cert)?.ca_certs(ca);
-    let service = Service::new("greeter").method_with_context("hello", |cx: &rpyc::Context| {
-        let who = cx
-            .peer_certificate()
-            .and_then(|c| c.common_name())
-            .unwrap_or("stranger");
-        format!("hello, {who}")
-    });
+    // Handlers see the verified client certificate and decide per client what they allow.
+    let service = Service::new("greeter")
+        .method_with_context("hello", |cx: &rpyc::Context| {
+            let who = cx
+                .peer_certificate()
+                .and_then(|c| c.common_name())
+                .unwrap_or("stranger");
+            format!("hello, {who}")
+        })
+        .method_with_context("reboot", |cx: &rpyc::Context| {
+            let cert = cx.peer_certificate().ok_or("no client certificate")?;
+            if cert.common_name() != Some("admin") {
+                return Err(format!("{} may not reboot the lab", cert.subject()));
+            }
+            Ok("rebooting")
+        });
     let server = ThreadedServer::new(service)
         .port(port)
         .authenticator(auth)

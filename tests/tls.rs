@@ -527,8 +527,16 @@ fn a_timed_out_call_leaves_the_tls_connection_usable() {
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
 }
 
-#[test]
-fn closing_a_tls_connection_fails_waiting_calls_at_once() {
+/// A TLS server whose `block` method waits for the gate, a client, and a thread of the client
+/// waiting in `block`.
+struct BlockedCall {
+    gate: common::Gate,
+    server: common::TestServer,
+    conn: rpyc::Connection,
+    waiter: std::thread::JoinHandle<Result<(), Error>>,
+}
+
+fn blocked_call() -> BlockedCall {
     let p = pki();
     let gate = common::Gate::default();
     let g = gate.clone();
@@ -538,12 +546,23 @@ fn closing_a_tls_connection_fails_waiting_calls_at_once() {
     let c2 = conn.clone();
     let waiter = std::thread::spawn(move || c2.root().call::<(), _>("block", ()));
     std::thread::sleep(Duration::from_millis(100));
+    BlockedCall {
+        gate,
+        server,
+        conn,
+        waiter,
+    }
+}
+
+#[test]
+fn closing_a_tls_connection_fails_waiting_calls_at_once() {
+    let b = blocked_call();
     let t = Instant::now();
-    conn.close();
-    let r = waiter.join().unwrap();
+    b.conn.close();
+    let r = b.waiter.join().unwrap();
     assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-    gate.open();
+    b.gate.open();
 }
 
 #[test]
@@ -562,22 +581,14 @@ fn the_server_sees_a_tls_client_close() {
 
 #[test]
 fn a_dead_tls_server_fails_the_waiting_call_and_later_calls_fast() {
-    let p = pki();
-    let gate = common::Gate::default();
-    let g = gate.clone();
-    let service = whoami().method("block", move || g.wait());
-    let server = serve_tls(service, p.authenticator(), server_options());
-    let conn = p.client().connect("localhost", server.port).unwrap();
-    let c2 = conn.clone();
-    let waiter = std::thread::spawn(move || c2.root().call::<(), _>("block", ()));
-    std::thread::sleep(Duration::from_millis(100));
-    server.handle.close();
-    gate.open();
-    let r = waiter.join().unwrap();
+    let b = blocked_call();
+    b.server.handle.close();
+    b.gate.open();
+    let r = b.waiter.join().unwrap();
     assert!(r.is_err());
     let t = Instant::now();
     assert!(matches!(
-        conn.root().call::<i64, _>("add", (1, 2)),
+        b.conn.root().call::<i64, _>("add", (1, 2)),
         Err(Error::Closed { .. })
     ));
     assert!(t.elapsed() < Duration::from_secs(1));

@@ -1222,7 +1222,19 @@ impl TlsConn {
 
     fn failed(&self, e: ssl::Error, doing: &str) -> io::Error {
         if let Some(io) = e.io_error() {
-            return io::Error::new(io.kind(), io.to_string());
+            let io = io::Error::new(io.kind(), io.to_string());
+            if doing == "writing" && self.side == Side::Client {
+                // A server that refused us may have reset the connection after its alert:
+                // the alert may still be readable and says why.
+                let mut byte = [0u8; 1];
+                let r = lock(&self.ssl).ssl_read(&mut byte);
+                if let Err(e) = r {
+                    if e.io_error().is_none() && e.code() != ErrorCode::WANT_READ {
+                        return self.failed(e, "reading");
+                    }
+                }
+            }
+            return io;
         }
         let reasons: Vec<&str> = e
             .ssl_error()

@@ -319,3 +319,37 @@ fn silent_and_half_finished_clients_are_dropped_after_the_handshake_timeout_with
     assert!(wait_logged(&["127.0.0.1:", "handshake timed out"]));
     still_serves(&s, &p);
 }
+
+#[test]
+fn a_server_that_resets_right_after_its_alert_is_still_explained() {
+    // A raw OpenSSL server that requires a client certificate and, unlike ours, closes at once
+    // when the handshake fails: whatever the client sent after its handshake is unread, so the
+    // kernel resets the connection. The client must still say why it was refused.
+    let p = pki();
+    let mut b =
+        openssl::ssl::SslAcceptor::mozilla_intermediate_v5(openssl::ssl::SslMethod::tls_server())
+            .unwrap();
+    b.set_private_key_file(&p.server.key, openssl::ssl::SslFiletype::PEM)
+        .unwrap();
+    b.set_certificate_chain_file(&p.server.cert).unwrap();
+    b.set_ca_file(p.ca.ca_cert()).unwrap();
+    b.set_verify(
+        openssl::ssl::SslVerifyMode::PEER | openssl::ssl::SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+    );
+    let acceptor = b.build();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        // Give the client time to send its hello after the handshake, then fail and close.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(acceptor.accept(s).is_err());
+    });
+    let msg = tls_error(
+        SslClient::new()
+            .ca_certs(p.ca.ca_cert())
+            .connect("localhost", port),
+    );
+    t.join().unwrap();
+    assert!(msg.contains("requires a client certificate"), "{msg}");
+}

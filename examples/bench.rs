@@ -635,7 +635,7 @@ fn tls_file(name: &str) -> std::path::PathBuf {
 }
 
 /// The raw floor's acceptor: the same settings SslAuthenticator uses (Mozilla intermediate,
-/// TLS 1.2+, client certificates required and verified against the CA).
+/// TLS 1.2+, client certificates required and verified against the CA, no session tickets).
 fn raw_tls_acceptor() -> Res<openssl::ssl::SslAcceptor> {
     use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
@@ -644,6 +644,8 @@ fn raw_tls_acceptor() -> Res<openssl::ssl::SslAcceptor> {
     b.set_ca_file(tls_file("ca.pem"))?;
     b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     b.set_session_id_context(b"bench")?;
+    // Like SslAuthenticator: no TLS 1.3 session tickets (nobody resumes sessions here).
+    b.set_num_tickets(0)?;
     Ok(b.build())
 }
 

@@ -583,6 +583,9 @@ impl SslAuthenticator {
         }
         b.set_session_id_context(b"rpyc")
             .map_err(|e| Error::Tls(reasons(&e)))?;
+        // Clients of this crate never resume sessions, so TLS 1.3 session tickets would be
+        // made and sent for nothing on every connection.
+        b.set_num_tickets(0).map_err(|e| Error::Tls(reasons(&e)))?;
         Ok(b.build())
     }
 }

@@ -65,6 +65,8 @@ mod options;
 mod server;
 mod service;
 #[cfg(unix)]
+mod ssh;
+#[cfg(unix)]
 mod sys;
 mod threads;
 mod transport;
@@ -79,3 +81,5 @@ pub use options::unix_connect;
 pub use options::{connect, connect_stream, connect_subprocess, Options};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
 pub use service::{callback, Args, Context, ContextHandler, Handler, Service};
+#[cfg(unix)]
+pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};

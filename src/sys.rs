@@ -12,6 +12,12 @@ use std::time::Duration;
 pub(crate) const POLLIN: i16 = libc::POLLIN;
 /// Ready for writing.
 pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+/// The peer shut down its sending side (Linux; elsewhere only POLLHUP tells).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const POLLRDHUP: i16 = libc::POLLRDHUP;
+/// The peer shut down its sending side (Linux; elsewhere only POLLHUP tells).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) const POLLRDHUP: i16 = 0;
 /// Hung up or failed: reported whether asked for or not.
 pub(crate) const POLLHUP_OR_ERR: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
 

@@ -182,7 +182,7 @@ impl SshContext {
     /// `SSH_AUTH_SOCK`). Passed to libssh2 directly: the environment is not changed.
     pub fn identity_agent(mut self, socket: impl AsRef<Path>) -> SshContext {
         self.identity_agent = Some(socket.as_ref().to_path_buf());
-        self.agent.get_or_insert(true);
+        self.agent = Some(true);
         self
     }
 

@@ -57,7 +57,12 @@ fn passphrase_protected_key_authenticates_with_its_passphrase() {
 fn wrong_passphrase_is_refused_with_a_hint() {
     let d = sshd::shared();
     let m = ssh_message(
-        works(&bare(d).keyfile(&d.client_key_pass).keyfile_passphrase("wrong")).unwrap_err(),
+        works(
+            &bare(d)
+                .keyfile(&d.client_key_pass)
+                .keyfile_passphrase("wrong"),
+        )
+        .unwrap_err(),
     );
     assert!(m.contains("passphrase"), "{m}");
     assert!(m.contains("id_ed25519_pass"), "{m}");
@@ -89,7 +94,11 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
     works(&bare(d).keyfile(&d.stranger_key).identity_agent(&sock)).unwrap();
     // The same through the client configuration's IdentityAgent.
     let cfg = d.path("agent_ssh_config");
-    std::fs::write(&cfg, format!("Host *\n  IdentityAgent {}\n", sock.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("Host *\n  IdentityAgent {}\n", sock.display()),
+    )
+    .unwrap();
     works(
         &bare(d)
             .keyfile(&d.stranger_key)
@@ -114,7 +123,13 @@ fn password_authentication_comes_after_refused_keys() {
     );
     let user = "rpycsshpw";
     let password = "pw-Pa55-rpyc";
-    if Command::new("id").arg(user).output().unwrap().status.success() {
+    if Command::new("id")
+        .arg(user)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
         // Left by an earlier run: reset its password.
     } else {
         sshd::run(Command::new("useradd").args(["-m", "-s", "/bin/sh", user]));
@@ -158,7 +173,12 @@ fn client_config_supplies_host_port_user_key_and_known_hosts() {
     .unwrap();
     // "If the two machines are acquainted and your ssh config is set up, the context can be
     // pretty much empty."
-    works(&SshContext::new("rpyc-test-alias").config_file(&cfg).agent(false)).unwrap();
+    works(
+        &SshContext::new("rpyc-test-alias")
+            .config_file(&cfg)
+            .agent(false),
+    )
+    .unwrap();
     // Explicit fields win: a wrong explicit port is used (and fails), a wrong explicit user
     // is used (and is refused).
     let closed_port = {

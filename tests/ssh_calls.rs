@@ -51,8 +51,8 @@ fn calls_go_through_the_tunnel() {
 #[test]
 fn many_threads_share_one_tunneled_connection() {
     let server = serve(service());
-    let conn = rpyc::ssh_connect_with(&sshd::shared().context(), server.port, &common::options())
-        .unwrap();
+    let conn =
+        rpyc::ssh_connect_with(&sshd::shared().context(), server.port, &common::options()).unwrap();
     thread::scope(|s| {
         for t in 0..8i64 {
             let conn = &conn;
@@ -76,15 +76,28 @@ fn payloads_of_64_mib_go_both_ways_at_once() {
         &common::options().call_timeout(Duration::from_secs(60)),
     )
     .unwrap();
-    let payload = Bytes::from((0..64usize << 20).map(|i| (i * 31 + 7) as u8).collect::<Vec<u8>>());
+    let payload = Bytes::from(
+        (0..64usize << 20)
+            .map(|i| (i * 31 + 7) as u8)
+            .collect::<Vec<u8>>(),
+    );
     // Two echoes in flight at once: 128 MiB up and 128 MiB down interleaved in the tunnel.
-    let a = conn.root().call_async::<Bytes, _>("echo", (&payload,)).unwrap();
-    let b = conn.root().call_async::<Bytes, _>("echo", (&payload,)).unwrap();
+    let a = conn
+        .root()
+        .call_async::<Bytes, _>("echo", (&payload,))
+        .unwrap();
+    let b = conn
+        .root()
+        .call_async::<Bytes, _>("echo", (&payload,))
+        .unwrap();
     assert!(a.value().unwrap() == payload, "first echo differs");
     assert!(b.value().unwrap() == payload, "second echo differs");
     let made: Bytes = conn.root().call("make", (64usize << 20,)).unwrap();
     assert_eq!(made.len(), 64 << 20);
-    assert_eq!(conn.root().call::<usize, _>("len", (&payload,)).unwrap(), 64 << 20);
+    assert_eq!(
+        conn.root().call::<usize, _>("len", (&payload,)).unwrap(),
+        64 << 20
+    );
     conn.close();
 }
 

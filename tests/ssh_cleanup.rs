@@ -45,7 +45,9 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
             .method("echo", |b: rpyc::Bytes| b),
     );
     // Warm up whatever the process keeps open once (e.g. libssh2/OpenSSL state).
-    rpyc::ssh_connect(&d.context(), server.port).unwrap().close();
+    rpyc::ssh_connect(&d.context(), server.port)
+        .unwrap()
+        .close();
     std::thread::sleep(Duration::from_millis(200));
     let threads_before = thread_names();
     let fds_before = open_fds();
@@ -53,7 +55,13 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     let big = rpyc::Bytes::from(vec![1u8; 4 << 20]);
-    assert_eq!(conn.root().call::<rpyc::Bytes, _>("echo", (&big,)).unwrap().len(), 4 << 20);
+    assert_eq!(
+        conn.root()
+            .call::<rpyc::Bytes, _>("echo", (&big,))
+            .unwrap()
+            .len(),
+        4 << 20
+    );
     // A standalone tunnel with several connections open, one of them mid-stream.
     let tunnel = rpyc::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
     let mut raw: Vec<TcpStream> = (0..4)
@@ -63,7 +71,11 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     // (A new thread names itself once it runs, so wait for the name.)
     assert!(
         common::wait_until(Duration::from_secs(5), || {
-            thread_names().iter().filter(|n| *n == "rpyc-ssh-tunnel").count() == 2
+            thread_names()
+                .iter()
+                .filter(|n| *n == "rpyc-ssh-tunnel")
+                .count()
+                == 2
         }),
         "{:?}",
         thread_names()

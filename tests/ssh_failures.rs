@@ -25,7 +25,11 @@ fn unreachable_sshd_fails_at_once_with_a_connect_error() {
     let ctx = sshd::shared().context().port(port);
     let t = Instant::now();
     let err = rpyc::ssh_connect(&ctx, 1).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
     match &err {
         Error::Connect { addr, .. } => assert!(addr.contains(&port.to_string()), "{addr}"),
         other => panic!("expected Error::Connect, got {other:?}"),
@@ -76,9 +80,13 @@ fn nothing_listening_on_the_remote_port_is_reported_as_such() {
         l.local_addr().unwrap().port()
     };
     let t = Instant::now();
-    let err = rpyc::ssh_connect_with(&sshd::shared().context(), port, &common::options())
-        .unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    let err =
+        rpyc::ssh_connect_with(&sshd::shared().context(), port, &common::options()).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     let m = ssh_message(err);
     assert!(m.contains("connect failed"), "{m}");
     assert!(
@@ -96,7 +104,11 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
     let server = common::serve(rpyc::Service::new("svc").method("add", |a: i64, b: i64| a + b));
     let t = Instant::now();
     let err = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     let m = ssh_message(err);
     assert!(m.contains("prohibited"), "{m}");
     assert!(m.contains("AllowTcpForwarding"), "{m}");
@@ -108,7 +120,11 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 16];
         use std::io::Read;
-        assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "expected the end of the stream");
+        assert_eq!(
+            c.read(&mut buf).unwrap_or(0),
+            0,
+            "expected the end of the stream"
+        );
     }
     assert!(tunnel.failure().unwrap().contains("prohibited"));
     assert!(!tunnel.is_closed());

@@ -40,7 +40,10 @@ fn unknown_host_is_refused_by_default_naming_fingerprint_and_file() {
     let m = ssh_message(works(&d.context().known_hosts(&kh)).unwrap_err());
     let ed = fingerprint(&d.host_key_ed25519, &d.dir, "fp_ed.pub");
     let rsa = fingerprint(&d.host_key_rsa, &d.dir, "fp_rsa.pub");
-    assert!(m.contains(&ed) || m.contains(&rsa), "{m}\n(expected {ed} or {rsa})");
+    assert!(
+        m.contains(&ed) || m.contains(&rsa),
+        "{m}\n(expected {ed} or {rsa})"
+    );
     assert!(m.contains(&kh.display().to_string()), "{m}");
     assert!(m.contains(&format!("[127.0.0.1]:{}", d.port)), "{m}");
     assert!(m.contains("HostKeyPolicy::AcceptNew"), "{m}");
@@ -52,7 +55,12 @@ fn unknown_host_is_refused_by_default_naming_fingerprint_and_file() {
 fn accept_new_adds_the_key_and_later_connections_trust_it() {
     let d = sshd::shared();
     let kh = d.path("accept_new/sub/known_hosts");
-    works(&d.context().known_hosts(&kh).host_key_policy(HostKeyPolicy::AcceptNew)).unwrap();
+    works(
+        &d.context()
+            .known_hosts(&kh)
+            .host_key_policy(HostKeyPolicy::AcceptNew),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(&kh).unwrap();
     assert!(
         text.starts_with(&format!("[127.0.0.1]:{} ", d.port)),
@@ -76,9 +84,8 @@ fn changed_key_is_refused_even_under_accept_new() {
     )
     .unwrap();
     for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
-        let m = ssh_message(
-            works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err(),
-        );
+        let m =
+            ssh_message(works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err());
         assert!(m.contains("HAS CHANGED"), "{m}");
         assert!(m.contains(&format!("{}:2", kh.display())), "{m}");
         assert!(m.contains("ssh-keygen -R"), "{m}");
@@ -98,7 +105,11 @@ fn changed_key_is_refused_even_under_accept_new() {
 fn hashed_entries_among_bad_lines_are_understood() {
     let d = sshd::shared();
     let kh = d.path("hashed_known_hosts");
-    std::fs::write(&kh, format!("[127.0.0.1]:{} {}\n", d.port, d.host_key_ed25519)).unwrap();
+    std::fs::write(
+        &kh,
+        format!("[127.0.0.1]:{} {}\n", d.port, d.host_key_ed25519),
+    )
+    .unwrap();
     sshd::run(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh));
     // A line libssh2's own reader would stop at, before the hashed entry.
     let text = format!(

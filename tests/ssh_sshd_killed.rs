@@ -27,7 +27,9 @@ fn killing_sshd_fails_the_waiting_call_and_later_calls_fast() {
     let server = common::serve(
         Service::new("svc")
             .method("add", |a: i64, b: i64| a + b)
-            .method("sleep_ms", |ms: u64| thread::sleep(Duration::from_millis(ms))),
+            .method("sleep_ms", |ms: u64| {
+                thread::sleep(Duration::from_millis(ms))
+            }),
     );
     let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
@@ -46,12 +48,19 @@ fn killing_sshd_fails_the_waiting_call_and_later_calls_fast() {
     let (r, failed_at) = waiting.join().unwrap();
     let took = failed_at - killed;
     assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
-    assert!(took < Duration::from_secs(2), "the waiting call failed after {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the waiting call failed after {took:?}"
+    );
 
     let t = Instant::now();
     let r = conn.root().call::<i64, _>("add", (1, 2));
     assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
-    assert!(t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(conn.is_closed());
     assert!(
         common::wait_until(Duration::from_secs(5), || tunnel_threads() == 0),

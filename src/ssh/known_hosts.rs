@@ -352,7 +352,7 @@ mod tests {
                 b64(&k1)
             ),
         );
-        let kh = KnownHosts::load(&[f.clone()]);
+        let kh = KnownHosts::load(std::slice::from_ref(&f));
         assert_eq!(kh.check("example.org", 22, &k1), Verdict::Known);
         assert_eq!(
             kh.check("example.org", 22, &k2),
@@ -373,7 +373,7 @@ mod tests {
         ));
         // Appending a hashed entry makes it known, and keeps what was there.
         append(&f, "hashed.test", 2200, &k2, true).unwrap();
-        let kh = KnownHosts::load(&[f.clone()]);
+        let kh = KnownHosts::load(std::slice::from_ref(&f));
         assert_eq!(kh.check("hashed.test", 2200, &k2), Verdict::Known);
         assert_eq!(kh.key_types("hashed.test", 2200), vec!["ssh-ed25519"]);
         assert!(fs::read_to_string(&f).unwrap().starts_with("# comment\n"));

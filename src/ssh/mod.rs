@@ -254,14 +254,14 @@ impl SshContext {
         if self.known_hosts.is_none() {
             known_hosts_read.extend(cfg.global_known_hosts.iter().cloned());
         }
-        let policy = self.policy.unwrap_or(
-            match cfg.strict_host_key_checking.as_deref() {
+        let policy = self
+            .policy
+            .unwrap_or(match cfg.strict_host_key_checking.as_deref() {
                 // OpenSSH's "no" also lets changed keys through in part; here it only accepts
                 // new keys: a changed key is always refused.
                 Some("accept-new") | Some("no") | Some("off") => HostKeyPolicy::AcceptNew,
                 _ => HostKeyPolicy::Strict,
-            },
-        );
+            });
         let agent = if self.agent == Some(false) {
             None
         } else if let Some(s) = &self.identity_agent {
@@ -377,7 +377,10 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
         .to_socket_addrs()
         .map_err(fail)?
         .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolved to no address");
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        "the host name resolved to no address",
+    );
     let mut tcp = None;
     for a in addrs {
         if left().is_zero() {
@@ -397,7 +400,8 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     let keep = tcp.try_clone().map_err(fail)?;
 
     // SSH handshake, host key, authentication: blocking, bounded by what is left of the timeout.
-    let mut sess = Session::new().map_err(|e| Error::Ssh(format!("cannot create a session: {e}")))?;
+    let mut sess =
+        Session::new().map_err(|e| Error::Ssh(format!("cannot create a session: {e}")))?;
     sess.set_tcp_stream(tcp);
     let set_timeout = |s: &Session| -> Result<(), Error> {
         let ms = left().as_millis();
@@ -530,7 +534,11 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
             log::debug!("ssh: {addr} let {user} in without authentication ({e})");
             return Ok(());
         }
-        Err(e) => return Err(Error::Ssh(format!("asking {addr} how to log in failed: {e}"))),
+        Err(e) => {
+            return Err(Error::Ssh(format!(
+                "asking {addr} how to log in failed: {e}"
+            )))
+        }
     };
     let mut tried: Vec<String> = Vec::new();
     // Stop at transport failures; only refusals move on to the next credential.
@@ -636,7 +644,11 @@ pub fn ssh_connect(ctx: &SshContext, port: u16) -> Result<Connection, Error> {
 /// let conn = rpyc::ssh_connect_with(&ctx, 12345, &options)?;
 /// # Ok::<(), rpyc::Error>(())
 /// ```
-pub fn ssh_connect_with(ctx: &SshContext, port: u16, options: &Options) -> Result<Connection, Error> {
+pub fn ssh_connect_with(
+    ctx: &SshContext,
+    port: u16,
+    options: &Options,
+) -> Result<Connection, Error> {
     let tunnel = SshTunnel::open(ctx, "127.0.0.1", port)?;
     match options.connect("127.0.0.1", tunnel.local_port()) {
         Ok(conn) => {

@@ -400,7 +400,10 @@ impl Loop {
             }
             let busy = turns >= 64;
             let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh())
-                || self.forwards.iter().any(|f| f.channel.is_none() && !f.failed);
+                || self
+                    .forwards
+                    .iter()
+                    .any(|f| f.channel.is_none() && !f.failed);
             let mut fds = vec![
                 PollFd::new(self.wake.as_raw_fd(), POLLIN),
                 PollFd::new(self.listener.as_raw_fd(), POLLIN),
@@ -526,7 +529,11 @@ impl Loop {
         if self.closing {
             return Ok(false);
         }
-        let Some(i) = self.forwards.iter().position(|f| f.channel.is_none() && !f.failed) else {
+        let Some(i) = self
+            .forwards
+            .iter()
+            .position(|f| f.channel.is_none() && !f.failed)
+        else {
             return Ok(false);
         };
         match self.sess.channel_direct_tcpip(&self.host, self.port, None) {

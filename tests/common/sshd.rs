@@ -145,7 +145,11 @@ impl Sshd {
         let authorized = dir.join("authorized_keys");
         std::fs::write(
             &authorized,
-            format!("{}\n{}\n", read_pub(&client_key), read_pub(&client_key_pass)),
+            format!(
+                "{}\n{}\n",
+                read_pub(&client_key),
+                read_pub(&client_key_pass)
+            ),
         )
         .unwrap();
         let host_key_ed25519 = read_pub(&host_ed);
@@ -298,7 +302,10 @@ pub fn supervise(command: &str, args: &[&std::ffi::OsStr]) -> (Child, u32) {
     BufReader::new(shell.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let pid = line.trim().parse().expect("the supervising shell prints a pid");
+    let pid = line
+        .trim()
+        .parse()
+        .expect("the supervising shell prints a pid");
     (shell, pid)
 }
 

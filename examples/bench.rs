@@ -649,8 +649,21 @@ impl Drop for SshForward {
 fn ssh_dash_l(d: &sshd::Sshd, target: u16) -> Res<(SshForward, u16)> {
     let local = TcpListener::bind((HOST, 0))?.local_addr()?.port();
     let child = std::process::Command::new("ssh")
-        .args(["-N", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-        .args(["-o", "ExitOnForwardFailure=yes", "-o", "StrictHostKeyChecking=yes"])
+        .args([
+            "-N",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", d.known_hosts.display()))
         .arg("-i")
@@ -746,7 +759,11 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
     }
 
     if wanted("ssh.echo.64MiB") {
-        let p = Bytes::from((0..64 * MIB).map(|i| (i * 7 + 1) as u8).collect::<Vec<u8>>());
+        let p = Bytes::from(
+            (0..64 * MIB)
+                .map(|i| (i * 7 + 1) as u8)
+                .collect::<Vec<u8>>(),
+        );
         let r: Bytes = via_tunnel.root().call("echo", (&p,))?;
         assert!(r == p, "echo through the tunnel returned something else");
         drop(r);

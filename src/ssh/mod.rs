@@ -443,6 +443,13 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
             _ => Error::Ssh(format!("handshake with {addr} failed: {e}")),
         });
     }
+    log::debug!(
+        "ssh: {addr}: kex {}, host key {}, ciphers {} / {}",
+        sess.methods(MethodType::Kex).unwrap_or("?"),
+        sess.methods(MethodType::HostKey).unwrap_or("?"),
+        sess.methods(MethodType::CryptCs).unwrap_or("?"),
+        sess.methods(MethodType::CryptSc).unwrap_or("?")
+    );
     check_host_key(&sess, &r, &known)?;
     set_timeout(&sess)?;
     authenticate(&sess, &r).map_err(|e| match e {

@@ -166,6 +166,7 @@ impl SshTunnel {
             want_ssh_out: false,
             retrying: false,
             closing: false,
+            listener_ready: true,
         };
         log::debug!(
             "ssh tunnel: 127.0.0.1:{local_port} -> {} -> {target}",
@@ -268,6 +269,8 @@ struct Forward {
     down: Buf,
     /// The local side sent its end of stream (or failed).
     local_eof: bool,
+    /// The local socket may have bytes: poll said so, or no read has said otherwise yet.
+    local_readable: bool,
     eof_sent: bool,
     /// The channel sent its end of stream.
     remote_eof: bool,
@@ -291,6 +294,7 @@ impl Forward {
             up: Buf::default(),
             down: Buf::default(),
             local_eof: false,
+            local_readable: true,
             eof_sent: false,
             remote_eof: false,
             local_shut: false,
@@ -355,6 +359,8 @@ struct Loop {
     retrying: bool,
     /// Closing: accept and open nothing new.
     closing: bool,
+    /// The listener was reported readable (saves an `accept` per turn).
+    listener_ready: bool,
 }
 
 impl Loop {
@@ -413,7 +419,8 @@ impl Loop {
                         | if self.want_ssh_out { POLLOUT } else { 0 },
                 ),
             ];
-            for f in &self.forwards {
+            let mut polled = Vec::new();
+            for (i, f) in self.forwards.iter().enumerate() {
                 let (Some(local), Some(_)) = (&f.local, &f.channel) else {
                     continue;
                 };
@@ -426,6 +433,7 @@ impl Loop {
                 }
                 if ev != 0 {
                     fds.push(PollFd::new(local.as_raw_fd(), ev));
+                    polled.push(i);
                 }
             }
             let timeout = if busy {
@@ -444,6 +452,12 @@ impl Loop {
             }
             if fds[0].revents != 0 {
                 return Stop::Closed;
+            }
+            self.listener_ready |= fds[1].revents != 0;
+            for (p, &i) in fds[3..].iter().zip(&polled) {
+                if p.revents & !POLLOUT != 0 {
+                    self.forwards[i].local_readable = true;
+                }
             }
             let ssh = fds[2].revents;
             if ssh & (POLLHUP_OR_ERR | POLLRDHUP) != 0 {
@@ -466,7 +480,7 @@ impl Loop {
     fn turn(&mut self) -> Result<bool, String> {
         let mut progress = false;
         // New local connections.
-        while !self.closing {
+        while !self.closing && self.listener_ready {
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if s.set_nonblocking(true).is_ok() {
@@ -477,7 +491,10 @@ impl Loop {
                         progress = true;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.listener_ready = false;
+                    break;
+                }
                 Err(e) => {
                     log::warn!("ssh tunnel: accept failed: {e}");
                     break;
@@ -590,7 +607,7 @@ impl Loop {
         progress: &mut bool,
     ) -> Result<(), String> {
         // Local -> buffer.
-        if !f.local_eof && !f.broken {
+        if !f.local_eof && !f.broken && f.local_readable {
             while f.up.len() < BUF_CAP {
                 let Some(local) = f.local.as_mut() else { break };
                 let n = CHUNK.min(BUF_CAP - f.up.len());
@@ -604,7 +621,10 @@ impl Loop {
                         f.up.extend(&self.scratch[..n]);
                         *progress = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        f.local_readable = false;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         log::debug!("ssh tunnel: local connection #{}: {e}", f.id);

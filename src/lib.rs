@@ -50,6 +50,9 @@
 //!
 //! Requests start in arrival order but run concurrently; see [`Connection`] for the exact
 //! ordering guarantees.
+//!
+//! A server bound to localhost only is reached through SSH with [`ssh_connect`] and an
+//! [`SshContext`] (see [`SshTunnel`] for how the tunnel works).
 
 // Unsafe code is denied everywhere but `sys`, the one thin wrapper around poll(2).
 #![deny(unsafe_code)]

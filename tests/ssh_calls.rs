@@ -178,3 +178,32 @@ fn tunnel_alone_forwards_concurrent_connections_and_eof_both_ways() {
     // The local port is no longer served.
     assert!(TcpStream::connect(("127.0.0.1", local)).is_err());
 }
+
+#[test]
+fn concurrent_bulk_transfers_share_one_session() {
+    let server = serve(service());
+    let tunnel =
+        rpyc::SshTunnel::open(&sshd::shared().context(), "127.0.0.1", server.port).unwrap();
+    let payload = Bytes::from(
+        (0..16usize << 20)
+            .map(|i| (i * 13 + 5) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    thread::scope(|s| {
+        for i in 0..4 {
+            let (payload, port) = (&payload, tunnel.local_port());
+            s.spawn(move || {
+                let conn = common::options()
+                    .call_timeout(Duration::from_secs(60))
+                    .connect("127.0.0.1", port)
+                    .unwrap();
+                for _ in 0..2 {
+                    let back: Bytes = conn.root().call("echo", (payload,)).unwrap();
+                    assert!(back == *payload, "connection {i} got other bytes back");
+                }
+                conn.close();
+            });
+        }
+    });
+    assert!(tunnel.failure().is_none(), "{:?}", tunnel.failure());
+}

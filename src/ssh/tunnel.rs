@@ -277,6 +277,9 @@ struct Forward {
     local_shut: bool,
     /// The last channel write could not finish: retry it with the same bytes first.
     write_blocked: bool,
+    /// The server's window for this channel is full: its adjustment arrives on the SSH socket
+    /// (and may already have been read by libssh2 for another channel's sake).
+    window_full: bool,
     /// Something failed: close the channel as soon as no write is half done.
     broken: bool,
     close_sent: bool,
@@ -299,6 +302,7 @@ impl Forward {
             remote_eof: false,
             local_shut: false,
             write_blocked: false,
+            window_full: false,
             broken: false,
             close_sent: false,
             closed: false,
@@ -318,6 +322,7 @@ impl Forward {
         self.channel.is_some()
             && ((!self.remote_eof && !self.broken && self.down.len() < BUF_CAP)
                 || self.write_blocked
+                || self.window_full
                 || (self.finished() && !self.closed))
     }
 
@@ -404,7 +409,15 @@ impl Loop {
                     break; // let poll see the wake-up socket now and then
                 }
             }
-            let busy = turns >= 64;
+            // A window adjustment libssh2 read while serving another channel wakes nothing.
+            let window_opened = self.forwards.iter().any(|f| {
+                f.window_full
+                    && !f.up.is_empty()
+                    && f.channel
+                        .as_ref()
+                        .is_some_and(|c| c.write_window().remaining > 0)
+            });
+            let busy = turns >= 64 || window_opened;
             let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh())
                 || self
                     .forwards
@@ -641,14 +654,14 @@ impl Loop {
         while !f.up.is_empty() && (!f.broken || f.write_blocked) {
             match ch.write(f.up.bytes()) {
                 Ok(0) => {
-                    // The server's window is full: its adjustment arrives on the SSH socket.
-                    f.write_blocked = true;
-                    self.retrying = true;
+                    // No packet was started, so nothing must be retried with these bytes.
+                    f.window_full = true;
                     break;
                 }
                 Ok(n) => {
                     f.up.consume(n);
                     f.write_blocked = false;
+                    f.window_full = false;
                     *progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

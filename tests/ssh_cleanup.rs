@@ -106,4 +106,17 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
         fds_before
     );
     assert!(!thread_names().iter().any(|n| n == "rpyc-ssh-tunnel"));
+
+    // Dropping the last handle, without close(), stops the tunnel too.
+    let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
+    drop(conn);
+    assert!(
+        common::wait_until(Duration::from_secs(5), || {
+            thread_names().len() <= threads_before.len() && open_fds().len() <= fds_before.len()
+        }),
+        "left behind after drop: {:?} {:?}",
+        thread_names(),
+        open_fds()
+    );
 }

@@ -460,6 +460,10 @@ impl Loop {
             } else {
                 IDLE_POLL
             };
+            // sshd runs with Nagle's algorithm on: if what libssh2 just read goes unacknowledged
+            // (a message that needs no answer, such as its host keys after login), sshd's next
+            // packet waits for our delayed ACK, up to 40 ms. Acknowledge before sleeping.
+            let _ = sys::tcp_quickack(self.ssh_fd);
             if let Err(e) = sys::poll(&mut fds, Some(timeout)) {
                 return Stop::Dead(format!("poll failed: {e}"));
             }

@@ -92,6 +92,27 @@ pub enum HostKeyPolicy {
 /// let conn = rpyc::ssh_connect(&ctx, 12345)?;
 /// # Ok::<(), rpyc::Error>(())
 /// ```
+///
+/// Every setting, for reference (nothing connects until the context is used):
+///
+/// ```
+/// use rpyc::{HostKeyPolicy, SshContext};
+/// use std::time::Duration;
+/// let ctx = SshContext::new("db.example.org")
+///     .port(2222)
+///     .user("deploy")
+///     .keyfile("/home/deploy/.ssh/id_ed25519")
+///     .keyfile_passphrase("correct horse")
+///     .password("tried last")
+///     .agent(false)
+///     .known_hosts("/etc/myapp/known_hosts")
+///     .host_key_policy(HostKeyPolicy::AcceptNew)
+///     .connect_timeout(Duration::from_secs(5))
+///     .keepalive(Duration::from_secs(30))
+///     .config_file("/dev/null");
+/// // Secrets stay out of logs.
+/// assert!(!format!("{ctx:?}").contains("correct horse"));
+/// ```
 #[derive(Clone, Default)]
 pub struct SshContext {
     host: String,
@@ -383,10 +404,11 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     );
     let mut tcp = None;
     for a in addrs {
-        if left().is_zero() {
+        let l = left();
+        if l.is_zero() {
             return Err(timed_out());
         }
-        match TcpStream::connect_timeout(&a, left()) {
+        match TcpStream::connect_timeout(&a, l) {
             Ok(s) => {
                 tcp = Some(s);
                 break;

@@ -92,7 +92,18 @@ fn session_dead(code: i32) -> bool {
 /// # Ok::<(), rpyc::Error>(())
 /// ```
 ///
-/// See the module's design notes in the source for who owns what and how the loop waits.
+/// # How it works
+///
+/// One thread per tunnel owns the SSH session (libssh2, non-blocking), the listener, every
+/// local socket and every channel, and waits in one `poll(2)` for all of them; no lock is
+/// shared with it. Channels are opened one at a time, as connections arrive. Each direction of
+/// each connection has a bounded buffer, so a slow reader slows its own writer only (through
+/// SSH flow control), not the other connections. End of stream travels both ways (a local
+/// half-close becomes the channel's EOF, the channel's EOF a local half-close). An idle tunnel
+/// sleeps in `poll` and uses no CPU. If sshd goes away, every local socket is closed at once,
+/// so whatever reads them sees the end of the stream, and [`SshTunnel::failure`] says why.
+/// [`SshTunnel::close`] (or dropping the tunnel) closes the channels and the session and joins
+/// the thread. The design notes at the top of `src/ssh/tunnel.rs` give the details.
 pub struct SshTunnel {
     local_port: u16,
     target: String,

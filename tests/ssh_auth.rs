@@ -110,6 +110,23 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
     let m = ssh_message(works(&bare(d).keyfile(&d.stranger_key).config_file(&cfg)).unwrap_err());
     assert!(m.contains("id_stranger (refused)"), "{m}");
     assert!(!m.contains("agent"), "{m}");
+    // When everything is refused, the message shows OpenSSH's order: agent, key files, password.
+    let m = ssh_message(
+        works(
+            &bare(d)
+                .user("rpyc-no-such-user")
+                .keyfile(&d.stranger_key)
+                .identity_agent(&sock)
+                .password("nope"),
+        )
+        .unwrap_err(),
+    );
+    let (agent, key, password) = (
+        m.find("the agent's keys").expect(&m),
+        m.find("id_stranger (refused)").expect(&m),
+        m.find("the password (refused)").expect(&m),
+    );
+    assert!(agent < key && key < password, "{m}");
     let _ = Command::new("kill").arg(pid.to_string()).status();
 }
 

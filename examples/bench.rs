@@ -1,9 +1,12 @@
 //! Measures rpyc on loopback TCP against a raw blocking std TCP floor with the same payloads.
 //!
 //! Cases: call latency, echo throughput (1 MiB, 64 MiB), pipelined async calls, 8 threads
-//! sharing one connection, and connect + first call + close; then over mutual TLS (`tls.*`)
-//! against a raw-TLS floor: the same frames over a blocking OpenSSL `SslStream` with the same
-//! settings, keys (RSA 2048, testdata/tls) and client-certificate verification.
+//! sharing one connection, and connect + first call + close. The `tls.*` cases run over mutual
+//! TLS against a raw-TLS floor: the same frames over a blocking OpenSSL `SslStream` with the
+//! same settings, keys (RSA 2048, testdata/tls) and client-certificate verification. The
+//! `ssh.*` cases run the same server through an SSH tunnel to a throwaway sshd started by the
+//! bench, against OpenSSH's own `ssh -L` forward to the same server as the floor (skipped,
+//! saying why, without sshd).
 //!
 //! Run with `cargo run --release --example bench` (about 30 s), or with `BENCH_QUICK=1` for a
 //! smoke run of a few seconds; `BENCH_FILTER=echo` runs only the cases whose name contains
@@ -19,6 +22,9 @@
 //! Each case alternates batches of the floor and of rpyc (so background load hits both alike)
 //! and reports the median batch of each; `±` is half the min-max range of the batches, relative
 //! to the median.
+
+#[path = "../tests/common/sshd.rs"]
+mod sshd;
 
 use rpyc::{Bytes, Connection, Service, ThreadedServer};
 use std::hint::black_box;
@@ -389,7 +395,8 @@ fn main() -> Res<()> {
     println!(
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
-         targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70.",
+         targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70; ssh.* rows: floor = OpenSSH's \
+         `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8.",
         if quick { "quick" } else { "full" },
         plan.batches,
         thread::available_parallelism().map_or(0, |n| n.get()),
@@ -602,11 +609,16 @@ fn main() -> Res<()> {
         });
     }
 
+    tls_cases(plan, quick, &wanted, &mut emit)?;
+
+    for row in ssh_rows(plan, quick, &wanted, rpyc_port)? {
+        emit(row);
+    }
+
     conn.close();
     drop(raw);
     server.close();
 
-    tls_cases(plan, quick, &wanted, &mut emit)?;
 
     println!();
     println!("| case | rpyc | floor | ratio |");
@@ -623,6 +635,207 @@ fn main() -> Res<()> {
     println!();
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// SSH: rpyc through this crate's libssh2 tunnel vs rpyc through OpenSSH's `ssh -L`.
+
+/// `ssh -L` running in the background; killed when dropped.
+struct SshForward(std::process::Child);
+
+impl Drop for SshForward {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ssh -N -L` from a free local port to `127.0.0.1:target` through `d`; returns the
+/// process and the local port once it accepts connections.
+fn ssh_dash_l(d: &sshd::Sshd, target: u16) -> Res<(SshForward, u16)> {
+    let local = TcpListener::bind((HOST, 0))?.local_addr()?.port();
+    let child = std::process::Command::new("ssh")
+        .args([
+            "-N",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", d.known_hosts.display()))
+        .arg("-i")
+        .arg(&d.client_key)
+        .args(["-p", &d.port.to_string(), "-l", &d.user])
+        .arg("-L")
+        .arg(format!("{local}:127.0.0.1:{target}"))
+        .arg(HOST)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let mut fwd = SshForward(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect((HOST, local)).is_ok() {
+            return Ok((fwd, local));
+        }
+        if let Some(status) = fwd.0.try_wait()? {
+            return Err(format!("ssh -L exited: {status}").into());
+        }
+        if Instant::now() > deadline {
+            return Err("ssh -L did not open its port in 10 s".into());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Median seconds per unit of `op` alone (for the `direct=` column).
+fn measure_one(plan: Plan, op: &mut dyn FnMut() -> Res<u64>) -> Res<Stats> {
+    warm_up(&plan, op)?;
+    let v = (0..plan.batches)
+        .map(|_| batch(&plan, op))
+        .collect::<Res<Vec<f64>>>()?;
+    Ok(Stats::of(v))
+}
+
+fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -> Res<Vec<Row>> {
+    let names = ["ssh.call.16B", "ssh.echo.64MiB", "ssh.connect"];
+    if !names.iter().any(|n| wanted(n)) {
+        return Ok(Vec::new());
+    }
+    let missing: Vec<&str> = [sshd::SSHD, "/usr/bin/ssh", "/usr/bin/ssh-keygen"]
+        .into_iter()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "ssh.* rows skipped: {} missing (apt-get install -y openssh-server)",
+            missing.join(", ")
+        );
+        return Ok(Vec::new());
+    }
+    let d = sshd::Sshd::start(sshd::SshdConfig::default());
+    let (_fwd, fwd_port) = ssh_dash_l(&d, port)?;
+    let via_ssh_l = rpyc::connect(HOST, fwd_port)?;
+    let via_tunnel = rpyc::ssh_connect(&d.context(), port)?;
+    let direct = rpyc::connect(HOST, port)?;
+    let mut rows = Vec::new();
+    let show_direct = |unit: Unit, s: &Stats| {
+        let r = Row {
+            name: "",
+            unit,
+            floor: Stats::of(vec![s.median]),
+            rpyc: Stats::of(vec![s.median]),
+            extra: String::new(),
+        };
+        format!("direct={}  ", r.show(s.median))
+    };
+
+    if wanted("ssh.call.16B") {
+        let p = Bytes::from(vec![0xab; 16]);
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                echo(&via_ssh_l, &p)?;
+                Ok(1)
+            },
+            &mut || {
+                echo(&via_tunnel, &p)?;
+                Ok(1)
+            },
+        )?;
+        let dir = measure_one(plan, &mut || {
+            echo(&direct, &p)?;
+            Ok(1)
+        })?;
+        rows.push(Row {
+            name: "ssh.call.16B",
+            unit: Unit::Micros("call"),
+            floor,
+            rpyc,
+            extra: show_direct(Unit::Micros("call"), &dir),
+        });
+    }
+
+    if wanted("ssh.echo.64MiB") {
+        let p = Bytes::from(
+            (0..64 * MIB)
+                .map(|i| (i * 7 + 1) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let r: Bytes = via_tunnel.root().call("echo", (&p,))?;
+        assert!(r == p, "echo through the tunnel returned something else");
+        drop(r);
+        let mut plan = plan;
+        plan.warmup = Duration::ZERO;
+        if !quick {
+            plan.batches = 7;
+        }
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || Ok(echo(&via_ssh_l, &p)? as u64 * 2),
+            &mut || Ok(echo(&via_tunnel, &p)? as u64 * 2),
+        )?;
+        let dir = measure_one(plan, &mut || Ok(echo(&direct, &p)? as u64 * 2))?;
+        rows.push(Row {
+            name: "ssh.echo.64MiB",
+            unit: Unit::MegaBytes,
+            floor,
+            rpyc,
+            extra: show_direct(Unit::MegaBytes, &dir),
+        });
+    }
+
+    // ssh.connect: SSH session + tunnel + first call + close, against `ssh -L` started, first
+    // call through it, stopped.
+    if wanted("ssh.connect") {
+        let p = Bytes::from(vec![0x42; 16]);
+        let ctx = d.context();
+        let mut plan = plan;
+        plan.max_iters = if quick { 3 } else { 10 };
+        plan.warmup = Duration::ZERO;
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                let (fwd, lp) = ssh_dash_l(&d, port)?;
+                let c = rpyc::connect(HOST, lp)?;
+                echo(&c, &p)?;
+                c.close();
+                drop(fwd);
+                Ok(1)
+            },
+            &mut || {
+                let c = rpyc::ssh_connect(&ctx, port)?;
+                echo(&c, &p)?;
+                c.close();
+                Ok(1)
+            },
+        )?;
+        let dir = measure_one(plan, &mut || {
+            let c = rpyc::connect(HOST, port)?;
+            echo(&c, &p)?;
+            c.close();
+            Ok(1)
+        })?;
+        rows.push(Row {
+            name: "ssh.connect",
+            unit: Unit::Micros("connect"),
+            floor,
+            rpyc,
+            extra: show_direct(Unit::Micros("connect"), &dir),
+        });
+    }
+    via_tunnel.close();
+    via_ssh_l.close();
+    direct.close();
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,31 @@ need() {
 }
 need cargo "install Rust with rustup (https://rustup.rs), then rerun scripts/test.sh"
 need cc "install a C compiler: apt-get install -y build-essential"
+need pkg-config "the openssl crate finds OpenSSL with it: apt-get install -y pkg-config libssl-dev"
+if ! pkg-config --exists openssl; then
+    echo "=== MISSING: OpenSSL's headers — apt-get install -y libssl-dev" >&2
+    exit 1
+fi
+need openssl "the TLS tests drive the openssl command line: apt-get install -y openssl"
+
+# The SSH tests start a real OpenSSH server (never a mock) and fail, not skip, without one.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "=== openssh-server is missing; the SSH tests need it. Installing it now:" >&2
+        echo "===   apt-get update && apt-get install -y openssh-server openssh-client" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >&2
+        apt-get install -y -q openssh-server openssh-client >&2
+    else
+        echo "=== MISSING: /usr/sbin/sshd, ssh or ssh-keygen — the SSH tests start a real OpenSSH server." >&2
+        echo "===   install them as root: apt-get install -y openssh-server openssh-client" >&2
+        exit 1
+    fi
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "=== NOTE: not root: the SSH password-authentication test needs root to create its user" >&2
+    echo "===       (useradd/chpasswd) and will FAIL; CI runs as root." >&2
+fi
 
 echo "=== rpyc test suite: cargo test (unit, integration, doc tests; builds examples)"
 cargo test --locked "$@"

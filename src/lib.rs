@@ -60,6 +60,9 @@
 //!
 //! Requests start in arrival order but run concurrently; see [`Connection`] for the exact
 //! ordering guarantees.
+//!
+//! A server bound to localhost only is reached through SSH with [`ssh_connect`] and an
+//! [`SshContext`] (see [`SshTunnel`] for how the tunnel works).
 
 // Unsafe code is denied everywhere but `sys`, the one thin wrapper around poll(2).
 #![deny(unsafe_code)]
@@ -76,6 +79,8 @@ mod options;
 mod pki;
 mod server;
 mod service;
+#[cfg(unix)]
+mod ssh;
 #[cfg(unix)]
 mod sys;
 mod threads;
@@ -94,4 +99,6 @@ pub use options::{connect, connect_stream, connect_subprocess, Options};
 pub use pki::{Issued, TestPki};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
 pub use service::{callback, Args, Context, ContextHandler, Handler, Service};
+#[cfg(unix)]
+pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};
 pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};

@@ -12,6 +12,12 @@ use std::time::Duration;
 pub(crate) const POLLIN: i16 = libc::POLLIN;
 /// Ready for writing.
 pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+/// The peer shut down its sending side (Linux; elsewhere only POLLHUP tells).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const POLLRDHUP: i16 = libc::POLLRDHUP;
+/// The peer shut down its sending side (Linux; elsewhere only POLLHUP tells).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) const POLLRDHUP: i16 = 0;
 /// Hung up or failed: reported whether asked for or not.
 pub(crate) const POLLHUP_OR_ERR: i16 = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
 
@@ -67,6 +73,34 @@ pub(crate) fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<
         p.revents = r.revents;
     }
     Ok(n as usize)
+}
+
+/// Sends any delayed ACK on TCP socket `fd` now (`TCP_QUICKACK`; Linux only, elsewhere a no-op).
+///
+/// A peer with Nagle's algorithm on (sshd, for tunnels) holds back its next small packet until
+/// the previous one is acknowledged; a delayed ACK then costs it up to 40 ms.
+pub(crate) fn tcp_quickack(fd: RawFd) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` is a valid c_int for the duration of the call and its size is passed;
+        // setsockopt only reads it. An invalid fd is reported as an error, not UB.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = fd;
+    Ok(())
 }
 
 /// Waits for one descriptor; returns its `revents` (0 on timeout).

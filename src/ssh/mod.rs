@@ -1,0 +1,698 @@
+//! SSH tunnels: reach an rpyc server that listens on its machine's loopback only, through sshd.
+//!
+//! RPyC's recommended set-up for untrusted networks binds the server to `localhost`, so nothing
+//! outside its machine can reach it, and lets clients in through SSH. [`ssh_connect`] opens an
+//! SSH session to the server's machine (libssh2, through the `ssh2` crate), starts an
+//! [`SshTunnel`] whose local end listens on a loopback port of this machine and forwards each
+//! connection through a `direct-tcpip` channel to `127.0.0.1:PORT` on the server's side, and
+//! runs the rpyc connection through it. The connection owns the tunnel: closing it stops the
+//! tunnel, its thread and its SSH session.
+//!
+//! # Settings
+//!
+//! An [`SshContext`] names the host and, optionally, everything else. What it leaves out comes
+//! from the user's OpenSSH client configuration as `ssh -G HOST` resolves it (`HostName`,
+//! `User`, `Port`, `IdentityFile`, `UserKnownHostsFile`, `GlobalKnownHostsFile`,
+//! `HostKeyAlias`, `IdentityAgent`, `StrictHostKeyChecking`, `HashKnownHosts`,
+//! `ConnectTimeout`, `ServerAliveInterval`), then from OpenSSH's defaults; fields set on the
+//! context win. Authentication goes in OpenSSH's order: the agent's keys, then the identity
+//! files, then the password.
+//!
+//! # Host keys
+//!
+//! The server's key is checked against the known_hosts files before anything is sent to it
+//! (see [`HostKeyPolicy`]): unknown hosts are refused unless the policy says otherwise, and a
+//! changed key is always refused, naming the file and line to fix.
+//!
+//! # The tunnel
+//!
+//! See [`SshTunnel`] for the design of the forwarding thread.
+
+mod config;
+mod known_hosts;
+mod tunnel;
+
+pub use tunnel::SshTunnel;
+
+use crate::connection::Connection;
+use crate::error::{Error, Timeout};
+use crate::options::Options;
+use known_hosts::{KnownHosts, Verdict};
+use ssh2::{ErrorCode, MethodType, Session};
+use std::fmt;
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// libssh2's "would block" code.
+pub(crate) const EAGAIN: i32 = -37;
+/// libssh2's time-out code (from a blocking call with `set_timeout`).
+const ETIMEOUT: i32 = -9;
+/// Authentication refused or a credential unusable: `FILE`, `METHOD_NONE`,
+/// `AUTHENTICATION_FAILED`, `PUBLICKEY_UNVERIFIED`, `KEYFILE_AUTH_FAILED` (wrong passphrase).
+const EAUTH: [i32; 5] = [-16, -17, -18, -19, -48];
+/// Key exchange failed (no common algorithm, among others).
+const EKEX: i32 = -5;
+
+/// What to do with a server whose host key is not in known_hosts.
+///
+/// A key that is in known_hosts for the host but differs from the server's is refused under
+/// every policy: that is what a man-in-the-middle looks like.
+///
+/// ```
+/// use rpyc::{HostKeyPolicy, SshContext};
+/// let ctx = SshContext::new("myserver").host_key_policy(HostKeyPolicy::AcceptNew);
+/// assert_eq!(HostKeyPolicy::default(), HostKeyPolicy::Strict);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HostKeyPolicy {
+    /// Refuse unknown hosts (OpenSSH's `StrictHostKeyChecking yes`). The default.
+    #[default]
+    Strict,
+    /// Trust an unknown host's key on first use and append it to the first user known_hosts
+    /// file (OpenSSH's `StrictHostKeyChecking accept-new`).
+    AcceptNew,
+    /// Check nothing: accept any key, unknown or changed. Dangerous: anyone who can intercept
+    /// the connection can read and change everything sent through it. For throwaway test
+    /// machines only.
+    DangerousAcceptAnyKey,
+}
+
+/// Where and how to open an SSH session: host, port, user, credentials, host key checking.
+///
+/// Only the host is required; every other setting comes, when not set here, from the user's
+/// OpenSSH client configuration (`ssh -G`), then from OpenSSH's defaults (port 22, the current
+/// user, `~/.ssh/id_*`, `~/.ssh/known_hosts`, the agent at `SSH_AUTH_SOCK`).
+///
+/// ```no_run
+/// let ctx = rpyc::SshContext::new("myserver").user("foo").keyfile("/path/to/my/keyfile");
+/// let conn = rpyc::ssh_connect(&ctx, 12345)?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+///
+/// Every setting, for reference (nothing connects until the context is used):
+///
+/// ```
+/// use rpyc::{HostKeyPolicy, SshContext};
+/// use std::time::Duration;
+/// let ctx = SshContext::new("db.example.org")
+///     .port(2222)
+///     .user("deploy")
+///     .keyfile("/home/deploy/.ssh/id_ed25519")
+///     .keyfile_passphrase("correct horse")
+///     .password("tried last")
+///     .agent(false)
+///     .known_hosts("/etc/myapp/known_hosts")
+///     .host_key_policy(HostKeyPolicy::AcceptNew)
+///     .connect_timeout(Duration::from_secs(5))
+///     .keepalive(Duration::from_secs(30))
+///     .config_file("/dev/null");
+/// // Secrets stay out of logs.
+/// assert!(!format!("{ctx:?}").contains("correct horse"));
+/// ```
+#[derive(Clone, Default)]
+pub struct SshContext {
+    host: String,
+    port: Option<u16>,
+    user: Option<String>,
+    keyfile: Option<PathBuf>,
+    passphrase: Option<String>,
+    password: Option<String>,
+    agent: Option<bool>,
+    identity_agent: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+    policy: Option<HostKeyPolicy>,
+    connect_timeout: Option<Duration>,
+    keepalive: Option<Duration>,
+    config_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for SshContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets are not printed.
+        f.debug_struct("SshContext")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("keyfile", &self.keyfile)
+            .field("passphrase", &self.passphrase.as_ref().map(|_| "***"))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("agent", &self.agent)
+            .field("identity_agent", &self.identity_agent)
+            .field("known_hosts", &self.known_hosts)
+            .field("policy", &self.policy)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("config_file", &self.config_file)
+            .finish()
+    }
+}
+
+impl SshContext {
+    /// A context for `host`: a host name, an address, or an alias of the SSH client
+    /// configuration (`Host` block), whose `HostName` is then used.
+    pub fn new(host: impl Into<String>) -> SshContext {
+        SshContext {
+            host: host.into(),
+            ..SshContext::default()
+        }
+    }
+
+    /// The sshd port (default: the configuration's `Port`, else 22).
+    pub fn port(mut self, port: u16) -> SshContext {
+        self.port = Some(port);
+        self
+    }
+
+    /// The user to log in as (default: the configuration's `User`, else the current user).
+    pub fn user(mut self, user: impl Into<String>) -> SshContext {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// A private key file to authenticate with, instead of the configuration's
+    /// `IdentityFile`s. Tried after the agent's keys.
+    pub fn keyfile(mut self, path: impl AsRef<Path>) -> SshContext {
+        self.keyfile = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// The passphrase that decrypts [`SshContext::keyfile`].
+    pub fn keyfile_passphrase(mut self, passphrase: impl Into<String>) -> SshContext {
+        self.passphrase = Some(passphrase.into());
+        self
+    }
+
+    /// A password, tried last if the server accepts password authentication (RPyC's
+    /// "interactive password authentication", without the prompt).
+    pub fn password(mut self, password: impl Into<String>) -> SshContext {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Whether to try the ssh-agent's keys (default: yes, when an agent is configured).
+    pub fn agent(mut self, enabled: bool) -> SshContext {
+        self.agent = Some(enabled);
+        self
+    }
+
+    /// The agent's socket (default: the configuration's `IdentityAgent`, else
+    /// `SSH_AUTH_SOCK`). Passed to libssh2 directly: the environment is not changed.
+    pub fn identity_agent(mut self, socket: impl AsRef<Path>) -> SshContext {
+        self.identity_agent = Some(socket.as_ref().to_path_buf());
+        self.agent = Some(true);
+        self
+    }
+
+    /// The known_hosts file to check the server's key against and to add new keys to
+    /// (default: the configuration's `UserKnownHostsFile`s and `GlobalKnownHostsFile`s).
+    pub fn known_hosts(mut self, path: impl AsRef<Path>) -> SshContext {
+        self.known_hosts = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// What to do with a host whose key is not known (default: the configuration's
+    /// `StrictHostKeyChecking` when it is `accept-new`, else [`HostKeyPolicy::Strict`]).
+    pub fn host_key_policy(mut self, policy: HostKeyPolicy) -> SshContext {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// How long reaching sshd, the SSH handshake and authentication may take together
+    /// (default: the configuration's `ConnectTimeout`, else 10 s). Exceeding it fails with
+    /// [`Error::Timeout`]`(`[`Timeout::Connect`]`)`.
+    pub fn connect_timeout(mut self, d: Duration) -> SshContext {
+        self.connect_timeout = Some(d);
+        self
+    }
+
+    /// Send an SSH keepalive after this long without traffic (default: the configuration's
+    /// `ServerAliveInterval`, else none). Whole seconds, at least 2.
+    pub fn keepalive(mut self, interval: Duration) -> SshContext {
+        self.keepalive = Some(interval);
+        self
+    }
+
+    /// Read this OpenSSH client configuration file instead of `~/.ssh/config` and
+    /// `/etc/ssh/ssh_config` (like `ssh -F`); `/dev/null` reads none.
+    pub fn config_file(mut self, path: impl AsRef<Path>) -> SshContext {
+        self.config_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// The settings to use: this context's, then the client configuration's, then defaults.
+    fn resolve(&self) -> Resolved {
+        let cfg = config::resolve(&self.host, self.config_file.as_deref());
+        let hostname = cfg.hostname.clone().unwrap_or_else(|| self.host.clone());
+        let port = self.port.or(cfg.port).unwrap_or(22);
+        let user = self
+            .user
+            .clone()
+            .or(cfg.user.clone())
+            .or_else(current_user)
+            .unwrap_or_else(|| "root".into());
+        let (identity_files, explicit_key) = match &self.keyfile {
+            Some(k) => (vec![k.clone()], true),
+            None => (
+                cfg.identity_files
+                    .iter()
+                    .filter(|p| p.is_file())
+                    .cloned()
+                    .collect(),
+                false,
+            ),
+        };
+        let (known_hosts_write, mut known_hosts_read) = match &self.known_hosts {
+            Some(k) => (Some(k.clone()), vec![k.clone()]),
+            None => (
+                cfg.user_known_hosts.first().cloned(),
+                cfg.user_known_hosts.clone(),
+            ),
+        };
+        if self.known_hosts.is_none() {
+            known_hosts_read.extend(cfg.global_known_hosts.iter().cloned());
+        }
+        let policy = self
+            .policy
+            .unwrap_or(match cfg.strict_host_key_checking.as_deref() {
+                // OpenSSH's "no" also lets changed keys through in part; here it only accepts
+                // new keys: a changed key is always refused.
+                Some("accept-new") | Some("no") | Some("off") => HostKeyPolicy::AcceptNew,
+                _ => HostKeyPolicy::Strict,
+            });
+        let agent = if self.agent == Some(false) {
+            None
+        } else if let Some(s) = &self.identity_agent {
+            Some(s.clone())
+        } else {
+            match cfg.identity_agent.as_deref() {
+                Some("none") => None,
+                Some("SSH_AUTH_SOCK") | None => std::env::var_os("SSH_AUTH_SOCK")
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from),
+                Some(v) => match v.strip_prefix('$') {
+                    Some(var) => std::env::var_os(var).map(PathBuf::from),
+                    None => Some(config::expand_tilde(v)),
+                },
+            }
+        };
+        Resolved {
+            passphrase: self.passphrase.clone(),
+            password: self.password.clone(),
+            key_host: cfg
+                .host_key_alias
+                .clone()
+                .unwrap_or_else(|| hostname.clone()),
+            hostname,
+            port,
+            user,
+            identity_files,
+            explicit_key,
+            known_hosts_read,
+            known_hosts_write,
+            hash_known_hosts: cfg.hash_known_hosts,
+            policy,
+            agent,
+            connect_timeout: self
+                .connect_timeout
+                .or(cfg.connect_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+            keepalive: self.keepalive.or(cfg.server_alive_interval),
+        }
+    }
+}
+
+/// An [`SshContext`] with every setting decided.
+#[derive(Clone)]
+struct Resolved {
+    passphrase: Option<String>,
+    password: Option<String>,
+    hostname: String,
+    /// The name looked up in known_hosts (`HostKeyAlias`, else the host name).
+    key_host: String,
+    port: u16,
+    user: String,
+    identity_files: Vec<PathBuf>,
+    explicit_key: bool,
+    known_hosts_read: Vec<PathBuf>,
+    known_hosts_write: Option<PathBuf>,
+    hash_known_hosts: bool,
+    policy: HostKeyPolicy,
+    agent: Option<PathBuf>,
+    connect_timeout: Duration,
+    keepalive: Option<Duration>,
+}
+
+impl Resolved {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.hostname, self.port)
+    }
+}
+
+/// The current user's name, from the environment or `/etc/passwd`.
+fn current_user() -> Option<String> {
+    for var in ["USER", "LOGNAME"] {
+        if let Some(u) = std::env::var(var).ok().filter(|u| !u.is_empty()) {
+            return Some(u);
+        }
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 2 && f[2] == uid).then(|| f[0].to_string())
+    })
+}
+
+fn code(e: &ssh2::Error) -> i32 {
+    match e.code() {
+        ErrorCode::Session(c) | ErrorCode::SFTP(c) => c,
+    }
+}
+
+/// Opens an authenticated SSH session (blocking mode) to the host `ctx` names.
+fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Error> {
+    let r = ctx.resolve();
+    log::debug!("ssh: connecting to {} as {}", r.addr(), r.user);
+    let timeout = r.connect_timeout;
+    let deadline = crate::options::deadline(timeout);
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let timed_out = || Error::Timeout(Timeout::Connect(timeout));
+
+    // TCP.
+    let addr = r.addr();
+    let fail = |e: io::Error| Error::Connect {
+        addr: format!("{addr} (sshd)"),
+        source: Arc::new(e),
+    };
+    let addrs: Vec<_> = (r.hostname.as_str(), r.port)
+        .to_socket_addrs()
+        .map_err(fail)?
+        .collect();
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        "the host name resolved to no address",
+    );
+    let mut tcp = None;
+    for a in addrs {
+        let l = left();
+        if l.is_zero() {
+            return Err(timed_out());
+        }
+        match TcpStream::connect_timeout(&a, l) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(timed_out()),
+            Err(e) => last = e,
+        }
+    }
+    let tcp = tcp.ok_or_else(|| fail(last))?;
+    tcp.set_nodelay(true).map_err(fail)?;
+    let keep = tcp.try_clone().map_err(fail)?;
+
+    // SSH handshake, host key, authentication: blocking, bounded by what is left of the timeout.
+    let mut sess =
+        Session::new().map_err(|e| Error::Ssh(format!("cannot create a session: {e}")))?;
+    sess.set_tcp_stream(tcp);
+    let set_timeout = |s: &Session| -> Result<(), Error> {
+        let ms = left().as_millis();
+        if ms == 0 {
+            return Err(timed_out());
+        }
+        s.set_timeout(ms.min(u32::MAX as u128) as u32);
+        Ok(())
+    };
+    set_timeout(&sess)?;
+    let known = KnownHosts::load(&r.known_hosts_read);
+    let known_types = known.key_types(&r.key_host, r.port);
+    let mut restricted = None;
+    if !known_types.is_empty() && r.policy != HostKeyPolicy::DangerousAcceptAnyKey {
+        // Ask for a key type we can check: a server that also has a key of another type
+        // would otherwise offer that one, which would look unknown or changed.
+        let supported = sess.supported_algs(MethodType::HostKey).unwrap_or_default();
+        let prefs: Vec<&str> = known_types
+            .iter()
+            .flat_map(|t| known_hosts::algorithms_for(t).iter().copied())
+            .filter(|a| supported.contains(a))
+            .collect();
+        if !prefs.is_empty() {
+            let prefs = prefs.join(",");
+            sess.method_pref(MethodType::HostKey, &prefs)
+                .map_err(|e| Error::Ssh(format!("cannot set host key algorithms {prefs}: {e}")))?;
+            restricted = Some(prefs);
+        }
+    }
+    if let Err(e) = sess.handshake() {
+        return Err(match code(&e) {
+            ETIMEOUT => timed_out(),
+            EKEX if restricted.is_some() => Error::Ssh(format!(
+                "handshake with {addr} failed: the server offers none of the host key types \
+                 known_hosts lists for {} ({}): {e}",
+                r.key_host,
+                restricted.unwrap_or_default()
+            )),
+            _ => Error::Ssh(format!("handshake with {addr} failed: {e}")),
+        });
+    }
+    log::debug!(
+        "ssh: {addr}: kex {}, host key {}, ciphers {} / {}",
+        sess.methods(MethodType::Kex).unwrap_or("?"),
+        sess.methods(MethodType::HostKey).unwrap_or("?"),
+        sess.methods(MethodType::CryptCs).unwrap_or("?"),
+        sess.methods(MethodType::CryptSc).unwrap_or("?")
+    );
+    check_host_key(&sess, &r, &known)?;
+    set_timeout(&sess)?;
+    authenticate(&sess, &r).map_err(|e| match e {
+        Error::Ssh(m) if m.contains("[Session(-9)]") => timed_out(),
+        e => e,
+    })?;
+    Ok((sess, keep, r))
+}
+
+fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<(), Error> {
+    let (blob, _) = sess
+        .host_key()
+        .ok_or_else(|| Error::Ssh(format!("{} sent no host key", r.addr())))?;
+    if r.policy == HostKeyPolicy::DangerousAcceptAnyKey {
+        log::warn!(
+            "ssh: host key of {} NOT checked (HostKeyPolicy::DangerousAcceptAnyKey)",
+            r.addr()
+        );
+        return Ok(());
+    }
+    let name = known_hosts::host_field(&r.key_host, r.port);
+    let key_type = known_hosts::blob_key_type(blob).unwrap_or_else(|| "unknown".into());
+    let what = format!(
+        "{} key {}",
+        known_hosts::key_type_label(&key_type),
+        known_hosts::fingerprint(blob)
+    );
+    let files = || {
+        r.known_hosts_read
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match known.check(&r.key_host, r.port, blob) {
+        Verdict::Known => Ok(()),
+        Verdict::Revoked { file, line } => Err(Error::Ssh(format!(
+            "host key of {name} ({what}) is marked @revoked in {}:{line}; refusing to connect",
+            file.display()
+        ))),
+        Verdict::Changed { file, line } => Err(Error::Ssh(format!(
+            "HOST KEY OF {name} HAS CHANGED: the server sent {what}, but {}:{line} lists a \
+             different {key_type} key. Someone may be intercepting the connection, or the host \
+             key was replaced; if you are sure it was replaced, remove line {line} of {} \
+             (ssh-keygen -R '{name}') and verify the new key",
+            file.display(),
+            file.display()
+        ))),
+        Verdict::Unknown { other_types } => {
+            let also = if other_types.is_empty() {
+                String::new()
+            } else {
+                format!(" (it lists {} keys for it)", other_types.join(", "))
+            };
+            match (r.policy, &r.known_hosts_write) {
+                (HostKeyPolicy::AcceptNew, Some(file)) => {
+                    known_hosts::append(file, &r.key_host, r.port, blob, r.hash_known_hosts)
+                        .map_err(|e| {
+                            Error::Ssh(format!(
+                                "cannot add the host key of {name} ({what}) to {}: {e}",
+                                file.display()
+                            ))
+                        })?;
+                    log::info!(
+                        "ssh: added the host key of {name} ({what}) to {}",
+                        file.display()
+                    );
+                    Ok(())
+                }
+                _ => Err(Error::Ssh(format!(
+                    "host key for {name} is not in {}{also} ({what}); verify it and add it \
+                     (ssh-keyscan -p {} {} >> FILE), or use HostKeyPolicy::AcceptNew",
+                    files(),
+                    r.port,
+                    r.key_host
+                ))),
+            }
+        }
+    }
+}
+
+/// Agent keys, then identity files, then the password, as OpenSSH does.
+fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
+    let user = &r.user;
+    let addr = r.addr();
+    let methods = match sess.auth_methods(user) {
+        Ok(m) => m.to_string(),
+        Err(e) if sess.authenticated() => {
+            log::debug!("ssh: {addr} let {user} in without authentication ({e})");
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(Error::Ssh(format!(
+                "asking {addr} how to log in failed: {e}"
+            )))
+        }
+    };
+    let mut tried: Vec<String> = Vec::new();
+    // Stop at transport failures; only refusals move on to the next credential.
+    let refused = |e: &ssh2::Error| EAUTH.contains(&code(e));
+    let fatal = |e: ssh2::Error| Error::Ssh(format!("authentication with {addr} failed: {e}"));
+    if methods.contains("publickey") {
+        if let Some(sock) = &r.agent {
+            match agent_auth(sess, user, sock) {
+                Ok(true) => return Ok(()),
+                Ok(false) => tried.push(format!("the agent's keys ({})", sock.display())),
+                Err(e) if code(&e) == ETIMEOUT => return Err(fatal(e)),
+                Err(e) => tried.push(format!("the agent at {} ({e})", sock.display())),
+            }
+        }
+        for key in &r.identity_files {
+            let pass = if r.explicit_key {
+                r.passphrase.as_deref()
+            } else {
+                None
+            };
+            match sess.userauth_pubkey_file(user, None, key, pass) {
+                Ok(()) => return Ok(()),
+                Err(e) if refused(&e) => {
+                    let msg = e.message().to_string();
+                    if msg.contains("Unsupported private key format")
+                        || msg.contains("Unable to extract public key")
+                        || msg.contains("Wrong passphrase")
+                    {
+                        tried.push(format!(
+                            "key {} (cannot be read: {msg}; wrong or missing passphrase?)",
+                            key.display()
+                        ));
+                    } else {
+                        tried.push(format!("key {} (refused)", key.display()));
+                    }
+                }
+                Err(e) if code(&e) == ETIMEOUT => return Err(fatal(e)),
+                Err(e) => tried.push(format!("key {} ({e})", key.display())),
+            }
+        }
+    }
+    if methods.contains("password") {
+        if let Some(pw) = &r.password {
+            match sess.userauth_password(user, pw) {
+                Ok(()) => return Ok(()),
+                Err(e) if refused(&e) => tried.push("the password (refused)".into()),
+                Err(e) => return Err(fatal(e)),
+            }
+        }
+    }
+    if tried.is_empty() {
+        tried.push("nothing: no agent, no key file, no password".into());
+    }
+    Err(Error::Ssh(format!(
+        "authentication as {user} to {addr} refused; tried {}; the server accepts: {methods}",
+        tried.join(", ")
+    )))
+}
+
+/// Tries each of the agent's keys (libssh2's `userauth_agent` tries only the first).
+/// `Ok(false)`: every key was refused.
+fn agent_auth(sess: &Session, user: &str, sock: &Path) -> Result<bool, ssh2::Error> {
+    let mut agent = sess.agent()?;
+    agent.set_identity_path(sock)?;
+    agent.connect()?;
+    let result = (|| {
+        agent.list_identities()?;
+        for id in agent.identities()? {
+            match agent.userauth(user, &id) {
+                Ok(()) => return Ok(true),
+                Err(e) if code(&e) == ETIMEOUT => return Err(e),
+                Err(e) => log::debug!("ssh: agent key {} refused: {e}", id.comment()),
+            }
+        }
+        Ok(false)
+    })();
+    let _ = agent.disconnect();
+    result
+}
+
+/// Opens an SSH session as `ctx` says and a tunnel to `127.0.0.1:port` on the SSH server's
+/// machine, and connects to the rpyc server there with default [`Options`].
+///
+/// The returned connection owns the tunnel: closing it (or dropping its last handle) closes
+/// the tunnel and the SSH session.
+///
+/// ```no_run
+/// let ctx = rpyc::SshContext::new("myserver").user("foo").keyfile("/path/to/my/keyfile");
+/// let conn = rpyc::ssh_connect(&ctx, 12345)?;
+/// let sum: i64 = conn.root().call("add", (1, 2))?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn ssh_connect(ctx: &SshContext, port: u16) -> Result<Connection, Error> {
+    ssh_connect_with(ctx, port, &Options::new())
+}
+
+/// [`ssh_connect`] with [`Options`] for the rpyc connection (its service, timeouts, ...).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// let ctx = rpyc::SshContext::new("myserver");
+/// let options = rpyc::Options::new().call_timeout(Duration::from_secs(5));
+/// let conn = rpyc::ssh_connect_with(&ctx, 12345, &options)?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn ssh_connect_with(
+    ctx: &SshContext,
+    port: u16,
+    options: &Options,
+) -> Result<Connection, Error> {
+    let tunnel = SshTunnel::open(ctx, "127.0.0.1", port)?;
+    match options.connect("127.0.0.1", tunnel.local_port()) {
+        Ok(conn) => {
+            conn.on_close(move || drop(tunnel));
+            Ok(conn)
+        }
+        Err(e) => {
+            // The tunnel knows better why the connection failed (the remote port refused,
+            // forwarding prohibited, the session died).
+            let why = tunnel.failure();
+            drop(tunnel);
+            Err(match why {
+                Some(why) => Error::Ssh(why),
+                None => e,
+            })
+        }
+    }
+}

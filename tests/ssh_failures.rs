@@ -1,0 +1,131 @@
+//! SSH failures reach the caller promptly as clear errors: sshd unreachable or silent,
+//! authentication refused, nothing listening on the remote port, forwarding refused.
+
+mod common;
+#[path = "common/sshd.rs"]
+mod sshd;
+
+use rpyc::{Error, Timeout};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+fn ssh_message(e: Error) -> String {
+    match e {
+        Error::Ssh(m) => m,
+        other => panic!("expected Error::Ssh, got {other:?}"),
+    }
+}
+
+#[test]
+fn unreachable_sshd_fails_at_once_with_a_connect_error() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let ctx = sshd::shared().context().port(port);
+    let t = Instant::now();
+    let err = rpyc::ssh_connect(&ctx, 1).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    match &err {
+        Error::Connect { addr, .. } => assert!(addr.contains(&port.to_string()), "{addr}"),
+        other => panic!("expected Error::Connect, got {other:?}"),
+    }
+    assert!(err.to_string().contains("sshd"), "{err}");
+}
+
+#[test]
+fn silent_sshd_fails_with_a_connect_timeout() {
+    // Accepts the TCP connection but never says a word.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let ctx = sshd::shared()
+        .context()
+        .port(port)
+        .connect_timeout(Duration::from_millis(500));
+    let t = Instant::now();
+    let err = rpyc::ssh_connect(&ctx, 1).unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        matches!(err, Error::Timeout(Timeout::Connect(d)) if d == Duration::from_millis(500)),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    drop(l);
+}
+
+#[test]
+fn refused_key_is_reported_with_user_host_and_what_was_tried() {
+    let d = sshd::shared();
+    let ctx = d.context().keyfile(&d.stranger_key);
+    let t = Instant::now();
+    let m = ssh_message(rpyc::ssh_connect(&ctx, 1).unwrap_err());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(m.contains(&format!("authentication as {}", d.user)), "{m}");
+    assert!(m.contains(&format!("127.0.0.1:{}", d.port)), "{m}");
+    assert!(m.contains("id_stranger (refused)"), "{m}");
+    assert!(m.contains("publickey"), "{m}");
+}
+
+#[test]
+fn nothing_listening_on_the_remote_port_is_reported_as_such() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let t = Instant::now();
+    let err =
+        rpyc::ssh_connect_with(&sshd::shared().context(), port, &common::options()).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let m = ssh_message(err);
+    assert!(m.contains("connect failed"), "{m}");
+    assert!(
+        m.contains(&format!("is anything listening on 127.0.0.1:{port}")),
+        "{m}"
+    );
+}
+
+#[test]
+fn forwarding_refused_by_the_server_is_reported_as_such() {
+    let d = sshd::Sshd::start(sshd::SshdConfig {
+        allow_tcp_forwarding: false,
+        ..Default::default()
+    });
+    let server = common::serve(rpyc::Service::new("svc").method("add", |a: i64, b: i64| a + b));
+    let t = Instant::now();
+    let err = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let m = ssh_message(err);
+    assert!(m.contains("prohibited"), "{m}");
+    assert!(m.contains("AllowTcpForwarding"), "{m}");
+    // The tunnel on its own: the local connection is closed, the failure says why, and the
+    // session stays usable for the next try.
+    let tunnel = rpyc::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
+    for _ in 0..2 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", tunnel.local_port())).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        use std::io::Read;
+        assert_eq!(
+            c.read(&mut buf).unwrap_or(0),
+            0,
+            "expected the end of the stream"
+        );
+    }
+    assert!(tunnel.failure().unwrap().contains("prohibited"));
+    assert!(!tunnel.is_closed());
+}

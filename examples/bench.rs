@@ -619,7 +619,6 @@ fn main() -> Res<()> {
     drop(raw);
     server.close();
 
-
     println!();
     println!("| case | rpyc | floor | ratio |");
     println!("|---|---:|---:|---:|");

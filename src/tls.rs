@@ -25,6 +25,9 @@
 //!   waits for the socket with `poll(2)`, then retries. A writer that could not finish retries
 //!   with the same bytes, as OpenSSL requires; in between, the reading thread takes the mutex
 //!   and drains incoming records, so two peers sending 64 MiB to each other both make progress.
+//! * The socket is read in one system call into a buffer of the transport's own, from which
+//!   OpenSSL takes record headers and bodies; a reader waits for the socket only when neither
+//!   that buffer nor OpenSSL holds unread bytes, so nothing can sit there unnoticed.
 //! * The reading side is owned by one thread at a time (the connection's reader token), the
 //!   writing side by the connection's writer lock; the SSL mutex only orders their single calls.
 //! * Read timeouts (used by a calling thread that reads its own reply in slices) are poll
@@ -904,23 +907,57 @@ fn peer_of(s: &TcpStream) -> String {
         .unwrap_or_else(|_| "tls peer".into())
 }
 
-/// The socket under an SSL object. It remembers the first bytes it read, so a failed
-/// handshake can tell a plain rpyc server from a broken TLS one.
+/// The socket under an SSL object. It reads what the socket has in one system call and hands
+/// OpenSSL its record headers and bodies from there (OpenSSL alone would make two calls per
+/// record), and it tells the transport whether bytes are still waiting here, so a reader
+/// waits for the socket only when nothing is. It also remembers the first bytes it read, so a
+/// failed handshake can tell a plain rpyc server from a broken TLS one.
 pub(crate) struct Sock {
     tcp: TcpStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
     first: [u8; 4],
     seen: usize,
 }
 
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.tcp.read(buf)?;
-        if self.seen < 4 {
-            let k = n.min(4 - self.seen);
-            self.first[self.seen..self.seen + k].copy_from_slice(&buf[..k]);
-            self.seen += k;
+/// How much one read from the socket may take: four full TLS records.
+const SOCK_BUF: usize = 64 * 1024;
+
+impl Sock {
+    fn new(tcp: TcpStream) -> Sock {
+        Sock {
+            tcp,
+            buf: vec![0; SOCK_BUF].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            first: [0; 4],
+            seen: 0,
         }
-        Ok(n)
+    }
+
+    /// Whether bytes read from the socket are waiting for OpenSSL.
+    fn buffered(&self) -> bool {
+        self.pos < self.end
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.end {
+            let n = self.tcp.read(&mut self.buf)?;
+            if self.seen < 4 {
+                let k = n.min(4 - self.seen);
+                self.first[self.seen..self.seen + k].copy_from_slice(&self.buf[..k]);
+                self.seen += k;
+            }
+            self.pos = 0;
+            self.end = n;
+        }
+        let k = out.len().min(self.end - self.pos);
+        out[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
+        self.pos += k;
+        Ok(k)
     }
 }
 
@@ -943,11 +980,7 @@ fn handshake(
     name: Option<&str>,
 ) -> Result<SslStream<Sock>, Error> {
     let fd = tcp.as_raw_fd();
-    let sock = Sock {
-        tcp,
-        first: [0; 4],
-        seen: 0,
-    };
+    let sock = Sock::new(tcp);
     let mut s = SslStream::new(ssl, sock).map_err(|e| Error::Tls(reasons(&e)))?;
     loop {
         let r = match side {
@@ -1286,8 +1319,23 @@ impl TlsConn {
         if buf.is_empty() {
             return Ok(0);
         }
+        // With nothing decrypted and waiting, wait for the socket first: a read that would
+        // only find it empty costs a system call on every message.
+        let mut waited = false;
         loop {
-            let r = lock(&self.ssl).ssl_read(buf);
+            let r = {
+                let mut s = lock(&self.ssl);
+                if waited || s.ssl().pending() > 0 || s.get_ref().buffered() {
+                    Some(s.ssl_read(buf))
+                } else {
+                    None
+                }
+            };
+            let Some(r) = r else {
+                self.wait(POLLIN, *lock(&self.read_timeout))?;
+                waited = true;
+                continue;
+            };
             let e = match r {
                 Ok(n) => return Ok(n),
                 Err(e) => e,

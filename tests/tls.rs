@@ -582,8 +582,14 @@ fn the_server_sees_a_tls_client_close() {
 #[test]
 fn a_dead_tls_server_fails_the_waiting_call_and_later_calls_fast() {
     let b = blocked_call();
+    // The server's close waits for its running handler: let the handler go a moment later.
+    let gate = b.gate.clone();
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        gate.open();
+    });
     b.server.handle.close();
-    b.gate.open();
+    opener.join().unwrap();
     let r = b.waiter.join().unwrap();
     assert!(r.is_err());
     let t = Instant::now();

@@ -619,6 +619,29 @@ impl Loop {
         }
     }
 
+    /// The outcome of one non-blocking step of closing a channel: `Ok(true)` when it is done
+    /// (or failed in a way that leaves nothing to wait for), `Ok(false)` to retry later, an
+    /// error when the whole session is dead.
+    fn channel_step(
+        &mut self,
+        r: Result<(), ssh2::Error>,
+        what: &str,
+        id: u64,
+    ) -> Result<bool, String> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if code(&e) == EAGAIN => {
+                self.eagain();
+                Ok(false)
+            }
+            Err(e) if session_dead(code(&e)) => Err(format!("SSH session failed: {e}")),
+            Err(e) => {
+                log::debug!("ssh tunnel: channel #{id}: {what}: {e}");
+                Ok(true)
+            }
+        }
+    }
+
     /// Moves what can move for one connection with an open channel.
     fn pump(&mut self, f: &mut Forward) -> Result<bool, String> {
         let mut progress = false;
@@ -769,37 +792,14 @@ impl Loop {
         }
         // Both over: close the channel, then wait for the server's close.
         if f.finished() && !f.closed {
-            if !f.close_sent {
-                match ch.close() {
-                    Ok(()) => {
-                        f.close_sent = true;
-                        *progress = true;
-                    }
-                    Err(e) if code(&e) == EAGAIN => self.eagain(),
-                    Err(e) if session_dead(code(&e)) => {
-                        return Err(format!("SSH session failed: {e}"))
-                    }
-                    Err(e) => {
-                        log::debug!("ssh tunnel: channel #{}: close: {e}", f.id);
-                        f.close_sent = true;
-                    }
-                }
+            if !f.close_sent && self.channel_step(ch.close(), "close", f.id)? {
+                f.close_sent = true;
+                *progress = true;
             }
             if f.close_sent {
-                match ch.wait_close() {
-                    Ok(()) => {
-                        f.closed = true;
-                        *progress = true;
-                    }
-                    Err(e) if code(&e) == EAGAIN => self.eagain(),
-                    Err(e) if session_dead(code(&e)) => {
-                        return Err(format!("SSH session failed: {e}"))
-                    }
-                    Err(e) => {
-                        log::debug!("ssh tunnel: channel #{}: wait_close: {e}", f.id);
-                        f.closed = true;
-                        *progress = true;
-                    }
+                if self.channel_step(ch.wait_close(), "wait_close", f.id)? {
+                    f.closed = true;
+                    *progress = true;
                 }
                 if f.closed {
                     log::trace!("ssh tunnel: local connection #{} closed", f.id);

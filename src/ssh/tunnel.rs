@@ -642,10 +642,12 @@ impl Loop {
         }
     }
 
-    /// Moves what can move for one connection with an open channel.
+    /// Moves what can move for one connection with an open channel (nothing without one).
     fn pump(&mut self, f: &mut Forward) -> Result<bool, String> {
         let mut progress = false;
-        let mut ch = f.channel.take().expect("pump is called for open channels");
+        let Some(mut ch) = f.channel.take() else {
+            return Ok(false);
+        };
         let result = self.pump_channel(f, &mut ch, &mut progress);
         f.channel = Some(ch);
         result.map(|()| progress)

@@ -1,6 +1,6 @@
 //! The one place this crate calls the operating system directly: `poll(2)`, which the TLS
-//! transport and the SSH tunnel need to wait for a socket without holding a lock (std has no
-//! safe equivalent).
+//! transport and the SSH tunnel need to wait for a socket without holding a lock, and reads
+//! and writes that never wait whatever the socket's mode (std has no safe equivalents).
 
 #![allow(unsafe_code)]
 
@@ -108,6 +108,52 @@ pub(crate) fn wait_fd(fd: RawFd, events: i16, timeout: Option<Duration>) -> io::
     let mut p = [PollFd::new(fd, events)];
     poll(&mut p, timeout)?;
     Ok(p[0].revents)
+}
+
+/// Reads what a socket has without waiting, whatever its blocking mode: `WouldBlock` when it
+/// has nothing.
+pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends what the socket takes without waiting, whatever its blocking mode (and without
+/// SIGPIPE): `WouldBlock` when its buffer is full.
+pub(crate) fn send_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]

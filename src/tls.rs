@@ -18,24 +18,27 @@
 //! peer is silent, and a lock held across a blocking `SSL_write` on a full socket deadlocks
 //! when both peers send large messages at once. So:
 //!
-//! * The socket is in non-blocking mode and the SSL object sits behind one mutex, which is held
-//!   only for a single `SSL_read` or `SSL_write` call. Such a call never waits for the
-//!   network: it moves what is already there and returns.
-//! * When OpenSSL wants more input (or socket space), the thread **releases the mutex** and
-//!   waits for the socket with `poll(2)`, then retries. A writer that could not finish retries
-//!   with the same bytes, as OpenSSL requires; in between, the reading thread takes the mutex
-//!   and drains incoming records, so two peers sending 64 MiB to each other both make progress.
-//! * The socket is read in one system call into a buffer of the transport's own, from which
-//!   OpenSSL takes record headers and bodies; a reader waits for the socket only when neither
-//!   that buffer nor OpenSSL holds unread bytes, so nothing can sit there unnoticed.
+//! * The SSL object sits behind one mutex, which is held only for a single `SSL_read` or
+//!   `SSL_write` call, and such a call never waits for the network: the SSL object's socket
+//!   layer reads and writes with `MSG_DONTWAIT`, so it moves what is already there and returns.
+//! * A writer whose bytes the socket cannot take yet **releases the mutex** and waits for the
+//!   socket with `poll(2)`, then retries with the same bytes, as OpenSSL requires. In between,
+//!   the reading thread takes the mutex and drains incoming records, so two peers sending
+//!   64 MiB to each other both make progress.
+//! * The reader waits for input outside the mutex: when neither OpenSSL nor the socket layer's
+//!   buffer holds unread bytes, it does a blocking read of the socket into that buffer (one
+//!   system call per batch of records, where OpenSSL alone makes two per record) while holding
+//!   only the buffer, which no other thread needs meanwhile; then it takes the mutex and
+//!   decrypts. A round trip costs each side one read and one write, as over plain TCP.
 //! * The reading side is owned by one thread at a time (the connection's reader token), the
 //!   writing side by the connection's writer lock; the SSL mutex only orders their single calls.
-//! * Read timeouts (used by a calling thread that reads its own reply in slices) are poll
-//!   timeouts; closing shuts the socket down from any thread, which wakes every poll at once.
+//! * Read timeouts (a calling thread reads its own reply in slices) are the socket's read
+//!   timeout; closing shuts the socket down from any thread, which ends every wait at once.
 //!
-//! Handshakes run in the same non-blocking mode against a deadline (the handshake timeout), so
-//! a client that connects and sends nothing, or stops half way, is dropped in time; on a
-//! server the handshake runs on the connection's own thread, never on the accept loop.
+//! Handshakes run on the same non-waiting socket layer, with `poll(2)` against a deadline (the
+//! handshake timeout), so a client that connects and sends nothing, or stops half way, is
+//! dropped in time; on a server the handshake runs on the connection's own thread, never on
+//! the accept loop.
 
 use crate::auth::{Authenticated, Authenticator, ClientAuthenticator};
 use crate::connection::{lock, Connection};
@@ -907,16 +910,24 @@ fn peer_of(s: &TcpStream) -> String {
         .unwrap_or_else(|_| "tls peer".into())
 }
 
-/// The socket under an SSL object. It reads what the socket has in one system call and hands
-/// OpenSSL its record headers and bodies from there (OpenSSL alone would make two calls per
-/// record), and it tells the transport whether bytes are still waiting here, so a reader
-/// waits for the socket only when nothing is. It also remembers the first bytes it read, so a
-/// failed handshake can tell a plain rpyc server from a broken TLS one.
+/// The socket under an SSL object. Its reads and writes never wait (OpenSSL is only ever
+/// called with the SSL lock held, which must not be held while waiting); reads come from a
+/// buffer filled by one system call per batch of records (OpenSSL alone reads each record's
+/// header and body separately), which the connection's reader also fills by waiting on the
+/// socket *outside* the SSL lock (see [`TlsConn::fill`]). It also remembers the first bytes
+/// read, so a failed handshake can tell a plain rpyc server from a broken TLS one.
 pub(crate) struct Sock {
     tcp: TcpStream,
+    rbuf: Arc<Mutex<RecvBuf>>,
+}
+
+/// Bytes read from the socket and not yet taken by OpenSSL.
+pub(crate) struct RecvBuf {
     buf: Box<[u8]>,
     pos: usize,
     end: usize,
+    /// The socket reported its end.
+    eof: bool,
     first: [u8; 4],
     seen: usize,
 }
@@ -924,46 +935,72 @@ pub(crate) struct Sock {
 /// How much one read from the socket may take: four full TLS records.
 const SOCK_BUF: usize = 64 * 1024;
 
+impl RecvBuf {
+    /// Whether OpenSSL has something to take: bytes, or the end of the stream.
+    fn ready(&self) -> bool {
+        self.pos < self.end || self.eof
+    }
+
+    /// Records what a read of the socket into `buf` returned.
+    fn filled(&mut self, n: usize) {
+        if self.seen < 4 {
+            let k = n.min(4 - self.seen);
+            self.first[self.seen..self.seen + k].copy_from_slice(&self.buf[..k]);
+            self.seen += k;
+        }
+        self.pos = 0;
+        self.end = n;
+        self.eof = n == 0;
+    }
+}
+
 impl Sock {
     fn new(tcp: TcpStream) -> Sock {
         Sock {
             tcp,
-            buf: vec![0; SOCK_BUF].into_boxed_slice(),
-            pos: 0,
-            end: 0,
-            first: [0; 4],
-            seen: 0,
+            rbuf: Arc::new(Mutex::new(RecvBuf {
+                buf: vec![0; SOCK_BUF].into_boxed_slice(),
+                pos: 0,
+                end: 0,
+                eof: false,
+                first: [0; 4],
+                seen: 0,
+            })),
         }
     }
 
-    /// Whether bytes read from the socket are waiting for OpenSSL.
-    fn buffered(&self) -> bool {
-        self.pos < self.end
+    /// Whether OpenSSL can make progress reading without the socket.
+    fn ready(&self) -> bool {
+        lock(&self.rbuf).ready()
+    }
+
+    /// Whether the first bytes the peer sent are rpyc's plain hello.
+    fn saw_plain_rpyc(&self) -> bool {
+        let rb = lock(&self.rbuf);
+        rb.seen == 4 && rb.first == crate::wire::MAGIC
     }
 }
 
 impl Read for Sock {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.end {
-            let n = self.tcp.read(&mut self.buf)?;
-            if self.seen < 4 {
-                let k = n.min(4 - self.seen);
-                self.first[self.seen..self.seen + k].copy_from_slice(&self.buf[..k]);
-                self.seen += k;
+        let mut rb = lock(&self.rbuf);
+        if rb.pos == rb.end {
+            if rb.eof {
+                return Ok(0);
             }
-            self.pos = 0;
-            self.end = n;
+            let n = sys::recv_nowait(self.tcp.as_raw_fd(), &mut rb.buf)?;
+            rb.filled(n);
         }
-        let k = out.len().min(self.end - self.pos);
-        out[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
-        self.pos += k;
+        let k = out.len().min(rb.end - rb.pos);
+        out[..k].copy_from_slice(&rb.buf[rb.pos..rb.pos + k]);
+        rb.pos += k;
         Ok(k)
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
+        sys::send_nowait(self.tcp.as_raw_fd(), buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -1019,9 +1056,8 @@ fn linger_close(tcp: &TcpStream) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(250);
     let mut buf = [0u8; 4096];
-    let mut r = tcp;
     loop {
-        match r.read(&mut buf) {
+        match sys::recv_nowait(tcp.as_raw_fd(), &mut buf) {
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1051,7 +1087,7 @@ fn describe(
         .unwrap_or_default();
     let has = |s: &str| reasons.iter().any(|r| r.contains(s));
     let verify = ssl.verify_result();
-    if side == Side::Client && sock.seen == 4 && sock.first == crate::wire::MAGIC {
+    if side == Side::Client && sock.saw_plain_rpyc() {
         return format!(
             "{peer} speaks plain rpyc, not TLS: connect with rpyc::connect, or give the server \
              an SslAuthenticator"
@@ -1209,10 +1245,12 @@ fn alert_hint_client(alert: &str) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // The transport: one SSL object shared by a reading and a writing thread
 
-/// A TLS session on a non-blocking socket, shared by the connection's read half, write half
-/// and control (see the module docs for the locking rules).
+/// A TLS session shared by the connection's read half, write half and control (see the
+/// module docs for the locking rules).
 pub(crate) struct TlsConn {
     ssl: Mutex<SslStream<Sock>>,
+    /// The SSL object's receive buffer, which the reader fills without the SSL lock.
+    rbuf: Arc<Mutex<RecvBuf>>,
     fd: RawFd,
     /// Another handle on the socket: shuts it down without taking the SSL lock.
     sock: TcpStream,
@@ -1230,9 +1268,13 @@ pub(crate) struct TlsConn {
 impl TlsConn {
     fn new(s: SslStream<Sock>, side: Side) -> io::Result<Arc<TlsConn>> {
         let sock = s.get_ref().tcp.try_clone()?;
+        // From now on only the reader's wait blocks (outside the SSL lock); everything done
+        // with the SSL lock held goes through `Sock`, which never waits.
+        sock.set_nonblocking(false)?;
         let fd = s.get_ref().tcp.as_raw_fd();
         let peer = peer_of(&s.get_ref().tcp);
         Ok(Arc::new(TlsConn {
+            rbuf: s.get_ref().rbuf.clone(),
             fd,
             sock,
             ssl: Mutex::new(s),
@@ -1319,21 +1361,20 @@ impl TlsConn {
         if buf.is_empty() {
             return Ok(0);
         }
-        // With nothing decrypted and waiting, wait for the socket first: a read that would
-        // only find it empty costs a system call on every message.
-        let mut waited = false;
+        // With nothing decrypted or buffered, wait for the socket first, outside the SSL lock.
+        let mut filled = false;
         loop {
             let r = {
                 let mut s = lock(&self.ssl);
-                if waited || s.ssl().pending() > 0 || s.get_ref().buffered() {
+                if filled || s.ssl().pending() > 0 || s.get_ref().ready() {
                     Some(s.ssl_read(buf))
                 } else {
                     None
                 }
             };
             let Some(r) = r else {
-                self.wait(POLLIN, *lock(&self.read_timeout))?;
-                waited = true;
+                self.fill()?;
+                filled = true;
                 continue;
             };
             let e = match r {
@@ -1341,7 +1382,10 @@ impl TlsConn {
                 Err(e) => e,
             };
             match e.code() {
-                ErrorCode::WANT_READ => self.wait(POLLIN, *lock(&self.read_timeout))?,
+                ErrorCode::WANT_READ => {
+                    self.fill()?;
+                    filled = true;
+                }
                 ErrorCode::WANT_WRITE => self.wait(POLLOUT, *lock(&self.read_timeout))?,
                 // A close_notify, or the socket's end without one: the frame layer tells a
                 // clean end between frames from a truncated frame.
@@ -1352,6 +1396,31 @@ impl TlsConn {
                 _ => return Err(self.failed(e, "reading")),
             }
         }
+    }
+
+    /// Waits for the socket and reads what it has into the SSL object's buffer, holding only
+    /// the buffer (which no other thread needs meanwhile), never the SSL lock: the one place a
+    /// TLS connection blocks on input. The socket's read timeout bounds the wait (then
+    /// `WouldBlock`); a shutdown from any thread ends it.
+    fn fill(&self) -> io::Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ));
+        }
+        let mut rb = lock(&self.rbuf);
+        if rb.ready() {
+            return Ok(());
+        }
+        let n = loop {
+            match (&self.sock).read(&mut rb.buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
+        rb.filled(n);
+        Ok(())
     }
 
     fn write(&self, buf: &[u8]) -> io::Result<usize> {
@@ -1430,7 +1499,9 @@ impl Control for TlsConn {
     }
 
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-        *lock(&self.read_timeout) = d.filter(|d| !d.is_zero());
+        let d = d.filter(|d| !d.is_zero());
+        self.sock.set_read_timeout(d)?;
+        *lock(&self.read_timeout) = d;
         Ok(())
     }
 

@@ -983,7 +983,15 @@ impl Sock {
 
 impl Read for Sock {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let mut rb = lock(&self.rbuf);
+        // The reader may hold the buffer while it waits for the socket (without the SSL lock);
+        // whoever calls OpenSSL meanwhile must not wait for it.
+        let mut rb = match self.rbuf.try_lock() {
+            Ok(rb) => rb,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(io::ErrorKind::WouldBlock.into())
+            }
+        };
         if rb.pos == rb.end {
             if rb.eof {
                 return Ok(0);

@@ -343,6 +343,13 @@ impl Forward {
         self.local_shut = true;
         self.down.clear();
     }
+
+    /// The local socket failed: drop it; the channel is closed once pending bytes are out.
+    fn local_failed(&mut self, e: &io::Error) {
+        log::debug!("ssh tunnel: local connection #{}: {e}", self.id);
+        self.drop_local();
+        self.broken = true;
+    }
 }
 
 /// Why the loop stopped.
@@ -680,9 +687,7 @@ impl Loop {
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        log::debug!("ssh tunnel: local connection #{}: {e}", f.id);
-                        f.drop_local();
-                        f.broken = true;
+                        f.local_failed(&e);
                         *progress = true;
                         break;
                     }
@@ -776,9 +781,7 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::debug!("ssh tunnel: local connection #{}: {e}", f.id);
-                    f.drop_local();
-                    f.broken = true;
+                    f.local_failed(&e);
                     *progress = true;
                     break;
                 }

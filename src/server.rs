@@ -226,6 +226,7 @@ impl ServerBuilder {
                 cv: Condvar::new(),
                 accept_thread: Mutex::new(None),
                 cleaned: Mutex::new(false),
+                handshaking: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -258,6 +259,22 @@ enum Accepted {
 }
 
 impl Accepted {
+    /// Ends the connection from another thread, during its handshake.
+    fn stopper(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        match self {
+            Accepted::Tcp(s, _) => {
+                let s = s.try_clone().ok()?;
+                Some(Box::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }))
+            }
+            Accepted::Ready(t) => {
+                let control = t.control.clone();
+                Some(Box::new(move || control.shutdown()))
+            }
+        }
+    }
+
     fn peer(&self) -> &str {
         match self {
             Accepted::Tcp(_, peer) => peer,
@@ -324,6 +341,9 @@ struct ServerInner {
     cv: Condvar,
     accept_thread: Mutex<Option<JoinHandle<()>>>,
     cleaned: Mutex<bool>,
+    /// How to end each connection still in its handshake (authentication included), so that
+    /// `close` does not wait out their handshake timeouts.
+    handshaking: Mutex<HashMap<u64, Box<dyn FnOnce() + Send>>>,
 }
 
 /// A bound server, not yet accepting. Run it with [`start`](Server::start) (blocking) or
@@ -488,6 +508,10 @@ impl ServerInner {
             return;
         }
         self.closed.store(true, Ordering::Release);
+        let handshaking: Vec<_> = lock(&self.handshaking).drain().collect();
+        for (_, stop) in handshaking {
+            stop();
+        }
         let conns: Vec<Connection> = lock(&self.conns).drain().map(|(_, c)| c).collect();
         for c in &conns {
             c.close();
@@ -541,11 +565,17 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         inner.active.fetch_add(1, Ordering::AcqRel);
         let me = inner.clone();
         let peer = a.peer().to_string();
+        let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Some(stop) = a.stopper() {
+            lock(&inner.handshaking).insert(id, stop);
+        }
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            serve_connection(&me, a, write_timeout)
+            serve_connection(&me, a, write_timeout);
+            lock(&me.handshaking).remove(&id);
         });
         if let Err(e) = started {
             log::error!("{peer}: cannot start a thread for the connection: {e}");
+            lock(&inner.handshaking).remove(&id);
             inner.connection_ended();
         }
         if inner.one_shot {

@@ -369,3 +369,43 @@ fn handler_can_close_its_own_server() {
     assert!(rpyc::connect("127.0.0.1", port).is_err());
     slot.lock().unwrap().take();
 }
+
+#[test]
+fn close_ends_handshakes_in_progress_at_once() {
+    // Clients that connected and said nothing are in their handshake (10 s timeout by
+    // default); closing the server ends them instead of waiting that long.
+    let handle = ThreadedServer::new(service())
+        .build()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", handle.port())).unwrap())
+        .collect();
+    wait_until("the handshakes started", Duration::from_secs(5), || {
+        handle.connections() == 3
+    });
+    let t = Instant::now();
+    handle.close();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "close took {:?}",
+        t.elapsed()
+    );
+    for mut s in silent {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        // The server's hello may come first; then the end of the stream, not a timeout.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "never closed");
+                    break;
+                }
+            }
+        }
+    }
+}

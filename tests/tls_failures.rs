@@ -353,3 +353,29 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
     t.join().unwrap();
     assert!(msg.contains("requires a client certificate"), "{msg}");
 }
+
+#[test]
+fn closing_the_server_ends_tls_handshakes_in_progress_at_once() {
+    let p = pki();
+    let s = serve_tls(
+        whoami(),
+        p.authenticator(),
+        server_options().handshake_timeout(Duration::from_secs(10)),
+    );
+    let half = client_hello_prefix();
+    let silent = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let mut stalled = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stalled.write_all(&half).unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || s
+        .handle
+        .connections()
+        == 2));
+    let t = Instant::now();
+    s.handle.close();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "close took {:?}",
+        t.elapsed()
+    );
+    drop((silent, stalled));
+}

@@ -379,3 +379,41 @@ fn closing_the_server_ends_tls_handshakes_in_progress_at_once() {
     );
     drop((silent, stalled));
 }
+
+#[test]
+fn garbage_inside_an_established_tls_session_closes_only_that_connection() {
+    let p = pki();
+    let s = server(&p);
+    // A raw OpenSSL client with alice's certificate completes the handshake, then writes
+    // bytes that are not a TLS record straight onto the socket.
+    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    b.set_ca_file(p.ca.ca_cert()).unwrap();
+    b.set_certificate_chain_file(&p.alice.cert).unwrap();
+    b.set_private_key_file(&p.alice.key, openssl::ssl::SslFiletype::PEM)
+        .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = b.build().connect("localhost", tcp).unwrap();
+    let mut hello = [0u8; 16];
+    tls.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..4], b"RPYC");
+    tls.get_mut()
+        .write_all(&[0x17, 0x03, 0x03, 0x00, 0x20])
+        .unwrap();
+    tls.get_mut().write_all(&[0xAB; 32]).unwrap();
+    // The server hangs up on this connection...
+    let mut buf = [0u8; 64];
+    let end = loop {
+        match tls.get_mut().read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    if let Err(e) = end {
+        assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "never closed");
+    }
+    // ...says why in its log, and keeps serving everyone else.
+    assert!(wait_logged(&["127.0.0.1:", "bad record mac"]));
+    still_serves(&s, &p);
+}

@@ -1,6 +1,8 @@
 //! Servers: the connection limit of `ThreadedServer`, `OneShotServer`, closing a server with
 //! its handle, and listening on IPv4 and IPv6 loopback.
 
+mod common;
+
 use rpyc::{Connection, Error, OneShotServer, Service, ThreadedServer};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -393,19 +395,7 @@ fn close_ends_handshakes_in_progress_at_once() {
         t.elapsed()
     );
     for mut s in silent {
-        use std::io::Read;
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 64];
-        // The server's hello may come first; then the end of the stream, not a timeout.
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "never closed");
-                    break;
-                }
-            }
-        }
+        // The server's hello may come first, then the end of the stream.
+        common::wait_for_hang_up(&mut s);
     }
 }

@@ -52,63 +52,54 @@ fn no_client_certificate_when_one_is_required() {
     still_serves(&s, &p);
 }
 
-#[test]
-fn client_certificate_from_another_ca() {
-    let p = pki();
-    let s = server(&p);
-    let other = TestPki::temp().unwrap();
-    let mallory = other.issue("mallory", &[]).unwrap();
+/// A client trusting the CA and presenting `cert` to a server requiring client certificates:
+/// checks the server logged `logged` (after the client's address) and still serves a good
+/// client; returns the client's error.
+fn client_presenting(p: &Pki, cert: &rpyc::Issued, logged: &[&str]) -> String {
+    let s = server(p);
     let msg = tls_error(
         SslClient::new()
             .ca_certs(p.ca.ca_cert())
-            .cert_key(&mallory.cert, &mallory.key)
+            .cert_key(&cert.cert, &cert.key)
             .connect("localhost", s.port),
     );
+    let mut parts = vec!["127.0.0.1:"];
+    parts.extend_from_slice(logged);
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
+    still_serves(&s, p);
+    msg
+}
+
+#[test]
+fn client_certificate_from_another_ca() {
+    let p = pki();
+    let other = TestPki::temp().unwrap();
+    let mallory = other.issue("mallory", &[]).unwrap();
+    let msg = client_presenting(
+        &p,
+        &mallory,
+        &[
+            "rejected the client's certificate",
+            "not signed by this server's CA",
+        ],
+    );
     assert!(msg.contains("does not trust the CA"), "{msg}");
-    assert!(wait_logged(&[
-        "127.0.0.1:",
-        "rejected the client's certificate",
-        "not signed by this server's CA"
-    ]));
-    still_serves(&s, &p);
 }
 
 #[test]
 fn expired_client_certificate() {
     let p = pki();
-    let s = server(&p);
     let old = p.ca.issue_valid("old-client", &[], -30, -1).unwrap();
-    let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
-            .cert_key(&old.cert, &old.key)
-            .connect("localhost", s.port),
-    );
+    let msg = client_presenting(&p, &old, &["client's certificate has expired"]);
     assert!(msg.contains("expired"), "{msg}");
-    assert!(wait_logged(&[
-        "127.0.0.1:",
-        "client's certificate has expired"
-    ]));
-    still_serves(&s, &p);
 }
 
 #[test]
 fn not_yet_valid_client_certificate() {
     let p = pki();
-    let s = server(&p);
     let early = p.ca.issue_valid("early-client", &[], 2, 30).unwrap();
-    let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
-            .cert_key(&early.cert, &early.key)
-            .connect("localhost", s.port),
-    );
+    let msg = client_presenting(&p, &early, &["client's certificate is not valid yet"]);
     assert!(msg.contains("rejected our client certificate"), "{msg}");
-    assert!(wait_logged(&[
-        "127.0.0.1:",
-        "client's certificate is not valid yet"
-    ]));
-    still_serves(&s, &p);
 }
 
 /// A server presenting `cert`, and the error a client trusting the CA gets from it.

@@ -8,39 +8,53 @@
 //! [`MIN_POOLED`] bytes capacity are therefore put back here when dropped and taken from here
 //! when a large buffer is needed.
 //!
-//! Bounds: at most [`MAX_BUFFERS`] (8) buffers holding at most [`MAX_BYTES`] (512 MiB) of
+//! Bounds: at most [`MAX_BUFFERS`] (8) buffers holding at most [`MAX_BYTES`] (256 MiB) of
 //! capacity in all are kept while unused, enough for every buffer of a 64 MiB call on both
 //! sides of one process; a single buffer larger than that is freed. When a returned buffer would
 //! exceed a bound, the smallest cached buffers are freed first (large buffers are the costly
-//! ones to fault in again). Cached buffers are kept for the life of the process. Buffers below
+//! ones to fault in again). A buffer unused for [`KEEP`] is freed by a janitor thread
+//! (`rpyc-buffers`) that runs only while the cache holds something, so a burst of large frames
+//! costs memory for a few seconds, not for the life of the process. Buffers below
 //! [`MIN_POOLED`] never come here, so small messages take no lock and allocate as before.
 
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Smallest capacity worth caching; smaller buffers are allocated and freed as usual.
 const MIN_POOLED: usize = 1 << 20;
 /// Most buffers kept while unused.
 const MAX_BUFFERS: usize = 8;
 /// Most capacity, in bytes, kept in unused buffers.
-const MAX_BYTES: usize = 512 << 20;
+const MAX_BYTES: usize = 256 << 20;
+/// How long an unused buffer is kept.
+const KEEP: Duration = Duration::from_secs(2);
 
 /// The process-wide pool.
 static POOL: Pool = Pool::new();
 
-/// Unused buffers. Each keeps the length its last user left: a taker that overwrites the
-/// bytes anyway ([`take_sized`]) then need not zero them first.
+/// Unused buffers, each with when it was given back. Each keeps the length its last user left:
+/// a taker that overwrites the bytes anyway ([`take_sized`]) then need not zero them first.
 struct Pool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Free>,
+}
+
+struct Free {
+    buffers: Vec<(Vec<u8>, Instant)>,
+    /// A janitor thread runs (see the module docs).
+    janitor: bool,
 }
 
 impl Pool {
     const fn new() -> Pool {
         Pool {
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new(Free {
+                buffers: Vec::new(),
+                janitor: false,
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+    fn lock(&self) -> MutexGuard<'_, Free> {
         // Nothing panics while holding this lock; a poisoned list is still a valid list.
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -49,42 +63,85 @@ impl Pool {
     fn take(&self, capacity: usize) -> Option<Vec<u8>> {
         let mut free = self.lock();
         let best = free
+            .buffers
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.capacity() >= capacity)
-            .min_by_key(|(_, b)| b.capacity())
+            .filter(|(_, (b, _))| b.capacity() >= capacity)
+            .min_by_key(|(_, (b, _))| b.capacity())
             .map(|(i, _)| i)?;
-        Some(free.swap_remove(best))
+        Some(free.buffers.swap_remove(best).0)
     }
 
     /// Keeps `buf` for reuse if it is large enough and fits the bounds (see the module docs).
-    fn give(&self, buf: Vec<u8>) {
+    /// Returns whether a janitor must be started (the caller starts it, for the process pool).
+    fn give(&self, buf: Vec<u8>) -> bool {
         if buf.capacity() < MIN_POOLED || buf.capacity() > MAX_BYTES {
-            return;
+            return false;
         }
         let mut evicted = Vec::new();
+        let start_janitor;
         {
             let mut free = self.lock();
-            free.push(buf);
-            let mut total: usize = free.iter().map(|b| b.capacity()).sum();
-            while free.len() > MAX_BUFFERS || total > MAX_BYTES {
-                let smallest = (0..free.len())
-                    .min_by_key(|&i| free[i].capacity())
+            free.buffers.push((buf, Instant::now()));
+            let mut total: usize = free.buffers.iter().map(|(b, _)| b.capacity()).sum();
+            while free.buffers.len() > MAX_BUFFERS || total > MAX_BYTES {
+                let smallest = (0..free.buffers.len())
+                    .min_by_key(|&i| free.buffers[i].0.capacity())
                     .expect("the list is not empty");
-                let b = free.swap_remove(smallest);
+                let (b, _) = free.buffers.swap_remove(smallest);
                 total -= b.capacity();
                 evicted.push(b);
             }
+            start_janitor = !free.janitor;
+            free.janitor = true;
         }
         // Freed outside the lock: returning a large block to the kernel takes a while.
         drop(evicted);
+        start_janitor
+    }
+
+    /// Frees the buffers unused for `keep` or longer; returns false (and marks the janitor
+    /// gone) once nothing is left to watch.
+    fn trim(&self, keep: Duration) -> bool {
+        let mut old = Vec::new();
+        let more = {
+            let mut free = self.lock();
+            let now = Instant::now();
+            let mut i = 0;
+            while i < free.buffers.len() {
+                if now.duration_since(free.buffers[i].1) >= keep {
+                    old.push(free.buffers.swap_remove(i).0);
+                } else {
+                    i += 1;
+                }
+            }
+            free.janitor = !free.buffers.is_empty();
+            free.janitor
+        };
+        drop(old);
+        more
     }
 
     #[cfg(test)]
     fn capacities(&self) -> Vec<usize> {
-        let mut c: Vec<usize> = self.lock().iter().map(|b| b.capacity()).collect();
+        let mut c: Vec<usize> = self
+            .lock()
+            .buffers
+            .iter()
+            .map(|(b, _)| b.capacity())
+            .collect();
         c.sort_unstable();
         c
+    }
+}
+
+/// Frees the process pool's unused buffers as they age, until it is empty.
+fn janitor() {
+    loop {
+        std::thread::sleep(KEEP / 2);
+        if !POOL.trim(KEEP) {
+            return;
+        }
     }
 }
 
@@ -115,8 +172,14 @@ pub(crate) fn take_sized(len: usize) -> Option<Vec<u8>> {
 /// Returns a buffer to the pool if it is worth keeping; otherwise frees it. No lock is taken
 /// for a buffer below [`MIN_POOLED`].
 pub(crate) fn give(buf: Vec<u8>) {
-    if buf.capacity() >= MIN_POOLED {
-        POOL.give(buf);
+    if buf.capacity() >= MIN_POOLED && POOL.give(buf) {
+        let started = std::thread::Builder::new()
+            .name("rpyc-buffers".into())
+            .spawn(janitor);
+        if started.is_err() {
+            // Nothing is trimmed until the next buffer comes back and tries again.
+            POOL.lock().janitor = false;
+        }
     }
 }
 
@@ -201,6 +264,24 @@ mod tests {
         assert!(kept.len() <= MAX_BUFFERS);
         assert!(kept.iter().sum::<usize>() <= MAX_BYTES, "{kept:?}");
         assert!(kept.iter().all(|&c| c >= 100 * MIB), "{kept:?}");
+    }
+
+    #[test]
+    fn unused_buffers_are_freed_after_a_while() {
+        let pool = Pool::new();
+        assert!(
+            pool.give(Vec::with_capacity(2 * MIB)),
+            "a janitor is wanted"
+        );
+        assert!(
+            !pool.give(Vec::with_capacity(3 * MIB)),
+            "one janitor at a time"
+        );
+        assert!(pool.trim(Duration::from_secs(3600)), "young buffers stay");
+        assert_eq!(pool.capacities().len(), 2);
+        assert!(!pool.trim(Duration::ZERO), "nothing left to watch");
+        assert!(pool.capacities().is_empty());
+        assert!(pool.give(Vec::with_capacity(2 * MIB)), "a new janitor");
     }
 
     #[test]

@@ -49,15 +49,15 @@
 use crate::codec;
 use crate::dispatch::Pool;
 use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
+use crate::limits::Budget;
 use crate::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::options::Options;
 use crate::service::{Args, Context, Failure, Service};
 use crate::threads::ThreadSet;
-use crate::transport::{Control, Transport};
-use crate::wire::{self, Frame, FrameReader, Hello, Kind, OutFrame};
+use crate::transport::{Control, Sink, Transport};
+use crate::wire::{self, Frame, FrameReader, Hello, Kind, OutFrame, ReadLimits};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
-use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -110,9 +110,11 @@ pub(crate) struct Shared {
     pub(crate) credentials: Option<crate::auth::Credentials>,
     pub(crate) service: Service,
     pub(crate) call_timeout: Duration,
+    /// Close the connection after this long without traffic or work in flight.
+    pub(crate) idle_timeout: Duration,
     /// The peer's limits, from its hello.
     peer_hello: Hello,
-    writer: Mutex<Box<dyn Write + Send>>,
+    writer: Writer,
     control: Arc<dyn Control>,
     next_id: AtomicU64,
     /// `None` once closed, so no caller can register after the waiters were failed.
@@ -128,6 +130,51 @@ pub(crate) struct Shared {
     user_handles: AtomicUsize,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     established: AtomicBool,
+    /// When the connection was made; `last_frame_ms` counts from here.
+    born: Instant,
+    /// When a frame was last read or written, in milliseconds after `born`.
+    last_frame_ms: AtomicU64,
+    /// Requests of the peer being served right now (by the pool or by waiting callers).
+    serving: AtomicUsize,
+}
+
+/// The write half of a connection: one frame at a time, through a gate that a thread waits for
+/// under its own deadline (a mutex cannot be waited for with a timeout).
+struct Writer {
+    gate: Mutex<Gate>,
+    cv: Condvar,
+    /// Only taken by the thread that holds the gate, so never waited for.
+    sink: Mutex<Box<dyn Sink>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// A thread is writing a frame (or a flusher is finishing one).
+    busy: bool,
+    /// Threads waiting for the gate.
+    waiters: usize,
+}
+
+/// Why a frame was not sent, or not wholly.
+pub(crate) enum SendFail {
+    /// The deadline passed before a byte of the frame went out: nothing was sent.
+    NotSent,
+    /// The deadline passed in the middle of the frame: the rest goes out in the background,
+    /// and the connection stays usable if the peer reads it.
+    Partly,
+    /// The connection is closed, or closed now because the write failed.
+    Closed(Error),
+}
+
+/// Where writing a frame stopped.
+enum Stopped {
+    /// The deadline passed after `at` bytes; `committed`: the transport holds part of the
+    /// bytes after `at` (see [`Sink::committed`]).
+    Deadline {
+        at: usize,
+        committed: bool,
+    },
+    Failed(std::io::Error),
 }
 
 /// One end of an rpyc connection. `Send + Sync` and cheap to clone: share it between threads.
@@ -222,6 +269,7 @@ impl Connection {
             credentials,
         } = t;
         let handshake = opts.handshake_timeout;
+        let deadline = crate::options::deadline(handshake);
         // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
         // that shuts it down when the time is up: a child process is killed, a stream peer sees
         // the end of our side.
@@ -240,7 +288,7 @@ impl Connection {
             if !timed_read {
                 let (control, expired) = (&control, &expired);
                 let watchdog = move || {
-                    if finished.recv_timeout(handshake) == Err(RecvTimeoutError::Timeout) {
+                    if finished.recv_deadline(deadline) == Err(RecvTimeoutError::Timeout) {
                         expired.store(true, Ordering::Release);
                         control.shutdown();
                     }
@@ -252,7 +300,14 @@ impl Connection {
                     log::warn!("{peer}: no handshake timeout: cannot start its thread: {e}");
                 }
             }
-            let r = wire::exchange_hello(&mut reader, &mut *writer, ours);
+            let set_timeout = |d: Option<Duration>| {
+                if timed_read {
+                    control.set_read_timeout(d)
+                } else {
+                    Err(std::io::ErrorKind::Unsupported.into())
+                }
+            };
+            let r = wire::exchange_hello(&mut reader, &mut *writer, ours, deadline, &set_timeout);
             drop(done);
             r
         });
@@ -284,19 +339,26 @@ impl Connection {
         if theirs.flags & wire::FLAG_REFUSED != 0 {
             control.shutdown();
             return Err(Error::Handshake(format!(
-                "{peer} refused the connection: the server is at its connection limit; \
-                 retry later or raise its max_connections"
+                "{peer} refused the connection: the server is at its limit of connections \
+                 (or of handshakes in progress); retry later, or raise its max_connections"
             )));
         }
         let _ = control.set_read_timeout(None);
+        let budget = Budget::new(opts.buffered_limit(), opts.server_budget.clone());
+        let stall = opts.write_timeout();
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer,
             credentials,
             service: opts.service.clone(),
             call_timeout: opts.call_timeout,
+            idle_timeout: opts.idle_timeout,
             peer_hello: theirs,
-            writer: Mutex::new(writer),
+            writer: Writer {
+                gate: Mutex::new(Gate::default()),
+                cv: Condvar::new(),
+                sink: Mutex::new(writer),
+            },
             control,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Some(HashMap::new())),
@@ -306,16 +368,29 @@ impl Connection {
             objects: Mutex::new(ObjectTable::default()),
             remotes: Mutex::new(HashMap::new()),
             releases: Mutex::new(Vec::new()),
-            pool: Pool::new(opts.max_workers, opts.max_queued),
+            pool: Pool::new(
+                opts.max_workers,
+                opts.max_queued,
+                opts.thread_budget.clone(),
+            ),
             threads,
             user_handles: AtomicUsize::new(0),
             on_close: Mutex::new(Vec::new()),
             established: AtomicBool::new(false),
+            born: Instant::now(),
+            last_frame_ms: AtomicU64::new(0),
+            serving: AtomicUsize::new(0),
         });
+        let limits = ReadLimits {
+            max_frame: opts.max_frame,
+            stall,
+            tick: opts.reader_tick(),
+            budget: Some(budget),
+        };
         let conn = Connection::from_shared(shared.clone());
         crate::dispatch::start(
             &shared,
-            FrameReader::new(reader, opts.max_frame, shared.control.clone()),
+            FrameReader::new(reader, limits, shared.control.clone()),
         )
         .map_err(|e| {
             shared.terminate(format!("cannot start the connection's thread: {e}"));
@@ -422,11 +497,12 @@ impl Connection {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn ping_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        let p = self.shared.send_request(0, "", &(), Kind::Ping, true)?;
-        let p = p.expect("a ping expects a reply");
-        let frame = self
+        let deadline = crate::options::deadline(timeout);
+        let p = self
             .shared
-            .wait(&p, crate::options::deadline(timeout), "ping", timeout)?;
+            .send_request(0, "", &(), Kind::Ping, true, deadline, timeout)?;
+        let p = p.expect("a ping expects a reply");
+        let frame = self.shared.wait(&p, deadline, "ping", timeout)?;
         self.shared.decode_reply::<()>(frame, "ping")
     }
 
@@ -549,7 +625,11 @@ impl Shared {
         }
     }
 
-    /// Encodes and sends a request; registers the caller first unless it is oneway.
+    /// Encodes and sends a request; registers the caller first unless it is oneway. Waiting
+    /// for the writer and writing are bounded by `deadline` (the call's, which `timeout` set):
+    /// a call that cannot be sent in time fails with [`Timeout::Send`] and only that call
+    /// fails.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_request(
         self: &Arc<Self>,
         target: u64,
@@ -557,6 +637,8 @@ impl Shared {
         args: &dyn Args,
         kind: Kind,
         serves_nested: bool,
+        deadline: Instant,
+        timeout: Duration,
     ) -> Result<Option<Pending>, Error> {
         if self.is_closed() {
             return Err(self.closed_error());
@@ -565,8 +647,10 @@ impl Shared {
         object::with_connection(self, || args.encode_args(frame.payload()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let parent = object::serving_parent(self.id);
-        let bytes = frame.seal(kind, id, parent, target, method);
-        self.check_size(bytes.len() - 4)?;
+        // Everything the peer would call a protocol violation fails here, before a byte is
+        // written, and fails only this call.
+        let size = frame.seal(kind, id, parent, target, method)?.len() - 4;
+        self.check_size(size)?;
         let pending = if kind == Kind::Oneway {
             None
         } else {
@@ -577,15 +661,23 @@ impl Shared {
             };
             Some(Pending { id, rx })
         };
-        if let Err(e) = self.write_frame(bytes) {
+        if let Err(fail) = self.write_frame(frame, Some(deadline)) {
             if pending.is_some() {
                 self.forget(id);
             }
-            return Err(e);
+            return Err(match fail {
+                SendFail::Closed(e) => e,
+                SendFail::NotSent | SendFail::Partly => Error::Timeout(Timeout::Send {
+                    method: call_name(target, method),
+                    after: timeout,
+                    partly: matches!(fail, SendFail::Partly),
+                }),
+            });
         }
         Ok(pending)
     }
 
+    /// The peer's frame limit, for a body of `body` bytes.
     fn check_size(&self, body: usize) -> Result<(), Error> {
         let limit = self.peer_hello.max_frame as usize;
         if body > limit {
@@ -594,21 +686,157 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes one whole frame under the write lock, then sends any queued releases.
-    fn write_frame(self: &Arc<Self>, bytes: &[u8]) -> Result<(), Error> {
-        let result = {
-            let mut w = lock(&self.writer);
-            if self.is_closed() {
-                return Err(self.closed_error());
+    /// Writes one whole sealed frame, then sends any queued releases. Waiting for the writer and
+    /// for the transport ends at `deadline` (none: only the stall timeout bounds the write).
+    fn write_frame(
+        self: &Arc<Self>,
+        frame: OutFrame,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendFail> {
+        self.take_gate(deadline)?;
+        match self.write_from(&frame, 0, deadline) {
+            Ok(()) => {
+                self.release_gate();
+                self.flush_releases();
+                Ok(())
             }
-            w.write_all(bytes).and_then(|()| w.flush())
-        };
-        if let Err(e) = result {
-            self.terminate(format!("write failed: {e}"));
-            return Err(self.closed_error());
+            Err(Stopped::Deadline {
+                at: 0,
+                committed: false,
+            }) => {
+                self.release_gate();
+                Err(SendFail::NotSent)
+            }
+            Err(Stopped::Deadline { at, .. }) => {
+                self.finish_in_background(frame, at);
+                Err(SendFail::Partly)
+            }
+            Err(Stopped::Failed(e)) => {
+                self.release_gate();
+                self.write_failed(e);
+                Err(SendFail::Closed(self.closed_error()))
+            }
         }
-        self.flush_releases();
+    }
+
+    /// Waits for the writer until `deadline` (none: until it is free or the connection
+    /// closes).
+    fn take_gate(&self, deadline: Option<Instant>) -> Result<(), SendFail> {
+        let w = &self.writer;
+        let mut g = lock(&w.gate);
+        loop {
+            if self.is_closed() {
+                return Err(SendFail::Closed(self.closed_error()));
+            }
+            if !g.busy {
+                g.busy = true;
+                return Ok(());
+            }
+            g.waiters += 1;
+            g = match deadline {
+                None => w.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        g.waiters -= 1;
+                        return Err(SendFail::NotSent);
+                    }
+                    w.cv.wait_timeout(g, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            g.waiters -= 1;
+        }
+    }
+
+    fn release_gate(&self) {
+        let mut g = lock(&self.writer.gate);
+        debug_assert!(g.busy, "only the holder releases the gate");
+        g.busy = false;
+        if g.waiters > 0 {
+            // All: a waiter whose deadline is passing may miss a single notification.
+            self.writer.cv.notify_all();
+        }
+    }
+
+    /// Writes `frame` from byte `at` on; the caller holds the gate.
+    fn write_from(
+        &self,
+        frame: &OutFrame,
+        mut at: usize,
+        deadline: Option<Instant>,
+    ) -> Result<(), Stopped> {
+        let bytes = frame.bytes();
+        let mut sink = lock(&self.writer.sink);
+        while at < bytes.len() {
+            match sink.send(&bytes[at..], deadline) {
+                Ok(0) => {
+                    return Err(Stopped::Deadline {
+                        at,
+                        committed: sink.committed(),
+                    })
+                }
+                Ok(n) => at += n,
+                Err(e) => return Err(Stopped::Failed(e)),
+            }
+        }
+        drop(sink);
+        self.touch();
         Ok(())
+    }
+
+    /// A caller's deadline passed in the middle of its frame: a thread of the connection sends
+    /// the rest (the peer must never see half a frame followed by another), holding the gate
+    /// until it is done or the stall timeout ends the connection.
+    fn finish_in_background(self: &Arc<Self>, frame: OutFrame, at: usize) {
+        let me = self.clone();
+        let started = self.threads.spawn("rpyc-flush", move || {
+            let r = me.write_from(&frame, at, None);
+            me.release_gate();
+            match r {
+                Ok(()) => me.flush_releases(),
+                Err(Stopped::Failed(e)) => me.write_failed(e),
+                Err(Stopped::Deadline { .. }) => unreachable!("no deadline"),
+            }
+        });
+        if let Err(e) = started {
+            self.release_gate();
+            self.terminate(format!(
+                "a frame was cut short and no thread could be started to finish it: {e}"
+            ));
+        }
+    }
+
+    /// Ends the connection after a failed write; a peer that stopped reading is worth a warning.
+    fn write_failed(self: &Arc<Self>, e: std::io::Error) {
+        if e.kind() == std::io::ErrorKind::TimedOut && !self.is_closed() {
+            log::warn!(
+                "{}: closing the connection: {e} (the stall timeout is the call timeout, at \
+                 least 1 s)",
+                self.peer
+            );
+        }
+        self.terminate(format!("write failed: {e}"));
+    }
+
+    /// Records traffic, for the idle limit.
+    pub(crate) fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_frame_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the connection has had no traffic, or `None` while work is in flight (a call
+    /// of ours waiting for its reply, a request of the peer being served or queued).
+    pub(crate) fn idle_for(&self) -> Option<Duration> {
+        if self.serving.load(Ordering::Acquire) > 0
+            || lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty())
+            || crate::dispatch::has_queued(self)
+        {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
+        Some(self.born.elapsed().saturating_sub(last))
     }
 
     /// Removes a caller from the pending table; returns its entry if it was still there.
@@ -636,6 +864,11 @@ impl Shared {
             })),
         };
         loop {
+            // Checked first on every round: a caller gets its timeout at its deadline, however
+            // busy the connection is.
+            if Instant::now() >= deadline {
+                return timed_out(self);
+            }
             // Read our reply ourselves if nobody is reading: no thread hand-off.
             if let Some(reader) = dispatch::take_for_caller(self) {
                 match dispatch::read_for_caller(self, reader, p, deadline) {
@@ -655,9 +888,6 @@ impl Shared {
             match got {
                 Ok(Delivery::Reply(f)) => return Ok(f),
                 Ok(Delivery::Nested(f)) => self.serve(f),
-                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    return timed_out(self)
-                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(self.closed_error()),
             }
@@ -717,6 +947,7 @@ impl Shared {
     /// Decides where an incoming frame goes. Replies and nested requests are delivered here;
     /// anything else is returned for a worker. An error means the peer broke the protocol.
     pub(crate) fn route(&self, frame: Frame) -> Result<Routed, Error> {
+        self.touch();
         let h = &frame.header;
         match h.kind {
             Kind::Reply | Kind::Error => {
@@ -767,13 +998,19 @@ impl Shared {
     }
 
     /// Runs one incoming request (or ping or release) and sends its reply.
-    pub(crate) fn serve(self: &Arc<Self>, mut frame: Frame) {
+    pub(crate) fn serve(self: &Arc<Self>, frame: Frame) {
+        self.serving.fetch_add(1, Ordering::AcqRel);
+        self.serve_frame(frame);
+        self.serving.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn serve_frame(self: &Arc<Self>, mut frame: Frame) {
         let h = &frame.header;
         match h.kind {
             Kind::Ping => {
                 let mut out = OutFrame::new(0);
                 out.payload().push(0xf6);
-                let _ = self.write_frame(out.seal(Kind::Reply, h.id, 0, 0, ""));
+                self.send_reply(out, Kind::Reply, h.id);
             }
             Kind::Release => match codec::decode::<Vec<(u64, u64)>>(frame.payload()) {
                 Ok(list) => {
@@ -870,15 +1107,17 @@ impl Shared {
             let mut out = OutFrame::new(0);
             let body = (kind.code(), service_name, method, message);
             codec::encode_into(out.payload(), &body).expect("strings and integers encode");
-            let _ = self.write_frame(out.seal(Kind::Error, h.id, 0, 0, ""));
+            self.send_reply(out, Kind::Error, h.id);
         };
         match outcome {
             Ok(skip) => {
                 out.skip_payload_prefix(skip);
-                let bytes = out.seal(Kind::Reply, h.id, 0, 0, "");
-                match self.check_size(bytes.len() - 4) {
+                let sealed = out
+                    .seal(Kind::Reply, h.id, 0, 0, "")
+                    .and_then(|b| self.check_size(b.len() - 4));
+                match sealed {
                     Ok(()) => {
-                        let _ = self.write_frame(bytes);
+                        let _ = self.write_frame(out, None);
                     }
                     Err(e) => fail(RemoteErrorKind::BadResult, e.to_string()),
                 }
@@ -897,28 +1136,56 @@ impl Shared {
         self.flush_releases();
     }
 
-    /// Sends queued releases if the write lock is free; otherwise its holder sends them when it
-    /// is done (every writer calls this after unlocking).
+    /// Seals and sends a reply or error frame (small, built by this side); a failure to send
+    /// ends the connection, which `write_frame` already arranged.
+    fn send_reply(self: &Arc<Self>, mut out: OutFrame, kind: Kind, id: u64) {
+        match out.seal(kind, id, 0, 0, "") {
+            Ok(_) => {
+                let _ = self.write_frame(out, None);
+            }
+            Err(e) => log::error!("{}: cannot send a reply to request {id}: {e}", self.peer),
+        }
+    }
+
+    /// Sends queued releases if the writer is free; otherwise its holder sends them when it
+    /// is done (every writer calls this after releasing it). Each release frame stays within
+    /// the peer's frame limit.
     fn flush_releases(self: &Arc<Self>) {
         loop {
             if lock(&self.releases).is_empty() {
                 return;
             }
-            let mut w = match self.writer.try_lock() {
-                Ok(w) => w,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return,
+            {
+                let mut g = lock(&self.writer.gate);
+                if g.busy || self.is_closed() {
+                    return;
+                }
+                g.busy = true;
+            }
+            let batch = {
+                let mut queued = lock(&self.releases);
+                let n = queued
+                    .len()
+                    .min(releases_per_frame(self.peer_hello.max_frame));
+                queued.drain(..n).collect::<Vec<_>>()
             };
-            let batch = std::mem::take(&mut *lock(&self.releases));
-            if batch.is_empty() || self.is_closed() {
+            if batch.is_empty() {
+                self.release_gate();
                 return;
             }
             let mut out = OutFrame::new(0);
             codec::encode_into(out.payload(), &batch).expect("integers encode");
-            let bytes = out.seal(Kind::Release, 0, 0, 0, "");
-            if let Err(e) = w.write_all(bytes).and_then(|()| w.flush()) {
-                drop(w);
-                self.terminate(format!("write failed: {e}"));
+            let r = match out.seal(Kind::Release, 0, 0, 0, "") {
+                Ok(_) => self.write_from(&out, 0, None),
+                Err(e) => {
+                    self.release_gate();
+                    log::error!("{}: cannot send releases: {e}", self.peer);
+                    return;
+                }
+            };
+            self.release_gate();
+            if let Err(Stopped::Failed(e)) = r {
+                self.write_failed(e);
                 return;
             }
         }
@@ -938,6 +1205,11 @@ impl Shared {
         };
         log::debug!("{}: connection closed: {reason}", self.peer);
         self.control.shutdown();
+        {
+            // Threads waiting for the writer look at `closed` again.
+            let _gate = lock(&self.writer.gate);
+            self.writer.cv.notify_all();
+        }
         let waiters = lock(&self.pending).take();
         drop(waiters); // every waiting caller wakes up with Disconnected -> Error::Closed
         crate::dispatch::stop(self);
@@ -980,9 +1252,26 @@ pub(crate) fn call<R: serde::de::DeserializeOwned>(
     args: &dyn Args,
     timeout: Duration,
 ) -> Result<R, Error> {
+    let deadline = crate::options::deadline(timeout);
     let p = shared
-        .send_request(target, method, args, Kind::Call, true)?
+        .send_request(target, method, args, Kind::Call, true, deadline, timeout)?
         .expect("a call expects a reply");
-    let frame = shared.wait(&p, crate::options::deadline(timeout), method, timeout)?;
+    let frame = shared.wait(&p, deadline, &call_name(target, method), timeout)?;
     shared.decode_reply(frame, method)
+}
+
+/// How timeouts name a call: `root.method` on the peer's root service, `object#ID.method` on
+/// another of its objects (the client does not know the service's own name).
+pub(crate) fn call_name(target: u64, method: &str) -> String {
+    match target {
+        0 => format!("root.{method}"),
+        id => format!("object#{id}.{method}"),
+    }
+}
+
+/// How many `[id, count]` pairs fit in one release frame under the peer's frame limit: each
+/// pair takes at most 19 bytes (an array head and two 9-byte integers), the header and the
+/// list's own head at most 20.
+fn releases_per_frame(peer_max_frame: u32) -> usize {
+    ((peer_max_frame as usize).saturating_sub(20) / 19).max(1)
 }

@@ -38,7 +38,8 @@
 
 use crate::connection::{lock, Delivery, Pending, Routed, Shared};
 use crate::error::Error;
-use crate::wire::{Frame, FrameReader};
+use crate::limits::ThreadBudget;
+use crate::wire::{Frame, FrameReader, Got};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
@@ -62,6 +63,8 @@ pub(crate) struct Pool {
     /// Threads of the pool at most: `max_workers` running handlers plus the one reading.
     max_threads: usize,
     max_queued: usize,
+    /// A server's shared budget: every thread of the pool beyond its first takes one from it.
+    budget: Option<Arc<ThreadBudget>>,
 }
 
 struct State {
@@ -91,7 +94,11 @@ enum Task {
 }
 
 impl Pool {
-    pub(crate) fn new(max_workers: usize, max_queued: usize) -> Pool {
+    pub(crate) fn new(
+        max_workers: usize,
+        max_queued: usize,
+        budget: Option<Arc<ThreadBudget>>,
+    ) -> Pool {
         Pool {
             state: Mutex::new(State {
                 reader: None,
@@ -110,6 +117,42 @@ impl Pool {
             max_workers: max_workers.max(1),
             max_threads: max_workers.max(1) + 1,
             max_queued,
+            budget,
+        }
+    }
+
+    /// Whether another thread could be started now (see [`reserve_thread`]).
+    fn can_grow(&self, st: &State) -> bool {
+        st.threads < self.max_threads
+            && (st.threads == 0 || self.budget.as_ref().map_or(true, |b| b.available()))
+    }
+}
+
+/// Counts a new thread of the pool, taking it from the server's budget unless it is the
+/// pool's first; false if neither the pool's nor the server's limit allows it.
+fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
+    if st.threads >= pool.max_threads {
+        return false;
+    }
+    if st.threads >= 1 {
+        if let Some(b) = &pool.budget {
+            if !b.try_take() {
+                return false;
+            }
+        }
+    }
+    st.threads += 1;
+    true
+}
+
+/// Counts a thread of the pool that ended (or never started), returning its share of the
+/// server's budget (the pool's first thread had none).
+fn thread_ended(pool: &Pool, st: &mut State) {
+    debug_assert!(st.threads > 0, "more threads ended than started");
+    st.threads -= 1;
+    if st.threads >= 1 {
+        if let Some(b) = &pool.budget {
+            b.give();
         }
     }
 }
@@ -123,7 +166,8 @@ pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()>
         st.threads += 1;
     }
     spawn_worker(shared).inspect_err(|_| {
-        lock(&shared.pool.state).threads -= 1;
+        let mut st = lock(&shared.pool.state);
+        thread_ended(&shared.pool, &mut st);
     })
 }
 
@@ -138,18 +182,16 @@ fn wake_or_reserve(pool: &Pool, st: &mut State) -> bool {
     if st.idle + st.watchers > 0 {
         pool.cv.notify_one();
         false
-    } else if st.threads < pool.max_threads {
-        st.threads += 1;
-        true
     } else {
-        false
+        reserve_thread(pool, st)
     }
 }
 
 fn spawn_reserved(shared: &Arc<Shared>) {
     if let Err(e) = spawn_worker(shared) {
         log::error!("{}: cannot start a worker thread: {e}", shared.peer);
-        lock(&shared.pool.state).threads -= 1;
+        let mut st = lock(&shared.pool.state);
+        thread_ended(&shared.pool, &mut st);
     }
 }
 
@@ -158,12 +200,12 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
     st.ready = true;
-    let wanted = st
-        .jobs
-        .len()
-        .saturating_sub(st.idle + st.watchers)
-        .min(pool.max_threads.saturating_sub(st.threads));
-    st.threads += wanted;
+    let mut wanted = 0;
+    while wanted < st.jobs.len().saturating_sub(st.idle + st.watchers)
+        && reserve_thread(pool, &mut st)
+    {
+        wanted += 1;
+    }
     drop(st);
     pool.cv.notify_all();
     for _ in 0..wanted {
@@ -171,8 +213,41 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
     }
 }
 
-/// Hands a request to the pool from a thread that is not the pool's leader (a caller that read
-/// it, or one that gave up on the call the request was nested in).
+/// Queues a request that a calling thread read (the leader queues its own in [`lead`]): the
+/// same limit as for the leader, `max_queued`, applies; a peer over it is closed.
+fn enqueue(shared: &Arc<Shared>, job: Frame) -> Result<(), Error> {
+    let pool = &shared.pool;
+    let mut st = lock(&pool.state);
+    if st.stopping {
+        return Ok(());
+    }
+    if st.jobs.len() >= pool.max_queued {
+        return Err(over_queue(pool));
+    }
+    st.jobs.push_back(job);
+    let spawn = st.ready && wake_or_reserve(pool, &mut st);
+    drop(st);
+    if spawn {
+        spawn_reserved(shared);
+    }
+    Ok(())
+}
+
+fn over_queue(pool: &Pool) -> Error {
+    Error::Protocol(format!(
+        "the peer has more than {} requests waiting for a worker (all {} busy)",
+        pool.max_queued, pool.max_workers
+    ))
+}
+
+/// Whether requests wait in the queue.
+pub(crate) fn has_queued(shared: &Shared) -> bool {
+    !lock(&shared.pool.state).jobs.is_empty()
+}
+
+/// Hands a request that was already accepted to the pool from a thread that is not the pool's
+/// leader (a caller that gave up on the call the request was nested in): not counted against
+/// `max_queued` again.
 pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
@@ -278,7 +353,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     let mut active_until = Instant::now() + LINGER;
     loop {
         if st.stopping {
-            st.threads -= 1;
+            thread_ended(pool, &mut st);
             return None;
         }
         let now = Instant::now();
@@ -335,7 +410,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 && st.jobs.is_empty()
                 && st.threads > 2
             {
-                st.threads -= 1;
+                thread_ended(pool, &mut st);
                 return None;
             }
         }
@@ -343,22 +418,36 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
 }
 
 /// Reads and routes frames until this thread must run a request (returned, after the reader
-/// was put back), hands the reader on, or the connection ends (both `None`).
+/// was put back), hands the reader on, or the connection ends (both `None`). While the
+/// connection is quiet it wakes every tick to apply the idle limit.
 fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
     let pool = &shared.pool;
     reader.set_sliced(false);
     loop {
-        let frame = match reader.read_frame() {
-            Ok(Some(f)) => f,
-            Ok(None) => {
+        let frame = match reader.read_frame(None) {
+            Ok(Got::Frame(f)) => f,
+            Ok(Got::NotYet) => {
+                if let Some(idle) = shared.idle_for() {
+                    if idle >= shared.idle_timeout {
+                        log::info!(
+                            "{}: closing the connection: idle for {idle:?} (Options::idle_timeout)",
+                            shared.peer
+                        );
+                        shared.terminate(format!(
+                            "idle for {:?}, this side's idle limit (Options::idle_timeout)",
+                            shared.idle_timeout
+                        ));
+                        return None;
+                    }
+                }
+                continue;
+            }
+            Ok(Got::End) => {
                 shared.terminate("the peer closed the connection".into());
                 return None;
             }
             Err(e) => {
-                if !shared.is_closed() {
-                    log::warn!("{}: closing the connection: {e}", shared.peer);
-                }
-                shared.terminate(reason(&e));
+                ended_by(shared, &e);
                 return None;
             }
         };
@@ -376,8 +465,7 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
             }
             Ok(Routed::Job(job)) => job,
             Err(e) => {
-                log::warn!("{}: closing the connection: {e}", shared.peer);
-                shared.terminate(e.to_string());
+                ended_by(shared, &e);
                 return None;
             }
         };
@@ -385,16 +473,13 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
         if st.stopping {
             return None;
         }
+        // Run it here only if another thread can take over reading at once; otherwise queue it
+        // and keep reading, so replies still reach the callers that busy workers wait for.
         let helpers = st.idle + st.watchers;
-        if !st.ready || (helpers == 0 && st.threads >= pool.max_threads) {
+        if !st.ready || (helpers == 0 && !pool.can_grow(&st)) {
             if st.jobs.len() >= pool.max_queued {
                 drop(st);
-                let e = Error::Protocol(format!(
-                    "the peer has more than {} requests waiting for a worker (all {} busy)",
-                    pool.max_queued, pool.max_workers
-                ));
-                log::warn!("{}: closing the connection: {e}", shared.peer);
-                shared.terminate(e.to_string());
+                ended_by(shared, &over_queue(pool));
                 return None;
             }
             st.jobs.push_back(job);
@@ -404,6 +489,15 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
         release(shared, reader, Release::Lazy);
         return Some(job);
     }
+}
+
+/// Ends the connection after a read error or a violation, with a warning unless it was
+/// already closing.
+fn ended_by(shared: &Arc<Shared>, e: &Error) {
+    if !shared.is_closed() {
+        log::warn!("{}: closing the connection: {e}", shared.peer);
+    }
+    shared.terminate(reason(e));
 }
 
 /// What a calling thread's own reading produced.
@@ -430,7 +524,10 @@ pub(crate) fn take_for_caller(shared: &Shared) -> Option<FrameReader> {
     Some(reader)
 }
 
-/// Reads on behalf of a caller until something for `p` arrives or `deadline` passes.
+/// Reads on behalf of a caller until something for `p` arrives or `deadline` passes (then the
+/// reader goes to the pool at once, with a frame read in part kept in it). The deadline is
+/// looked at after every frame, so a caller that routes other threads' traffic still gets its
+/// timeout on time.
 pub(crate) fn read_for_caller(
     shared: &Arc<Shared>,
     mut reader: FrameReader,
@@ -442,42 +539,33 @@ pub(crate) fn read_for_caller(
             release(shared, reader, Release::Lazy);
             return CallerRead::Got(d);
         }
-        match reader.wait_readable() {
-            Ok(true) => {}
-            Ok(false) => {
-                if Instant::now() >= deadline {
-                    release(shared, reader, Release::Now);
-                    return CallerRead::TimedOut;
-                }
-                continue;
-            }
-            Err(e) => {
-                shared.terminate(reason(&e));
-                return CallerRead::Ended;
-            }
+        if Instant::now() >= deadline {
+            release(shared, reader, Release::Now);
+            return CallerRead::TimedOut;
         }
-        let frame = match reader.read_frame() {
-            Ok(Some(f)) => f,
-            Ok(None) => {
+        let frame = match reader.read_frame(Some(deadline)) {
+            Ok(Got::Frame(f)) => f,
+            Ok(Got::NotYet) => {
+                release(shared, reader, Release::Now);
+                return CallerRead::TimedOut;
+            }
+            Ok(Got::End) => {
                 shared.terminate("the peer closed the connection".into());
                 return CallerRead::Ended;
             }
             Err(e) => {
-                if !shared.is_closed() {
-                    log::warn!("{}: closing the connection: {e}", shared.peer);
-                }
-                shared.terminate(reason(&e));
+                ended_by(shared, &e);
                 return CallerRead::Ended;
             }
         };
-        match shared.route(frame) {
-            Ok(Routed::Done | Routed::ToCaller) => {}
-            Ok(Routed::Job(job)) => submit(shared, job),
-            Err(e) => {
-                log::warn!("{}: closing the connection: {e}", shared.peer);
-                shared.terminate(e.to_string());
-                return CallerRead::Ended;
-            }
+        let routed = match shared.route(frame) {
+            Ok(Routed::Done | Routed::ToCaller) => Ok(()),
+            Ok(Routed::Job(job)) => enqueue(shared, job),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = routed {
+            ended_by(shared, &e);
+            return CallerRead::Ended;
         }
     }
 }

@@ -75,10 +75,23 @@ pub enum Timeout {
     Handshake(Duration),
     /// A call got no reply in time; names the method.
     Call {
-        /// `service.method` of the call.
+        /// The call: `root.method` for a method of the peer's root service, `object#ID.method`
+        /// for one of another remote object (the caller only knows the object by its id).
         method: String,
         /// The timeout that expired.
         after: Duration,
+    },
+    /// A call could not be sent in time: the peer is not reading what this side sends (or
+    /// another thread's frame to it has been stuck that long). Only this call failed; if
+    /// `partly`, the rest of its frame is still sent in the background (and its reply, if it
+    /// comes, is dropped), otherwise nothing of it was sent.
+    Send {
+        /// The call, named as in [`Timeout::Call`].
+        method: String,
+        /// The timeout that expired.
+        after: Duration,
+        /// Whether part of the call had been sent.
+        partly: bool,
     },
 }
 
@@ -217,6 +230,25 @@ impl fmt::Display for Timeout {
             Timeout::Call { method, after } => {
                 write!(f, "call to {method} got no reply within {after:?}")
             }
+            Timeout::Send {
+                method,
+                after,
+                partly: false,
+            } => write!(
+                f,
+                "call to {method} could not be sent within {after:?}: the peer is not reading \
+                 what this side sends (nothing of the call was sent)"
+            ),
+            Timeout::Send {
+                method,
+                after,
+                partly: true,
+            } => write!(
+                f,
+                "call to {method} could not be sent within {after:?}: the peer is not reading \
+                 what this side sends (the rest of the call is still being sent; its reply \
+                 will be dropped)"
+            ),
         }
     }
 }

@@ -74,6 +74,7 @@ mod codec;
 mod connection;
 mod dispatch;
 mod error;
+mod limits;
 mod object;
 mod options;
 mod pki;

@@ -434,13 +434,24 @@ impl RemoteObject {
         method: &str,
         args: A,
     ) -> Result<AsyncResult<R>, Error> {
-        let p = self
-            .shared()
-            .send_request(self.inner.id, method, &args, Kind::Call, false)?
+        let shared = self.shared();
+        let timeout = shared.call_timeout;
+        let deadline = crate::options::deadline(timeout);
+        let p = shared
+            .send_request(
+                self.inner.id,
+                method,
+                &args,
+                Kind::Call,
+                false,
+                deadline,
+                timeout,
+            )?
             .expect("a call expects a reply");
         Ok(AsyncResult {
             conn: self.inner.conn.clone(),
             pending: p,
+            target: self.inner.id,
             method: method.to_string(),
             reply: Mutex::new(None),
             done: false,
@@ -472,8 +483,19 @@ impl RemoteObject {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn call_oneway<A: Args>(&self, method: &str, args: A) -> Result<(), Error> {
-        self.shared()
-            .send_request(self.inner.id, method, &args, Kind::Oneway, false)
+        let shared = self.shared();
+        let timeout = shared.call_timeout;
+        let deadline = crate::options::deadline(timeout);
+        shared
+            .send_request(
+                self.inner.id,
+                method,
+                &args,
+                Kind::Oneway,
+                false,
+                deadline,
+                timeout,
+            )
             .map(|_| ())
     }
 
@@ -522,6 +544,7 @@ impl RemoteObject {
 pub struct AsyncResult<R> {
     conn: Connection,
     pending: Pending,
+    target: u64,
     method: String,
     reply: Mutex<Option<Frame>>,
     done: bool,
@@ -546,7 +569,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
             .map_err(|e| match e {
                 Some(e) => e,
                 None => Error::Timeout(Timeout::Call {
-                    method: self.method.clone(),
+                    method: connection::call_name(self.target, &self.method),
                     after: timeout,
                 }),
             })

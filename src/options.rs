@@ -4,6 +4,7 @@
 use crate::auth::ClientAuthenticator;
 use crate::connection::Connection;
 use crate::error::Error;
+use crate::limits::{ServerBudget, ThreadBudget};
 use crate::service::Service;
 use crate::threads::ThreadSet;
 use crate::transport;
@@ -13,10 +14,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Largest frame accepted by default.
+pub(crate) const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
 /// Settings for a connection, with the entry points that open one.
 ///
 /// Defaults: no service exposed, 30 s call timeout (like RPyC's `sync_request_timeout`), 10 s
-/// connect and handshake timeouts, 256 MiB largest frame, 64 workers, 65,536 queued requests.
+/// connect and handshake timeouts, 64 MiB largest frame, at most twice that held from the peer
+/// at once, 64 workers, 65,536 queued requests, no idle limit. The README's "Limits and
+/// hostile peers" gives the arithmetic.
 ///
 /// ```
 /// # let svc = rpyc::Service::new("calculator")
@@ -51,7 +57,14 @@ pub struct Options {
     pub(crate) max_frame: usize,
     pub(crate) max_workers: usize,
     pub(crate) max_queued: usize,
+    /// `None`: twice `max_frame`.
+    pub(crate) max_buffered: Option<usize>,
+    pub(crate) idle_timeout: Duration,
     pub(crate) authenticator: Option<Arc<dyn ClientAuthenticator>>,
+    /// Set by a server for its connections: the shared part of its memory bound.
+    pub(crate) server_budget: Option<Arc<ServerBudget>>,
+    /// Set by a server for its connections: its budget of pool threads.
+    pub(crate) thread_budget: Option<Arc<ThreadBudget>>,
 }
 
 impl Default for Options {
@@ -61,10 +74,14 @@ impl Default for Options {
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            max_frame: 256 << 20,
+            max_frame: DEFAULT_MAX_FRAME,
             max_workers: 64,
             max_queued: 65_536,
+            max_buffered: None,
+            idle_timeout: Duration::MAX,
             authenticator: None,
+            server_budget: None,
+            thread_budget: None,
         }
     }
 }
@@ -79,6 +96,8 @@ impl std::fmt::Debug for Options {
             .field("max_frame", &self.max_frame)
             .field("max_workers", &self.max_workers)
             .field("max_queued", &self.max_queued)
+            .field("max_buffered", &self.buffered_limit())
+            .field("idle_timeout", &self.idle_timeout)
             .field("authenticator", &self.authenticator.is_some())
             .finish()
     }
@@ -119,9 +138,47 @@ impl Options {
     }
 
     /// Largest frame (one call or reply, encoded) this side accepts; announced to the peer,
-    /// which refuses to send more. At most 4 GiB - 1.
+    /// which refuses to send more (its call fails with [`Error::TooLarge`], nothing is sent).
+    /// 64 MiB by default; at least 1 KiB, at most 4 GiB - 1.
+    ///
+    /// ```
+    /// // Calls carrying up to about 1 GiB.
+    /// let options = rpyc::Options::new().max_frame_size(1 << 30);
+    /// # let _ = options;
+    /// ```
     pub fn max_frame_size(mut self, bytes: usize) -> Options {
         self.max_frame = bytes.clamp(1024, u32::MAX as usize);
+        self
+    }
+
+    /// Most bytes of the peer's data this side holds for the connection at once: frames being
+    /// read, requests queued or running, requests nested in a waiting call, replies not yet
+    /// taken by their caller (each frame counted with a small overhead, see the README). A peer
+    /// that sends more is closed, with a warning; other connections carry on. Defaults to twice
+    /// [`max_frame_size`](Self::max_frame_size); never less than one largest frame.
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().max_frame_size(16 << 20).max_buffered(64 << 20);
+    /// # let _ = options;
+    /// ```
+    pub fn max_buffered(mut self, bytes: usize) -> Options {
+        self.max_buffered = Some(bytes);
+        self
+    }
+
+    /// Closes the connection once it has gone this long with no frame either way and nothing
+    /// in flight (no call of ours waiting for a reply, no request of the peer running or
+    /// queued). No limit by default (`Duration::MAX`). Checked every quarter of the limit (at
+    /// least every 50 ms, at most every 5 s); not over streams and pipes, which cannot time out
+    /// a read.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let options = rpyc::Options::new().idle_timeout(Duration::from_secs(600));
+    /// # let _ = options;
+    /// ```
+    pub fn idle_timeout(mut self, d: Duration) -> Options {
+        self.idle_timeout = d;
         self
     }
 
@@ -151,8 +208,24 @@ impl Options {
         self
     }
 
+    /// The stall timeout: a peer that takes none of what we write, or sends part of a frame
+    /// and then nothing, for this long is dropped.
     pub(crate) fn write_timeout(&self) -> Duration {
         self.call_timeout.max(Duration::from_secs(1))
+    }
+
+    /// The connection's memory bound (see [`max_buffered`](Self::max_buffered)).
+    pub(crate) fn buffered_limit(&self) -> usize {
+        let one_frame = self.max_frame + crate::limits::FRAME_OVERHEAD;
+        self.max_buffered
+            .unwrap_or(self.max_frame.saturating_mul(2))
+            .max(one_frame)
+    }
+
+    /// How often a quiet connection's reader wakes, to apply the stall and idle limits.
+    pub(crate) fn reader_tick(&self) -> Duration {
+        (self.write_timeout().min(self.idle_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 
     /// Connects over TCP to `host:port`.
@@ -208,7 +281,7 @@ impl Options {
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
-        let t = transport::stream(reader, writer, "stream".into(), None);
+        let t = transport::stream(reader, writer, "stream".into());
         Connection::establish(t, self, ThreadSet::new())
     }
 
@@ -222,7 +295,7 @@ impl Options {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect_subprocess(&self, cmd: Command) -> Result<Connection, Error> {
-        let t = transport::subprocess(cmd)?;
+        let t = transport::subprocess(cmd, self.write_timeout())?;
         Connection::establish(t, self, ThreadSet::new())
     }
 }
@@ -230,9 +303,14 @@ impl Options {
 /// The instant `timeout` from now. A timeout too large to add to the clock (`Duration::MAX`,
 /// the usual way to say "no limit") waits about a century instead of panicking.
 pub(crate) fn deadline(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+    deadline_from(Instant::now(), timeout)
+}
+
+/// The instant `timeout` after `start`, with the same rule as [`deadline`].
+pub(crate) fn deadline_from(start: Instant, timeout: Duration) -> Instant {
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Connects over TCP with default [`Options`].

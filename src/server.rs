@@ -9,13 +9,14 @@
 use crate::auth::Authenticator;
 use crate::connection::{lock, Connection};
 use crate::error::Error;
+use crate::limits::{ServerBudget, ThreadBudget};
 use crate::options::Options;
 use crate::service::Service;
 use crate::threads::ThreadSet;
 use crate::transport::{self, Transport};
 use crate::wire::{self, Hello};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -99,6 +100,10 @@ pub struct ServerBuilder {
     port: u16,
     unix: Option<PathBuf>,
     max_connections: usize,
+    max_handshakes: usize,
+    max_threads: usize,
+    max_buffered_total: Option<usize>,
+    evict_idle_after: Duration,
     one_shot: bool,
 }
 
@@ -111,6 +116,10 @@ impl std::fmt::Debug for ServerBuilder {
             .field("port", &self.port)
             .field("unix", &self.unix)
             .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("max_threads", &self.max_threads)
+            .field("max_buffered_total", &self.buffered_total())
+            .field("evict_idle_after", &self.evict_idle_after)
             .field("one_shot", &self.one_shot)
             .finish()
     }
@@ -125,8 +134,17 @@ impl ServerBuilder {
             port: 0,
             unix: None,
             max_connections: 256,
+            max_handshakes: 64,
+            max_threads: 256,
+            max_buffered_total: None,
+            evict_idle_after: Duration::from_secs(30),
             one_shot,
         }
+    }
+
+    fn buffered_total(&self) -> usize {
+        self.max_buffered_total
+            .unwrap_or_else(|| (256 << 20).max(self.options.max_frame.saturating_mul(2)))
     }
 
     /// The address to listen on (a name, an IPv4 or an IPv6 address).
@@ -149,9 +167,75 @@ impl ServerBuilder {
         self
     }
 
-    /// Most connections served at once; a client over the limit gets a clear refusal.
+    /// Most connections served at once, handshakes in progress included (256 by default).
+    /// When all are taken, a new client gets the slot of the connection that has been idle
+    /// longest, if one has been idle for [`evict_idle_after`](Self::evict_idle_after);
+    /// otherwise it gets a clear refusal.
     pub fn max_connections(mut self, n: usize) -> ServerBuilder {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Most clients in their handshake (authentication included) at once, 64 by default: a
+    /// client beyond it is refused. Each handshake ends at the handshake timeout at the latest,
+    /// so clients that connect and stay silent (or dribble their hello) can hold these slots
+    /// only that long, and never all of `max_connections`.
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_handshakes(16).build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_handshakes(mut self, n: usize) -> ServerBuilder {
+        self.max_handshakes = n.max(1);
+        self
+    }
+
+    /// The slot policy when all connections are taken: a new client takes the slot of the
+    /// connection idle longest (no frame either way, nothing in flight), if it has been idle
+    /// this long (30 s by default); that connection is closed, with a message saying why.
+    /// `Duration::MAX` never closes one: new clients are refused instead.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .evict_idle_after(Duration::from_secs(300))
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn evict_idle_after(mut self, d: Duration) -> ServerBuilder {
+        self.evict_idle_after = d;
+        self
+    }
+
+    /// Most threads running handlers across all connections, beyond one per connection (256
+    /// by default). When they are all busy, requests wait in their connection's queue
+    /// (`Options::max_queued`). With the other limits, a server runs at most
+    /// `max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more per
+    /// connection finishing a frame whose caller timed out); see the README.
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_threads(64).build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_threads(mut self, n: usize) -> ServerBuilder {
+        self.max_threads = n;
+        self
+    }
+
+    /// Most bytes of client data all connections together hold beyond 1 MiB each (256 MiB or
+    /// twice `Options::max_frame_size`, whichever is larger, by default). A connection whose
+    /// next frame would exceed it is closed with a warning; a connection holding less than
+    /// 1 MiB is never refused for it. So the server holds at most this plus 1 MiB per
+    /// connection of its clients' data; see [`Options::max_buffered`] for one connection.
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .max_buffered_total(1 << 30)
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_buffered_total(mut self, bytes: usize) -> ServerBuilder {
+        self.max_buffered_total = Some(bytes);
         self
     }
 
@@ -209,12 +293,18 @@ impl ServerBuilder {
             }
         };
         let local = listener.local_addr();
+        let mut options = self.options.clone();
+        options.server_budget = Some(ServerBudget::new(self.buffered_total()));
+        options.thread_budget = Some(ThreadBudget::new(self.max_threads));
         Ok(Server {
             listener,
             inner: Arc::new(ServerInner {
-                options: self.options,
+                options,
                 authenticator: self.authenticator,
                 max_connections: self.max_connections,
+                max_handshakes: self.max_handshakes,
+                evict_idle_after: self.evict_idle_after,
+                in_handshake: AtomicUsize::new(0),
                 one_shot: self.one_shot,
                 local,
                 closed: AtomicBool::new(false),
@@ -226,6 +316,7 @@ impl ServerBuilder {
                 cv: Condvar::new(),
                 accept_thread: Mutex::new(None),
                 cleaned: Mutex::new(false),
+                close_grace: Mutex::new(CLOSE_GRACE),
                 handshaking: Mutex::new(HashMap::new()),
             }),
         })
@@ -251,11 +342,11 @@ fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener,
     UnixListener::bind(path).map_err(fail)
 }
 
-/// An accepted client: a TCP socket still to be authenticated, or a ready transport.
+/// An accepted client, before authentication and handshake (both run on its own thread).
 enum Accepted {
     Tcp(TcpStream, String),
-    #[cfg_attr(not(unix), allow(dead_code))]
-    Ready(Transport),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixStream, String),
 }
 
 impl Accepted {
@@ -268,9 +359,12 @@ impl Accepted {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }))
             }
-            Accepted::Ready(t) => {
-                let control = t.control.clone();
-                Some(Box::new(move || control.shutdown()))
+            #[cfg(unix)]
+            Accepted::Unix(s, _) => {
+                let s = s.try_clone().ok()?;
+                Some(Box::new(move || {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }))
             }
         }
     }
@@ -278,7 +372,17 @@ impl Accepted {
     fn peer(&self) -> &str {
         match self {
             Accepted::Tcp(_, peer) => peer,
-            Accepted::Ready(t) => &t.peer,
+            #[cfg(unix)]
+            Accepted::Unix(_, peer) => peer,
+        }
+    }
+
+    /// The socket alone, for a refusal.
+    #[cfg(unix)]
+    fn into_fd(self) -> std::os::fd::OwnedFd {
+        match self {
+            Accepted::Tcp(s, _) => s.into(),
+            Accepted::Unix(s, _) => s.into(),
         }
     }
 }
@@ -308,18 +412,17 @@ impl Listener {
         }
     }
 
-    fn accept(&self, write_timeout: Duration) -> io::Result<Accepted> {
+    fn accept(&self) -> io::Result<Accepted> {
         match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept()?;
                 Ok(Accepted::Tcp(s, addr.to_string()))
             }
             #[cfg(unix)]
-            Listener::Unix(l, p) => Ok(Accepted::Ready(transport::unix(
+            Listener::Unix(l, p) => Ok(Accepted::Unix(
                 l.accept()?.0,
                 format!("{} (client)", p.display()),
-                write_timeout,
-            )?)),
+            )),
         }
     }
 }
@@ -328,6 +431,10 @@ struct ServerInner {
     options: Options,
     authenticator: Option<Arc<dyn Authenticator>>,
     max_connections: usize,
+    max_handshakes: usize,
+    evict_idle_after: Duration,
+    /// Connections in their handshake (authentication included).
+    in_handshake: AtomicUsize,
     one_shot: bool,
     local: Local,
     closed: AtomicBool,
@@ -341,6 +448,8 @@ struct ServerInner {
     cv: Condvar,
     accept_thread: Mutex<Option<JoinHandle<()>>>,
     cleaned: Mutex<bool>,
+    /// How long closing waits for handlers (see `ServerHandle::close_timeout`).
+    close_grace: Mutex<Duration>,
     /// How to end each connection still in its handshake (authentication included), so that
     /// `close` does not wait out their handshake timeouts.
     handshaking: Mutex<HashMap<u64, Box<dyn FnOnce() + Send>>>,
@@ -399,7 +508,8 @@ impl Server {
                 accepting = inner.cv.wait(accepting).unwrap_or_else(|e| e.into_inner());
             }
         }
-        inner.cleanup();
+        let grace = *lock(&inner.close_grace);
+        inner.cleanup(grace);
         Ok(())
     }
 
@@ -455,7 +565,23 @@ impl ServerHandle {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn close(&self) {
+        self.close_timeout(CLOSE_GRACE);
+    }
+
+    /// Like [`close`](ServerHandle::close), waiting at most `grace` for handlers still running
+    /// user code (they are left detached after it); returns whether every thread of the
+    /// server ended in time. The connections are closed at once either way.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let handle = rpyc::ThreadedServer::new(rpyc::Service::new("s")).build()?.spawn()?;
+    /// assert!(handle.close_timeout(Duration::from_secs(1)));
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn close_timeout(&self, grace: Duration) -> bool {
         let inner = &self.inner;
+        // The accept thread cleans up when its loop ends: with this grace.
+        *lock(&inner.close_grace) = grace;
         if !inner.closed.swap(true, Ordering::AcqRel) {
             inner.wake_acceptor();
         }
@@ -471,7 +597,7 @@ impl ServerHandle {
                 let _ = t.join();
             }
         }
-        inner.cleanup();
+        inner.cleanup(grace)
     }
 
     /// Whether [`close`](ServerHandle::close) was called.
@@ -502,10 +628,11 @@ impl ServerInner {
         }
     }
 
-    fn cleanup(&self) {
+    /// Closes everything; returns whether every thread ended within `grace`.
+    fn cleanup(&self, grace: Duration) -> bool {
         let mut cleaned = lock(&self.cleaned);
         if *cleaned {
-            return;
+            return self.threads.join(Duration::ZERO);
         }
         self.closed.store(true, Ordering::Release);
         let handshaking: Vec<_> = lock(&self.handshaking).drain().collect();
@@ -517,25 +644,34 @@ impl ServerInner {
             c.close();
         }
         drop(conns);
-        self.threads.join(CLOSE_GRACE);
+        let joined = self.threads.join(grace);
         #[cfg(unix)]
         if let Local::Unix(p) = &self.local {
             let _ = std::fs::remove_file(p);
         }
         *cleaned = true;
+        joined
     }
 }
 
 fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
-    let write_timeout = inner.options.call_timeout.max(Duration::from_secs(1));
+    let refusals = Refusals::default();
     while !inner.closed.load(Ordering::Acquire) {
-        let a = match listener.accept(write_timeout) {
+        let a = match listener.accept() {
             Ok(a) => a,
             Err(e) => {
                 if inner.closed.load(Ordering::Acquire) {
                     break;
                 }
-                log::warn!("accept failed: {e}");
+                if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
+                {
+                    log::warn!(
+                        "accept failed: {e}: this process is out of file descriptors; raise its \
+                         limit (ulimit -n) or lower max_connections"
+                    );
+                } else {
+                    log::warn!("accept failed: {e}");
+                }
                 // Out of file descriptors and the like: do not spin.
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
@@ -544,25 +680,13 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         if inner.closed.load(Ordering::Acquire) {
             break;
         }
-        if inner.active.load(Ordering::Acquire) >= inner.max_connections {
-            log::warn!(
-                "{}: refused: the server is at its limit of {} connections",
-                a.peer(),
-                inner.max_connections
-            );
-            match a {
-                // An authenticating client cannot read a plain refusal: just hang up.
-                Accepted::Tcp(s, _) if inner.authenticator.is_some() => drop(s),
-                Accepted::Tcp(s, _) => {
-                    if let Ok(t) = transport::tcp(s, write_timeout) {
-                        refuse(t)
-                    }
-                }
-                Accepted::Ready(t) => refuse(t),
-            }
+        if let Err(why) = inner.admit() {
+            log::warn!("{}: refused: {why}", a.peer());
+            // An authenticating client cannot read a plain refusal: just hang up.
+            let tell = inner.authenticator.is_none();
+            refusals.refuse(inner, a, tell);
             continue;
         }
-        inner.active.fetch_add(1, Ordering::AcqRel);
         let me = inner.clone();
         let peer = a.peer().to_string();
         let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -570,12 +694,13 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
             lock(&inner.handshaking).insert(id, stop);
         }
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            serve_connection(&me, a, write_timeout);
+            serve_connection(&me, a);
             lock(&me.handshaking).remove(&id);
         });
         if let Err(e) = started {
             log::error!("{peer}: cannot start a thread for the connection: {e}");
             lock(&inner.handshaking).remove(&id);
+            inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
             inner.connection_ended();
         }
         if inner.one_shot {
@@ -583,18 +708,17 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         }
     }
     drop(listener);
+    refusals.stop();
     *lock(&inner.accepting) = false;
     inner.cv.notify_all();
 }
 
 /// Authenticates the client (if the server has an authenticator), then does the handshake.
-fn open_transport(
-    inner: &ServerInner,
-    a: Accepted,
-    write_timeout: Duration,
-) -> Result<Transport, Error> {
+fn open_transport(inner: &ServerInner, a: Accepted) -> Result<Transport, Error> {
+    let write_timeout = inner.options.write_timeout();
     match (a, &inner.authenticator) {
-        (Accepted::Ready(t), _) => Ok(t),
+        #[cfg(unix)]
+        (Accepted::Unix(s, peer), _) => Ok(transport::unix(s, peer, write_timeout)?),
         (Accepted::Tcp(s, _), None) => Ok(transport::tcp(s, write_timeout)?),
         (Accepted::Tcp(s, peer), Some(auth)) => {
             let timeout = inner.options.handshake_timeout;
@@ -607,17 +731,12 @@ fn open_transport(
     }
 }
 
-fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, write_timeout: Duration) {
+fn serve_connection(inner: &Arc<ServerInner>, a: Accepted) {
     let peer = a.peer().to_string();
-    let t = match open_transport(inner, a, write_timeout) {
-        Ok(t) => t,
-        Err(e) => {
-            log::debug!("{peer}: connection failed: {e}");
-            inner.connection_ended();
-            return;
-        }
-    };
-    match Connection::establish(t, &inner.options, inner.threads.clone()) {
+    let established = open_transport(inner, a)
+        .and_then(|t| Connection::establish(t, &inner.options, inner.threads.clone()));
+    inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
+    match established {
         Ok(conn) => {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             lock(&inner.conns).insert(id, conn.clone());
@@ -640,6 +759,52 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, write_timeout: Durati
 }
 
 impl ServerInner {
+    /// Takes a slot for a new client (see `max_connections` and `max_handshakes`), or says why
+    /// not.
+    fn admit(&self) -> Result<(), String> {
+        if self.in_handshake.load(Ordering::Acquire) >= self.max_handshakes {
+            return Err(format!(
+                "{} clients are in their handshake already (ServerBuilder::max_handshakes)",
+                self.max_handshakes
+            ));
+        }
+        if self.active.load(Ordering::Acquire) >= self.max_connections && !self.evict_idlest() {
+            return Err(format!(
+                "the server is at its limit of {} connections and none has been idle for {:?} \
+                 (ServerBuilder::max_connections, evict_idle_after)",
+                self.max_connections, self.evict_idle_after
+            ));
+        }
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.in_handshake.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Closes the connection idle longest, if it has been idle long enough; returns whether
+    /// one was closed.
+    fn evict_idlest(&self) -> bool {
+        let victim = lock(&self.conns)
+            .values()
+            .filter_map(|c| Some((c.shared.idle_for()?, c.clone())))
+            .filter(|(idle, _)| *idle >= self.evict_idle_after)
+            .max_by_key(|(idle, _)| *idle);
+        let Some((idle, conn)) = victim else {
+            return false;
+        };
+        log::info!(
+            "{}: closing the connection to make room for a new client: idle for {idle:?} \
+             (max_connections {})",
+            conn.peer(),
+            self.max_connections
+        );
+        conn.shared.terminate(format!(
+            "the server needed this connection's slot for a new client: it had been idle for \
+             {idle:?} (the server's max_connections is {})",
+            self.max_connections
+        ));
+        true
+    }
+
     fn connection_ended(&self) {
         self.active.fetch_sub(1, Ordering::AcqRel);
         let _guard = lock(&self.accepting);
@@ -647,17 +812,126 @@ impl ServerInner {
     }
 }
 
-/// Tells a client over the connection limit so in the handshake, then hangs up.
-fn refuse(mut t: Transport) {
-    let hello = Hello {
+/// How long a refused client is given to read the refusal before its socket is closed.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+/// Most refused clients waiting for their socket to be closed; beyond it they are dropped at
+/// once.
+const MAX_REFUSALS: usize = 64;
+
+/// Refusals, off the accept thread: one thread (started on the first refusal) answers each
+/// refused client with a hello that says so, then keeps its socket for at most
+/// [`REFUSAL_LINGER`] to read the client's own hello (closing with unread data would reset the
+/// connection before the client reads why), many clients at once.
+#[derive(Default)]
+struct Refusals {
+    tx: Mutex<Option<crossbeam_channel::Sender<std::os::fd::OwnedFd>>>,
+}
+
+impl Refusals {
+    fn refuse(&self, inner: &ServerInner, a: Accepted, tell: bool) {
+        if !tell {
+            return; // dropped: closed at once
+        }
+        let mut tx = lock(&self.tx);
+        if tx.is_none() {
+            let (t, rx) = crossbeam_channel::bounded(MAX_REFUSALS);
+            if let Err(e) = inner.threads.spawn("rpyc-refuser", move || refuser(rx)) {
+                log::error!("cannot start the thread that answers refused clients: {e}");
+                return;
+            }
+            *tx = Some(t);
+        }
+        if let Some(tx) = tx.as_ref() {
+            // Full: too many refusals at once; this one is closed without an answer.
+            let _ = tx.try_send(a.into_fd());
+        }
+    }
+
+    fn stop(&self) {
+        lock(&self.tx).take();
+    }
+}
+
+fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
+    use crate::sys::{self, PollFd, POLLIN};
+    use std::os::fd::AsRawFd;
+    let refusal = Hello {
         version: wire::VERSION,
         flags: wire::FLAG_REFUSED,
         max_frame: 1024,
         max_queued: 1,
-    };
-    let _ = t.control.set_read_timeout(Some(Duration::from_millis(200)));
-    let _ = t.writer.write_all(&hello.encode());
-    let mut theirs = [0u8; wire::HELLO_LEN];
-    let _ = t.reader.read_exact(&mut theirs);
-    t.control.shutdown();
+    }
+    .encode();
+    let mut open: Vec<(std::os::fd::OwnedFd, std::time::Instant)> = Vec::new();
+    let mut scratch = [0u8; 256];
+    loop {
+        let next = if open.is_empty() {
+            rx.recv()
+                .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected)
+        } else {
+            rx.try_recv().map_err(|e| match e {
+                crossbeam_channel::TryRecvError::Empty => {
+                    crossbeam_channel::RecvTimeoutError::Timeout
+                }
+                crossbeam_channel::TryRecvError::Disconnected => {
+                    crossbeam_channel::RecvTimeoutError::Disconnected
+                }
+            })
+        };
+        match next {
+            Ok(fd) => {
+                // 16 bytes always fit in a fresh socket's buffer.
+                let _ = sys::send_nowait(fd.as_raw_fd(), &refusal);
+                let _ = sys::shutdown_write(fd.as_raw_fd());
+                open.push((fd, std::time::Instant::now() + REFUSAL_LINGER));
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) if open.is_empty() => return,
+            Err(_) => {}
+        }
+        let now = std::time::Instant::now();
+        open.retain(|(_, until)| *until > now);
+        if open.is_empty() {
+            continue;
+        }
+        let wait = open
+            .iter()
+            .map(|(_, until)| until.saturating_duration_since(now))
+            .min()
+            .unwrap_or_default()
+            .min(Duration::from_millis(10));
+        let mut fds: Vec<PollFd> = open
+            .iter()
+            .map(|(fd, _)| PollFd::new(fd.as_raw_fd(), POLLIN))
+            .collect();
+        if sys::poll(&mut fds, Some(wait)).is_err() {
+            continue;
+        }
+        let mut done = vec![false; open.len()];
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            // Read what the client sent; its end (or an error) means it has our answer.
+            loop {
+                match sys::recv_nowait(p.fd, &mut scratch) {
+                    Ok(0) => {
+                        done[i] = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        done[i] = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        open.retain(|_| {
+            i += 1;
+            !done[i - 1]
+        });
+    }
 }

@@ -1,6 +1,7 @@
-//! The one place this crate calls the operating system directly: `poll(2)`, which the TLS
-//! transport and the SSH tunnel need to wait for a socket without holding a lock, and reads
-//! and writes that never wait whatever the socket's mode (std has no safe equivalents).
+//! The one place this crate calls the operating system directly: `poll(2)`, which the
+//! transports and the SSH tunnel need to wait for a socket without holding a lock, reads and
+//! writes that never wait whatever the socket's mode, and non-blocking pipes (std has no safe
+//! equivalents).
 
 #![allow(unsafe_code)]
 
@@ -154,6 +155,31 @@ pub(crate) fn send_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
             return Err(e);
         }
     }
+}
+
+/// Shuts down the sending side of socket `fd` (the peer reads the end of our data).
+pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes plain integers; an invalid `fd` is reported as an error.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts a descriptor in non-blocking mode (for the write end of a pipe only this crate uses:
+/// the mode belongs to the open file, which every handle on it shares).
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL takes and returns plain integers; an invalid `fd` is
+    // reported as an error, not undefined behaviour.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

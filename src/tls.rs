@@ -45,7 +45,7 @@ use crate::connection::{lock, Connection};
 use crate::error::{Error, Timeout};
 use crate::options::Options;
 use crate::sys::{self, POLLIN, POLLOUT};
-use crate::transport::{Control, Transport};
+use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
@@ -1264,8 +1264,6 @@ pub(crate) struct TlsConn {
     sock: TcpStream,
     peer: String,
     read_timeout: Mutex<Option<Duration>>,
-    /// A write that makes no progress for this long fails (a peer that stopped reading).
-    write_timeout: Mutex<Duration>,
     closing: AtomicBool,
     /// The first TLS-level failure after the handshake, described (e.g. TLS 1.3's late
     /// "certificate required" alert), for the connection's error message.
@@ -1288,7 +1286,6 @@ impl TlsConn {
             ssl: Mutex::new(s),
             peer,
             read_timeout: Mutex::new(None),
-            write_timeout: Mutex::new(Duration::from_secs(30)),
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             side,
@@ -1296,10 +1293,13 @@ impl TlsConn {
     }
 
     pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
-        *lock(&conn.write_timeout) = write_timeout;
         Transport {
             reader: Box::new(TlsReader(conn.clone())),
-            writer: Box::new(TlsWriter(conn.clone())),
+            writer: Box::new(TlsWriter {
+                conn: conn.clone(),
+                stall: Stall::new(write_timeout),
+                committed: false,
+            }),
             peer: conn.peer.clone(),
             control: conn,
             credentials: None,
@@ -1431,11 +1431,14 @@ impl TlsConn {
         Ok(())
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let stall = *lock(&self.write_timeout);
+    /// Writes a prefix of `buf`; see [`TlsWriter`]'s [`Sink`] implementation.
+    fn write(
+        &self,
+        buf: &[u8],
+        until: Option<Instant>,
+        stall: &mut Stall,
+        committed: &mut bool,
+    ) -> io::Result<usize> {
         loop {
             if self.closing.load(Ordering::Acquire) {
                 return Err(io::Error::new(
@@ -1446,31 +1449,30 @@ impl TlsConn {
             // After WANT_WRITE the same bytes are offered again, as OpenSSL requires.
             let r = lock(&self.ssl).ssl_write(buf);
             let e = match r {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    *committed = false;
+                    stall.progress();
+                    return Ok(n);
+                }
                 Err(e) => e,
             };
             match e.code() {
-                ErrorCode::WANT_WRITE => self.wait(POLLOUT, Some(stall)).map_err(|e| {
-                    if e.kind() == io::ErrorKind::TimedOut {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("the peer read nothing for {stall:?}"),
-                        )
-                    } else {
-                        e
+                ErrorCode::WANT_WRITE => {
+                    // Part of a record may already be out: these bytes must follow.
+                    *committed = true;
+                    if !stall.wait(self.fd, POLLOUT, until)? {
+                        return Ok(0);
                     }
-                })?,
-                // Rare (renegotiation): the reading thread may take the input first, so
-                // only wait briefly before trying again.
+                }
+                // Only a handshake message wants input before our data can go (renegotiation
+                // is refused on both sides, so this is not expected): the reading thread takes
+                // that input, so look again soon, under the same deadlines as for room.
                 ErrorCode::WANT_READ => {
-                    self.wait(POLLIN, Some(Duration::from_millis(5)))
-                        .or_else(|e| {
-                            if e.kind() == io::ErrorKind::TimedOut {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })?
+                    *committed = true;
+                    let slice = Some(Duration::from_millis(5));
+                    if !stall.wait_at_most(self.fd, POLLIN, until, slice)? {
+                        return Ok(0);
+                    }
                 }
                 ErrorCode::ZERO_RETURN => {
                     return Err(io::Error::new(
@@ -1526,13 +1528,20 @@ impl Read for TlsReader {
     }
 }
 
-struct TlsWriter(Arc<TlsConn>);
+/// The write half: one frame at a time, from the connection's writer.
+struct TlsWriter {
+    conn: Arc<TlsConn>,
+    stall: Stall,
+    committed: bool,
+}
 
-impl Write for TlsWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+impl Sink for TlsWriter {
+    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
+        self.conn
+            .write(buf, until, &mut self.stall, &mut self.committed)
     }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+
+    fn committed(&self) -> bool {
+        self.committed
     }
 }

@@ -1,14 +1,165 @@
 //! Transports: the byte streams a connection runs over (TCP, Unix sockets, any Read + Write
-//! pair, a child process's stdin/stdout). Each gives the connection a read half, a write half,
-//! and a way to shut both down from any thread.
+//! pair, a child process's stdin/stdout). Each gives the connection a read half, a write half
+//! (a [`Sink`]), and a way to shut both down from any thread.
+//!
+//! # Writes under deadlines
+//!
+//! A [`Sink`] never blocks without a bound: it waits for the transport with `poll(2)` until the
+//! caller's deadline (a call's timeout) and until the *stall timeout* (no byte taken by the
+//! peer for that long, counted from the last progress, however the waiting was split between
+//! calls), whichever comes first. Sockets are written with `MSG_DONTWAIT` whatever their mode
+//! (their read half stays blocking); a child process's stdin is made non-blocking. Only a
+//! stream handed in by the user ([`crate::Options::connect_stream`]) is written with plain
+//! blocking writes: it is bounded by whatever timeouts the user gave it.
 
+use crate::connection::lock;
 use crate::error::{Error, Timeout};
+#[cfg(unix)]
+use crate::sys::{self, POLLOUT};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+#[cfg(unix)]
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
+
+/// The write half of a transport.
+pub(crate) trait Sink: Send {
+    /// Writes a prefix of `buf` (which is not empty) and returns its length, waiting for the
+    /// transport at most until `until` (then `Ok(0)`). Fails with `TimedOut` once the peer has
+    /// taken nothing for the stall timeout, or with the transport's error.
+    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize>;
+
+    /// Whether the transport has taken part of the bytes last offered although `send` reported
+    /// none (TLS: a record built and partly sent). Then the same bytes must be offered again
+    /// until they are all written: the frame cannot be given up.
+    fn committed(&self) -> bool {
+        false
+    }
+}
+
+/// Tracks how long the peer has taken nothing, across `send` calls.
+#[derive(Debug)]
+pub(crate) struct Stall {
+    limit: Duration,
+    since: Option<Instant>,
+}
+
+impl Stall {
+    pub(crate) fn new(limit: Duration) -> Stall {
+        Stall { limit, since: None }
+    }
+
+    /// The peer took bytes.
+    pub(crate) fn progress(&mut self) {
+        self.since = None;
+    }
+
+    /// Waits until `fd` is ready for `events` (or hung up), but at most until `until` and until
+    /// the peer has taken nothing for the limit. `Ok(true)`: try again; `Ok(false)`: `until`
+    /// passed first.
+    #[cfg(unix)]
+    pub(crate) fn wait(
+        &mut self,
+        fd: RawFd,
+        events: i16,
+        until: Option<Instant>,
+    ) -> io::Result<bool> {
+        self.wait_at_most(fd, events, until, None)
+    }
+
+    /// [`wait`](Self::wait), also returning after `slice` (to look at a closing flag).
+    #[cfg(unix)]
+    pub(crate) fn wait_at_most(
+        &mut self,
+        fd: RawFd,
+        events: i16,
+        until: Option<Instant>,
+        slice: Option<Duration>,
+    ) -> io::Result<bool> {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        let stalled_at = crate::options::deadline_from(since, self.limit);
+        if now >= stalled_at {
+            return Err(self.stalled());
+        }
+        if until.is_some_and(|u| now >= u) {
+            return Ok(false);
+        }
+        let end = until.map_or(stalled_at, |u| u.min(stalled_at));
+        let mut wait = end - now;
+        if let Some(s) = slice {
+            wait = wait.min(s);
+        }
+        if sys::wait_fd(fd, events, Some(wait))? == 0 {
+            let now = Instant::now();
+            if until.is_some_and(|u| now >= u) {
+                return Ok(false);
+            }
+            if now >= stalled_at {
+                return Err(self.stalled());
+            }
+        }
+        Ok(true)
+    }
+
+    /// The error of a peer that stopped reading.
+    pub(crate) fn stalled(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {:?}", self.limit),
+        )
+    }
+}
+
+/// Writes a socket without waiting in the kernel (its read half stays blocking), waiting for
+/// room with `poll(2)` under the caller's deadline and the stall timeout.
+#[cfg(unix)]
+struct SocketSink<S> {
+    socket: S,
+    stall: Stall,
+}
+
+#[cfg(unix)]
+impl<S: AsRawFd + Send> Sink for SocketSink<S> {
+    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
+        let fd = self.socket.as_raw_fd();
+        loop {
+            match sys::send_nowait(fd, buf) {
+                Ok(n) => {
+                    self.stall.progress();
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.stall.wait(fd, POLLOUT, until)? {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A plain blocking writer (a stream the user handed in): `until` cannot be honoured.
+struct BlockingSink<W>(W);
+
+impl<W: Write + Send> Sink for BlockingSink<W> {
+    fn send(&mut self, buf: &[u8], _until: Option<Instant>) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => {
+                    let _ = self.0.flush();
+                    return other;
+                }
+            }
+        }
+    }
+}
 
 /// Shuts a transport down and adjusts its timeouts, from any thread.
 pub(crate) trait Control: Send + Sync {
@@ -29,7 +180,7 @@ pub(crate) trait Control: Send + Sync {
 /// A fresh byte stream, before the handshake.
 pub(crate) struct Transport {
     pub reader: Box<dyn Read + Send>,
-    pub writer: Box<dyn Write + Send>,
+    pub writer: Box<dyn Sink>,
     pub peer: String,
     pub control: Arc<dyn Control>,
     /// What an authenticator learned about the peer (e.g. its TLS certificate).
@@ -87,9 +238,6 @@ pub(crate) fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tc
 /// Wraps a connected TCP socket.
 pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport> {
     s.set_nodelay(true)?;
-    // A peer that stops reading must not block a writer forever: a send that makes no
-    // progress for this long fails and closes the connection.
-    s.set_write_timeout(Some(write_timeout))?;
     let peer = s
         .peer_addr()
         .map(|a| a.to_string())
@@ -97,7 +245,12 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
     Ok(Transport {
         reader: Box::new(s.try_clone()?),
         control: Arc::new(s.try_clone()?),
-        writer: Box::new(s),
+        // A peer that stops reading must not block a writer forever: a frame that makes no
+        // progress for this long fails and closes the connection.
+        writer: Box::new(SocketSink {
+            socket: s,
+            stall: Stall::new(write_timeout),
+        }),
         peer,
         credentials: None,
     })
@@ -110,11 +263,13 @@ pub(crate) fn unix(
     peer: String,
     write_timeout: Duration,
 ) -> io::Result<Transport> {
-    s.set_write_timeout(Some(write_timeout))?;
     Ok(Transport {
         reader: Box::new(s.try_clone()?),
         control: Arc::new(s.try_clone()?),
-        writer: Box::new(s),
+        writer: Box::new(SocketSink {
+            socket: s,
+            stall: Stall::new(write_timeout),
+        }),
         peer,
         credentials: None,
     })
@@ -134,7 +289,7 @@ impl<W: Write> ClosableWriter<W> {
     /// dropped before the lock is released, so a `shutdown` that found the lock taken still
     /// closes it.
     fn with<T>(&mut self, op: impl FnOnce(&mut W) -> io::Result<T>) -> Option<io::Result<T>> {
-        let mut w = crate::connection::lock(&self.0.writer);
+        let mut w = lock(&self.0.writer);
         let r = op(w.as_mut()?);
         if self.0.closing.load(Ordering::Acquire) {
             w.take();
@@ -179,7 +334,7 @@ impl<W: Send> Control for StreamControl<W> {
             }
         }
         if let Some(child) = &self.child {
-            let mut child = crate::connection::lock(child);
+            let mut child = lock(child);
             // The child normally exits when its stdin closes; give it a moment, then kill it.
             let deadline = Instant::now() + Duration::from_millis(500);
             loop {
@@ -197,30 +352,71 @@ impl<W: Send> Control for StreamControl<W> {
     }
 }
 
-/// Wraps any Read + Write pair.
-pub(crate) fn stream<R, W>(reader: R, writer: W, peer: String, child: Option<Child>) -> Transport
+/// Writes a child process's stdin, made non-blocking, waiting for room with `poll(2)` under
+/// the caller's deadline and the stall timeout. Waits are cut into slices so that a `shutdown`
+/// (which closes the pipe) is seen promptly.
+#[cfg(unix)]
+struct PipeSink<W> {
+    writer: ClosableWriter<W>,
+    fd: RawFd,
+    stall: Stall,
+}
+
+#[cfg(unix)]
+impl<W: Write + Send> Sink for PipeSink<W> {
+    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
+        loop {
+            match self.writer.write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.stall.progress();
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.writer.0.closing.load(Ordering::Acquire) {
+                        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"));
+                    }
+                    let slice = Some(Duration::from_millis(100));
+                    if !self.stall.wait_at_most(self.fd, POLLOUT, until, slice)? {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn write_half<W>(writer: W) -> Arc<WriteHalf<W>> {
+    Arc::new(WriteHalf {
+        writer: Mutex::new(Some(writer)),
+        closing: AtomicBool::new(false),
+    })
+}
+
+/// Wraps any Read + Write pair (the writer is written with blocking writes).
+pub(crate) fn stream<R, W>(reader: R, writer: W, peer: String) -> Transport
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let w = Arc::new(WriteHalf {
-        writer: Mutex::new(Some(writer)),
-        closing: AtomicBool::new(false),
-    });
+    let w = write_half(writer);
     Transport {
         reader: Box::new(reader),
-        writer: Box::new(ClosableWriter(w.clone())),
+        writer: Box::new(BlockingSink(ClosableWriter(w.clone()))),
         peer,
         control: Arc::new(StreamControl {
             writer: w,
-            child: child.map(Mutex::new),
+            child: None,
         }),
         credentials: None,
     }
 }
 
-/// Starts `cmd` with piped stdin and stdout and wraps them.
-pub(crate) fn subprocess(mut cmd: Command) -> Result<Transport, Error> {
+/// Starts `cmd` with piped stdin and stdout and wraps them; a child that stops reading its
+/// stdin for `write_timeout` ends the connection.
+pub(crate) fn subprocess(mut cmd: Command, write_timeout: Duration) -> Result<Transport, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -233,5 +429,37 @@ pub(crate) fn subprocess(mut cmd: Command) -> Result<Transport, Error> {
     let stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
     let peer = format!("subprocess {program} (pid {})", child.id());
-    Ok(stream(stdout, stdin, peer, Some(child)))
+    let w = write_half(stdin);
+    #[cfg(unix)]
+    let writer: Box<dyn Sink> = {
+        let fd = lock(&w.writer)
+            .as_ref()
+            .expect("not closed yet")
+            .as_raw_fd();
+        if let Err(e) = sys::set_nonblocking(fd) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Io(Arc::new(e)));
+        }
+        Box::new(PipeSink {
+            writer: ClosableWriter(w.clone()),
+            fd,
+            stall: Stall::new(write_timeout),
+        })
+    };
+    #[cfg(not(unix))]
+    let writer: Box<dyn Sink> = {
+        let _ = write_timeout;
+        Box::new(BlockingSink(ClosableWriter(w.clone())))
+    };
+    Ok(Transport {
+        reader: Box::new(stdout),
+        writer,
+        peer,
+        control: Arc::new(StreamControl {
+            writer: w,
+            child: Some(Mutex::new(child)),
+        }),
+        credentials: None,
+    })
 }

@@ -17,10 +17,12 @@
 use crate::buffers;
 use crate::codec::{Detached, PLACEHOLDER};
 use crate::error::Error;
-use crate::transport::Control;
-use std::io::{self, Read, Write};
+use crate::limits::{Budget, Charge, FRAME_OVERHEAD};
+use crate::transport::{Control, Sink};
+use std::io::{self, Read};
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// First four bytes each side sends.
 pub(crate) const MAGIC: [u8; 4] = *b"RPYC";
@@ -133,19 +135,26 @@ fn guess_protocol(b: &[u8]) -> &'static str {
     }
 }
 
-/// Sends our hello and reads the peer's. Both sides send first, so neither waits on the other.
+/// Sends our hello and reads the peer's, both before `deadline`. Both sides send first, so
+/// neither waits on the other. `set_read_timeout` bounds each read by the time left (an error
+/// from it means the transport cannot time out a read: then whoever called this bounds the
+/// whole exchange some other way, e.g. by shutting the transport down), so a peer that
+/// dribbles its hello a byte at a time is dropped at the deadline like a silent one.
 pub(crate) fn exchange_hello(
     r: &mut dyn Read,
-    w: &mut dyn Write,
+    w: &mut dyn Sink,
     ours: Hello,
+    deadline: Instant,
+    set_read_timeout: &dyn Fn(Option<Duration>) -> io::Result<()>,
 ) -> Result<Hello, Error> {
+    // Mapped to a handshake timeout by the caller, which knows the duration.
+    let timed_out = || Error::Timeout(crate::error::Timeout::Handshake(Default::default()));
     let io_err = |e: io::Error, when: &str| -> Error {
         if matches!(
             e.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
-            // Mapped to a handshake timeout by the caller, which knows the duration.
-            Error::Timeout(crate::error::Timeout::Handshake(Default::default()))
+            timed_out()
         } else if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::Handshake(format!(
                 "the peer closed the connection {when} (is it an rpyc peer? a server at its \
@@ -155,12 +164,41 @@ pub(crate) fn exchange_hello(
             Error::Handshake(format!("I/O error {when}: {e}"))
         }
     };
-    w.write_all(&ours.encode())
-        .and_then(|()| w.flush())
-        .map_err(|e| io_err(e, "while we sent our hello"))?;
+    let hello = ours.encode();
+    let mut sent = 0;
+    while sent < HELLO_LEN {
+        match w.send(&hello[sent..], Some(deadline)) {
+            Ok(0) => return Err(timed_out()),
+            Ok(n) => sent += n,
+            Err(e) => return Err(io_err(e, "while we sent our hello")),
+        }
+    }
     let mut b = [0u8; HELLO_LEN];
-    r.read_exact(&mut b)
-        .map_err(|e| io_err(e, "before sending its hello"))?;
+    let mut got = 0;
+    while got < HELLO_LEN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let _ = set_read_timeout(Some(left));
+        match r.read(&mut b[got..]) {
+            Ok(0) => {
+                return Err(io_err(
+                    io::ErrorKind::UnexpectedEof.into(),
+                    "before sending its hello",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(io_err(e, "before sending its hello")),
+        }
+    }
     Hello::decode(&b)
 }
 
@@ -182,6 +220,8 @@ pub(crate) struct Frame {
     /// The payload's byte string, when it was read apart from the body (see the module docs);
     /// the payload then ends in a placeholder. Hand it to [`crate::codec::offer`] to decode.
     pub detached: Option<Detached>,
+    /// What holding this frame costs its connection's memory budget, returned when it drops.
+    pub charge: Option<Charge>,
 }
 
 impl Frame {
@@ -196,6 +236,7 @@ impl Frame {
             header,
             payload_at,
             detached: None,
+            charge: None,
         })
     }
 
@@ -345,18 +386,28 @@ const GAP: usize = 4 + 1 + 1 + 27 + 9;
 
 /// An outgoing frame, built payload first: the payload is encoded into the buffer after a gap,
 /// then the header and length are written into the gap, so a large payload is never copied.
+///
+/// Sealing is where everything the receiver would call a protocol violation is refused
+/// locally, before a byte is written: a method name over [`MAX_METHOD_LEN`] bytes, an empty
+/// payload, a body whose length does not fit the 4-byte length field. (The peer's own frame
+/// limit is checked by the connection, which knows it.)
 pub(crate) struct OutFrame {
     buf: Vec<u8>,
     start: usize,
+    sealed: bool,
 }
 
 impl OutFrame {
     /// A frame for a header whose method name has `method_len` bytes.
     pub(crate) fn new(method_len: usize) -> OutFrame {
-        let gap = GAP + method_len;
+        let gap = GAP + method_len.min(MAX_METHOD_LEN + 1);
         let mut buf = Vec::with_capacity(gap + 64);
         buf.resize(gap, 0);
-        OutFrame { buf, start: gap }
+        OutFrame {
+            buf,
+            start: gap,
+            sealed: false,
+        }
     }
 
     /// The buffer to append the payload to.
@@ -372,7 +423,16 @@ impl OutFrame {
         parent: u64,
         target: u64,
         method: &str,
-    ) -> &[u8] {
+    ) -> Result<&[u8], Error> {
+        if method.len() > MAX_METHOD_LEN {
+            return Err(Error::Encode(format!(
+                "the method name `{}…` has {} bytes, over the protocol's limit of \
+                 {MAX_METHOD_LEN}; nothing was sent",
+                &method[..method.floor_char_boundary_compat(40)],
+                method.len()
+            )));
+        }
+        debug_assert!(!self.sealed, "a frame is sealed once");
         let mut h = Vec::with_capacity(GAP + method.len());
         put_head(&mut h, 4, 5);
         put_head(&mut h, 0, kind as u64);
@@ -382,17 +442,53 @@ impl OutFrame {
         put_head(&mut h, 3, method.len() as u64);
         h.extend_from_slice(method.as_bytes());
         let gap = self.start.min(self.buf.len());
+        if gap == self.buf.len() {
+            return Err(Error::Encode(
+                "a frame needs a payload (at least one CBOR item); nothing was sent".into(),
+            ));
+        }
         let first = gap - h.len() - 4;
-        let body_len = (self.buf.len() - first - 4) as u32;
+        let body_len = frame_length(self.buf.len() - first - 4)?;
         self.buf[first..first + 4].copy_from_slice(&body_len.to_be_bytes());
         self.buf[first + 4..gap].copy_from_slice(&h);
         self.start = first;
-        &self.buf[first..]
+        self.sealed = true;
+        Ok(&self.buf[first..])
+    }
+
+    /// The sealed frame's bytes, length prefix included.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        debug_assert!(self.sealed, "only a sealed frame is sent");
+        &self.buf[self.start..]
     }
 
     /// Drops the first `n` payload bytes (before sealing), without moving the rest.
     pub(crate) fn skip_payload_prefix(&mut self, n: usize) {
         self.start += n;
+    }
+}
+
+/// The length field for a body of `len` bytes; a body that does not fit in 32 bits is refused
+/// (the field would wrap and the peer would read garbage).
+pub(crate) fn frame_length(len: usize) -> Result<u32, Error> {
+    u32::try_from(len).map_err(|_| Error::TooLarge {
+        size: len,
+        limit: u32::MAX as usize,
+    })
+}
+
+/// `str::floor_char_boundary` for the stable toolchain: the largest char boundary `<= i`.
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize {
+        let mut i = i.min(self.len());
+        while !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
     }
 }
 
@@ -402,65 +498,112 @@ impl Drop for OutFrame {
     }
 }
 
-/// The transport's read half. With a read timeout set on the socket (only while a calling
-/// thread holds the reader, see [`FrameReader::set_sliced`]), a read that times out is retried,
-/// except when [`FrameReader::wait_readable`] asks for it: so a timeout can only ever happen
-/// between frames, never leave a frame half read.
-pub(crate) struct Patient {
-    inner: Box<dyn Read + Send>,
-    timeout_allowed: bool,
+/// What [`FrameReader::read_frame`] got.
+pub(crate) enum Got {
+    /// A whole frame.
+    Frame(Frame),
+    /// The peer ended the stream cleanly, between frames.
+    End,
+    /// Nothing whole yet: the caller's deadline passed, or (for a reader without a deadline) the
+    /// connection has been quiet for one tick. A frame read in part is kept, and the next call
+    /// (by any thread) goes on with it.
+    NotYet,
 }
 
-impl Read for Patient {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.inner.read(buf) {
-                Err(e)
-                    if !self.timeout_allowed
-                        && matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) => {}
-                other => return other,
-            }
-        }
-    }
+/// How far the frame being read has got. Kept in the reader between calls, so a thread whose
+/// deadline passes in the middle of a frame can hand the reader on without losing a byte.
+enum Partial {
+    /// Between frames.
+    Idle,
+    /// Reading the 4-byte length.
+    Len { buf: [u8; 4], got: usize },
+    /// Reading the first [`PEEK`] bytes of a large body, to decide whether to detach its byte
+    /// string.
+    Peek {
+        len: usize,
+        charge: Option<Charge>,
+        pre: Vec<u8>,
+        got: usize,
+    },
+    /// Reading a body.
+    Body {
+        len: usize,
+        charge: Option<Charge>,
+        body: Vec<u8>,
+        got: usize,
+    },
+    /// Reading the data of a detached byte string, which starts at `data_at` of the body; `body`
+    /// holds the body up to the string's head and a placeholder, `head` the string's head.
+    Tail {
+        len: usize,
+        charge: Option<Charge>,
+        body: Vec<u8>,
+        head: Vec<u8>,
+        data_at: usize,
+        tail: Vec<u8>,
+        got: usize,
+    },
 }
 
 /// Reads frames from the read half of a transport. Owned by exactly one thread at a time.
+///
+/// Every wait is bounded where the transport allows it (sockets; not pipes or streams): a caller
+/// passes its deadline, and the pool's leader, which has none, wakes every tick to check the
+/// connection's idle limit. A peer that sends part of a frame and then nothing for the stall
+/// timeout is dropped.
 pub(crate) struct FrameReader {
-    inner: io::BufReader<Patient>,
+    inner: io::BufReader<Box<dyn Read + Send>>,
     max_frame: usize,
     control: Arc<dyn Control>,
     /// Whether the transport supports read timeouts (sockets do, pipes do not).
     can_slice: bool,
-    sliced: bool,
+    /// The read timeout now set: [`READ_SLICE`] for a caller, `tick` for the leader.
+    sliced: Option<bool>,
+    tick: Duration,
+    stall: Duration,
+    budget: Option<Arc<Budget>>,
+    partial: Partial,
+    /// When the frame being read last made progress.
+    progress_at: Instant,
 }
 
 /// How long one read by a calling thread may block before it checks its deadline.
-pub(crate) const READ_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+pub(crate) const READ_SLICE: Duration = Duration::from_millis(20);
+
+/// Settings of a [`FrameReader`].
+pub(crate) struct ReadLimits {
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// A peer that sends part of a frame and then nothing for this long is dropped.
+    pub stall: Duration,
+    /// How often a reader without a deadline wakes while the connection is quiet.
+    pub tick: Duration,
+    /// Where frames are charged (none in unit tests).
+    pub budget: Option<Arc<Budget>>,
+}
 
 impl FrameReader {
     /// Wraps the read half; `control` sets its timeouts. The transport must be in blocking mode.
     pub(crate) fn new(
         inner: Box<dyn Read + Send>,
-        max_frame: usize,
+        limits: ReadLimits,
         control: Arc<dyn Control>,
     ) -> Self {
         let can_slice = control.set_read_timeout(None).is_ok();
-        FrameReader {
-            inner: io::BufReader::with_capacity(
-                64 * 1024,
-                Patient {
-                    inner,
-                    timeout_allowed: false,
-                },
-            ),
-            max_frame,
+        let mut r = FrameReader {
+            inner: io::BufReader::with_capacity(64 * 1024, inner),
+            max_frame: limits.max_frame,
             control,
             can_slice,
-            sliced: false,
-        }
+            sliced: None,
+            tick: limits.tick,
+            stall: limits.stall,
+            budget: limits.budget,
+            partial: Partial::Idle,
+            progress_at: Instant::now(),
+        };
+        r.set_sliced(false);
+        r
     }
 
     /// Whether a thread with a deadline may hold this reader (its reads can time out).
@@ -469,161 +612,283 @@ impl FrameReader {
     }
 
     /// Sets the socket's read timeout to [`READ_SLICE`] (for a calling thread, which has a
-    /// deadline) or none (for the pool's leader). A system call only when the mode changes.
+    /// deadline) or the tick (for the pool's leader). A system call only when the mode changes.
     pub(crate) fn set_sliced(&mut self, on: bool) {
-        if self.can_slice && self.sliced != on {
-            let d = if on { Some(READ_SLICE) } else { None };
-            if self.control.set_read_timeout(d).is_ok() {
-                self.sliced = on;
+        if self.can_slice && self.sliced != Some(on) {
+            let d = if on { READ_SLICE } else { self.tick };
+            if self.control.set_read_timeout(Some(d)).is_ok() {
+                self.sliced = Some(on);
             }
         }
     }
 
-    /// Waits for the start of the next frame for at most one read slice. `Ok(false)`: nothing
-    /// arrived yet (nothing was consumed); `Ok(true)`: data or end of stream is there.
-    pub(crate) fn wait_readable(&mut self) -> Result<bool, Error> {
-        use io::BufRead;
-        self.inner.get_mut().timeout_allowed = true;
-        let r = self.inner.fill_buf().map(|_| ());
-        self.inner.get_mut().timeout_allowed = false;
-        match r {
-            Ok(()) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
-            Err(e) => Err(closed_by_io(e)),
-        }
-    }
-
-    /// Reads the next frame; `Ok(None)` is a clean end of stream between frames.
-    pub(crate) fn read_frame(&mut self) -> Result<Option<Frame>, Error> {
-        let mut len = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match self.inner.read(&mut len[got..]) {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => {
-                    return Err(Error::Protocol(
-                        "the peer closed the connection in the middle of a frame length".into(),
-                    ))
+    /// Reads the next frame, or goes on with the one read in part, until it is whole, the
+    /// stream ends, or `deadline` passes (`None`: until the connection has been quiet for a
+    /// tick; see [`Got::NotYet`]).
+    pub(crate) fn read_frame(&mut self, deadline: Option<Instant>) -> Result<Got, Error> {
+        loop {
+            match std::mem::replace(&mut self.partial, Partial::Idle) {
+                Partial::Idle => {
+                    self.partial = Partial::Len {
+                        buf: [0; 4],
+                        got: 0,
+                    }
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(closed_by_io(e)),
+                Partial::Len { mut buf, mut got } => {
+                    match self.fill_len(&mut buf, &mut got, deadline) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.partial = Partial::Len { buf, got };
+                            return Ok(Got::NotYet);
+                        }
+                        Err(None) => return Ok(Got::End),
+                        Err(Some(e)) => return Err(e),
+                    }
+                    self.partial = self.start_body(u32::from_be_bytes(buf) as usize)?;
+                }
+                Partial::Peek {
+                    len,
+                    charge,
+                    mut pre,
+                    mut got,
+                } => {
+                    if !self.fill(&mut pre, &mut got, PEEK, 0, len, deadline)? {
+                        self.partial = Partial::Peek {
+                            len,
+                            charge,
+                            pre,
+                            got,
+                        };
+                        return Ok(Got::NotYet);
+                    }
+                    self.partial = after_peek(len, charge, pre);
+                }
+                Partial::Body {
+                    len,
+                    charge,
+                    mut body,
+                    mut got,
+                } => {
+                    if !self.fill(&mut body, &mut got, len, 0, len, deadline)? {
+                        self.partial = Partial::Body {
+                            len,
+                            charge,
+                            body,
+                            got,
+                        };
+                        return Ok(Got::NotYet);
+                    }
+                    let mut frame = Frame::parse(body)?;
+                    frame.charge = charge;
+                    return Ok(Got::Frame(frame));
+                }
+                Partial::Tail {
+                    len,
+                    charge,
+                    body,
+                    head,
+                    data_at,
+                    mut tail,
+                    mut got,
+                } => {
+                    let n = len - data_at;
+                    if !self.fill(&mut tail, &mut got, n, data_at, len, deadline)? {
+                        self.partial = Partial::Tail {
+                            len,
+                            charge,
+                            body,
+                            head,
+                            data_at,
+                            tail,
+                            got,
+                        };
+                        return Ok(Got::NotYet);
+                    }
+                    let mut frame = Frame::parse(body)?;
+                    frame.detached = Some(Detached { head, tail });
+                    frame.charge = charge;
+                    return Ok(Got::Frame(frame));
+                }
             }
         }
-        let len = u32::from_be_bytes(len) as usize;
+    }
+
+    /// Checks a frame's length against the limit and the budget, then allocates what reading
+    /// its body needs first.
+    fn start_body(&mut self, len: usize) -> Result<Partial, Error> {
         if len > self.max_frame {
             return Err(Error::Protocol(format!(
                 "the peer sent a frame of {len} bytes, over this side's limit of {} bytes",
                 self.max_frame
             )));
         }
+        let charge = match &self.budget {
+            Some(b) => Some(
+                b.charge(len.saturating_add(FRAME_OVERHEAD))
+                    .map_err(|over| Error::Closed {
+                        reason: over.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
         if len >= DETACH_MIN {
-            let mut pre = [0u8; PEEK];
-            self.read_body(&mut pre[..], 0, PEEK, 0, len)?;
-            if let Some((at, data_at)) = detachable(&pre, len) {
-                let n = len - data_at;
-                // As for a body: a cached buffer, or at most 1 MiB up front, grown as bytes come.
-                let mut tail = buffers::take_sized(n).unwrap_or_else(|| vec![0; n.min(1 << 20)]);
-                let early = PEEK - data_at;
-                tail[..early].copy_from_slice(&pre[data_at..]);
-                self.read_body(&mut tail, early, n, data_at, len)?;
-                let mut body = Vec::with_capacity(at + 1);
-                body.extend_from_slice(&pre[..at]);
-                body.push(PLACEHOLDER);
-                let mut frame = Frame::parse(body)?;
-                frame.detached = Some(Detached {
-                    head: pre[at..data_at].to_vec(),
-                    tail,
-                });
-                return Ok(Some(frame));
-            }
-            let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
-            body[..PEEK].copy_from_slice(&pre);
-            self.read_body(&mut body, PEEK, len, 0, len)?;
-            return Frame::parse(body).map(Some);
+            return Ok(Partial::Peek {
+                len,
+                charge,
+                pre: vec![0; PEEK],
+                got: 0,
+            });
         }
         // A large body goes into a cached buffer when there is one. Otherwise reserve at most
         // 1 MiB up front: a peer that announces a large frame and sends nothing must not make
         // us allocate it. Larger bodies grow as their bytes arrive.
-        let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
-        self.read_body(&mut body, 0, len, 0, len)?;
-        Frame::parse(body).map(Some)
+        Ok(Partial::Body {
+            len,
+            charge,
+            body: buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]),
+            got: 0,
+        })
     }
 
-    /// Reads bytes `got..len` of a frame body into `body`, which holds at least `got` bytes and
-    /// grows (doubling, up to `len`) as they arrive. `body` starts at byte `at` of a frame body
-    /// of `frame_len` bytes (for the error message).
-    fn read_body<B: BodyBuf + ?Sized>(
+    /// Reads the length prefix. `Ok(true)`: complete; `Ok(false)`: not yet (see
+    /// [`Got::NotYet`]); `Err(None)`: a clean end between frames.
+    fn fill_len(
         &mut self,
-        body: &mut B,
-        mut got: usize,
+        buf: &mut [u8; 4],
+        got: &mut usize,
+        deadline: Option<Instant>,
+    ) -> Result<bool, Option<Error>> {
+        while *got < 4 {
+            match self.inner.read(&mut buf[*got..]) {
+                Ok(0) if *got == 0 => return Err(None),
+                Ok(0) => {
+                    return Err(Some(Error::Protocol(
+                        "the peer closed the connection in the middle of a frame length".into(),
+                    )))
+                }
+                Ok(n) => {
+                    if *got == 0 {
+                        self.progress_at = Instant::now();
+                    }
+                    *got += n;
+                }
+                Err(e) => {
+                    if !self.waited(e, *got > 0, *got, 4, deadline).map_err(Some)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads bytes `got..len` of a frame body (or of a detached string) into `body`, which
+    /// holds at least `got` bytes and grows (doubling, up to `len`) as they arrive. `body`
+    /// starts at byte `at` of a frame body of `frame_len` bytes (for the error message).
+    /// `Ok(false)`: the deadline passed first.
+    fn fill(
+        &mut self,
+        body: &mut Vec<u8>,
+        got: &mut usize,
         len: usize,
         at: usize,
         frame_len: usize,
-    ) -> Result<(), Error> {
+        deadline: Option<Instant>,
+    ) -> Result<bool, Error> {
         // Reads smaller than the reader's buffer go through it: the kernel copies into that
         // small, cache-hot buffer and we copy on. Reading straight into a large buffer was up to
         // 2.5 times slower on loopback, depending on the buffer's offset in its page.
         let chunk = self.inner.capacity() / 2;
-        while got < len {
-            if got == body.filled() {
-                body.grow(got + got.min(len - got));
+        while *got < len {
+            if *got == body.len() {
+                let to = *got + (*got).min(len - *got);
+                body.reserve_exact(to - body.len());
+                body.resize(to, 0);
             }
-            let end = body.filled().min(got + chunk);
-            match self.inner.read(&mut body.bytes()[got..end]) {
+            let end = body.len().min(*got + chunk);
+            match self.inner.read(&mut body[*got..end]) {
                 Ok(0) => {
                     return Err(Error::Protocol(format!(
-                        "truncated frame: the peer closed the connection after {} of {frame_len} \
-                         bytes",
-                        at + got
+                        "truncated frame: the peer closed the connection after {} of \
+                         {frame_len} bytes",
+                        at + *got
                     )))
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(closed_by_io(e)),
+                Ok(n) => {
+                    *got += n;
+                    self.progress_at = Instant::now();
+                }
+                Err(e) => {
+                    if !self.waited(e, true, at + *got, frame_len, deadline)? {
+                        return Ok(false);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Decides what a failed read means: `Ok(true)` retry, `Ok(false)` give the thread back
+    /// (its deadline passed, or the connection is quiet between frames), or the error that ends
+    /// the connection (including a peer that stopped in the middle of a frame).
+    fn waited(
+        &mut self,
+        e: io::Error,
+        in_frame: bool,
+        got: usize,
+        of: usize,
+        deadline: Option<Instant>,
+    ) -> Result<bool, Error> {
+        match e.kind() {
+            io::ErrorKind::Interrupted => Ok(true),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                let now = Instant::now();
+                if in_frame && now.duration_since(self.progress_at) >= self.stall {
+                    return Err(Error::Closed {
+                        reason: format!(
+                            "the peer sent {got} of {of} bytes of a frame, then nothing for {:?}",
+                            self.stall
+                        ),
+                    });
+                }
+                match deadline {
+                    Some(d) => Ok(now < d),
+                    None => Ok(in_frame),
+                }
+            }
+            _ => Err(closed_by_io(e)),
+        }
     }
 }
 
-/// Somewhere to read a frame body into: a growable vector or a fixed array.
-trait BodyBuf {
-    fn filled(&self) -> usize;
-    fn grow(&mut self, to: usize);
-    fn bytes(&mut self) -> &mut [u8];
-}
-
-impl BodyBuf for Vec<u8> {
-    fn filled(&self) -> usize {
-        self.len()
+/// Decides, from the first [`PEEK`] bytes of a large body, how to read the rest.
+fn after_peek(len: usize, charge: Option<Charge>, pre: Vec<u8>) -> Partial {
+    if let Some((at, data_at)) = detachable(&pre, len) {
+        let n = len - data_at;
+        // As for a body: a cached buffer, or at most 1 MiB up front, grown as bytes come.
+        let mut tail = buffers::take_sized(n).unwrap_or_else(|| vec![0; n.min(1 << 20)]);
+        let early = PEEK - data_at;
+        tail[..early].copy_from_slice(&pre[data_at..]);
+        let mut body = Vec::with_capacity(at + 1);
+        body.extend_from_slice(&pre[..at]);
+        body.push(PLACEHOLDER);
+        return Partial::Tail {
+            len,
+            charge,
+            body,
+            head: pre[at..data_at].to_vec(),
+            data_at,
+            tail,
+            got: early,
+        };
     }
-    fn grow(&mut self, to: usize) {
-        self.reserve_exact(to - self.len());
-        self.resize(to, 0);
-    }
-    fn bytes(&mut self) -> &mut [u8] {
-        self
-    }
-}
-
-impl BodyBuf for [u8] {
-    fn filled(&self) -> usize {
-        self.len()
-    }
-    fn grow(&mut self, _: usize) {
-        unreachable!("a fixed buffer is read only up to its length")
-    }
-    fn bytes(&mut self) -> &mut [u8] {
-        self
+    let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
+    body[..PEEK].copy_from_slice(&pre);
+    Partial::Body {
+        len,
+        charge,
+        body,
+        got: PEEK,
     }
 }
 
@@ -641,7 +906,7 @@ mod tests {
     fn sealed(kind: Kind, id: u64, parent: u64, target: u64, method: &str) -> Vec<u8> {
         let mut f = OutFrame::new(method.len());
         f.payload().push(0xf6); // CBOR null
-        f.seal(kind, id, parent, target, method).to_vec()
+        f.seal(kind, id, parent, target, method).unwrap().to_vec()
     }
 
     #[test]
@@ -674,13 +939,13 @@ mod tests {
         let mut call = OutFrame::new(3);
         call.payload().extend_from_slice(&[0x82, 0x01, 0x02]);
         assert_eq!(
-            call.seal(Kind::Call, 1, 0, 0, "add"),
+            call.seal(Kind::Call, 1, 0, 0, "add").unwrap(),
             &[0, 0, 0, 0x0c, 0x85, 0, 1, 0, 0, 0x63, b'a', b'd', b'd', 0x82, 1, 2]
         );
         let mut reply = OutFrame::new(0);
         reply.payload().push(0x03);
         assert_eq!(
-            reply.seal(Kind::Reply, 1, 0, 0, ""),
+            reply.seal(Kind::Reply, 1, 0, 0, "").unwrap(),
             &[0, 0, 0, 7, 0x85, 2, 1, 0, 0, 0x60, 3]
         );
     }
@@ -758,8 +1023,8 @@ mod tests {
         impl Control for NoControl {
             fn shutdown(&self) {}
         }
-        let mut fr = FrameReader::new(reader, 1 << 20, Arc::new(NoControl));
-        let err = fr.read_frame().err().unwrap().to_string();
+        let mut fr = FrameReader::new(reader, limits(1 << 20), Arc::new(NoControl));
+        let err = fr.read_frame(None).err().unwrap().to_string();
         assert!(err.contains("over this side's limit"), "{err}");
     }
 
@@ -772,12 +1037,25 @@ mod tests {
     fn frame_bytes(kind: Kind, payload: &[u8]) -> Vec<u8> {
         let mut f = OutFrame::new(4);
         f.payload().extend_from_slice(payload);
-        f.seal(kind, 7, 0, 0, "echo").to_vec()
+        f.seal(kind, 7, 0, 0, "echo").unwrap().to_vec()
+    }
+
+    fn limits(max_frame: usize) -> ReadLimits {
+        ReadLimits {
+            max_frame,
+            stall: Duration::from_secs(30),
+            tick: Duration::from_secs(1),
+            budget: None,
+        }
     }
 
     fn read_one(bytes: Vec<u8>) -> Result<Option<Frame>, Error> {
         let reader: Box<dyn Read + Send> = Box::new(io::Cursor::new(bytes));
-        FrameReader::new(reader, 64 << 20, Arc::new(NoCtl)).read_frame()
+        match FrameReader::new(reader, limits(64 << 20), Arc::new(NoCtl)).read_frame(None)? {
+            Got::Frame(f) => Ok(Some(f)),
+            Got::End => Ok(None),
+            Got::NotYet => panic!("a cursor never times out"),
+        }
     }
 
     fn cbor<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -963,5 +1241,170 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// A read half that hands out scripted pieces: `None` is a read that times out.
+    struct Script(std::collections::VecDeque<Option<Vec<u8>>>);
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.pop_front() {
+                None => Ok(0),
+                Some(None) => Err(io::ErrorKind::WouldBlock.into()),
+                Some(Some(mut piece)) => {
+                    let n = piece.len().min(buf.len());
+                    buf[..n].copy_from_slice(&piece[..n]);
+                    if n < piece.len() {
+                        self.0.push_front(Some(piece.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    /// A reader over `pieces` (with `None` a read that times out).
+    fn scripted(pieces: Vec<Option<Vec<u8>>>, limits: ReadLimits) -> FrameReader {
+        FrameReader::new(Box::new(Script(pieces.into())), limits, Arc::new(NoCtl))
+    }
+
+    fn past() -> Option<Instant> {
+        Some(Instant::now() - Duration::from_millis(1))
+    }
+
+    #[test]
+    fn a_frame_cut_short_by_a_deadline_is_finished_by_the_next_read_without_losing_a_byte() {
+        let big = data(1 << 20, 9);
+        let cases = [
+            frame_bytes(Kind::Reply, &cbor(&big)),         // detached
+            frame_bytes(Kind::Error, &cbor(&big)),         // one body
+            frame_bytes(Kind::Reply, &cbor(&"small one")), // small
+        ];
+        for whole in cases {
+            // Cut at every stage: in the length, in the peek, in the body or tail.
+            for cut in [2, 100, 5000, whole.len() - 1] {
+                let cut = cut.min(whole.len() - 1);
+                let pieces = vec![
+                    Some(whole[..cut].to_vec()),
+                    None,
+                    Some(whole[cut..].to_vec()),
+                ];
+                let mut r = scripted(pieces, limits(64 << 20));
+                assert!(matches!(r.read_frame(past()), Ok(Got::NotYet)), "cut {cut}");
+                let mut frame = match r.read_frame(None) {
+                    Ok(Got::Frame(f)) => f,
+                    _ => panic!("cut {cut}: the rest did not complete the frame"),
+                };
+                // The body as sent: a detached body ends in a placeholder for head and data.
+                let rebuilt = match frame.detached.take() {
+                    Some(d) => {
+                        let mut v = frame.body[..frame.body.len() - 1].to_vec();
+                        v.extend_from_slice(&d.head);
+                        v.extend_from_slice(&d.tail);
+                        v
+                    }
+                    None => frame.body.clone(),
+                };
+                assert!(rebuilt == whole[4..], "cut {cut}: the frame differs");
+                assert!(matches!(r.read_frame(None), Ok(Got::End)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_reader_without_deadline_returns_between_frames_only() {
+        let whole = frame_bytes(Kind::Reply, &cbor(&"x"));
+        // Between frames: each timeout gives the thread back.
+        let mut r = scripted(vec![None, Some(whole.clone())], limits(1 << 20));
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        // Inside a frame: a timeout is waited out (the stall limit is far).
+        let pieces = vec![
+            Some(whole[..6].to_vec()),
+            None,
+            None,
+            Some(whole[6..].to_vec()),
+        ];
+        let mut r = scripted(pieces, limits(1 << 20));
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+    }
+
+    #[test]
+    fn a_peer_that_stops_in_the_middle_of_a_frame_is_dropped_after_the_stall_timeout() {
+        let whole = frame_bytes(Kind::Reply, &cbor(&"abc"));
+        let mut l = limits(1 << 20);
+        l.stall = Duration::ZERO;
+        let mut r = scripted(vec![Some(whole[..7].to_vec()), None], l);
+        let err = r.read_frame(None).err().expect("stalled").to_string();
+        assert!(err.contains("then nothing for"), "{err}");
+    }
+
+    #[test]
+    fn frames_are_charged_to_the_budget_until_dropped_and_a_frame_over_it_is_refused() {
+        let budget = crate::limits::Budget::new(10_000, None);
+        let small = frame_bytes(Kind::Reply, &cbor(&"x".repeat(3000)));
+        let mut l = limits(1 << 20);
+        l.budget = Some(budget.clone());
+        let pieces = vec![
+            Some(small.clone()),
+            Some(small.clone()),
+            Some(small.clone()),
+        ];
+        let mut r = scripted(pieces, l);
+        let a = match r.read_frame(None) {
+            Ok(Got::Frame(f)) => f,
+            _ => panic!("first frame"),
+        };
+        let one = small.len() - 4 + FRAME_OVERHEAD;
+        assert_eq!(budget.held(), one);
+        let b = match r.read_frame(None) {
+            Ok(Got::Frame(f)) => f,
+            _ => panic!("second frame"),
+        };
+        assert_eq!(budget.held(), 2 * one);
+        // A third would exceed 10,000 bytes: refused before its body is read.
+        let err = r
+            .read_frame(None)
+            .err()
+            .expect("over the budget")
+            .to_string();
+        assert!(err.contains("Options::max_buffered"), "{err}");
+        drop((a, b));
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn frame_lengths_near_and_over_four_gib_are_checked() {
+        assert_eq!(frame_length(0).unwrap(), 0);
+        assert_eq!(frame_length(u32::MAX as usize).unwrap(), u32::MAX);
+        for len in [u32::MAX as usize + 1, u32::MAX as usize + 64, usize::MAX] {
+            match frame_length(len) {
+                Err(Error::TooLarge { size, limit }) => {
+                    assert_eq!((size, limit), (len, u32::MAX as usize))
+                }
+                other => panic!("{len}: {other:?}"),
+            }
+        }
+        // A frame announced at the largest length is refused by its length alone.
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.push(0);
+        let mut r = scripted(vec![Some(bytes)], limits(u32::MAX as usize - 1));
+        assert!(r.read_frame(None).is_err());
+    }
+
+    #[test]
+    fn sealing_refuses_what_the_peer_would_call_a_violation() {
+        let long = "m".repeat(MAX_METHOD_LEN + 1);
+        let mut f = OutFrame::new(long.len());
+        f.payload().push(0xf6);
+        let err = f.seal(Kind::Call, 1, 0, 0, &long).unwrap_err().to_string();
+        assert!(err.contains("1025 bytes") && err.contains("1024"), "{err}");
+        let ok = "m".repeat(MAX_METHOD_LEN);
+        let mut f = OutFrame::new(ok.len());
+        f.payload().push(0xf6);
+        let bytes = f.seal(Kind::Call, 1, 0, 0, &ok).unwrap().to_vec();
+        assert_eq!(Frame::parse(bytes[4..].to_vec()).unwrap().method(), ok);
+        let mut empty = OutFrame::new(0);
+        assert!(empty.seal(Kind::Reply, 1, 0, 0, "").is_err());
     }
 }

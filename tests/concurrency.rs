@@ -320,7 +320,7 @@ fn async_call_ready_wait_timeout_wait_and_value() {
     assert_eq!(g.started.recv_timeout(SETTLE).unwrap(), 1);
     assert!(!p.ready(), "ready before the handler returned");
     match p.wait_timeout(Duration::from_millis(50)) {
-        Err(Error::Timeout(Timeout::Call { method, .. })) => assert_eq!(method, "gated"),
+        Err(Error::Timeout(Timeout::Call { method, .. })) => assert_eq!(method, "root.gated"),
         other => panic!("expected a call timeout, got {other:?}"),
     }
     // A timed-out wait leaves the call pending; other calls go on meanwhile.

@@ -442,7 +442,7 @@ fn close_interrupts_a_call_blocked_writing_to_a_peer_that_does_not_read() {
     let root = conn.root();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        let big = rpyc::Bytes::from(vec![7u8; 64 << 20]);
+        let big = rpyc::Bytes::from(vec![7u8; 32 << 20]);
         let r = root.call::<(), _>("store", (big,));
         let _ = tx.send(r);
     });

@@ -69,11 +69,13 @@ fn many_threads_share_one_tunneled_connection() {
 
 #[test]
 fn payloads_of_64_mib_go_both_ways_at_once() {
-    let server = serve(service());
+    // 64 MiB of payload is just over the default frame limit: both sides raise it.
+    let big_frames = |o: rpyc::Options| o.max_frame_size(80 << 20);
+    let server = common::serve_with(service(), big_frames(common::options()));
     let conn = rpyc::ssh_connect_with(
         &sshd::shared().context(),
         server.port,
-        &common::options().call_timeout(Duration::from_secs(60)),
+        &big_frames(common::options()).call_timeout(Duration::from_secs(60)),
     )
     .unwrap();
     let payload = Bytes::from(

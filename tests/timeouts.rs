@@ -38,7 +38,7 @@ fn expect_call_timeout(r: Result<String, Error>, method: &str, after: Duration) 
             method: m,
             after: a,
         })) => {
-            assert_eq!(m, method);
+            assert_eq!(m, format!("root.{method}"));
             assert_eq!(a, after);
         }
         other => panic!("expected a call timeout, got {other:?}"),
@@ -163,7 +163,7 @@ fn timed_out_async_wait_keeps_the_call_pending() {
         .call_async::<String, _>("echo_after", (400u64, "eventually"))
         .unwrap();
     match pending.wait_timeout(Duration::from_millis(50)) {
-        Err(Error::Timeout(Timeout::Call { method, .. })) => assert_eq!(method, "echo_after"),
+        Err(Error::Timeout(Timeout::Call { method, .. })) => assert_eq!(method, "root.echo_after"),
         other => panic!("expected a call timeout, got {other:?}"),
     }
     assert_eq!(

@@ -49,8 +49,8 @@ use crate::transport::{Control, Transport};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    self, ErrorCode, Ssl, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslRef,
-    SslStream, SslVerifyMode, SslVersion,
+    self, ErrorCode, Ssl, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslOptions,
+    SslRef, SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509Ref, X509VerifyResult, X509};
@@ -402,6 +402,11 @@ fn common_settings(
             reasons(&e)
         ))
     })?;
+    // No TLS 1.2 renegotiation, asked for by either peer: OpenSSL answers a HelloRequest or a
+    // renegotiating ClientHello with a "no renegotiation" alert and goes on. A peer that started
+    // one and never finished it would leave our writes waiting for its handshake. (TLS 1.3 has
+    // no renegotiation; its KeyUpdate is not affected.)
+    b.set_options(SslOptions::NO_RENEGOTIATION);
     if let Some(c) = ciphers {
         b.set_cipher_list(c).map_err(|e| {
             Error::Tls(format!(
@@ -1460,8 +1465,8 @@ impl TlsConn {
                         e
                     }
                 })?,
-                // Rare (renegotiation): the reading thread may take the input first, so
-                // only wait briefly before trying again.
+                // Rare (renegotiation, which common_settings disables): the reading thread
+                // may take the input first, so only wait briefly before trying again.
                 ErrorCode::WANT_READ => {
                     self.wait(POLLIN, Some(Duration::from_millis(5)))
                         .or_else(|e| {

@@ -1364,18 +1364,40 @@ impl TlsConn {
             .ssl_error()
             .map(|s| s.errors().iter().filter_map(|x| x.reason()).collect())
             .unwrap_or_default();
+        // In an established TLS 1.2 session, a handshake can only be a renegotiation, which
+        // both sides refuse (see `common_settings`): a peer that insists ends with this alert.
+        // Say so, rather than blame the ciphers the session was set up with.
+        let renegotiation = reasons
+            .iter()
+            .any(|r| r.contains("alert handshake failure"))
+            && lock(&self.ssl).ssl().version2() == Some(SslVersion::TLS1_2);
+        let refused_renegotiation = |peer: &str| {
+            format!(
+                ": the {peer} wanted to renegotiate the TLS 1.2 session, which this {} refuses",
+                side_name(self.side)
+            )
+        };
         let msg = match reasons.iter().find(|r| r.contains("alert")) {
             Some(alert) if self.side == Side::Client => format!(
                 "the server refused the connection after the handshake ({alert}){}",
-                alert_hint_client(alert)
+                if renegotiation {
+                    refused_renegotiation("server")
+                } else {
+                    alert_hint_client(alert).to_string()
+                }
             ),
             _ => format!(
-                "TLS error while {doing} ({} side): {}",
+                "TLS error while {doing} ({} side): {}{}",
                 side_name(self.side),
                 if reasons.is_empty() {
                     e.to_string()
                 } else {
                     reasons.join(", ")
+                },
+                if renegotiation {
+                    refused_renegotiation("client")
+                } else {
+                    String::new()
                 }
             ),
         };

@@ -120,7 +120,7 @@ fn tls_client_asking_for_a_renegotiation_is_refused_and_the_next_client_is_serve
         common::wait_until(Duration::from_secs(5), || logged(&[
             "127.0.0.1:",
             "connection failed",
-            "handshake failure"
+            "the client wanted to renegotiate the TLS 1.2 session, which this server refuses"
         ])),
         "not logged"
     );

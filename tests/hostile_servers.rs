@@ -298,6 +298,35 @@ fn tls_server_that_never_finishes_a_renegotiation_cannot_hang_calls_past_their_t
 }
 
 #[test]
+fn tls_server_that_insists_on_renegotiating_ends_the_connection_with_an_error_saying_so() {
+    // OpenSSL's own s_server answers the client's refusal with a fatal handshake_failure
+    // alert and hangs up: the client's error must name the renegotiation, not the ciphers.
+    let p = pki();
+    let mut server = SServer::start(&p, &["-tls1_2"]);
+    let client = SslClient::new()
+        .ca_certs(p.ca.ca_cert())
+        .options(Options::new().call_timeout(Duration::from_secs(10)));
+    let port = server.port;
+    let connecting = std::thread::spawn(move || client.connect("localhost", port));
+    assert!(
+        common::wait_until(Duration::from_secs(10), || server.printed(b"RPYC")),
+        "the client sent no hello"
+    );
+    server.send(&SERVER_HELLO);
+    let conn = connecting.join().unwrap().expect("the rpyc handshake");
+    server.send(b"r\n");
+    assert!(
+        conn.wait_closed_timeout(Duration::from_secs(10)),
+        "the connection is still open"
+    );
+    let reason = conn.close_reason().unwrap_or_default();
+    assert!(
+        reason.contains("the server wanted to renegotiate the TLS 1.2 session"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn tls13_key_updates_from_the_server_still_work() {
     // Renegotiation is refused, but TLS 1.3's KeyUpdate is not a renegotiation: a server that
     // updates its keys and asks the client to update its own keeps a working connection.

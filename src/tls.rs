@@ -49,8 +49,8 @@ use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    self, ErrorCode, Ssl, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslRef,
-    SslStream, SslVerifyMode, SslVersion,
+    self, ErrorCode, Ssl, SslAcceptor, SslConnector, SslContextBuilder, SslMethod, SslOptions,
+    SslRef, SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509Ref, X509VerifyResult, X509};
@@ -402,6 +402,11 @@ fn common_settings(
             reasons(&e)
         ))
     })?;
+    // No TLS 1.2 renegotiation, asked for by either peer: OpenSSL answers a HelloRequest or a
+    // renegotiating ClientHello with a "no renegotiation" alert and goes on. A peer that started
+    // one and never finished it would leave our writes waiting for its handshake. (TLS 1.3 has
+    // no renegotiation; its KeyUpdate is not affected.)
+    b.set_options(SslOptions::NO_RENEGOTIATION);
     if let Some(c) = ciphers {
         b.set_cipher_list(c).map_err(|e| {
             Error::Tls(format!(
@@ -622,37 +627,70 @@ impl Authenticator for SslAuthenticator {
 
 /// A plain rpyc client on a TLS port sends the hello's magic first; answer it with a refusal
 /// that says TLS is required, so the client's error is clear. Returns whether that happened.
+///
+/// The first byte decides: a TLS ClientHello starts with 0x16, rpyc's hello with `R`. Anything
+/// else is left unread for OpenSSL. What starts like the hello is *read* (never only peeked at,
+/// which would make every wait for more bytes return at once: a busy loop for the whole
+/// handshake timeout), until the 16 bytes are in, the bytes stop matching the magic, or the
+/// peer closes.
 fn plain_rpyc_client(
     s: &TcpStream,
     deadline: Instant,
     timeout: Duration,
     peer: &str,
 ) -> Result<bool, Error> {
-    let mut head = [0u8; crate::wire::HELLO_LEN];
-    loop {
-        match s.peek(&mut head) {
-            Ok(n) if n >= 4 && !head.starts_with(&crate::wire::MAGIC) => return Ok(false),
-            Ok(n) if n >= crate::wire::HELLO_LEN => break,
-            Ok(0) => {
-                return Err(Error::Tls(format!(
-                    "{peer} closed the connection before the TLS handshake"
-                )))
-            }
-            Ok(n) if !crate::wire::MAGIC.starts_with(&head[..n.min(4)]) => return Ok(false),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
-        }
+    use crate::wire::{HELLO_LEN, MAGIC};
+    let wait = || {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::Timeout(Timeout::Handshake(timeout)));
         }
         sys::wait_fd(s.as_raw_fd(), POLLIN, Some(left))?;
+        Ok(())
+    };
+    let mut first = [0u8; 1];
+    loop {
+        match s.peek(&mut first) {
+            Ok(0) => {
+                return Err(Error::Tls(format!(
+                    "{peer} closed the connection before the TLS handshake"
+                )))
+            }
+            Ok(_) if first[0] != MAGIC[0] => return Ok(false),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
+        }
     }
-    // Consume the client's hello (closing with unread data would reset the connection before
-    // the client reads the refusal), answer, and hang up.
-    let mut rd = s;
-    let _ = rd.read_exact(&mut head);
+    let mut head = [0u8; HELLO_LEN];
+    let mut got = 0;
+    while got < HELLO_LEN {
+        match (&*s).read(&mut head[got..]) {
+            Ok(0) => {
+                return Err(Error::Tls(format!(
+                    "{peer} closed the connection after {got} bytes of a plain rpyc hello; this \
+                     server only accepts TLS"
+                )))
+            }
+            Ok(n) => {
+                got += n;
+                let magic = got.min(MAGIC.len());
+                if head[..magic] != MAGIC[..magic] {
+                    return Err(Error::Tls(format!(
+                        "{peer} does not speak TLS: it sent {:?}, neither a TLS ClientHello \
+                         nor an rpyc hello",
+                        String::from_utf8_lossy(&head[..magic])
+                    )));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
+        }
+    }
+    // The whole hello is read (closing with unread data would reset the connection before the
+    // client reads the refusal): answer, and hang up.
     let refusal = crate::wire::Hello {
         version: crate::wire::VERSION,
         flags: crate::wire::FLAG_REFUSED | crate::wire::FLAG_TLS_REQUIRED,
@@ -1326,18 +1364,40 @@ impl TlsConn {
             .ssl_error()
             .map(|s| s.errors().iter().filter_map(|x| x.reason()).collect())
             .unwrap_or_default();
+        // In an established TLS 1.2 session, a handshake can only be a renegotiation, which
+        // both sides refuse (see `common_settings`): a peer that insists ends with this alert.
+        // Say so, rather than blame the ciphers the session was set up with.
+        let renegotiation = reasons
+            .iter()
+            .any(|r| r.contains("alert handshake failure"))
+            && lock(&self.ssl).ssl().version2() == Some(SslVersion::TLS1_2);
+        let refused_renegotiation = |peer: &str| {
+            format!(
+                ": the {peer} wanted to renegotiate the TLS 1.2 session, which this {} refuses",
+                side_name(self.side)
+            )
+        };
         let msg = match reasons.iter().find(|r| r.contains("alert")) {
             Some(alert) if self.side == Side::Client => format!(
                 "the server refused the connection after the handshake ({alert}){}",
-                alert_hint_client(alert)
+                if renegotiation {
+                    refused_renegotiation("server")
+                } else {
+                    alert_hint_client(alert).to_string()
+                }
             ),
             _ => format!(
-                "TLS error while {doing} ({} side): {}",
+                "TLS error while {doing} ({} side): {}{}",
                 side_name(self.side),
                 if reasons.is_empty() {
                     e.to_string()
                 } else {
                     reasons.join(", ")
+                },
+                if renegotiation {
+                    refused_renegotiation("client")
+                } else {
+                    String::new()
                 }
             ),
         };

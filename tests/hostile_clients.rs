@@ -350,3 +350,516 @@ fn a_client_whose_first_bytes_only_look_like_a_plain_hello_is_dropped_at_once() 
     ])));
     still_serves(&server, &p);
 }
+
+// ---- Memory, queues and threads (measured on a server in a child process) ----
+
+use common::child::{self, Child as ChildProcess};
+use common::raw;
+use rpyc::{Bytes, Error, Options, Service, ThreadedServer};
+
+/// What a growth of resident memory may add to the bytes an attacker sent, whatever it sent:
+/// thread stacks touched, allocator arenas, the test harness. Generous, so that the ratio
+/// checks are about proportions, not noise.
+const SLACK: u64 = 24 << 20;
+
+/// The server the memory tests attack, in a child process: `role` is `server` followed by
+/// settings (`max_workers=1 max_buffered=64 total=96 max_queued=100 max_threads=8`, sizes in
+/// MiB). Methods: `nothing()`, `block()` (sleeps until the process ends), `sleep_ms(n)`,
+/// `echo(Bytes)`, `call_back(cb)`.
+#[test]
+#[ignore = "the child process of the tests in this file; they start it themselves"]
+fn child_server() {
+    let role = child::role().expect("run only as a child process by the tests of this file");
+    let setting = |name: &str| -> Option<usize> {
+        role.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    let service = Service::new("target")
+        .method("nothing", || ())
+        .method("block", || std::thread::sleep(Duration::from_secs(3600)))
+        .method("sleep_ms", |ms: u64| std::thread::sleep(Duration::from_millis(ms)))
+        .method("echo", |b: Bytes| b)
+        .method("call_back", |cb: rpyc::RemoteObject| cb.invoke::<(), _>(()));
+    let mut options = Options::new();
+    if let Some(n) = setting("max_workers") {
+        options = options.max_workers(n);
+    }
+    if let Some(n) = setting("max_queued") {
+        options = options.max_queued(n);
+    }
+    if let Some(mib) = setting("max_buffered") {
+        options = options.max_frame_size(mib << 19).max_buffered(mib << 20);
+    }
+    let mut builder = ThreadedServer::new(service).options(options);
+    if let Some(mib) = setting("total") {
+        builder = builder.max_buffered_total(mib << 20);
+    }
+    if let Some(n) = setting("max_threads") {
+        builder = builder.max_threads(n);
+    }
+    let server = builder.build().unwrap();
+    child::say(format!("port {}", server.port()));
+    let _handle = server.spawn().unwrap();
+    child::serve_until_parent_leaves();
+}
+
+fn child_server_with(settings: &str) -> (ChildProcess, u16) {
+    let c = ChildProcess::start("child_server", &format!("server {settings}"));
+    let port = c.port();
+    // Warm up: the first connection's threads and buffers are not the attack's cost.
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+    conn.close();
+    (c, port)
+}
+
+/// Checks that the child's peak memory since `before` (its resident memory then) grew by at
+/// most `ratio` times `sent` bytes (plus [`SLACK`]).
+fn assert_grew_at_most(c: &ChildProcess, before: u64, sent: u64, ratio: f64, what: &str) {
+    let grew = c.peak().saturating_sub(before);
+    let bound = (sent as f64 * ratio) as u64 + SLACK;
+    eprintln!(
+        "{what}: sent {} KiB, the server's peak grew by {} KiB ({:.2}x; bound {ratio}x + {} KiB)",
+        sent >> 10,
+        grew >> 10,
+        grew as f64 / sent as f64,
+        SLACK >> 10
+    );
+    assert!(
+        grew <= bound,
+        "{what}: the server grew by {grew} bytes for {sent} bytes sent ({:.1}x, over {ratio}x)",
+        grew as f64 / sent as f64
+    );
+}
+
+/// The server's error reply to the call with id `id`, read from `s` (skipping releases).
+fn error_reply(s: &mut TcpStream, id: u64) -> raw::Frame {
+    loop {
+        let f = raw::read_frame(s).unwrap().expect("a reply, not the end");
+        if f.kind == raw::RELEASE {
+            continue;
+        }
+        assert_eq!((f.kind, f.id), (raw::ERROR, id), "{f:?}");
+        return f;
+    }
+}
+
+#[test]
+fn megabytes_of_tiny_arguments_cost_the_server_a_small_multiple_of_them() {
+    let (c, port) = child_server_with("");
+    let mut s = raw::client(port);
+    const N: usize = 8 << 20;
+    // A zero-argument method called with millions of arguments, and an unknown method whose
+    // arguments hold object references: neither is decoded into anything, but both used to be
+    // parsed whole into a tree (~270 bytes per byte sent).
+    let mut refs = Vec::with_capacity(N + 16);
+    raw::cbor_head(&mut refs, 4, (N / 14) as u64);
+    for i in 0..(N / 14) as u64 {
+        refs.extend_from_slice(&raw::object_ref(1 + i % 1000));
+    }
+    let attacks = [
+        ("nothing", raw::array_of_zeros(N)),
+        ("no_such_method", refs),
+    ];
+    for (i, (method, payload)) in attacks.iter().enumerate() {
+        let id = i as u64 + 1;
+        let before = c.rss();
+        c.reset_peak();
+        s.write_all(&raw::frame(raw::CALL, id, 0, 0, method, payload))
+            .unwrap();
+        let reply = error_reply(&mut s, id);
+        assert_grew_at_most(&c, before, payload.len() as u64, 3.0, method);
+        assert!(
+            reply.len < 2048,
+            "the error reply quotes the arguments unbounded: {} bytes",
+            reply.len
+        );
+    }
+    // The connection is still served.
+    s.write_all(&raw::frame(raw::CALL, 9, 0, 0, "nothing", &[0x80]))
+        .unwrap();
+    let f = raw::read_frame(&mut s).unwrap().unwrap();
+    assert_eq!((f.kind, f.id), (raw::REPLY, 9));
+}
+
+/// Floods `s` with `count` calls of `nothing` carrying `size` bytes each, until the server
+/// hangs up; returns how many bytes went out.
+fn flood(s: &mut TcpStream, count: usize, size: usize) -> u64 {
+    let mut payload = Vec::new();
+    raw::cbor_head(&mut payload, 4, 1);
+    raw::cbor_head(&mut payload, 2, size as u64);
+    payload.resize(payload.len() + size, 0xab);
+    let frame = raw::frame(raw::CALL, 1_000, 0, 0, "nothing", &payload);
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sent = 0;
+    for _ in 0..count {
+        if s.write_all(&frame).is_err() {
+            break;
+        }
+        sent += frame.len() as u64;
+    }
+    sent
+}
+
+#[test]
+fn requests_queued_behind_a_busy_worker_are_bounded_in_bytes_per_connection() {
+    // One worker, blocked; everything else the client sends waits in the queue, which used to
+    // be bounded only by count (65,536 frames of up to 256 MiB).
+    let (c, port) = child_server_with("max_workers=1 max_buffered=64");
+    let before = c.rss();
+    c.reset_peak();
+    let mut s = raw::client(port);
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "block", &[0x80]))
+        .unwrap();
+    let sent = flood(&mut s, 300, 1 << 20);
+    assert!(
+        raw::hangs_up_within(&mut s, Duration::from_secs(10)),
+        "the server kept a client that queued {sent} bytes"
+    );
+    // At most its 64 MiB were held, of the up to 300 MiB sent.
+    assert_grew_at_most(&c, before, 64 << 20, 1.5, "queued behind a blocked worker");
+    // Others are still served.
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+#[test]
+fn connections_together_cannot_hold_more_than_the_server_total() {
+    let (c, port) = child_server_with("max_workers=1 max_buffered=64 total=96");
+    let before = c.rss();
+    c.reset_peak();
+    // Three clients each try to queue up to 100 MiB behind a blocked worker: 64 MiB each
+    // would be allowed per connection, 192 MiB together, but the server holds at most 96 MiB
+    // beyond 1 MiB per connection.
+    let floods: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = raw::client(port);
+                s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "block", &[0x80]))
+                    .unwrap();
+                let sent = flood(&mut s, 100, 1 << 20);
+                (sent, raw::hangs_up_within(&mut s, Duration::from_secs(10)))
+            })
+        })
+        .collect();
+    let results: Vec<(u64, bool)> = floods.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        results.iter().filter(|(_, closed)| *closed).count() >= 1,
+        "no client was closed: {results:?}"
+    );
+    assert_grew_at_most(&c, before, (96 + 3) << 20, 1.5, "three clients queueing");
+    // A client making small calls still gets in: its first MiB is its own.
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    assert_eq!(
+        conn.root()
+            .call::<Bytes, _>("echo", (Bytes::from(vec![1u8; 1000]),))
+            .unwrap()
+            .len(),
+        1000
+    );
+}
+
+#[test]
+fn a_server_runs_a_bounded_number_of_threads_however_busy_its_clients_keep_it() {
+    // 4 clients with 16 slow calls each: up to 64 handlers per connection would be allowed,
+    // but the server's threads beyond one per connection come from a budget of 8.
+    let (c, port) = child_server_with("max_threads=8");
+    let idle = c.status("Threads");
+    let conns: Vec<_> = (0..4)
+        .map(|_| rpyc::connect("127.0.0.1", port).unwrap())
+        .collect();
+    let pending: Vec<_> = conns
+        .iter()
+        .flat_map(|conn| {
+            (0..16).map(move |_| {
+                conn.root()
+                    .call_async::<(), _>("sleep_ms", (300u64,))
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_millis(250);
+    while Instant::now() < until {
+        most = most.max(c.status("Threads"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every call still completes, the ones beyond the budget after waiting their turn.
+    for p in pending {
+        p.value_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let bound = idle + 4 + 8;
+    eprintln!("server threads: {idle} idle, at most {most} under load (bound {bound})");
+    assert!(
+        most <= bound,
+        "the server ran {most} threads ({idle} before the clients came)"
+    );
+}
+
+#[test]
+fn requests_read_by_a_handler_waiting_on_a_callback_are_held_to_the_queue_limit() {
+    // The handler calls the client back and waits: its thread reads the connection meanwhile.
+    // Requests it reads go to the queue under the same limit as those the pool reads.
+    let (_c, port) = child_server_with("max_workers=1 max_queued=100");
+    let mut s = raw::client(port);
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "call_back", &{
+        let mut p = vec![0x81];
+        p.extend_from_slice(&raw::object_ref(1));
+        p
+    }))
+    .unwrap();
+    let cb = raw::read_frame(&mut s).unwrap().unwrap();
+    assert_eq!((cb.kind, cb.target), (raw::CALL, 1), "the callback");
+    // The callback is never answered; 1,000 requests follow.
+    let sent = flood(&mut s, 1000, 16);
+    assert!(
+        raw::hangs_up_within(&mut s, Duration::from_secs(10)),
+        "the server queued {sent} bytes of requests beyond its limit of 100"
+    );
+}
+
+// ---- Handshakes, slots and refusals ----
+
+fn quick_server(builder: impl FnOnce(rpyc::ServerBuilder) -> rpyc::ServerBuilder) -> TestServer {
+    let service = Service::new("s")
+        .method("nothing", || ())
+        .method("make", |n: usize| Bytes::from(vec![7u8; n]))
+        .method("wait_ms", |ms: u64| std::thread::sleep(Duration::from_millis(ms)));
+    let handle = builder(ThreadedServer::new(service))
+        .build()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let port = handle.port();
+    TestServer { handle, port }
+}
+
+#[test]
+fn a_hello_dribbled_a_byte_at_a_time_is_dropped_at_the_handshake_deadline() {
+    let t = Duration::from_secs(1);
+    let server = quick_server(|b| b.options(Options::new().handshake_timeout(t)));
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let start = Instant::now();
+    // One byte every quarter of the timeout: each read alone is in time, the hello is not.
+    let hello = raw::hello();
+    let mut closed_at = None;
+    for b in hello {
+        if s.write_all(&[b]).is_err() {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(t / 4);
+        if server.handle.connections() == 0 {
+            closed_at = Some(start.elapsed());
+            break;
+        }
+    }
+    let closed_at = closed_at.expect("the server accepted a hello that took 4 handshake timeouts");
+    assert!(
+        closed_at >= t.mul_f64(0.9) && closed_at <= t.mul_f64(1.6),
+        "dropped after {closed_at:?}, the handshake timeout being {t:?}"
+    );
+}
+
+#[test]
+fn silent_connections_give_their_slots_to_new_clients_once_idle_long_enough() {
+    let idle = Duration::from_millis(800);
+    let server = quick_server(|b| b.max_connections(4).evict_idle_after(idle));
+    // Four clients take every slot and say nothing after their hello.
+    let mut silent: Vec<TcpStream> = (0..4).map(|_| raw::client(server.port)).collect();
+    let started = Instant::now();
+    assert!(common::wait_until(Duration::from_secs(5), || server
+        .handle
+        .connections()
+        == 4));
+    // Before they have been idle that long, a newcomer is refused, clearly.
+    let err = rpyc::connect("127.0.0.1", server.port).unwrap_err().to_string();
+    assert!(err.contains("refused") && err.contains("limit"), "{err}");
+    // Afterwards, it gets the slot of the one idle longest, which is told why.
+    std::thread::sleep(idle.saturating_sub(started.elapsed()) + idle / 4);
+    let conn = rpyc::connect("127.0.0.1", server.port).expect("a slot was freed");
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+    let hung_up = silent
+        .iter_mut()
+        .map(|s| raw::hangs_up_within(s, Duration::from_millis(100)))
+        .filter(|&h| h)
+        .count();
+    assert_eq!(hung_up, 1, "exactly one idle connection makes room");
+}
+
+#[test]
+fn clients_stuck_in_their_handshake_cannot_take_every_slot() {
+    let t = Duration::from_millis(1500);
+    let server = quick_server(|b| {
+        b.max_connections(64)
+            .max_handshakes(4)
+            .options(Options::new().handshake_timeout(t))
+    });
+    // Four sockets that never send their hello hold every handshake slot...
+    let _stuck: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.port)).unwrap())
+        .collect();
+    assert!(common::wait_until(Duration::from_secs(5), || server
+        .handle
+        .connections()
+        == 4));
+    // ... so a fifth is refused at once, saying why, rather than left waiting ...
+    let start = Instant::now();
+    let err = rpyc::connect("127.0.0.1", server.port).unwrap_err().to_string();
+    assert!(err.contains("refused"), "{err}");
+    assert!(start.elapsed() < t / 2, "the refusal took {:?}", start.elapsed());
+    // ... and gets in once their handshake timeout has dropped them.
+    std::thread::sleep(t);
+    assert!(common::wait_until(t, || server.handle.connections() == 0));
+    let conn = rpyc::connect("127.0.0.1", server.port).unwrap();
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+#[test]
+fn refusing_many_clients_at_once_does_not_hold_up_the_accept_loop() {
+    let server = quick_server(|b| b.max_connections(1).evict_idle_after(Duration::MAX));
+    let holder = rpyc::connect("127.0.0.1", server.port).unwrap();
+    const N: usize = 40;
+    let start = Instant::now();
+    let refused: Vec<_> = (0..N)
+        .map(|_| {
+            let port = server.port;
+            std::thread::spawn(move || rpyc::connect("127.0.0.1", port).map(|_| ()))
+        })
+        .collect();
+    for r in refused {
+        let err = r.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("refused"), "{err}");
+    }
+    // Each refusal may linger 200 ms for the client to read it; one after the other on the
+    // accept thread that was 8 s for 40.
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(200) * N as u32 / 4,
+        "{N} refusals took {took:?}"
+    );
+    holder.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+// ---- What the server sends a hostile client ----
+
+#[test]
+fn error_and_release_frames_respect_the_client_s_frame_limit() {
+    let server = quick_server(|b| b);
+    // The smallest frame limit a peer may announce.
+    let mut s = raw::client_with(server.port, raw::hello_with(64, 16));
+    // Bad arguments quoted in an error message: a 10 KiB string to a method taking none.
+    let mut arg = Vec::new();
+    raw::cbor_head(&mut arg, 4, 1);
+    raw::cbor_head(&mut arg, 3, 10_000);
+    arg.resize(arg.len() + 10_000, b'x');
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "nothing", &arg))
+        .unwrap();
+    let e = error_reply(&mut s, 1);
+    assert!(e.len <= 64, "an error frame of {} bytes", e.len);
+    // 100 object references sent to a method that does not exist: all released, in frames
+    // within the limit.
+    let mut refs = Vec::new();
+    raw::cbor_head(&mut refs, 4, 100);
+    for id in 1..=100 {
+        refs.extend_from_slice(&raw::object_ref(id * 1000));
+    }
+    s.write_all(&raw::frame(raw::CALL, 2, 0, 0, "no_such_method", &refs))
+        .unwrap();
+    let mut released = std::collections::BTreeSet::new();
+    let mut errors = 0;
+    while released.len() < 100 || errors == 0 {
+        let f = raw::read_frame(&mut s).unwrap().expect("more frames");
+        assert!(f.len <= 64, "a frame of {} bytes: {f:?}", f.len);
+        match f.kind {
+            raw::RELEASE => {
+                let list: Vec<(u64, u64)> = serde_cbor::from_slice(&f.payload).unwrap();
+                released.extend(list.into_iter().map(|(id, n)| {
+                    assert_eq!(n, 1);
+                    id
+                }));
+            }
+            raw::ERROR => errors += 1,
+            other => panic!("unexpected frame kind {other}"),
+        }
+    }
+    assert_eq!(released.len(), 100);
+    assert!(released.iter().all(|id| id % 1000 == 0));
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() {
+    capture_logs();
+    let stall = Duration::from_secs(1);
+    let server = quick_server(|b| b.options(Options::new().call_timeout(stall)));
+    let mut s = raw::client(server.port);
+    // Asks for 32 MiB and never reads it: the server's write fills the socket and stalls.
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "make", &[0x81, 0x1a, 0x02, 0, 0, 0]))
+        .unwrap();
+    let start = Instant::now();
+    assert!(common::wait_until(stall * 5, || server.handle.connections() == 0));
+    let took = start.elapsed();
+    assert!(
+        took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
+        "noticed after {took:?}, the stall timeout being {stall:?}"
+    );
+    assert!(logged(&["127.0.0.1:", "read nothing for 1s"]));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_unix_socket_client_that_stops_reading_is_dropped_at_the_stall_timeout() {
+    let stall = Duration::from_secs(1);
+    let dir = std::env::temp_dir().join(format!("rpyc-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    let server = quick_server(|b| b.unix_path(&path).options(Options::new().call_timeout(stall)));
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.write_all(&raw::hello()).unwrap();
+    let mut theirs = [0u8; 16];
+    s.read_exact(&mut theirs).unwrap();
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "make", &[0x81, 0x1a, 0x02, 0, 0, 0]))
+        .unwrap();
+    let start = Instant::now();
+    assert!(common::wait_until(stall * 5, || server.handle.connections() == 0));
+    let took = start.elapsed();
+    assert!(
+        took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
+        "noticed after {took:?}, the stall timeout being {stall:?}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn closing_with_a_short_grace_does_not_wait_for_stuck_handlers() {
+    let server = quick_server(|b| b);
+    let conn = rpyc::connect("127.0.0.1", server.port).unwrap();
+    let _stuck = conn.root().call_async::<(), _>("wait_ms", (5_000u64,)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let grace = Duration::from_millis(300);
+    let start = Instant::now();
+    assert!(
+        !server.handle.close_timeout(grace),
+        "a handler was still running"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= grace && took < grace * 3,
+        "close_timeout({grace:?}) took {took:?}"
+    );
+}
+
+#[test]
+fn a_call_to_a_method_taking_no_arguments_with_some_names_what_was_sent_briefly() {
+    let server = quick_server(|b| b);
+    let conn = rpyc::connect("127.0.0.1", server.port).unwrap();
+    let big: Vec<u32> = (0..100_000).collect();
+    match conn.root().call::<(), _>("nothing", (big,)) {
+        Err(Error::Remote(e)) => {
+            assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+            assert!(e.message().contains("no arguments"), "{}", e.message());
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -2,6 +2,8 @@
 //! clients whose calls time out instead of hanging, and bounded waiting.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod child;
+pub mod raw;
 pub mod tls;
 
 use rpyc::{Connection, Options, ServerHandle, Service, ThreadedServer};

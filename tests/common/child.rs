@@ -1,0 +1,146 @@
+//! Child processes for tests that measure what a hostile peer costs (memory, threads, CPU) on
+//! a process of its own: the test binary runs itself again, running only an ignored test that
+//! plays the role asked for in an environment variable. The parent reads the child's
+//! `/proc/PID/status` and `/proc/PID/stat`, and talks to it through its stdin and stdout.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const ROLE: &str = "RPYC_TEST_CHILD";
+const SAID: &str = "child says: ";
+
+/// A running child process; killed when dropped.
+pub struct Child {
+    proc: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    pub pid: u32,
+}
+
+impl Child {
+    /// Runs this test binary again as a child that runs only the ignored test `entry`, which
+    /// plays `role` (see [`role`]).
+    pub fn start(entry: &str, role: &str) -> Child {
+        let exe = std::env::current_exe().expect("the test binary");
+        let mut proc = Command::new(exe)
+            .args([entry, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(ROLE, role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the child");
+        let pid = proc.id();
+        let out = proc.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                // The test harness may have started the line ("test child ... ").
+                if let Some(at) = line.find(SAID) {
+                    if tx.send(line[at + SAID.len()..].to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Child { proc, lines, pid }
+    }
+
+    /// The next line the child said with [`say`], waiting at most `timeout`.
+    pub fn heard(&self, timeout: Duration) -> String {
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("the child said nothing within {timeout:?}: {e}"))
+    }
+
+    /// The port the child said it listens on (`port N`).
+    pub fn port(&self) -> u16 {
+        let line = self.heard(Duration::from_secs(30));
+        line.strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("expected `port N` from the child, got {line:?}"))
+    }
+
+    /// Sends a line to the child (read with [`hear`]).
+    pub fn tell(&mut self, line: &str) {
+        let stdin = self.proc.stdin.as_mut().expect("piped");
+        writeln!(stdin, "{line}").expect("the child reads its stdin");
+        stdin.flush().unwrap();
+    }
+
+    /// A field of `/proc/PID/status` (`VmHWM`, `VmRSS`: KiB; `Threads`: a count).
+    pub fn status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("/proc/PID/status is readable");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid))
+    }
+
+    /// Resident memory now, in bytes.
+    pub fn rss(&self) -> u64 {
+        self.status("VmRSS") * 1024
+    }
+
+    /// The peak of resident memory since the last [`reset_peak`](Self::reset_peak), in bytes.
+    pub fn peak(&self) -> u64 {
+        self.status("VmHWM") * 1024
+    }
+
+    /// Starts measuring the peak afresh (Linux: `5` written to `/proc/PID/clear_refs`).
+    pub fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
+            .expect("/proc/PID/clear_refs is writable by the parent");
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        // The command name may hold spaces: fields are counted after its closing parenthesis.
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; in
+        // clock ticks of 1/100 s (USER_HZ on Linux).
+        Duration::from_millis((f[11] + f[12]) * 10)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// In a child: the role it plays; `None` when the test binary runs normally.
+pub fn role() -> Option<String> {
+    std::env::var(ROLE).ok()
+}
+
+/// In a child: tells the parent `line` (read with [`Child::heard`]).
+pub fn say(line: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{SAID}{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// In a child: the next line from the parent; the child exits when the parent is gone.
+pub fn hear() -> String {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
+        std::process::exit(0);
+    }
+    line.trim_end().to_string()
+}
+
+/// In a child: serves until the parent closes its stdin (or kills it).
+pub fn serve_until_parent_leaves() -> ! {
+    loop {
+        hear();
+    }
+}

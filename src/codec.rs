@@ -1,6 +1,17 @@
 //! Payload encoding: the one place that knows payloads are CBOR (serde_cbor).
 //!
-//! Swapping the codec means changing this file and `PROTOCOL.md`, nothing else.
+//! Swapping the codec means changing this module (this file and `codec/`) and `PROTOCOL.md`,
+//! nothing else.
+//!
+//! # Payloads that are only looked at
+//!
+//! Some payloads are never decoded into a type: a payload nobody will decode still has its
+//! object references released ([`object_refs`]), and an error message quotes what a peer sent
+//! ([`describe`]). These
+//! go through a walker (`codec/walk.rs`) that checks the CBOR and allocates nothing, rather than
+//! through a `serde_cbor::Value` tree, which costs hundreds of times the size of a payload of
+//! tiny items. Each costs at most twice the payload (see each function), and an error text
+//! quotes at most [`QUOTE_MAX`] bytes of a peer's data.
 //!
 //! # Detached byte strings
 //!
@@ -17,7 +28,8 @@
 //! hold exactly one byte string, the placeholder is unambiguous. If the data was not taken (the
 //! target was not `Bytes`, or decoding failed; a `Bytes` dropped during decoding gives it back),
 //! the contiguous payload is rebuilt and decoded again, so the outcome, errors included, is
-//! always what decoding the bytes as sent gives.
+//! always what decoding the bytes as sent gives. [`describe`] shows the placeholder as the
+//! detached string itself, without rebuilding anything.
 
 use crate::buffers;
 use crate::error::Error;
@@ -25,6 +37,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::fmt;
+
+mod render;
+mod walk;
 
 /// Appends the CBOR encoding of `value` to `buf`. A large encoding grows `buf` through
 /// [`crate::buffers`], into memory that is already mapped, rather than through fresh
@@ -280,53 +295,72 @@ fn reclaim_tail(v: &mut Vec<u8>) -> bool {
     .unwrap_or(false)
 }
 
-/// Renders any CBOR item for an error message: text as is, anything else in debug form.
-pub(crate) fn describe(bytes: &[u8]) -> String {
-    if let Some(d) = take_offered(bytes) {
-        let whole = contiguous(bytes, &d);
-        put_back(bytes, d);
-        let s = describe(&whole);
-        buffers::give(whole);
-        return s;
-    }
-    match serde_cbor::from_slice::<serde_cbor::Value>(bytes) {
-        Ok(serde_cbor::Value::Text(s)) => s,
-        Ok(v) => format!("{v:?}"),
-        Err(e) => format!("(undecodable error value: {e})"),
+/// Longest quote of a peer's data in an error message, in bytes, before the cut mark `…` and a
+/// short note of the quoted item's size.
+pub(crate) const QUOTE_MAX: usize = 256;
+
+/// Renders one CBOR item for an error message in at most `limit` bytes of text, then the cut
+/// mark `…` and a note of the whole item's size if it did not fit: a text string as is, anything
+/// else in a compact diagnostic notation (`[1, "a", h'0102', {"k": 2.5}, null]`, long byte
+/// strings by their first bytes and length). A malformed item gives a short
+/// `(undecodable: …)` note instead.
+///
+/// Memory is the text it returns (at most `limit` plus about 64 bytes) and a fixed walker; the
+/// walk stops where the limit is reached. A payload [`offer`]ed with a detached byte string is
+/// described as the contiguous payload would be, without rebuilding it.
+pub(crate) fn describe(bytes: &[u8], limit: usize) -> String {
+    match take_offered(bytes) {
+        None => render::describe(bytes, None, limit),
+        Some(d) => {
+            let s = render::describe(bytes, Some(&d.tail), limit);
+            put_back(bytes, d);
+            s
+        }
     }
 }
 
-/// Finds the ids of every object reference (`{key: id}`) in a payload nobody will decode.
-pub(crate) fn object_refs(payload: &[u8], key: &str) -> Vec<u64> {
-    use serde_cbor::Value;
-    fn walk(v: &Value, key: &str, out: &mut Vec<u64>) {
-        match v {
-            Value::Map(m) => {
-                if m.len() == 1 {
-                    if let Some((Value::Text(k), Value::Integer(id))) = m.iter().next() {
-                        if k == key && *id > 0 {
-                            out.push(*id as u64);
-                            return;
-                        }
-                    }
-                }
-                for (k, v) in m {
-                    walk(k, key, out);
-                    walk(v, key, out);
-                }
-            }
-            Value::Array(a) => a.iter().for_each(|v| walk(v, key, out)),
-            Value::Tag(_, v) => walk(v, key, out),
-            _ => {}
-        }
+/// Every object reference in a payload nobody will decode: each map of exactly one pair whose
+/// key is the text `key` and whose value is an unsigned integer above 0, found anywhere (in
+/// arrays, map keys and values, tags), as `(id, occurrences)` sorted by id. A malformed
+/// payload gives the references found before the malformed part.
+///
+/// Memory is the result only: 16 bytes per occurrence while counting (each takes at least 12
+/// payload bytes), trimmed to 16 bytes per distinct id when that halves it; no value tree.
+/// A payload that does not contain the bytes of `key` costs one scan.
+pub(crate) fn object_refs(payload: &[u8], key: &str) -> Vec<(u64, u64)> {
+    let key = key.as_bytes();
+    if key.is_empty() || !payload.windows(key.len()).any(|w| w == key) {
+        return Vec::new();
     }
-    let mut out = Vec::new();
-    if payload.windows(key.len()).any(|w| w == key.as_bytes()) {
-        if let Ok(v) = serde_cbor::from_slice::<Value>(payload) {
-            walk(&v, key, &mut out);
+    // Count first, so the vector is allocated once, at its final size.
+    let mut out = Vec::with_capacity(scan_refs(payload, key, |_| {}));
+    scan_refs(payload, key, |id| out.push((id, 1)));
+    out.sort_unstable_by_key(|&(id, _)| id);
+    out.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
         }
+        same
+    });
+    if out.len() < out.capacity() / 2 {
+        out.shrink_to_fit();
     }
     out
+}
+
+/// Walks `payload`, calling `found` with each object reference's id; returns how many.
+fn scan_refs(payload: &[u8], key: &[u8], mut found: impl FnMut(u64)) -> usize {
+    let mut w = walk::Walker::new(payload);
+    let mut n = 0;
+    loop {
+        if let Some(id) = w.object_ref(key) {
+            found(id);
+            n += 1;
+        } else if !matches!(w.next(), Ok(Some(_))) {
+            return n;
+        }
+    }
 }
 
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
@@ -481,5 +515,187 @@ impl<'de> Deserialize<'de> for Bytes {
             }
         }
         d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_alloc::peak_during;
+
+    const KEY: &str = "$rpyc-obj";
+
+    /// Serializes as a reference to object `id` does on the wire.
+    #[derive(Serialize)]
+    struct Ref {
+        #[serde(rename = "$rpyc-obj")]
+        id: u64,
+    }
+
+    fn cbor<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_into(&mut out, v).unwrap();
+        out
+    }
+
+    #[test]
+    fn object_refs_finds_references_in_nested_maps_arrays_and_tags() {
+        let mut keyed = std::collections::BTreeMap::new();
+        keyed.insert("a", vec![Ref { id: 7 }, Ref { id: 3 }]);
+        let payload = cbor(&(
+            Ref { id: 3 },
+            vec![Some(Ref { id: 7 }), None],
+            keyed,
+            "text",
+        ));
+        assert_eq!(object_refs(&payload, KEY), vec![(3, 2), (7, 2)]);
+
+        // As a map key, inside a tag, in an indefinite map, and a reference inside a map that
+        // is not one.
+        let mut b = vec![0x84, 0xa1];
+        b.extend_from_slice(&cbor(&Ref { id: 9 }));
+        b.push(0x00);
+        b.push(0xd8);
+        b.push(0x2a);
+        b.extend_from_slice(&cbor(&Ref { id: 9 }));
+        b.extend_from_slice(&[0xbf, 0x69]);
+        b.extend_from_slice(KEY.as_bytes());
+        b.extend_from_slice(&[0x1b, 0, 0, 0, 1, 0, 0, 0, 0, 0xff]);
+        b.extend_from_slice(&[0xa1, 0x69]);
+        b.extend_from_slice(KEY.as_bytes());
+        b.extend_from_slice(&cbor(&Ref { id: 5 }));
+        assert_eq!(
+            object_refs(&b, KEY),
+            vec![(5, 1), (9, 2), (1 << 32, 1)],
+            "{b:02x?}"
+        );
+    }
+
+    #[test]
+    fn object_refs_ignores_maps_that_only_look_like_references() {
+        let near_misses = [
+            cbor(&(KEY, 5u64)),
+            cbor(
+                &[(KEY, 0u64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, -1i64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, "5")]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, 5u64), ("b", 1)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+            cbor(
+                &[("$rpyc-obX", 5u64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+        ];
+        for b in &near_misses {
+            assert_eq!(object_refs(b, KEY), vec![], "{b:02x?}");
+        }
+    }
+
+    #[test]
+    fn object_refs_of_a_malformed_payload_are_those_before_the_malformed_part() {
+        let mut b = cbor(&(Ref { id: 1 }, Ref { id: 2 }, Ref { id: 3 }));
+        b[0] = 0x84; // a fourth item that is missing
+        assert_eq!(object_refs(&b, KEY), vec![(1, 1), (2, 1), (3, 1)]);
+        let cut = b.len() - 3;
+        assert_eq!(object_refs(&b[..cut], KEY), vec![(1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn object_refs_of_a_payload_without_the_key_allocates_nothing() {
+        let b = cbor(&vec![0u8; 1 << 20]);
+        let (refs, peak) = peak_during(|| object_refs(&b, KEY));
+        assert!(refs.is_empty());
+        assert_eq!(peak, 0);
+    }
+
+    #[test]
+    fn describe_renders_text_as_is_and_other_items_in_diagnostic_notation() {
+        let k: std::collections::BTreeMap<_, _> = [("k", 2.5)].into_iter().collect();
+        let v = (1, "a", Bytes::from(vec![1u8, 2]), k, None::<u8>);
+        assert_eq!(
+            describe(&cbor(&v), 100),
+            r#"[1, "a", h'0102', {"k": 2.5}, null]"#
+        );
+        assert_eq!(describe(&cbor("division by zero"), 100), "division by zero");
+        assert_eq!(describe(&cbor("tab\there"), 100), "tab\there");
+        assert_eq!(describe(&cbor(&["tab\t\"q\""]), 100), r#"["tab\t\"q\""]"#);
+        assert_eq!(
+            describe(&cbor(&(-1, i64::MIN, u64::MAX, true, ())), 100),
+            "[-1, -9223372036854775808, 18446744073709551615, true, null]"
+        );
+        assert_eq!(
+            describe(&cbor(&Bytes::from(vec![7u8; 1 << 20])), 100),
+            "h'0707070707070707…' (1048576 bytes)"
+        );
+        #[rustfmt::skip]
+        let b = [
+            0x88, 0xc1, 0x1a, 0x51, 0x4b, 0x67, 0xb0, 0x9f, 0x01, 0xff, 0xbf, 0x01, 0x02, 0xff,
+            0x5f, 0x41, 0x01, 0x40, 0xff, 0xf9, 0x7e, 0x00, 0xf9, 0xfc, 0x00, 0xf7, 0xf8, 0x63,
+        ];
+        assert_eq!(
+            describe(&b, 200),
+            "[1(1363896240), [_ 1], {_ 1: 2}, (_ h'01', h''), NaN, -Infinity, undefined, \
+             simple(99)]"
+        );
+        // A top-level indefinite-length text is shown as is too; bytes that are not UTF-8 as
+        // U+FFFD.
+        assert_eq!(
+            describe(&[0x7f, 0x62, b'a', b'b', 0x61, b'c', 0xff], 10),
+            "abc"
+        );
+        assert_eq!(
+            describe(&[0x82, 0x61, 0xff, 0x61, b'x'], 20),
+            "[\"\u{fffd}\", \"x\"]"
+        );
+    }
+
+    #[test]
+    fn describe_stops_at_its_limit() {
+        let zeros = cbor(&vec![0u8; 1 << 20]);
+        let (s, peak) = peak_during(|| describe(&zeros, 20));
+        assert_eq!(s, "[0, 0, 0, 0, 0, 0, 0… (a 1048576-item array)");
+        assert!(peak < 200, "{peak}");
+        let text = cbor(&"é".repeat(1 << 20));
+        let (s, peak) = peak_during(|| describe(&text, 5));
+        assert_eq!(s, "éé… (2097152 bytes of text)");
+        assert!(peak < 200, "{peak}");
+        // Within the limit, nothing is cut.
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 9), "[1, 2, 3]");
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 8), "[1, 2, 3… (a 3-item array)");
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 0), "… (a 3-item array)");
+    }
+
+    #[test]
+    fn describe_notes_undecodable_items_briefly() {
+        assert_eq!(
+            describe(&[0x82, 0x01], 100),
+            "(undecodable: unexpected end at byte 2)"
+        );
+        assert_eq!(
+            describe(&[0x01, 0x02], 100),
+            "(undecodable: bytes after the item at byte 1)"
+        );
+        let deep = [vec![0x81; 10_000], vec![0x00]].concat();
+        assert_eq!(
+            describe(&deep, 1000),
+            "(undecodable: nesting deeper than 128 levels at byte 127)"
+        );
+        // Unless the limit is reached first: the walk stops there.
+        assert_eq!(describe(&deep, 3), "[[[… (a 1-item array)");
     }
 }

@@ -276,10 +276,14 @@ fn no_args(args: &[u8]) -> Result<(), Failure> {
         [0x80] | [0xf6] => Ok(()),
         _ => Err(Failure::BadArguments(format!(
             "expected no arguments, got {}",
-            codec::describe(args)
+            codec::describe(args, codec::QUOTE_MAX)
         ))),
     }
 }
+
+/// Longest text sent for a handler's `Err(e)`: generous, as `e` is the service's own text, but
+/// finite, as `e` may quote anything.
+const HANDLER_ERROR_MAX: usize = 64 * 1024;
 
 /// The CBOR heads serde_cbor writes for `Result::Ok(_)` and `Result::Err(_)`: a one-entry map
 /// keyed by the variant name.
@@ -299,6 +303,7 @@ pub(crate) fn encode_result<R: Serialize>(r: &R, out: &mut Vec<u8>) -> Outcome {
         if encoded.starts_with(ERR_HEAD) {
             return Err(Failure::Handler(codec::describe(
                 &encoded[ERR_HEAD.len()..],
+                HANDLER_ERROR_MAX,
             )));
         }
     }

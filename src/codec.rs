@@ -6,8 +6,8 @@
 //! # Payloads that are only looked at
 //!
 //! Some payloads are never decoded into a type: a payload nobody will decode still has its
-//! object references released ([`object_refs`]), and an error message quotes what a peer sent
-//! ([`describe`]). These
+//! object references released ([`object_refs`]), a release list is applied as it is read
+//! ([`decode_releases`]), and an error message quotes what a peer sent ([`describe`]). These
 //! go through a walker (`codec/walk.rs`) that checks the CBOR and allocates nothing, rather than
 //! through a `serde_cbor::Value` tree, which costs hundreds of times the size of a payload of
 //! tiny items. Each costs at most twice the payload (see each function), and an error text
@@ -363,6 +363,91 @@ fn scan_refs(payload: &[u8], key: &[u8], mut found: impl FnMut(u64)) -> usize {
     }
 }
 
+/// Most `[id, count]` pairs [`decode_releases`] hands over at once.
+pub(crate) const RELEASE_CHUNK: usize = 1024;
+
+/// Reads a RELEASE payload, `[[id, count], ...]` (definite or indefinite arrays, accepted
+/// exactly when decoding it as a `Vec<(u64, u64)>` would succeed), and calls `apply` with its
+/// pairs in order, in chunks of at most [`RELEASE_CHUNK`]. A malformed payload applies nothing
+/// and gives the reason.
+///
+/// Memory is one chunk (16 KiB at most, less for a short payload), whatever the payload's
+/// length: it is walked twice, once to check it and once to apply it.
+pub(crate) fn decode_releases(
+    payload: &[u8],
+    mut apply: impl FnMut(&[(u64, u64)]),
+) -> Result<(), String> {
+    walk_releases(payload, |_| {})?;
+    // A pair takes at least 3 bytes.
+    let mut chunk = Vec::with_capacity(RELEASE_CHUNK.min(payload.len() / 3 + 1));
+    walk_releases(payload, |pair| {
+        chunk.push(pair);
+        if chunk.len() == RELEASE_CHUNK {
+            apply(&chunk);
+            chunk.clear();
+        }
+    })?;
+    if !chunk.is_empty() {
+        apply(&chunk);
+    }
+    Ok(())
+}
+
+/// Walks a RELEASE payload, calling `pair` with each pair; see [`decode_releases`].
+fn walk_releases(payload: &[u8], mut pair: impl FnMut((u64, u64))) -> Result<(), String> {
+    use walk::Item;
+    let mut w = walk::Walker::new(payload);
+    // The next item that is not a tag (serde_cbor reads through tags), and how many tags it
+    // is inside.
+    fn untagged<'a>(w: &mut walk::Walker<'a>) -> Result<(Item<'a>, usize), String> {
+        let mut tags = 0;
+        loop {
+            match w.next() {
+                Ok(Some(Item::Tag(_))) => tags += 1,
+                Ok(Some(item)) => return Ok((item, tags)),
+                Ok(None) => return Err("unexpected end".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    fn close(w: &mut walk::Walker<'_>, n: usize, what: &str) -> Result<(), String> {
+        for _ in 0..n {
+            match w.next() {
+                Ok(Some(Item::End)) => {}
+                Ok(_) => return Err(format!("{what} has more items than expected")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+    fn uint(w: &mut walk::Walker<'_>) -> Result<u64, String> {
+        match untagged(w)? {
+            (Item::Uint(v), tags) => close(w, tags, "a tag").map(|()| v),
+            _ => Err("an object id or count is not an unsigned integer".into()),
+        }
+    }
+    let (outer_tags, what) = match untagged(&mut w)? {
+        (Item::Array(_), tags) => (tags, "the release list"),
+        _ => return Err("a release message is not an array of [id, count] pairs".into()),
+    };
+    loop {
+        let tags = match untagged(&mut w)? {
+            (Item::End, _) => break,
+            (Item::Array(Some(2) | None), tags) => tags,
+            _ => return Err("a release entry is not an [id, count] pair".into()),
+        };
+        let p = (uint(&mut w)?, uint(&mut w)?);
+        close(&mut w, 1 + tags, "a release entry")?;
+        pair(p);
+    }
+    close(&mut w, outer_tags, what)?;
+    match w.next() {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err("unexpected items after the release list".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
 ///
 /// A plain `Vec<u8>` goes through serde as a sequence of numbers, which is several times larger
@@ -697,5 +782,54 @@ mod tests {
         );
         // Unless the limit is reached first: the walk stops there.
         assert_eq!(describe(&deep, 3), "[[[… (a 1-item array)");
+    }
+
+    #[test]
+    fn releases_are_applied_in_bounded_chunks() {
+        let pairs: Vec<(u64, u64)> = (1..=5000).map(|i| (i, i % 7 + 1)).collect();
+        let mut chunks = Vec::new();
+        let mut got = Vec::new();
+        let payload = cbor(&pairs);
+        let (r, peak) = peak_during(|| {
+            decode_releases(&payload, |c| {
+                chunks.push(c.len());
+                got.extend_from_slice(c);
+            })
+        });
+        r.unwrap();
+        assert_eq!(chunks, vec![1024, 1024, 1024, 1024, 904]);
+        assert!(got == pairs);
+        // The chunk, and what the test itself collected.
+        let collected = chunks.capacity() * 8 + got.capacity() * 16 * 2;
+        assert!(peak <= RELEASE_CHUNK * 16 + collected, "{peak}");
+
+        // Indefinite lengths and tags are read as serde_cbor reads them; anything else applies
+        // nothing.
+        #[rustfmt::skip]
+        let cases: [&[u8]; 12] = [
+            &[0x80],
+            &[0x9f, 0x82, 0x01, 0x02, 0x9f, 0x03, 0x04, 0xff, 0xff],
+            &[0xc1, 0x81, 0xc2, 0x82, 0xc3, 0x01, 0x1a, 0, 1, 0, 0],
+            &[0x81, 0x82, 0x01, 0x20],
+            &[0x81, 0x83, 0x01, 0x02, 0x03],
+            &[0x81, 0x9f, 0x01, 0x02, 0x03, 0xff],
+            &[0x81, 0x81, 0x01],
+            &[0x82, 0x82, 0x01, 0x02],
+            &[0x81, 0x82, 0x01, 0x02, 0x00],
+            &[0xa1, 0x01, 0x02],
+            &[0xf6],
+            &[0x81, 0xa1, 0x01, 0x02],
+        ];
+        for b in cases {
+            let mut got = Vec::new();
+            let r = decode_releases(b, |c| got.extend_from_slice(c));
+            match decode::<Vec<(u64, u64)>>(b) {
+                Ok(want) => assert_eq!((r, got), (Ok(()), want), "{b:02x?}"),
+                Err(e) => {
+                    assert!(r.is_err(), "{b:02x?} was accepted; serde_cbor says {e}");
+                    assert!(got.is_empty(), "{b:02x?}: applied {got:?}");
+                }
+            }
+        }
     }
 }

@@ -775,13 +775,15 @@ impl Shared {
                 out.payload().push(0xf6);
                 let _ = self.write_frame(out.seal(Kind::Reply, h.id, 0, 0, ""));
             }
-            Kind::Release => match codec::decode::<Vec<(u64, u64)>>(frame.payload()) {
-                Ok(list) => {
-                    let dropped = lock(&self.objects).release(&list);
+            Kind::Release => {
+                let applied = codec::decode_releases(frame.payload(), |chunk| {
+                    let dropped = lock(&self.objects).release(chunk);
                     drop(dropped); // user Drop code runs here, outside the lock
+                });
+                if let Err(e) = applied {
+                    log::warn!("{}: ignoring a malformed release message: {e}", self.peer);
                 }
-                Err(e) => log::warn!("{}: ignoring a malformed release message: {e}", self.peer),
-            },
+            }
             Kind::Call | Kind::Oneway => self.serve_call(&mut frame),
             Kind::Reply | Kind::Error => object::release_unread(self, frame.payload()),
         }

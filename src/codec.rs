@@ -57,11 +57,14 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
 
 /// Decodes exactly one CBOR item filling `bytes`. A payload [`offer`]ed with a detached byte
 /// string decodes as the contiguous payload would (see the module docs).
+///
+/// An error's text is at most about [`QUOTE_MAX`] bytes, whatever it quotes.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match take_offered(bytes) {
         None => decode_plain(bytes),
         Some(d) => decode_detached(bytes, d),
     }
+    .map_err(bounded)
 }
 
 fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -448,6 +451,23 @@ fn walk_releases(payload: &[u8], mut pair: impl FnMut((u64, u64))) -> Result<(),
     }
 }
 
+/// A decoder's message, cut to [`QUOTE_MAX`] around its middle: serde's messages quote a
+/// peer's whole string (`invalid type: string "…", expected u64`), and end in what was wanted.
+fn bounded(e: String) -> String {
+    if e.len() <= QUOTE_MAX {
+        return e;
+    }
+    let mut head = QUOTE_MAX * 3 / 4;
+    while !e.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = e.len() - QUOTE_MAX / 4;
+    while !e.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}…{}", &e[..head], &e[tail..])
+}
+
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
 ///
 /// A plain `Vec<u8>` goes through serde as a sequence of numbers, which is several times larger
@@ -782,6 +802,20 @@ mod tests {
         );
         // Unless the limit is reached first: the walk stops there.
         assert_eq!(describe(&deep, 3), "[[[… (a 1-item array)");
+    }
+
+    #[test]
+    fn decode_errors_quote_a_bounded_prefix() {
+        let long = "x".repeat(1 << 20);
+        let e = decode::<u64>(&cbor(&long)).unwrap_err();
+        assert!(e.len() <= QUOTE_MAX + "…".len(), "{}", e.len());
+        assert!(e.starts_with("invalid type: string \"xxx"), "{e}");
+        assert!(e.contains('…') && e.contains("expected u64"), "{e}");
+        // Short messages are untouched.
+        assert_eq!(
+            decode::<u64>(&cbor("x")).unwrap_err(),
+            "invalid type: string \"x\", expected u64"
+        );
     }
 
     #[test]

@@ -451,6 +451,29 @@ fn walk_releases(payload: &[u8], mut pair: impl FnMut((u64, u64))) -> Result<(),
     }
 }
 
+/// [`std::any::type_name`] without module paths, as a user would write the type:
+/// `Vec<String>`, `Option<(i64, String)>`, `HashMap<u32, f64>`, `Bytes`.
+pub(crate) fn type_name<T: ?Sized>() -> String {
+    let full = std::any::type_name::<T>();
+    let mut out = String::with_capacity(full.len());
+    // Where the identifier being copied starts in `out`: a `::` after it drops it.
+    let mut ident_at = 0;
+    let mut rest = full;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("::") && out.len() > ident_at {
+            out.truncate(ident_at);
+            rest = &rest[2..];
+            continue;
+        }
+        out.push(c);
+        if !(c.is_alphanumeric() || c == '_') {
+            ident_at = out.len();
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// A decoder's message, cut to [`QUOTE_MAX`] around its middle: serde's messages quote a
 /// peer's whole string (`invalid type: string "…", expected u64`), and end in what was wanted.
 fn bounded(e: String) -> String {
@@ -865,5 +888,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn type_names_read_as_written() {
+        assert_eq!(type_name::<String>(), "String");
+        assert_eq!(type_name::<Vec<String>>(), "Vec<String>");
+        assert_eq!(
+            type_name::<Option<(i64, String)>>(),
+            "Option<(i64, String)>"
+        );
+        assert_eq!(type_name::<Bytes>(), "Bytes");
+        assert_eq!(type_name::<&str>(), "&str");
+        assert_eq!(type_name::<[u8; 4]>(), "[u8; 4]");
+        assert_eq!(
+            type_name::<std::collections::HashMap<u32, f64>>(),
+            "HashMap<u32, f64>"
+        );
+        assert_eq!(type_name::<crate::RemoteObject>(), "RemoteObject");
+        assert_eq!(type_name::<dyn Fn(u8) -> String>(), "dyn Fn(u8) -> String");
     }
 }

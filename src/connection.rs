@@ -695,7 +695,7 @@ impl Shared {
                     object::release_unread_except(self, frame.payload(), imported);
                     Error::Decode(format!(
                         "the result of `{method}` is not a {}: {e}",
-                        std::any::type_name::<R>()
+                        codec::type_name::<R>()
                     ))
                 })
             }

@@ -258,12 +258,14 @@ impl Args for () {
     }
 }
 
+/// Decodes a call's arguments; `types` name the parameters' types, only when they are wrong.
 fn decode_args<T: DeserializeOwned>(
     args: &[u8],
     arity: usize,
-    types: &[&str],
+    types: &[fn() -> String],
 ) -> Result<T, Failure> {
     codec::decode(args).map_err(|e| {
+        let types: Vec<String> = types.iter().map(|name| name()).collect();
         Failure::BadArguments(format!(
             "expected {arity} argument(s) ({}): {e}",
             types.join(", ")
@@ -343,7 +345,7 @@ macro_rules! handlers {
     (@decode $args:ident, $n:literal, ()) => { no_args($args)?; };
     (@decode $args:ident, $n:literal, ($($a:ident),*)) => {
         let ($($a,)*): ($($a,)*) =
-            decode_args($args, $n, &[$(std::any::type_name::<$a>()),*])?;
+            decode_args($args, $n, &[$(codec::type_name::<$a> as fn() -> String),*])?;
     };
     (@args ()) => {};
     (@args ($($a:ident),*)) => {

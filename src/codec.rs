@@ -474,6 +474,69 @@ pub(crate) fn type_name<T: ?Sized>() -> String {
     out
 }
 
+/// Appends the ERROR payload `[code, service, method, message]` (`PROTOCOL.md` 3.2) to `out`,
+/// in at most `max_len` bytes: the message is cut first, then the method, then the service,
+/// each at a character boundary and marked with `…`. Any `max_len` of 5 or more gives a valid
+/// payload (the smallest frame limit a peer may announce, 64, leaves 40 after the header).
+///
+/// Memory: what it appends, and a copy of the cut strings.
+pub(crate) fn encode_error(
+    out: &mut Vec<u8>,
+    code: u8,
+    service: &str,
+    method: &str,
+    message: &str,
+    max_len: usize,
+) {
+    let room = max_len.saturating_sub(1 + cbor_uint_size(code as u64));
+    let (s, m) = (cbor_text_size(service.len()), cbor_text_size(method.len()));
+    let (service, method, message) = if s + m < room {
+        (service.into(), method.into(), fit(message, room - s - m))
+    } else if s + 1 < room {
+        (service.into(), fit(method, room - s - 1), "".into())
+    } else {
+        (fit(service, room.saturating_sub(2)), "".into(), "".into())
+    };
+    let body: (u8, &str, &str, &str) = (code, &service, &method, &message);
+    encode_into(out, &body).expect("integers and strings encode");
+}
+
+/// Size of an unsigned integer's CBOR encoding (also of a length's head).
+fn cbor_uint_size(v: u64) -> usize {
+    match v {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Size of a text string's CBOR encoding.
+fn cbor_text_size(len: usize) -> usize {
+    cbor_uint_size(len as u64) + len
+}
+
+/// `s`, or its longest prefix that, marked with `…`, encodes as a CBOR text string in `budget`
+/// bytes (`""` if not even the mark fits).
+fn fit(s: &str, budget: usize) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = "…";
+    if cbor_text_size(s.len()) <= budget {
+        return s.into();
+    }
+    let mut n = budget.saturating_sub(1 + MARK.len());
+    while n > 0 && cbor_text_size(n + MARK.len()) > budget {
+        n -= 1;
+    }
+    if cbor_text_size(n + MARK.len()) > budget {
+        return "".into();
+    }
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    format!("{}{MARK}", &s[..n]).into()
+}
+
 /// A decoder's message, cut to [`QUOTE_MAX`] around its middle: serde's messages quote a
 /// peer's whole string (`invalid type: string "…", expected u64`), and end in what was wanted.
 fn bounded(e: String) -> String {
@@ -907,5 +970,57 @@ mod tests {
         );
         assert_eq!(type_name::<crate::RemoteObject>(), "RemoteObject");
         assert_eq!(type_name::<dyn Fn(u8) -> String>(), "dyn Fn(u8) -> String");
+    }
+
+    /// Decodes an ERROR payload, checking it is exactly one item.
+    fn error_parts(b: &[u8]) -> (u8, String, String, String) {
+        decode(b).unwrap_or_else(|e| panic!("{e}: {b:02x?}"))
+    }
+
+    #[test]
+    fn encode_error_without_a_limit_is_the_plain_encoding() {
+        let mut out = Vec::new();
+        encode_error(&mut out, 3, "svc", "m", "no such method", usize::MAX);
+        assert_eq!(out, cbor(&(3u8, "svc", "m", "no such method")));
+    }
+
+    #[test]
+    fn encode_error_fits_the_smallest_frame_limit() {
+        let service = "calculator_ünïcode_service";
+        let method = "a_rather_long_method_name_é";
+        let message = "ß".repeat(300);
+        for max_len in 5..400 {
+            let mut out = vec![0xaa]; // appended to what is there
+            encode_error(&mut out, 4, service, method, &message, max_len);
+            assert!(
+                out.len() - 1 <= max_len,
+                "{max_len}: {} bytes",
+                out.len() - 1
+            );
+            let (code, s, m, msg) = error_parts(&out[1..]);
+            assert_eq!(code, 4);
+            let kept = |got: &str, full: &str| {
+                let p = got.strip_suffix('…').unwrap_or(got);
+                assert!(
+                    full.starts_with(p),
+                    "{max_len}: {got:?} is not a prefix of {full:?}"
+                );
+                got == full
+            };
+            let (s_whole, m_whole, msg_whole) =
+                (kept(&s, service), kept(&m, method), kept(&msg, &message));
+            // The message is cut first, then the method, then the service.
+            assert!(!m_whole || s_whole, "{max_len}: method kept, service cut");
+            assert!(!msg_whole || m_whole, "{max_len}: message kept, method cut");
+            if max_len >= 40 + 64 {
+                assert!(s_whole && m_whole, "{max_len}: {s:?} {m:?}");
+            }
+            if max_len == 40 {
+                assert!(
+                    !s.is_empty(),
+                    "the service is named even in the smallest frame"
+                );
+            }
+        }
     }
 }

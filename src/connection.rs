@@ -870,8 +870,16 @@ impl Shared {
         let fail = |kind: RemoteErrorKind, message: String| {
             log::debug!("{}: {service_name}.{method}: {kind}: {message}", self.peer);
             let mut out = OutFrame::new(0);
-            let body = (kind.code(), service_name, method, message);
-            codec::encode_into(out.payload(), &body).expect("strings and integers encode");
+            // TODO(limit): pass the peer's frame limit minus the header as `max_len`, so that a
+            // long message is cut rather than making a frame the peer refuses.
+            codec::encode_error(
+                out.payload(),
+                kind.code(),
+                service_name,
+                method,
+                &message,
+                usize::MAX,
+            );
             let _ = self.write_frame(out.seal(Kind::Error, h.id, 0, 0, ""));
         };
         match outcome {

@@ -698,7 +698,9 @@ impl<'de> Deserialize<'de> for Bytes {
                 Ok(Bytes(v))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Bytes, A::Error> {
-                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 16));
+                // The declared length is only the peer's claim: reserve a little, grow as the
+                // elements arrive.
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
                 while let Some(b) = a.next_element::<u8>()? {
                     v.push(b);
                 }

@@ -38,6 +38,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::fmt;
 
+#[cfg(test)]
+mod properties;
 mod render;
 mod walk;
 

@@ -1,6 +1,17 @@
 //! Payload encoding: the one place that knows payloads are CBOR (serde_cbor).
 //!
-//! Swapping the codec means changing this file and `PROTOCOL.md`, nothing else.
+//! Swapping the codec means changing this module (this file and `codec/`) and `PROTOCOL.md`,
+//! nothing else.
+//!
+//! # Payloads that are only looked at
+//!
+//! Some payloads are never decoded into a type: a payload nobody will decode still has its
+//! object references released ([`object_refs`]), a release list is applied as it is read
+//! ([`decode_releases`]), and an error message quotes what a peer sent ([`describe`]). These
+//! go through a walker (`codec/walk.rs`) that checks the CBOR and allocates nothing, rather than
+//! through a `serde_cbor::Value` tree, which costs hundreds of times the size of a payload of
+//! tiny items. Each costs at most twice the payload (see each function), and an error text
+//! quotes at most [`QUOTE_MAX`] bytes of a peer's data.
 //!
 //! # Detached byte strings
 //!
@@ -17,7 +28,8 @@
 //! hold exactly one byte string, the placeholder is unambiguous. If the data was not taken (the
 //! target was not `Bytes`, or decoding failed; a `Bytes` dropped during decoding gives it back),
 //! the contiguous payload is rebuilt and decoded again, so the outcome, errors included, is
-//! always what decoding the bytes as sent gives.
+//! always what decoding the bytes as sent gives. [`describe`] shows the placeholder as the
+//! detached string itself, without rebuilding anything.
 
 use crate::buffers;
 use crate::error::Error;
@@ -25,6 +37,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::fmt;
+
+#[cfg(test)]
+mod properties;
+mod render;
+mod walk;
 
 /// Appends the CBOR encoding of `value` to `buf`. A large encoding grows `buf` through
 /// [`crate::buffers`], into memory that is already mapped, rather than through fresh
@@ -42,11 +59,14 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
 
 /// Decodes exactly one CBOR item filling `bytes`. A payload [`offer`]ed with a detached byte
 /// string decodes as the contiguous payload would (see the module docs).
+///
+/// An error's text is at most about [`QUOTE_MAX`] bytes, whatever it quotes.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match take_offered(bytes) {
         None => decode_plain(bytes),
         Some(d) => decode_detached(bytes, d),
     }
+    .map_err(bounded)
 }
 
 fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -280,53 +300,260 @@ fn reclaim_tail(v: &mut Vec<u8>) -> bool {
     .unwrap_or(false)
 }
 
-/// Renders any CBOR item for an error message: text as is, anything else in debug form.
-pub(crate) fn describe(bytes: &[u8]) -> String {
-    if let Some(d) = take_offered(bytes) {
-        let whole = contiguous(bytes, &d);
-        put_back(bytes, d);
-        let s = describe(&whole);
-        buffers::give(whole);
-        return s;
-    }
-    match serde_cbor::from_slice::<serde_cbor::Value>(bytes) {
-        Ok(serde_cbor::Value::Text(s)) => s,
-        Ok(v) => format!("{v:?}"),
-        Err(e) => format!("(undecodable error value: {e})"),
+/// Longest quote of a peer's data in an error message, in bytes, before the cut mark `…` and a
+/// short note of the quoted item's size.
+pub(crate) const QUOTE_MAX: usize = 256;
+
+/// Renders one CBOR item for an error message in at most `limit` bytes of text, then the cut
+/// mark `…` and a note of the whole item's size if it did not fit: a text string as is, anything
+/// else in a compact diagnostic notation (`[1, "a", h'0102', {"k": 2.5}, null]`, long byte
+/// strings by their first bytes and length). A malformed item gives a short
+/// `(undecodable: …)` note instead.
+///
+/// Memory is the text it returns (at most `limit` plus about 64 bytes) and a fixed walker; the
+/// walk stops where the limit is reached. A payload [`offer`]ed with a detached byte string is
+/// described as the contiguous payload would be, without rebuilding it.
+pub(crate) fn describe(bytes: &[u8], limit: usize) -> String {
+    match take_offered(bytes) {
+        None => render::describe(bytes, None, limit),
+        Some(d) => {
+            let s = render::describe(bytes, Some(&d.tail), limit);
+            put_back(bytes, d);
+            s
+        }
     }
 }
 
-/// Finds the ids of every object reference (`{key: id}`) in a payload nobody will decode.
-pub(crate) fn object_refs(payload: &[u8], key: &str) -> Vec<u64> {
-    use serde_cbor::Value;
-    fn walk(v: &Value, key: &str, out: &mut Vec<u64>) {
-        match v {
-            Value::Map(m) => {
-                if m.len() == 1 {
-                    if let Some((Value::Text(k), Value::Integer(id))) = m.iter().next() {
-                        if k == key && *id > 0 {
-                            out.push(*id as u64);
-                            return;
-                        }
-                    }
-                }
-                for (k, v) in m {
-                    walk(k, key, out);
-                    walk(v, key, out);
-                }
-            }
-            Value::Array(a) => a.iter().for_each(|v| walk(v, key, out)),
-            Value::Tag(_, v) => walk(v, key, out),
-            _ => {}
-        }
+/// Every object reference in a payload nobody will decode: each map of exactly one pair whose
+/// key is the text `key` and whose value is an unsigned integer above 0, found anywhere (in
+/// arrays, map keys and values, tags), as `(id, occurrences)` sorted by id. A malformed
+/// payload gives the references found before the malformed part.
+///
+/// Memory is the result only: 16 bytes per occurrence while counting (each takes at least 12
+/// payload bytes), trimmed to 16 bytes per distinct id when that halves it; no value tree.
+/// A payload that does not contain the bytes of `key` costs one scan.
+pub(crate) fn object_refs(payload: &[u8], key: &str) -> Vec<(u64, u64)> {
+    let key = key.as_bytes();
+    if key.is_empty() || !payload.windows(key.len()).any(|w| w == key) {
+        return Vec::new();
     }
-    let mut out = Vec::new();
-    if payload.windows(key.len()).any(|w| w == key.as_bytes()) {
-        if let Ok(v) = serde_cbor::from_slice::<Value>(payload) {
-            walk(&v, key, &mut out);
+    // Count first, so the vector is allocated once, at its final size.
+    let mut out = Vec::with_capacity(scan_refs(payload, key, |_| {}));
+    scan_refs(payload, key, |id| out.push((id, 1)));
+    out.sort_unstable_by_key(|&(id, _)| id);
+    out.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
         }
+        same
+    });
+    if out.len() < out.capacity() / 2 {
+        out.shrink_to_fit();
     }
     out
+}
+
+/// Walks `payload`, calling `found` with each object reference's id; returns how many.
+fn scan_refs(payload: &[u8], key: &[u8], mut found: impl FnMut(u64)) -> usize {
+    let mut w = walk::Walker::new(payload);
+    let mut n = 0;
+    loop {
+        if let Some(id) = w.object_ref(key) {
+            found(id);
+            n += 1;
+        } else if !matches!(w.next(), Ok(Some(_))) {
+            return n;
+        }
+    }
+}
+
+/// Most `[id, count]` pairs [`decode_releases`] hands over at once.
+pub(crate) const RELEASE_CHUNK: usize = 1024;
+
+/// Reads a RELEASE payload, `[[id, count], ...]` (definite or indefinite arrays, accepted
+/// exactly when decoding it as a `Vec<(u64, u64)>` would succeed), and calls `apply` with its
+/// pairs in order, in chunks of at most [`RELEASE_CHUNK`]. A malformed payload applies nothing
+/// and gives the reason.
+///
+/// Memory is one chunk (16 KiB at most, less for a short payload), whatever the payload's
+/// length: it is walked twice, once to check it and once to apply it.
+pub(crate) fn decode_releases(
+    payload: &[u8],
+    mut apply: impl FnMut(&[(u64, u64)]),
+) -> Result<(), String> {
+    walk_releases(payload, |_| {})?;
+    // A pair takes at least 3 bytes.
+    let mut chunk = Vec::with_capacity(RELEASE_CHUNK.min(payload.len() / 3 + 1));
+    walk_releases(payload, |pair| {
+        chunk.push(pair);
+        if chunk.len() == RELEASE_CHUNK {
+            apply(&chunk);
+            chunk.clear();
+        }
+    })?;
+    if !chunk.is_empty() {
+        apply(&chunk);
+    }
+    Ok(())
+}
+
+/// Walks a RELEASE payload, calling `pair` with each pair; see [`decode_releases`].
+fn walk_releases(payload: &[u8], mut pair: impl FnMut((u64, u64))) -> Result<(), String> {
+    use walk::Item;
+    let mut w = walk::Walker::new(payload);
+    // The next item that is not a tag (serde_cbor reads through tags), and how many tags it
+    // is inside.
+    fn untagged<'a>(w: &mut walk::Walker<'a>) -> Result<(Item<'a>, usize), String> {
+        let mut tags = 0;
+        loop {
+            match w.next() {
+                Ok(Some(Item::Tag(_))) => tags += 1,
+                Ok(Some(item)) => return Ok((item, tags)),
+                Ok(None) => return Err("unexpected end".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    fn close(w: &mut walk::Walker<'_>, n: usize, what: &str) -> Result<(), String> {
+        for _ in 0..n {
+            match w.next() {
+                Ok(Some(Item::End)) => {}
+                Ok(_) => return Err(format!("{what} has more items than expected")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+    fn uint(w: &mut walk::Walker<'_>) -> Result<u64, String> {
+        match untagged(w)? {
+            (Item::Uint(v), tags) => close(w, tags, "a tag").map(|()| v),
+            _ => Err("an object id or count is not an unsigned integer".into()),
+        }
+    }
+    let (outer_tags, what) = match untagged(&mut w)? {
+        (Item::Array(_), tags) => (tags, "the release list"),
+        _ => return Err("a release message is not an array of [id, count] pairs".into()),
+    };
+    loop {
+        let tags = match untagged(&mut w)? {
+            (Item::End, _) => break,
+            (Item::Array(Some(2) | None), tags) => tags,
+            _ => return Err("a release entry is not an [id, count] pair".into()),
+        };
+        let p = (uint(&mut w)?, uint(&mut w)?);
+        close(&mut w, 1 + tags, "a release entry")?;
+        pair(p);
+    }
+    close(&mut w, outer_tags, what)?;
+    match w.next() {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err("unexpected items after the release list".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`std::any::type_name`] without module paths, as a user would write the type:
+/// `Vec<String>`, `Option<(i64, String)>`, `HashMap<u32, f64>`, `Bytes`.
+pub(crate) fn type_name<T: ?Sized>() -> String {
+    let full = std::any::type_name::<T>();
+    let mut out = String::with_capacity(full.len());
+    // Where the identifier being copied starts in `out`: a `::` after it drops it.
+    let mut ident_at = 0;
+    let mut rest = full;
+    while let Some(c) = rest.chars().next() {
+        if rest.starts_with("::") && out.len() > ident_at {
+            out.truncate(ident_at);
+            rest = &rest[2..];
+            continue;
+        }
+        out.push(c);
+        if !(c.is_alphanumeric() || c == '_') {
+            ident_at = out.len();
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Appends the ERROR payload `[code, service, method, message]` (`PROTOCOL.md` 3.2) to `out`,
+/// in at most `max_len` bytes: the message is cut first, then the method, then the service,
+/// each at a character boundary and marked with `…`. Any `max_len` of 5 or more gives a valid
+/// payload (the smallest frame limit a peer may announce, 64, leaves 40 after the header).
+///
+/// Memory: what it appends, and a copy of the cut strings.
+pub(crate) fn encode_error(
+    out: &mut Vec<u8>,
+    code: u8,
+    service: &str,
+    method: &str,
+    message: &str,
+    max_len: usize,
+) {
+    let room = max_len.saturating_sub(1 + cbor_uint_size(code as u64));
+    let (s, m) = (cbor_text_size(service.len()), cbor_text_size(method.len()));
+    let (service, method, message) = if s + m < room {
+        (service.into(), method.into(), fit(message, room - s - m))
+    } else if s + 1 < room {
+        (service.into(), fit(method, room - s - 1), "".into())
+    } else {
+        (fit(service, room.saturating_sub(2)), "".into(), "".into())
+    };
+    let body: (u8, &str, &str, &str) = (code, &service, &method, &message);
+    encode_into(out, &body).expect("integers and strings encode");
+}
+
+/// Size of an unsigned integer's CBOR encoding (also of a length's head).
+fn cbor_uint_size(v: u64) -> usize {
+    match v {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Size of a text string's CBOR encoding.
+fn cbor_text_size(len: usize) -> usize {
+    cbor_uint_size(len as u64) + len
+}
+
+/// `s`, or its longest prefix that, marked with `…`, encodes as a CBOR text string in `budget`
+/// bytes (`""` if not even the mark fits).
+fn fit(s: &str, budget: usize) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = "…";
+    if cbor_text_size(s.len()) <= budget {
+        return s.into();
+    }
+    let mut n = budget.saturating_sub(1 + MARK.len());
+    while n > 0 && cbor_text_size(n + MARK.len()) > budget {
+        n -= 1;
+    }
+    if cbor_text_size(n + MARK.len()) > budget {
+        return "".into();
+    }
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    format!("{}{MARK}", &s[..n]).into()
+}
+
+/// A decoder's message, cut to [`QUOTE_MAX`] around its middle: serde's messages quote a
+/// peer's whole string (`invalid type: string "…", expected u64`), and end in what was wanted.
+fn bounded(e: String) -> String {
+    if e.len() <= QUOTE_MAX {
+        return e;
+    }
+    let mut head = QUOTE_MAX * 3 / 4;
+    while !e.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = e.len() - QUOTE_MAX / 4;
+    while !e.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}…{}", &e[..head], &e[tail..])
 }
 
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
@@ -473,7 +700,9 @@ impl<'de> Deserialize<'de> for Bytes {
                 Ok(Bytes(v))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Bytes, A::Error> {
-                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 16));
+                // The declared length is only the peer's claim: reserve a little, grow as the
+                // elements arrive.
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
                 while let Some(b) = a.next_element::<u8>()? {
                     v.push(b);
                 }
@@ -481,5 +710,321 @@ impl<'de> Deserialize<'de> for Bytes {
             }
         }
         d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_alloc::peak_during;
+
+    const KEY: &str = "$rpyc-obj";
+
+    /// Serializes as a reference to object `id` does on the wire.
+    #[derive(Serialize)]
+    struct Ref {
+        #[serde(rename = "$rpyc-obj")]
+        id: u64,
+    }
+
+    fn cbor<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_into(&mut out, v).unwrap();
+        out
+    }
+
+    #[test]
+    fn object_refs_finds_references_in_nested_maps_arrays_and_tags() {
+        let mut keyed = std::collections::BTreeMap::new();
+        keyed.insert("a", vec![Ref { id: 7 }, Ref { id: 3 }]);
+        let payload = cbor(&(
+            Ref { id: 3 },
+            vec![Some(Ref { id: 7 }), None],
+            keyed,
+            "text",
+        ));
+        assert_eq!(object_refs(&payload, KEY), vec![(3, 2), (7, 2)]);
+
+        // As a map key, inside a tag, in an indefinite map, and a reference inside a map that
+        // is not one.
+        let mut b = vec![0x84, 0xa1];
+        b.extend_from_slice(&cbor(&Ref { id: 9 }));
+        b.push(0x00);
+        b.push(0xd8);
+        b.push(0x2a);
+        b.extend_from_slice(&cbor(&Ref { id: 9 }));
+        b.extend_from_slice(&[0xbf, 0x69]);
+        b.extend_from_slice(KEY.as_bytes());
+        b.extend_from_slice(&[0x1b, 0, 0, 0, 1, 0, 0, 0, 0, 0xff]);
+        b.extend_from_slice(&[0xa1, 0x69]);
+        b.extend_from_slice(KEY.as_bytes());
+        b.extend_from_slice(&cbor(&Ref { id: 5 }));
+        assert_eq!(
+            object_refs(&b, KEY),
+            vec![(5, 1), (9, 2), (1 << 32, 1)],
+            "{b:02x?}"
+        );
+    }
+
+    #[test]
+    fn object_refs_ignores_maps_that_only_look_like_references() {
+        let near_misses = [
+            cbor(&(KEY, 5u64)),
+            cbor(
+                &[(KEY, 0u64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, -1i64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, "5")]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+            cbor(
+                &[(KEY, 5u64), ("b", 1)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+            cbor(
+                &[("$rpyc-obX", 5u64)]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
+        ];
+        for b in &near_misses {
+            assert_eq!(object_refs(b, KEY), vec![], "{b:02x?}");
+        }
+    }
+
+    #[test]
+    fn object_refs_of_a_malformed_payload_are_those_before_the_malformed_part() {
+        let mut b = cbor(&(Ref { id: 1 }, Ref { id: 2 }, Ref { id: 3 }));
+        b[0] = 0x84; // a fourth item that is missing
+        assert_eq!(object_refs(&b, KEY), vec![(1, 1), (2, 1), (3, 1)]);
+        let cut = b.len() - 3;
+        assert_eq!(object_refs(&b[..cut], KEY), vec![(1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn object_refs_of_a_payload_without_the_key_allocates_nothing() {
+        let b = cbor(&vec![0u8; 1 << 20]);
+        let (refs, peak) = peak_during(|| object_refs(&b, KEY));
+        assert!(refs.is_empty());
+        assert_eq!(peak, 0);
+    }
+
+    #[test]
+    fn describe_renders_text_as_is_and_other_items_in_diagnostic_notation() {
+        let k: std::collections::BTreeMap<_, _> = [("k", 2.5)].into_iter().collect();
+        let v = (1, "a", Bytes::from(vec![1u8, 2]), k, None::<u8>);
+        assert_eq!(
+            describe(&cbor(&v), 100),
+            r#"[1, "a", h'0102', {"k": 2.5}, null]"#
+        );
+        assert_eq!(describe(&cbor("division by zero"), 100), "division by zero");
+        assert_eq!(describe(&cbor("tab\there"), 100), "tab\there");
+        assert_eq!(describe(&cbor(&["tab\t\"q\""]), 100), r#"["tab\t\"q\""]"#);
+        assert_eq!(
+            describe(&cbor(&(-1, i64::MIN, u64::MAX, true, ())), 100),
+            "[-1, -9223372036854775808, 18446744073709551615, true, null]"
+        );
+        assert_eq!(
+            describe(&cbor(&Bytes::from(vec![7u8; 1 << 20])), 100),
+            "h'0707070707070707…' (1048576 bytes)"
+        );
+        #[rustfmt::skip]
+        let b = [
+            0x88, 0xc1, 0x1a, 0x51, 0x4b, 0x67, 0xb0, 0x9f, 0x01, 0xff, 0xbf, 0x01, 0x02, 0xff,
+            0x5f, 0x41, 0x01, 0x40, 0xff, 0xf9, 0x7e, 0x00, 0xf9, 0xfc, 0x00, 0xf7, 0xf8, 0x63,
+        ];
+        assert_eq!(
+            describe(&b, 200),
+            "[1(1363896240), [_ 1], {_ 1: 2}, (_ h'01', h''), NaN, -Infinity, undefined, \
+             simple(99)]"
+        );
+        // A top-level indefinite-length text is shown as is too; bytes that are not UTF-8 as
+        // U+FFFD.
+        assert_eq!(
+            describe(&[0x7f, 0x62, b'a', b'b', 0x61, b'c', 0xff], 10),
+            "abc"
+        );
+        assert_eq!(
+            describe(&[0x82, 0x61, 0xff, 0x61, b'x'], 20),
+            "[\"\u{fffd}\", \"x\"]"
+        );
+    }
+
+    #[test]
+    fn describe_stops_at_its_limit() {
+        let zeros = cbor(&vec![0u8; 1 << 20]);
+        let (s, peak) = peak_during(|| describe(&zeros, 20));
+        assert_eq!(s, "[0, 0, 0, 0, 0, 0, 0… (a 1048576-item array)");
+        assert!(peak < 200, "{peak}");
+        let text = cbor(&"é".repeat(1 << 20));
+        let (s, peak) = peak_during(|| describe(&text, 5));
+        assert_eq!(s, "éé… (2097152 bytes of text)");
+        assert!(peak < 200, "{peak}");
+        // Within the limit, nothing is cut.
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 9), "[1, 2, 3]");
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 8), "[1, 2, 3… (a 3-item array)");
+        assert_eq!(describe(&cbor(&[1, 2, 3]), 0), "… (a 3-item array)");
+    }
+
+    #[test]
+    fn describe_notes_undecodable_items_briefly() {
+        assert_eq!(
+            describe(&[0x82, 0x01], 100),
+            "(undecodable: unexpected end at byte 2)"
+        );
+        assert_eq!(
+            describe(&[0x01, 0x02], 100),
+            "(undecodable: bytes after the item at byte 1)"
+        );
+        let deep = [vec![0x81; 10_000], vec![0x00]].concat();
+        assert_eq!(
+            describe(&deep, 1000),
+            "(undecodable: nesting deeper than 128 levels at byte 127)"
+        );
+        // Unless the limit is reached first: the walk stops there.
+        assert_eq!(describe(&deep, 3), "[[[… (a 1-item array)");
+    }
+
+    #[test]
+    fn decode_errors_quote_a_bounded_prefix() {
+        let long = "x".repeat(1 << 20);
+        let e = decode::<u64>(&cbor(&long)).unwrap_err();
+        assert!(e.len() <= QUOTE_MAX + "…".len(), "{}", e.len());
+        assert!(e.starts_with("invalid type: string \"xxx"), "{e}");
+        assert!(e.contains('…') && e.contains("expected u64"), "{e}");
+        // Short messages are untouched.
+        assert_eq!(
+            decode::<u64>(&cbor("x")).unwrap_err(),
+            "invalid type: string \"x\", expected u64"
+        );
+    }
+
+    #[test]
+    fn releases_are_applied_in_bounded_chunks() {
+        let pairs: Vec<(u64, u64)> = (1..=5000).map(|i| (i, i % 7 + 1)).collect();
+        let mut chunks = Vec::new();
+        let mut got = Vec::new();
+        let payload = cbor(&pairs);
+        let (r, peak) = peak_during(|| {
+            decode_releases(&payload, |c| {
+                chunks.push(c.len());
+                got.extend_from_slice(c);
+            })
+        });
+        r.unwrap();
+        assert_eq!(chunks, vec![1024, 1024, 1024, 1024, 904]);
+        assert!(got == pairs);
+        // The chunk, and what the test itself collected.
+        let collected = chunks.capacity() * 8 + got.capacity() * 16 * 2;
+        assert!(peak <= RELEASE_CHUNK * 16 + collected, "{peak}");
+
+        // Indefinite lengths and tags are read as serde_cbor reads them; anything else applies
+        // nothing.
+        #[rustfmt::skip]
+        let cases: [&[u8]; 12] = [
+            &[0x80],
+            &[0x9f, 0x82, 0x01, 0x02, 0x9f, 0x03, 0x04, 0xff, 0xff],
+            &[0xc1, 0x81, 0xc2, 0x82, 0xc3, 0x01, 0x1a, 0, 1, 0, 0],
+            &[0x81, 0x82, 0x01, 0x20],
+            &[0x81, 0x83, 0x01, 0x02, 0x03],
+            &[0x81, 0x9f, 0x01, 0x02, 0x03, 0xff],
+            &[0x81, 0x81, 0x01],
+            &[0x82, 0x82, 0x01, 0x02],
+            &[0x81, 0x82, 0x01, 0x02, 0x00],
+            &[0xa1, 0x01, 0x02],
+            &[0xf6],
+            &[0x81, 0xa1, 0x01, 0x02],
+        ];
+        for b in cases {
+            let mut got = Vec::new();
+            let r = decode_releases(b, |c| got.extend_from_slice(c));
+            match decode::<Vec<(u64, u64)>>(b) {
+                Ok(want) => assert_eq!((r, got), (Ok(()), want), "{b:02x?}"),
+                Err(e) => {
+                    assert!(r.is_err(), "{b:02x?} was accepted; serde_cbor says {e}");
+                    assert!(got.is_empty(), "{b:02x?}: applied {got:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn type_names_read_as_written() {
+        assert_eq!(type_name::<String>(), "String");
+        assert_eq!(type_name::<Vec<String>>(), "Vec<String>");
+        assert_eq!(
+            type_name::<Option<(i64, String)>>(),
+            "Option<(i64, String)>"
+        );
+        assert_eq!(type_name::<Bytes>(), "Bytes");
+        assert_eq!(type_name::<&str>(), "&str");
+        assert_eq!(type_name::<[u8; 4]>(), "[u8; 4]");
+        assert_eq!(
+            type_name::<std::collections::HashMap<u32, f64>>(),
+            "HashMap<u32, f64>"
+        );
+        assert_eq!(type_name::<crate::RemoteObject>(), "RemoteObject");
+        assert_eq!(type_name::<dyn Fn(u8) -> String>(), "dyn Fn(u8) -> String");
+    }
+
+    /// Decodes an ERROR payload, checking it is exactly one item.
+    fn error_parts(b: &[u8]) -> (u8, String, String, String) {
+        decode(b).unwrap_or_else(|e| panic!("{e}: {b:02x?}"))
+    }
+
+    #[test]
+    fn encode_error_without_a_limit_is_the_plain_encoding() {
+        let mut out = Vec::new();
+        encode_error(&mut out, 3, "svc", "m", "no such method", usize::MAX);
+        assert_eq!(out, cbor(&(3u8, "svc", "m", "no such method")));
+    }
+
+    #[test]
+    fn encode_error_fits_the_smallest_frame_limit() {
+        let service = "calculator_ünïcode_service";
+        let method = "a_rather_long_method_name_é";
+        let message = "ß".repeat(300);
+        for max_len in 5..400 {
+            let mut out = vec![0xaa]; // appended to what is there
+            encode_error(&mut out, 4, service, method, &message, max_len);
+            assert!(
+                out.len() - 1 <= max_len,
+                "{max_len}: {} bytes",
+                out.len() - 1
+            );
+            let (code, s, m, msg) = error_parts(&out[1..]);
+            assert_eq!(code, 4);
+            let kept = |got: &str, full: &str| {
+                let p = got.strip_suffix('…').unwrap_or(got);
+                assert!(
+                    full.starts_with(p),
+                    "{max_len}: {got:?} is not a prefix of {full:?}"
+                );
+                got == full
+            };
+            let (s_whole, m_whole, msg_whole) =
+                (kept(&s, service), kept(&m, method), kept(&msg, &message));
+            // The message is cut first, then the method, then the service.
+            assert!(!m_whole || s_whole, "{max_len}: method kept, service cut");
+            assert!(!msg_whole || m_whole, "{max_len}: message kept, method cut");
+            if max_len >= 40 + 64 {
+                assert!(s_whole && m_whole, "{max_len}: {s:?} {m:?}");
+            }
+            if max_len == 40 {
+                assert!(
+                    !s.is_empty(),
+                    "the service is named even in the smallest frame"
+                );
+            }
+        }
     }
 }

@@ -925,7 +925,7 @@ impl Shared {
                     object::release_unread_except(self, frame.payload(), imported);
                     Error::Decode(format!(
                         "the result of `{method}` is not a {}: {e}",
-                        std::any::type_name::<R>()
+                        codec::type_name::<R>()
                     ))
                 })
             }
@@ -1012,13 +1012,15 @@ impl Shared {
                 out.payload().push(0xf6);
                 self.send_reply(out, Kind::Reply, h.id);
             }
-            Kind::Release => match codec::decode::<Vec<(u64, u64)>>(frame.payload()) {
-                Ok(list) => {
-                    let dropped = lock(&self.objects).release(&list);
+            Kind::Release => {
+                let applied = codec::decode_releases(frame.payload(), |chunk| {
+                    let dropped = lock(&self.objects).release(chunk);
                     drop(dropped); // user Drop code runs here, outside the lock
+                });
+                if let Err(e) = applied {
+                    log::warn!("{}: ignoring a malformed release message: {e}", self.peer);
                 }
-                Err(e) => log::warn!("{}: ignoring a malformed release message: {e}", self.peer),
-            },
+            }
             Kind::Call | Kind::Oneway => self.serve_call(&mut frame),
             Kind::Reply | Kind::Error => object::release_unread(self, frame.payload()),
         }
@@ -1105,8 +1107,17 @@ impl Shared {
         let fail = |kind: RemoteErrorKind, message: String| {
             log::debug!("{}: {service_name}.{method}: {kind}: {message}", self.peer);
             let mut out = OutFrame::new(0);
-            let body = (kind.code(), service_name, method, message);
-            codec::encode_into(out.payload(), &body).expect("strings and integers encode");
+            // The peer refuses frames over its limit: the message is cut to fit (the header
+            // of a reply takes at most 14 bytes: a 5-array, kind, a 9-byte id, 0, 0, "").
+            let max_len = (self.peer_hello.max_frame as usize).saturating_sub(14);
+            codec::encode_error(
+                out.payload(),
+                kind.code(),
+                service_name,
+                method,
+                &message,
+                max_len,
+            );
             self.send_reply(out, Kind::Error, h.id);
         };
         match outcome {

@@ -84,6 +84,8 @@ mod service;
 mod ssh;
 #[cfg(unix)]
 mod sys;
+#[cfg(test)]
+mod test_alloc;
 mod threads;
 mod tls;
 mod transport;

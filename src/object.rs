@@ -88,8 +88,8 @@ fn current() -> Option<Arc<Shared>> {
 /// Releases the object references in a payload that will never be decoded (a call to an
 /// unknown method or object, a late or abandoned reply), so their owner can drop them.
 pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
-    for id in crate::codec::object_refs(payload, OBJ_KEY) {
-        shared.queue_release(id, 1);
+    for (id, count) in crate::codec::object_refs(payload, OBJ_KEY) {
+        shared.queue_release(id, count);
     }
 }
 
@@ -124,12 +124,12 @@ impl Drop for ImportLog {
 /// Releases the object references in a payload whose decode failed, except those the decode
 /// turned into handles (`imported`): those handles were dropped and released themselves.
 pub(crate) fn release_unread_except(shared: &Arc<Shared>, payload: &[u8], mut imported: Vec<u64>) {
-    for id in crate::codec::object_refs(payload, OBJ_KEY) {
-        match imported.iter().position(|&i| i == id) {
-            Some(at) => {
-                imported.swap_remove(at);
-            }
-            None => shared.queue_release(id, 1),
+    imported.sort_unstable();
+    for (id, count) in crate::codec::object_refs(payload, OBJ_KEY) {
+        let from = imported.partition_point(|&i| i < id);
+        let handled = imported[from..].iter().take_while(|&&i| i == id).count() as u64;
+        if count > handled {
+            shared.queue_release(id, count - handled);
         }
     }
 }

@@ -258,12 +258,14 @@ impl Args for () {
     }
 }
 
+/// Decodes a call's arguments; `types` name the parameters' types, only when they are wrong.
 fn decode_args<T: DeserializeOwned>(
     args: &[u8],
     arity: usize,
-    types: &[&str],
+    types: &[fn() -> String],
 ) -> Result<T, Failure> {
     codec::decode(args).map_err(|e| {
+        let types: Vec<String> = types.iter().map(|name| name()).collect();
         Failure::BadArguments(format!(
             "expected {arity} argument(s) ({}): {e}",
             types.join(", ")
@@ -276,10 +278,14 @@ fn no_args(args: &[u8]) -> Result<(), Failure> {
         [0x80] | [0xf6] => Ok(()),
         _ => Err(Failure::BadArguments(format!(
             "expected no arguments, got {}",
-            codec::describe(args)
+            codec::describe(args, codec::QUOTE_MAX)
         ))),
     }
 }
+
+/// Longest text sent for a handler's `Err(e)`: generous, as `e` is the service's own text, but
+/// finite, as `e` may quote anything.
+const HANDLER_ERROR_MAX: usize = 64 * 1024;
 
 /// The CBOR heads serde_cbor writes for `Result::Ok(_)` and `Result::Err(_)`: a one-entry map
 /// keyed by the variant name.
@@ -299,6 +305,7 @@ pub(crate) fn encode_result<R: Serialize>(r: &R, out: &mut Vec<u8>) -> Outcome {
         if encoded.starts_with(ERR_HEAD) {
             return Err(Failure::Handler(codec::describe(
                 &encoded[ERR_HEAD.len()..],
+                HANDLER_ERROR_MAX,
             )));
         }
     }
@@ -338,7 +345,7 @@ macro_rules! handlers {
     (@decode $args:ident, $n:literal, ()) => { no_args($args)?; };
     (@decode $args:ident, $n:literal, ($($a:ident),*)) => {
         let ($($a,)*): ($($a,)*) =
-            decode_args($args, $n, &[$(std::any::type_name::<$a>()),*])?;
+            decode_args($args, $n, &[$(codec::type_name::<$a> as fn() -> String),*])?;
     };
     (@args ()) => {};
     (@args ($($a:ident),*)) => {

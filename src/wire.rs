@@ -1166,7 +1166,16 @@ mod tests {
             let mut frame = read();
             let d = frame.detached.take();
             let _offered = crate::codec::offer(frame.payload(), d);
-            assert!(crate::codec::describe(frame.payload()) == crate::codec::describe(&payload));
+            for limit in [8, crate::codec::QUOTE_MAX, 1 << 20] {
+                let (detached, peak) = crate::test_alloc::peak_during(|| {
+                    crate::codec::describe(frame.payload(), limit)
+                });
+                assert_eq!(detached, crate::codec::describe(&payload, limit));
+                assert!(
+                    peak < 1024,
+                    "the payload was rebuilt to describe it: {peak} bytes"
+                );
+            }
         }
     }
 

@@ -520,6 +520,44 @@ fn deeply_nested_arguments_get_an_error_reply_without_overflowing_the_stack() {
 }
 
 #[test]
+fn large_bad_arguments_get_error_replies_that_quote_only_a_prefix() {
+    let (handle, port) = server();
+    let mut s = raw_client(port);
+    // Many tiny items for a method without parameters.
+    let mut zeros = Vec::new();
+    cbor_head(&mut zeros, 4, 500_000);
+    zeros.resize(zeros.len() + 500_000, 0x00);
+    // Long strings where integers are expected.
+    let mut strings = vec![0x82];
+    for _ in 0..2 {
+        cbor_head(&mut strings, 3, 300_000);
+        strings.resize(strings.len() + 300_000, b'x');
+    }
+    for (id, method, payload, says) in [
+        (1, "nothing", &zeros, "expected no arguments, got [0, 0, 0"),
+        (2, "add", &strings, "expected i64"),
+    ] {
+        s.write_all(&frame(CALL, id, 0, 0, method, payload))
+            .unwrap();
+        let (kind, got_id, reply) = read_frame(&mut s);
+        assert_eq!((kind, got_id), (ERROR, id));
+        let text = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.len() < 1024,
+            "{method}: {} bytes: {text}",
+            reply.len()
+        );
+        assert!(text.contains(says), "{method}: {text}");
+    }
+    s.write_all(&add_call(3)).unwrap();
+    assert_eq!(read_frame(&mut s), (REPLY, 3, vec![0x03]));
+    drop(s);
+    still_serves(port);
+    wait_for_no_connections(&handle);
+    handle.close();
+}
+
+#[test]
 fn reply_to_a_request_never_sent_is_a_protocol_violation() {
     let (handle, port) = server();
     hostile(

@@ -194,11 +194,18 @@ impl Drop for RawPipe {
 // ---------------------------------------------------------------------------------------------
 // rpyc.
 
+/// Connection settings of both sides: a 64 MiB payload is just over the default frame limit
+/// (64 MiB for the whole frame), so the echo cases raise it.
+fn options() -> rpyc::Options {
+    rpyc::Options::new().max_frame_size(80 * MIB)
+}
+
 fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
     let service = Service::new("bench").method("echo", |b: Bytes| b);
     let server = ThreadedServer::new(service)
         .hostname(HOST)
         .port(0)
+        .options(options())
         .build()?;
     let port = server.port();
     Ok((port, server.spawn()?))
@@ -408,7 +415,7 @@ fn main() -> Res<()> {
         rows.push(row);
     };
 
-    let conn = rpyc::connect(HOST, rpyc_port)?;
+    let conn = options().connect(HOST, rpyc_port)?;
     let mut raw = RawConn::connect(raw_port)?;
 
     // tcp.call.16B: sequential round trips.
@@ -722,9 +729,9 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
     }
     let d = sshd::Sshd::start(sshd::SshdConfig::default());
     let (_fwd, fwd_port) = ssh_dash_l(&d, port)?;
-    let via_ssh_l = rpyc::connect(HOST, fwd_port)?;
-    let via_tunnel = rpyc::ssh_connect(&d.context(), port)?;
-    let direct = rpyc::connect(HOST, port)?;
+    let via_ssh_l = options().connect(HOST, fwd_port)?;
+    let via_tunnel = rpyc::ssh_connect_with(&d.context(), port, &options())?;
+    let direct = options().connect(HOST, port)?;
     let mut rows = Vec::new();
     let show_direct = |unit: Unit, s: &Stats| {
         let r = Row {

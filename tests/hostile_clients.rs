@@ -377,7 +377,9 @@ fn child_server() {
     let service = Service::new("target")
         .method("nothing", || ())
         .method("block", || std::thread::sleep(Duration::from_secs(3600)))
-        .method("sleep_ms", |ms: u64| std::thread::sleep(Duration::from_millis(ms)))
+        .method("sleep_ms", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms))
+        })
         .method("echo", |b: Bytes| b)
         .method("call_back", |cb: rpyc::RemoteObject| cb.invoke::<(), _>(()));
     let mut options = Options::new();
@@ -624,7 +626,9 @@ fn quick_server(builder: impl FnOnce(rpyc::ServerBuilder) -> rpyc::ServerBuilder
     let service = Service::new("s")
         .method("nothing", || ())
         .method("make", |n: usize| Bytes::from(vec![7u8; n]))
-        .method("wait_ms", |ms: u64| std::thread::sleep(Duration::from_millis(ms)));
+        .method("wait_ms", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms))
+        });
     let handle = builder(ThreadedServer::new(service))
         .build()
         .unwrap()
@@ -673,7 +677,9 @@ fn silent_connections_give_their_slots_to_new_clients_once_idle_long_enough() {
         .connections()
         == 4));
     // Before they have been idle that long, a newcomer is refused, clearly.
-    let err = rpyc::connect("127.0.0.1", server.port).unwrap_err().to_string();
+    let err = rpyc::connect("127.0.0.1", server.port)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("refused") && err.contains("limit"), "{err}");
     // Afterwards, it gets the slot of the one idle longest, which is told why.
     std::thread::sleep(idle.saturating_sub(started.elapsed()) + idle / 4);
@@ -705,9 +711,15 @@ fn clients_stuck_in_their_handshake_cannot_take_every_slot() {
         == 4));
     // ... so a fifth is refused at once, saying why, rather than left waiting ...
     let start = Instant::now();
-    let err = rpyc::connect("127.0.0.1", server.port).unwrap_err().to_string();
+    let err = rpyc::connect("127.0.0.1", server.port)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("refused"), "{err}");
-    assert!(start.elapsed() < t / 2, "the refusal took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < t / 2,
+        "the refusal took {:?}",
+        start.elapsed()
+    );
     // ... and gets in once their handshake timeout has dropped them.
     std::thread::sleep(t);
     assert!(common::wait_until(t, || server.handle.connections() == 0));
@@ -794,10 +806,20 @@ fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() 
     let server = quick_server(|b| b.options(Options::new().call_timeout(stall)));
     let mut s = raw::client(server.port);
     // Asks for 32 MiB and never reads it: the server's write fills the socket and stalls.
-    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "make", &[0x81, 0x1a, 0x02, 0, 0, 0]))
-        .unwrap();
+    s.write_all(&raw::frame(
+        raw::CALL,
+        1,
+        0,
+        0,
+        "make",
+        &[0x81, 0x1a, 0x02, 0, 0, 0],
+    ))
+    .unwrap();
     let start = Instant::now();
-    assert!(common::wait_until(stall * 5, || server.handle.connections() == 0));
+    assert!(common::wait_until(stall * 5, || server
+        .handle
+        .connections()
+        == 0));
     let took = start.elapsed();
     assert!(
         took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
@@ -813,15 +835,28 @@ fn a_unix_socket_client_that_stops_reading_is_dropped_at_the_stall_timeout() {
     let dir = std::env::temp_dir().join(format!("rpyc-stall-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("s.sock");
-    let server = quick_server(|b| b.unix_path(&path).options(Options::new().call_timeout(stall)));
+    let server = quick_server(|b| {
+        b.unix_path(&path)
+            .options(Options::new().call_timeout(stall))
+    });
     let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
     s.write_all(&raw::hello()).unwrap();
     let mut theirs = [0u8; 16];
     s.read_exact(&mut theirs).unwrap();
-    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "make", &[0x81, 0x1a, 0x02, 0, 0, 0]))
-        .unwrap();
+    s.write_all(&raw::frame(
+        raw::CALL,
+        1,
+        0,
+        0,
+        "make",
+        &[0x81, 0x1a, 0x02, 0, 0, 0],
+    ))
+    .unwrap();
     let start = Instant::now();
-    assert!(common::wait_until(stall * 5, || server.handle.connections() == 0));
+    assert!(common::wait_until(stall * 5, || server
+        .handle
+        .connections()
+        == 0));
     let took = start.elapsed();
     assert!(
         took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
@@ -835,7 +870,10 @@ fn a_unix_socket_client_that_stops_reading_is_dropped_at_the_stall_timeout() {
 fn closing_with_a_short_grace_does_not_wait_for_stuck_handlers() {
     let server = quick_server(|b| b);
     let conn = rpyc::connect("127.0.0.1", server.port).unwrap();
-    let _stuck = conn.root().call_async::<(), _>("wait_ms", (5_000u64,)).unwrap();
+    let _stuck = conn
+        .root()
+        .call_async::<(), _>("wait_ms", (5_000u64,))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let grace = Duration::from_millis(300);
     let start = Instant::now();

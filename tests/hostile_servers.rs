@@ -370,3 +370,400 @@ fn tls13_key_updates_from_the_server_still_work() {
     assert!(server.printed(b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate"));
     conn.close();
 }
+
+// ---- Memory (measured on a client in a child process) ----
+
+use common::child::{self, Child as ChildProcess};
+use common::raw;
+use rpyc::{Bytes, Service};
+
+/// See the same constant in tests/hostile_clients.rs.
+const SLACK: u64 = 24 << 20;
+
+/// The client the memory tests attack, in a child process: `role` is `client PORT SCENARIO`.
+/// `late_reply`: one call that times out (says `timed out`), then it stays connected.
+/// `nested`: exposes `slow(Bytes)` (20 ms each) and makes one call; says how it ended.
+#[test]
+#[ignore = "the child process of the tests in this file; they start it themselves"]
+fn child_client() {
+    let role = child::role().expect("run only as a child process by the tests of this file");
+    let words: Vec<&str> = role.split_whitespace().collect();
+    let port: u16 = words[1].parse().unwrap();
+    match words[2] {
+        "late_reply" => {
+            let conn = rpyc::connect("127.0.0.1", port).unwrap();
+            let r = conn
+                .root()
+                .call_timeout::<(), _>("x", (), Duration::from_millis(300));
+            assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+            child::say("timed out");
+            child::serve_until_parent_leaves();
+        }
+        "nested" => {
+            let service = Service::new("client").method("slow", |_b: Bytes| {
+                std::thread::sleep(Duration::from_millis(20))
+            });
+            let conn = Options::new()
+                .service(service)
+                .max_frame_size(32 << 20)
+                .max_buffered(64 << 20)
+                .connect("127.0.0.1", port)
+                .unwrap();
+            let r = conn
+                .root()
+                .call_timeout::<(), _>("x", (), Duration::from_secs(60));
+            // The socket closes with the last handle: the attacker's writes then fail.
+            drop(conn);
+            child::say(format!("ended: {r:?}"));
+            child::serve_until_parent_leaves();
+        }
+        other => panic!("no scenario {other}"),
+    }
+}
+
+/// Checks that the child's peak memory since `before` grew by at most `ratio` times `basis`
+/// bytes (plus [`SLACK`]).
+fn assert_grew_at_most(c: &ChildProcess, before: u64, basis: u64, ratio: f64, what: &str) {
+    let grew = c.peak().saturating_sub(before);
+    let bound = (basis as f64 * ratio) as u64 + SLACK;
+    eprintln!(
+        "{what}: the client's peak grew by {} KiB, {:.2}x {} KiB (bound {ratio}x + {} KiB)",
+        grew >> 10,
+        grew as f64 / basis as f64,
+        basis >> 10,
+        SLACK >> 10
+    );
+    assert!(
+        grew <= bound,
+        "{what}: the client grew by {grew} bytes ({:.1}x {basis}, over {ratio}x)",
+        grew as f64 / basis as f64
+    );
+}
+
+#[test]
+fn a_late_reply_full_of_tiny_items_costs_the_client_a_small_multiple_of_it() {
+    let (l, port) = raw::listener();
+    let c = ChildProcess::start("child_client", &format!("client {port} late_reply"));
+    let mut s = raw::accept(&l);
+    let call = raw::read_frame(&mut s).unwrap().unwrap();
+    assert_eq!(c.heard(Duration::from_secs(30)), "timed out");
+    // The reply comes late: nobody decodes it, but the object references in it are released,
+    // which used to parse it whole into a tree.
+    const REFS: u64 = 600_000;
+    let mut payload = Vec::new();
+    raw::cbor_head(&mut payload, 4, REFS);
+    for i in 0..REFS {
+        payload.extend_from_slice(&raw::object_ref(1 + i % 1000));
+    }
+    let before = c.rss();
+    c.reset_peak();
+    s.write_all(&raw::frame(raw::REPLY, call.id, 0, 0, "", &payload))
+        .unwrap();
+    // Done once every reference came back released.
+    let mut released = 0;
+    while released < REFS {
+        let f = raw::read_frame(&mut s).unwrap().expect("releases");
+        assert_eq!(f.kind, raw::RELEASE, "{f:?}");
+        let list: Vec<(u64, u64)> = serde_cbor::from_slice(&f.payload).unwrap();
+        released += list.iter().map(|(_, n)| n).sum::<u64>();
+    }
+    assert_eq!(released, REFS);
+    assert_grew_at_most(&c, before, payload.len() as u64, 3.0, "late reply");
+}
+
+#[test]
+fn requests_nested_in_a_pending_call_are_bounded_in_bytes() {
+    let (l, port) = raw::listener();
+    let c = ChildProcess::start("child_client", &format!("client {port} nested"));
+    let mut s = raw::accept(&l);
+    let call = raw::read_frame(&mut s).unwrap().unwrap();
+    // The client's replies to what follows are read (and dropped) on the side.
+    let mut replies = s.try_clone().unwrap();
+    std::thread::spawn(move || while let Ok(Some(_)) = raw::read_frame(&mut replies) {});
+    let before = c.rss();
+    c.reset_peak();
+    // 400 requests of 1 MiB, each naming the pending call as parent: the client serves them
+    // one at a time (20 ms each) on the calling thread, and used to keep the rest in an
+    // unbounded channel.
+    let mut arg = vec![0x81];
+    raw::cbor_head(&mut arg, 2, 1 << 20);
+    arg.resize(arg.len() + (1 << 20), 0x5a);
+    let mut sent = 0u64;
+    for i in 0..400 {
+        let f = raw::frame(raw::CALL, 1000 + i, call.id, 0, "slow", &arg);
+        if s.write_all(&f).is_err() {
+            break;
+        }
+        sent += f.len() as u64;
+    }
+    let ended = c.heard(Duration::from_secs(60));
+    eprintln!("sent {} MiB; the client: {ended}", sent >> 20);
+    assert!(
+        ended.contains("Closed") && ended.contains("max_buffered"),
+        "the client should have closed the connection over its limit: {ended}"
+    );
+    assert_grew_at_most(&c, before, 64 << 20, 1.5, "nested requests");
+}
+
+// ---- Deadlines ----
+
+#[test]
+fn a_hello_dribbled_by_a_server_times_out_at_the_handshake_deadline() {
+    let (l, port) = raw::listener();
+    let t = Duration::from_secs(1);
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        for b in raw::hello() {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(t / 4);
+        }
+        std::thread::sleep(t * 4);
+    });
+    let start = Instant::now();
+    let r = Options::new()
+        .handshake_timeout(t)
+        .connect("127.0.0.1", port);
+    let took = start.elapsed();
+    assert!(
+        matches!(r, Err(Error::Timeout(Timeout::Handshake(d))) if d == t),
+        "{r:?}"
+    );
+    assert!(
+        took >= t.mul_f64(0.9) && took <= t.mul_f64(1.6),
+        "gave up after {took:?}, the handshake timeout being {t:?}"
+    );
+}
+
+/// A server that completes the handshake, then reads nothing until `go` fires; then it reads
+/// and forwards every frame (whole, or the test fails) to the returned channel.
+fn server_that_stops_reading() -> (u16, mpsc::Sender<()>, mpsc::Receiver<raw::Frame>) {
+    let (l, port) = raw::listener();
+    let (go_tx, go) = mpsc::channel();
+    let (frames_tx, frames) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = raw::accept(&l);
+        let _ = go.recv_timeout(Duration::from_secs(60));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        while let Ok(Some(f)) = raw::read_frame(&mut s) {
+            if frames_tx.send(f).is_err() {
+                return;
+            }
+        }
+    });
+    (port, go_tx, frames)
+}
+
+#[test]
+fn a_server_that_stops_reading_cannot_hold_a_call_past_its_timeout() {
+    let (port, go, frames) = server_that_stops_reading();
+    // A long connection-wide timeout (the stall timeout is the same), and short per-call ones.
+    let conn = Options::new()
+        .call_timeout(Duration::from_secs(30))
+        .connect("127.0.0.1", port)
+        .unwrap();
+    let t = Duration::from_secs(1);
+    let big = Bytes::from(vec![3u8; 32 << 20]);
+    let root = conn.root();
+    let first = timed(move || root.call_timeout::<(), _>("store", (big,), t));
+    // A second thread's call waits for the writer the first one holds.
+    std::thread::sleep(t / 5);
+    let root = conn.root();
+    let second = timed(move || root.call_timeout::<(), _>("small", (), t / 2));
+    for (rx, limit, partly) in [(first, t, true), (second, t / 2, false)] {
+        let (r, took) = rx
+            .recv_timeout(t * 3)
+            .expect("a call was held past its timeout by a stuck writer");
+        match r {
+            Err(Error::Timeout(Timeout::Send {
+                partly: p, after, ..
+            })) => {
+                assert_eq!((p, after), (partly, limit));
+            }
+            other => panic!("expected a send timeout, got {other:?}"),
+        }
+        assert!(
+            took >= limit.mul_f64(0.9) && took <= limit.mul_f64(1.5),
+            "a call with a timeout of {limit:?} returned after {took:?}"
+        );
+    }
+    assert!(!conn.is_closed(), "only the calls fail, not the connection");
+    // Once the server reads again, it gets the first call whole, then the next one: the
+    // frame that was cut short was finished in the background.
+    go.send(()).unwrap();
+    conn.root().call_oneway("after", ()).unwrap();
+    let f = frames.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(f.method, "store");
+    assert!(f.payload.len() > 32 << 20);
+    let f = frames.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(f.method, "after");
+}
+
+fn assert_closed_for_stalling(r: Result<(), Error>, took: Duration, stall: Duration) {
+    match r {
+        Err(Error::Closed { reason }) => {
+            assert!(reason.contains("read nothing for 1s"), "{reason}")
+        }
+        other => panic!("expected the connection to close, got {other:?}"),
+    }
+    assert!(
+        took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
+        "noticed after {took:?}, the stall timeout being {stall:?}"
+    );
+}
+
+#[test]
+fn a_server_that_stops_reading_is_noticed_at_the_stall_timeout() {
+    let (port, _go, _frames) = server_that_stops_reading();
+    let stall = Duration::from_secs(1);
+    let conn = Options::new()
+        .call_timeout(stall)
+        .connect("127.0.0.1", port)
+        .unwrap();
+    let start = Instant::now();
+    let r =
+        conn.root()
+            .call_timeout::<(), _>("store", (Bytes::from(vec![1u8; 32 << 20]),), stall * 10);
+    assert_closed_for_stalling(r, start.elapsed(), stall);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_unix_socket_server_that_stops_reading_is_noticed_at_the_stall_timeout() {
+    use std::os::unix::net::UnixListener;
+    let dir = std::env::temp_dir().join(format!("rpyc-stall-c-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&raw::hello()).unwrap();
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let stall = Duration::from_secs(1);
+    let conn = Options::new()
+        .call_timeout(stall)
+        .unix_connect(&path)
+        .unwrap();
+    let start = Instant::now();
+    let r =
+        conn.root()
+            .call_timeout::<(), _>("store", (Bytes::from(vec![1u8; 32 << 20]),), stall * 10);
+    assert_closed_for_stalling(r, start.elapsed(), stall);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- Calls that the server would refuse, and a busy connection ----
+
+fn real_server() -> common::TestServer {
+    common::serve(
+        Service::new("s")
+            .method("nothing", || ())
+            .method("sleep_ms", |ms: u64| {
+                std::thread::sleep(Duration::from_millis(ms))
+            })
+            .method("answer", || 42)
+            .method("long_error", || -> Result<(), String> {
+                Err("x".repeat(100_000))
+            }),
+    )
+}
+
+#[test]
+fn a_method_name_over_the_protocol_limit_fails_only_that_call() {
+    let server = real_server();
+    let conn = common::connect(&server);
+    let long = "m".repeat(1025);
+    match conn.root().call::<(), _>(&long, ()) {
+        Err(Error::Encode(why)) => assert!(why.contains("1024"), "{why}"),
+        other => panic!("expected a local error, got {other:?}"),
+    }
+    // Nothing was sent: the connection is fine.
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+#[test]
+fn a_call_times_out_at_its_deadline_while_other_threads_keep_the_connection_busy() {
+    let server = real_server();
+    let conn = common::connect(&server);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let (conn, stop) = (conn.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    conn.root().call::<(), _>("nothing", ()).unwrap();
+                }
+            })
+        })
+        .collect();
+    let t = Duration::from_millis(400);
+    let late = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (conn, late) = (conn.clone(), late.clone());
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    let start = Instant::now();
+                    let r = conn.root().call_timeout::<(), _>(
+                        "sleep_ms",
+                        (4 * t.as_millis() as u64,),
+                        t,
+                    );
+                    let took = start.elapsed();
+                    assert!(
+                        matches!(r, Err(Error::Timeout(Timeout::Call { .. }))),
+                        "{r:?}"
+                    );
+                    if took > t.mul_f64(1.5) {
+                        eprintln!("a call with a timeout of {t:?} returned after {took:?}");
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for b in busy {
+        b.join().unwrap();
+    }
+    assert_eq!(
+        late.load(Ordering::Relaxed),
+        0,
+        "calls returned past 1.5x their timeout"
+    );
+}
+
+#[test]
+fn an_error_reply_is_cut_to_the_client_s_frame_limit() {
+    let server = real_server();
+    let conn = common::options()
+        .max_frame_size(1024)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    match conn.root().call::<(), _>("long_error", ()) {
+        Err(Error::Remote(e)) => {
+            assert!(e.message().starts_with("xxxx"), "{}", e.message());
+            assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+        }
+        other => panic!("expected the handler's error, cut short; got {other:?}"),
+    }
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+#[test]
+fn a_reply_of_the_wrong_type_names_the_type_as_the_caller_wrote_it() {
+    let server = real_server();
+    let conn = common::connect(&server);
+    match conn.root().call::<Vec<String>, _>("answer", ()) {
+        Err(Error::Decode(why)) => {
+            assert!(why.contains("Vec<String>"), "{why}");
+            assert!(!why.contains("alloc::"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

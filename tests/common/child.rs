@@ -24,7 +24,13 @@ impl Child {
     pub fn start(entry: &str, role: &str) -> Child {
         let exe = std::env::current_exe().expect("the test binary");
         let mut proc = Command::new(exe)
-            .args([entry, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                entry,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(ROLE, role)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -46,7 +46,14 @@ pub fn cbor_head(out: &mut Vec<u8>, major: u8, v: u64) {
 }
 
 /// A whole frame: length, header `[kind, id, parent, target, method]`, then `payload`.
-pub fn frame(kind: u64, id: u64, parent: u64, target: u64, method: &str, payload: &[u8]) -> Vec<u8> {
+pub fn frame(
+    kind: u64,
+    id: u64,
+    parent: u64,
+    target: u64,
+    method: &str,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = Vec::with_capacity(payload.len() + 32);
     b.extend_from_slice(&[0; 4]);
     cbor_head(&mut b, 4, 5);
@@ -94,7 +101,12 @@ pub struct Frame {
 fn uint(b: &[u8], pos: &mut usize) -> u64 {
     let ib = b[*pos];
     *pos += 1;
-    assert_eq!(ib >> 5, 0, "expected an unsigned integer in {:02x?}", &b[..b.len().min(64)]);
+    assert_eq!(
+        ib >> 5,
+        0,
+        "expected an unsigned integer in {:02x?}",
+        &b[..b.len().min(64)]
+    );
     let n = match ib & 0x1f {
         v @ 0..=23 => return v as u64,
         24 => 1,
@@ -103,7 +115,9 @@ fn uint(b: &[u8], pos: &mut usize) -> u64 {
         27 => 8,
         _ => panic!("bad integer head"),
     };
-    let v = b[*pos..*pos + n].iter().fold(0u64, |v, &x| (v << 8) | x as u64);
+    let v = b[*pos..*pos + n]
+        .iter()
+        .fold(0u64, |v, &x| (v << 8) | x as u64);
     *pos += n;
     v
 }

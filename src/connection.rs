@@ -10,9 +10,22 @@
 //!   by a watching pool thread within a few milliseconds, so something always reads the
 //!   connection while it is open, whatever user threads do, and callbacks are served without a
 //!   background thread started by hand.
-//! * **The write half** sits behind one mutex. A thread encodes its whole frame first, then
-//!   takes the lock, writes the frame, and releases it: frames never interleave, and no lock is
-//!   held while encoding or while waiting for a reply. The leader never takes this lock.
+//! * **The write half** sits behind a gate (a flag under a mutex, waited for on a condition
+//!   variable, so that a thread can wait for it under a deadline). A thread encodes and seals its
+//!   whole frame first, then takes the gate, writes the frame, and opens the gate: frames never
+//!   interleave, and nothing is held while encoding or while waiting for a reply. The leader
+//!   never takes the gate.
+//! * **Every write has a deadline.** A call's deadline covers waiting for the gate and writing:
+//!   a call that could not start writing in time fails with [`Timeout::Send`] and nothing was
+//!   sent; one whose deadline passes in the middle of its frame also returns on time, and a
+//!   thread of the connection finishes that frame (the peer must never see half a frame followed
+//!   by another) while holding the gate. Whoever writes, a peer that takes nothing for the stall
+//!   timeout (the call timeout, at least 1 s) ends the connection, with a warning.
+//! * **Every read has a deadline** where the transport can time out a read (sockets): a caller
+//!   reading for itself stops at its deadline, even in the middle of a frame, and hands the
+//!   reader (with the frame read so far) to the pool; a peer that stops in the middle of a frame
+//!   for the stall timeout is dropped. Every frame read is charged to the connection's memory
+//!   budget until it is dropped ([`crate::limits`]).
 //! * **Replies find their caller by id.** A caller registers its id in the pending table
 //!   *before* writing the request; the reading thread removes the entry when the reply arrives
 //!   and hands the frame to that caller's own channel. A timed-out caller removes its entry, so
@@ -42,9 +55,11 @@
 //!   calls from different threads, async calls, and oneway calls may complete in any order.
 //! * A synchronous call's nested requests (callbacks made on its behalf) run one at a time on
 //!   the calling thread, in arrival order.
-//! * At most `max_workers` handlers of one connection run at once; further requests wait in a
-//!   queue of at most `max_queued` entries. A peer that overflows the queue is closed as
-//!   misbehaving (both limits are announced in the handshake).
+//! * At most `max_workers` handlers of one connection run at once (fewer when a server's thread
+//!   budget is used up); further requests wait in a queue of at most `max_queued` entries,
+//!   whichever thread read them. A peer that overflows the queue, or the connection's memory
+//!   budget, is closed as misbehaving (both frame and queue limits are announced in the
+//!   handshake).
 
 use crate::codec;
 use crate::dispatch::Pool;

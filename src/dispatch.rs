@@ -12,8 +12,11 @@
 //! * **A pool thread (the leader)**, blocked in a plain read while the connection is quiet.
 //! * **A calling thread** waiting for its own reply, if the token is free when it starts
 //!   waiting. It reads its reply itself, without a thread hand-off; its reads time out every
-//!   [`READ_SLICE`](crate::wire::READ_SLICE) so it can honour its deadline (transports that
-//!   cannot time out a read, such as pipes, are only read by the pool).
+//!   [`READ_SLICE`](crate::wire::READ_SLICE), and it looks at its deadline after every frame it
+//!   routes, so it gets its timeout on time however much of other threads' traffic it routes.
+//!   At its deadline it hands the token to the pool at once, even in the middle of a frame (the
+//!   reader keeps what it read of it). Transports that cannot time out a read, such as pipes,
+//!   are only read by the pool.
 //! * **Nobody, briefly.** A holder that is about to run a request, or a caller that got its
 //!   reply, puts the token back *lazily*, without waking anyone, expecting to take it again
 //!   soon (the next request of a sequential client, the end of a short handler). A pool thread
@@ -30,9 +33,13 @@
 //!
 //! Requests that are not nested in a waiting call run on the pool: the leader that read one
 //! runs it itself (so serving it costs no hand-off), and another thread takes over reading. The
-//! pool grows on demand to `max_workers` threads running handlers plus one reading; beyond
-//! that, requests queue (at most `max_queued`; a peer that exceeds it is closed) and the leader
-//! keeps reading, so replies still reach the callers that busy workers wait for. Spare threads
+//! pool grows on demand to `max_workers` threads running handlers plus one reading (every
+//! thread beyond the first two taken from the server's thread budget, if any, so that a
+//! connection always has one thread to read and one to run a request); beyond that,
+//! requests queue (at most `max_queued`, whether the leader or a calling thread read them; a
+//! peer that exceeds it is closed) and the leader keeps reading, so replies still reach the
+//! callers that busy workers wait for. While the connection is quiet the leader wakes every
+//! tick to apply the idle limit. Spare threads
 //! end after [`IDLE_TIMEOUT`] (two are kept). Until the service's `on_connect` has run,
 //! requests are queued, not run.
 
@@ -45,7 +52,7 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a spare worker waits for work before it ends (two are always kept).
+/// How long a spare worker waits for work before it ends (the [`FREE_THREADS`] are kept).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lazily released reader may lie unused before a watching pool thread takes it.
 const GRACE: Duration = Duration::from_micros(500);
@@ -120,21 +127,20 @@ impl Pool {
             budget,
         }
     }
-
-    /// Whether another thread could be started now (see [`reserve_thread`]).
-    fn can_grow(&self, st: &State) -> bool {
-        st.threads < self.max_threads
-            && (st.threads == 0 || self.budget.as_ref().map_or(true, |b| b.available()))
-    }
 }
 
-/// Counts a new thread of the pool, taking it from the server's budget unless it is the
-/// pool's first; false if neither the pool's nor the server's limit allows it.
+/// Threads each pool has without drawing on a server's budget: one to read, one to run a
+/// request (the two a quiet pool keeps), so a connection always makes progress however busy the
+/// others keep the server.
+const FREE_THREADS: usize = 2;
+
+/// Counts a new thread of the pool, taking it from the server's budget beyond the pool's
+/// [`FREE_THREADS`]; false if neither the pool's nor the server's limit allows it.
 fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
     if st.threads >= pool.max_threads {
         return false;
     }
-    if st.threads >= 1 {
+    if st.threads >= FREE_THREADS {
         if let Some(b) = &pool.budget {
             if !b.try_take() {
                 return false;
@@ -146,11 +152,11 @@ fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
 }
 
 /// Counts a thread of the pool that ended (or never started), returning its share of the
-/// server's budget (the pool's first thread had none).
+/// server's budget (the pool's free threads had none).
 fn thread_ended(pool: &Pool, st: &mut State) {
     debug_assert!(st.threads > 0, "more threads ended than started");
     st.threads -= 1;
-    if st.threads >= 1 {
+    if st.threads >= FREE_THREADS {
         if let Some(b) = &pool.budget {
             b.give();
         }
@@ -284,6 +290,9 @@ enum Release {
     LazySelfWatched,
     /// For a pool thread to take at once.
     Now,
+    /// For a thread the releaser reserved and starts right after: it takes it at once, nobody
+    /// else is woken.
+    ToNewThread,
 }
 
 /// An instant far enough back that a free reader is taken at once.
@@ -309,7 +318,10 @@ fn release(shared: &Arc<Shared>, reader: FrameReader, how: Release) {
         Release::LazySelfWatched => st.callers_waiting.saturating_sub(1),
         _ => st.callers_waiting,
     };
-    let spawn = if how == Release::Now || others_blocked > 0 {
+    let spawn = if how == Release::ToNewThread {
+        st.released_at = long_ago();
+        false
+    } else if how == Release::Now || others_blocked > 0 {
         // Blocked callers need someone reading now.
         st.released_at = long_ago();
         wake_or_reserve(pool, &mut st)
@@ -408,7 +420,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 && !st.stopping
                 && st.pool_leads
                 && st.jobs.is_empty()
-                && st.threads > 2
+                && st.threads > FREE_THREADS
             {
                 thread_ended(pool, &mut st);
                 return None;
@@ -473,21 +485,27 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
         if st.stopping {
             return None;
         }
-        // Run it here only if another thread can take over reading at once; otherwise queue it
-        // and keep reading, so replies still reach the callers that busy workers wait for.
-        let helpers = st.idle + st.watchers;
-        if !st.ready || (helpers == 0 && !pool.can_grow(&st)) {
-            if st.jobs.len() >= pool.max_queued {
-                drop(st);
-                ended_by(shared, &over_queue(pool));
-                return None;
-            }
-            st.jobs.push_back(job);
-            continue;
+        // Run it here only if another thread takes over reading: a waiting one, or a new one
+        // reserved now (so it cannot be refused by the thread budget afterwards). Otherwise
+        // queue it and keep reading, so replies still reach the callers that busy workers wait
+        // for.
+        if st.ready && st.idle + st.watchers > 0 {
+            drop(st);
+            release(shared, reader, Release::Lazy);
+            return Some(job);
         }
-        drop(st);
-        release(shared, reader, Release::Lazy);
-        return Some(job);
+        if st.ready && reserve_thread(pool, &mut st) {
+            drop(st);
+            release(shared, reader, Release::ToNewThread);
+            spawn_reserved(shared);
+            return Some(job);
+        }
+        if st.jobs.len() >= pool.max_queued {
+            drop(st);
+            ended_by(shared, &over_queue(pool));
+            return None;
+        }
+        st.jobs.push_back(job);
     }
 }
 

@@ -25,11 +25,11 @@
 //!
 //! # Threads
 //!
-//! A connection always has one thread of its own (the one that reads it while it is quiet).
-//! Every further thread of a server's connection pools comes out of the server's
-//! [`ThreadBudget`]; when it is used up, requests wait in their connection's queue for a thread
-//! of that connection to finish. Clients have no shared thread budget (their threads are bounded
-//! per connection by `max_workers`).
+//! A connection always has two threads of its own: one reads it, one runs a request (a quiet
+//! pool keeps both). Every further thread of a server's connection pools comes out of the
+//! server's [`ThreadBudget`]; when it is used up, requests wait in their connection's queue for
+//! a thread of that connection to finish, and a connection never waits for another's. Clients
+//! have no shared thread budget (their threads are bounded per connection by `max_workers`).
 
 use crate::connection::lock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -176,7 +176,7 @@ impl Drop for Charge {
     }
 }
 
-/// A server's budget of pool threads beyond each connection's first (see the module docs).
+/// A server's budget of pool threads beyond each connection's first two (see the module docs).
 #[derive(Debug)]
 pub(crate) struct ThreadBudget {
     limit: usize,
@@ -198,11 +198,6 @@ impl ThreadBudget {
                 (u < self.limit).then_some(u + 1)
             })
             .is_ok()
-    }
-
-    /// Whether a thread could be taken now.
-    pub(crate) fn available(&self) -> bool {
-        self.used.load(Ordering::Acquire) < self.limit
     }
 
     /// Returns a thread taken with [`try_take`](Self::try_take).

@@ -207,11 +207,12 @@ impl ServerBuilder {
         self
     }
 
-    /// Most threads running handlers across all connections, beyond one per connection (256
-    /// by default). When they are all busy, requests wait in their connection's queue
-    /// (`Options::max_queued`). With the other limits, a server runs at most
-    /// `max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more per
-    /// connection finishing a frame whose caller timed out); see the README.
+    /// Most threads running handlers across all connections, beyond two per connection (one
+    /// to read, one to run a request; 256 by default). When they are all busy, requests wait
+    /// in their connection's queue (`Options::max_queued`) for a thread of their own
+    /// connection. With the other limits, a server runs at most
+    /// `2 x max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more
+    /// per connection finishing a frame whose caller timed out); see the README.
     ///
     /// ```
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_threads(64).build()?;

@@ -115,9 +115,12 @@ impl Options {
         self
     }
 
-    /// Default timeout of calls on this connection; each call can override it with
-    /// [`RemoteObject::call_timeout`](crate::RemoteObject::call_timeout). Also bounds how long a
-    /// write may make no progress before the connection is declared dead.
+    /// Default timeout of calls on this connection (30 s); each call can override it with
+    /// [`RemoteObject::call_timeout`](crate::RemoteObject::call_timeout). It covers the whole
+    /// call: waiting for the connection's writer (another thread may be sending), sending, and
+    /// waiting for the reply. It is also the *stall timeout* (at least 1 s): a peer that takes
+    /// none of what this side writes, or sends part of a frame and then nothing, for that long
+    /// is dropped, with a warning in the log.
     pub fn call_timeout(mut self, d: Duration) -> Options {
         self.call_timeout = d;
         self

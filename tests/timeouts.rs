@@ -378,3 +378,31 @@ fn handshake_timeout_hangs_up_on_a_silent_stream_peer() {
         "the peer got our hello, then the end"
     );
 }
+
+#[test]
+fn idle_connection_is_closed_after_its_idle_timeout_but_not_while_a_call_is_in_flight() {
+    let (handle, port, gate) = slow_server();
+    let idle = Duration::from_millis(600);
+    let conn = rpyc::Options::new()
+        .idle_timeout(idle)
+        .connect("127.0.0.1", port)
+        .unwrap();
+    // A call that takes three times the idle limit: in flight, the connection is not idle.
+    let root = conn.root();
+    let call = std::thread::spawn(move || root.call::<String, _>("blocked", ()));
+    std::thread::sleep(idle * 3);
+    assert!(!conn.is_closed(), "closed while a call was in flight");
+    gate.open();
+    call.join().unwrap().unwrap();
+    // Then, quiet: closed after the limit (checked every quarter of it), saying why.
+    let quiet = Instant::now();
+    assert!(conn.wait_closed_timeout(idle * 3));
+    let took = quiet.elapsed();
+    assert!(
+        took >= idle.mul_f64(0.9) && took <= idle.mul_f64(1.6),
+        "closed after {took:?} of quiet, the idle limit being {idle:?}"
+    );
+    let reason = conn.close_reason().unwrap();
+    assert!(reason.contains("idle"), "{reason}");
+    handle.close();
+}

@@ -330,3 +330,33 @@ fn closing_a_stream_always_ends_the_peer() {
         );
     }
 }
+
+#[test]
+fn a_child_process_that_stops_reading_its_stdin_is_noticed_at_the_stall_timeout() {
+    // A child that says a valid hello (64 MiB frames, 65,536 queued), then reads nothing.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r"printf 'RPYC\000\001\000\000\004\000\000\000\000\001\000\000'; exec sleep 30");
+    let stall = Duration::from_secs(1);
+    let conn = rpyc::Options::new()
+        .call_timeout(stall)
+        .connect_subprocess(cmd)
+        .unwrap();
+    let start = Instant::now();
+    let r = conn.root().call_timeout::<(), _>(
+        "store",
+        (rpyc::Bytes::from(vec![0u8; 16 << 20]),),
+        stall * 10,
+    );
+    let took = start.elapsed();
+    match r {
+        Err(rpyc::Error::Closed { reason }) => {
+            assert!(reason.contains("read nothing for 1s"), "{reason}")
+        }
+        other => panic!("expected the connection to close, got {other:?}"),
+    }
+    assert!(
+        took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
+        "noticed after {took:?}, the stall timeout being {stall:?}"
+    );
+}

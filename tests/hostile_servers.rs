@@ -688,7 +688,7 @@ fn a_call_times_out_at_its_deadline_while_other_threads_keep_the_connection_busy
     let server = real_server();
     let conn = common::connect(&server);
     let stop = Arc::new(AtomicBool::new(false));
-    let busy: Vec<_> = (0..2)
+    let busy: Vec<_> = (0..4)
         .map(|_| {
             let (conn, stop) = (conn.clone(), stop.clone());
             std::thread::spawn(move || {

@@ -10,8 +10,8 @@
 //!   by a watching pool thread within a few milliseconds, so something always reads the
 //!   connection while it is open, whatever user threads do, and callbacks are served without a
 //!   background thread started by hand.
-//! * **The write half** sits behind a gate (a flag under a mutex, waited for on a condition
-//!   variable, so that a thread can wait for it under a deadline). A thread encodes and seals its
+//! * **The write half** sits behind a gate (a flag, waited for on a condition variable, so that
+//!   a thread can wait for it under a deadline). A thread encodes and seals its
 //!   whole frame first, then takes the gate, writes the frame, and opens the gate: frames never
 //!   interleave, and nothing is held while encoding or while waiting for a reply. The leader
 //!   never takes the gate.
@@ -153,21 +153,29 @@ pub(crate) struct Shared {
     serving: AtomicUsize,
 }
 
-/// The write half of a connection: one frame at a time, through a gate that a thread waits for
-/// under its own deadline (a mutex cannot be waited for with a timeout).
+/// The write half of a connection: one frame at a time, through a gate that a thread can wait
+/// for under its own deadline (a mutex cannot be waited for with a timeout).
+///
+/// The gate is a flag taken with a compare-and-swap: a free gate costs no lock. A thread that
+/// finds it taken spins briefly (frames are usually written in microseconds), then counts
+/// itself in `waiters` under `waiting` and sleeps on `cv`. The holder opens the gate by clearing
+/// the flag and, if it sees waiters, wakes one under `waiting`: a waiter tries the flag again
+/// after counting itself and before sleeping, with the lock held, so no wake-up is lost.
 struct Writer {
-    gate: Mutex<Gate>,
+    busy: AtomicBool,
+    waiters: AtomicUsize,
+    waiting: Mutex<()>,
     cv: Condvar,
     /// Only taken by the thread that holds the gate, so never waited for.
     sink: Mutex<Box<dyn Sink>>,
 }
 
-#[derive(Default)]
-struct Gate {
-    /// A thread is writing a frame (or a flusher is finishing one).
-    busy: bool,
-    /// Threads waiting for the gate.
-    waiters: usize,
+impl Writer {
+    fn try_take(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
+            .is_ok()
+    }
 }
 
 /// Why a frame was not sent, or not wholly.
@@ -370,7 +378,9 @@ impl Connection {
             idle_timeout: opts.idle_timeout,
             peer_hello: theirs,
             writer: Writer {
-                gate: Mutex::new(Gate::default()),
+                busy: AtomicBool::new(false),
+                waiters: AtomicUsize::new(0),
+                waiting: Mutex::new(()),
                 cv: Condvar::new(),
                 sink: Mutex::new(writer),
             },
@@ -738,40 +748,51 @@ impl Shared {
     /// closes).
     fn take_gate(&self, deadline: Option<Instant>) -> Result<(), SendFail> {
         let w = &self.writer;
-        let mut g = lock(&w.gate);
-        loop {
+        for _ in 0..64 {
             if self.is_closed() {
                 return Err(SendFail::Closed(self.closed_error()));
             }
-            if !g.busy {
-                g.busy = true;
+            if w.try_take() {
                 return Ok(());
             }
-            g.waiters += 1;
+            std::hint::spin_loop();
+        }
+        let mut g = lock(&w.waiting);
+        w.waiters.fetch_add(1, Ordering::SeqCst);
+        let r = loop {
+            if self.is_closed() {
+                break Err(SendFail::Closed(self.closed_error()));
+            }
+            // Before looking at the deadline: a thread woken to take the gate takes it.
+            if w.try_take() {
+                break Ok(());
+            }
             g = match deadline {
                 None => w.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        g.waiters -= 1;
-                        return Err(SendFail::NotSent);
+                        break Err(SendFail::NotSent);
                     }
                     w.cv.wait_timeout(g, d - now)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
             };
-            g.waiters -= 1;
-        }
+        };
+        w.waiters.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     fn release_gate(&self) {
-        let mut g = lock(&self.writer.gate);
-        debug_assert!(g.busy, "only the holder releases the gate");
-        g.busy = false;
-        if g.waiters > 0 {
-            // All: a waiter whose deadline is passing may miss a single notification.
-            self.writer.cv.notify_all();
+        let w = &self.writer;
+        let was = w.busy.swap(false, Ordering::SeqCst);
+        debug_assert!(was, "only the holder releases the gate");
+        if w.waiters.load(Ordering::SeqCst) > 0 {
+            // One is enough: whoever wakes (even one whose deadline just passed) takes the gate
+            // if it is free, before looking at its deadline.
+            let _g = lock(&w.waiting);
+            w.cv.notify_one();
         }
     }
 
@@ -1181,12 +1202,8 @@ impl Shared {
             if lock(&self.releases).is_empty() {
                 return;
             }
-            {
-                let mut g = lock(&self.writer.gate);
-                if g.busy || self.is_closed() {
-                    return;
-                }
-                g.busy = true;
+            if self.is_closed() || !self.writer.try_take() {
+                return;
             }
             let batch = {
                 let mut queued = lock(&self.releases);
@@ -1233,7 +1250,7 @@ impl Shared {
         self.control.shutdown();
         {
             // Threads waiting for the writer look at `closed` again.
-            let _gate = lock(&self.writer.gate);
+            let _g = lock(&self.writer.waiting);
             self.writer.cv.notify_all();
         }
         let waiters = lock(&self.pending).take();

@@ -86,6 +86,8 @@ mod ssh;
 mod sys;
 #[cfg(test)]
 mod test_alloc;
+#[cfg(test)]
+mod test_rng;
 mod threads;
 mod tls;
 mod transport;

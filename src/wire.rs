@@ -972,16 +972,7 @@ mod tests {
         assert!(err.contains("version 9"), "{err}");
     }
 
-    /// A small deterministic generator, so the property test needs no extra dependency.
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::test_rng::XorShift;
 
     #[test]
     fn header_parser_never_panics_on_random_or_mutated_input() {

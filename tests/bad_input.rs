@@ -2,6 +2,9 @@
 //! clients sending malformed frames to a real server, and a deterministic fuzz run. The server
 //! must never panic and must keep serving well-behaved clients.
 
+mod common;
+
+use common::raw::{cbor_head, uint};
 use rpyc::{Error, ServerHandle, Service, ThreadedServer};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -59,24 +62,6 @@ fn hello(version: u16) -> [u8; 16] {
     b
 }
 
-fn cbor_head(out: &mut Vec<u8>, major: u8, v: u64) {
-    let m = major << 5;
-    if v < 24 {
-        out.push(m | v as u8);
-    } else if v <= 0xff {
-        out.extend_from_slice(&[m | 24, v as u8]);
-    } else if v <= 0xffff {
-        out.push(m | 25);
-        out.extend_from_slice(&(v as u16).to_be_bytes());
-    } else if v <= 0xffff_ffff {
-        out.push(m | 26);
-        out.extend_from_slice(&(v as u32).to_be_bytes());
-    } else {
-        out.push(m | 27);
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-}
-
 /// A body `[kind, id, parent, target, method]` followed by `payload` (one CBOR item).
 fn body(kind: u64, id: u64, parent: u64, target: u64, method: &str, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::new();
@@ -105,25 +90,6 @@ fn add_call(id: u64) -> Vec<u8> {
     frame(CALL, id, 0, 0, "add", &[0x82, 0x01, 0x02])
 }
 
-fn read_uint(b: &[u8], pos: &mut usize) -> u64 {
-    let ib = b[*pos];
-    *pos += 1;
-    assert_eq!(ib >> 5, 0, "expected an unsigned integer in {b:02x?}");
-    let n = match ib & 0x1f {
-        v @ 0..=23 => return v as u64,
-        24 => 1,
-        25 => 2,
-        26 => 4,
-        27 => 8,
-        _ => panic!("bad integer head in {b:02x?}"),
-    };
-    let v = b[*pos..*pos + n]
-        .iter()
-        .fold(0u64, |v, &x| (v << 8) | x as u64);
-    *pos += n;
-    v
-}
-
 /// Reads one frame the server sent: (kind, id, payload).
 fn read_frame(s: &mut TcpStream) -> (u64, u64, Vec<u8>) {
     let mut len = [0u8; 4];
@@ -132,10 +98,10 @@ fn read_frame(s: &mut TcpStream) -> (u64, u64, Vec<u8>) {
     s.read_exact(&mut b).expect("the rest of the frame");
     assert_eq!(b[0], 0x85, "header is a 5-array: {b:02x?}");
     let mut pos = 1;
-    let kind = read_uint(&b, &mut pos);
-    let id = read_uint(&b, &mut pos);
-    let _parent = read_uint(&b, &mut pos);
-    let _target = read_uint(&b, &mut pos);
+    let kind = uint(&b, &mut pos);
+    let id = uint(&b, &mut pos);
+    let _parent = uint(&b, &mut pos);
+    let _target = uint(&b, &mut pos);
     let method_len = (b[pos] & 0x1f) as usize; // replies carry short (empty) names
     pos += 1 + method_len;
     (kind, id, b[pos..].to_vec())

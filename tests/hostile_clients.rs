@@ -236,17 +236,21 @@ fn served_within(server: &TestServer, p: &Pki, limit: Duration) {
     );
 }
 
+fn tls_server_timing_out_after(p: &Pki, handshake_timeout: Duration) -> TestServer {
+    serve_tls(
+        whoami(),
+        p.authenticator(),
+        server_options().handshake_timeout(handshake_timeout),
+    )
+}
+
 #[test]
 fn hit_and_run_plain_hellos_on_a_tls_port_cost_no_cpu_and_end_at_once() {
     let _one_at_a_time = measuring_cpu();
     capture_logs();
     let p = pki();
     let handshake_timeout = Duration::from_secs(3);
-    let server = serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(handshake_timeout),
-    );
+    let server = tls_server_timing_out_after(&p, handshake_timeout);
     let cpu = CpuWatch::start("rpyc-handshake");
     let started = Instant::now();
     for _ in 0..20 {
@@ -286,11 +290,7 @@ fn silent_clients_that_sent_part_of_a_plain_hello_are_dropped_at_the_handshake_t
     capture_logs();
     let p = pki();
     let handshake_timeout = Duration::from_secs(2);
-    let server = serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(handshake_timeout),
-    );
+    let server = tls_server_timing_out_after(&p, handshake_timeout);
     let cpu = CpuWatch::start("rpyc-handshake");
     let started = Instant::now();
     let hello = b"RPYC\x00\x01\x00\x00\x00\x10\x00\x00\x00\x00\x00\x10";
@@ -357,11 +357,6 @@ use common::child::{self, Child as ChildProcess};
 use common::raw;
 use rpyc::{Bytes, Error, Options, Service, ThreadedServer};
 
-/// What a growth of resident memory may add to the bytes an attacker sent, whatever it sent:
-/// thread stacks touched, allocator arenas, the test harness. Generous, so that the ratio
-/// checks are about proportions, not noise.
-const SLACK: u64 = 24 << 20;
-
 /// The server the memory tests attack, in a child process: `role` is `server` followed by
 /// settings (`max_workers=1 max_buffered=64 total=96 max_queued=100 max_threads=8`, sizes in
 /// MiB). Methods: `nothing()`, `block()` (sleeps until the process ends), `sleep_ms(n)`,
@@ -415,25 +410,6 @@ fn child_server_with(settings: &str) -> (ChildProcess, u16) {
     (c, port)
 }
 
-/// Checks that the child's peak memory since `before` (its resident memory then) grew by at
-/// most `ratio` times `sent` bytes (plus [`SLACK`]).
-fn assert_grew_at_most(c: &ChildProcess, before: u64, sent: u64, ratio: f64, what: &str) {
-    let grew = c.peak().saturating_sub(before);
-    let bound = (sent as f64 * ratio) as u64 + SLACK;
-    eprintln!(
-        "{what}: sent {} KiB, the server's peak grew by {} KiB ({:.2}x; bound {ratio}x + {} KiB)",
-        sent >> 10,
-        grew >> 10,
-        grew as f64 / sent as f64,
-        SLACK >> 10
-    );
-    assert!(
-        grew <= bound,
-        "{what}: the server grew by {grew} bytes for {sent} bytes sent ({:.1}x, over {ratio}x)",
-        grew as f64 / sent as f64
-    );
-}
-
 /// The server's error reply to the call with id `id`, read from `s` (skipping releases).
 fn error_reply(s: &mut TcpStream, id: u64) -> raw::Frame {
     loop {
@@ -470,7 +446,7 @@ fn megabytes_of_tiny_arguments_cost_the_server_a_small_multiple_of_them() {
         s.write_all(&raw::frame(raw::CALL, id, 0, 0, method, payload))
             .unwrap();
         let reply = error_reply(&mut s, id);
-        assert_grew_at_most(&c, before, payload.len() as u64, 3.0, method);
+        c.assert_peak_grew_at_most(before, payload.len() as u64, 3.0, method);
         assert!(
             reply.len < 2048,
             "the error reply quotes the arguments unbounded: {} bytes",
@@ -519,7 +495,7 @@ fn requests_queued_behind_a_busy_worker_are_bounded_in_bytes_per_connection() {
         "the server kept a client that queued {sent} bytes"
     );
     // At most its 64 MiB were held, of the up to 300 MiB sent.
-    assert_grew_at_most(&c, before, 64 << 20, 1.5, "queued behind a blocked worker");
+    c.assert_peak_grew_at_most(before, 64 << 20, 1.5, "queued behind a blocked worker");
     // Others are still served.
     let conn = rpyc::connect("127.0.0.1", port).unwrap();
     conn.root().call::<(), _>("nothing", ()).unwrap();
@@ -549,7 +525,7 @@ fn connections_together_cannot_hold_more_than_the_server_total() {
         results.iter().filter(|(_, closed)| *closed).count() >= 1,
         "no client was closed: {results:?}"
     );
-    assert_grew_at_most(&c, before, (96 + 3) << 20, 1.5, "three clients queueing");
+    c.assert_peak_grew_at_most(before, (96 + 3) << 20, 1.5, "three clients queueing");
     // A client making small calls still gets in: its first MiB is its own.
     let conn = rpyc::connect("127.0.0.1", port).unwrap();
     assert_eq!(
@@ -798,22 +774,12 @@ fn error_and_release_frames_respect_the_client_s_frame_limit() {
     assert!(released.iter().all(|id| id % 1000 == 0));
 }
 
-#[test]
-fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() {
-    capture_logs();
-    let stall = Duration::from_secs(1);
-    let server = quick_server(|b| b.options(Options::new().call_timeout(stall)));
-    let mut s = raw::client(server.port);
-    // Asks for 32 MiB and never reads it: the server's write fills the socket and stalls.
-    s.write_all(&raw::frame(
-        raw::CALL,
-        1,
-        0,
-        0,
-        "make",
-        &[0x81, 0x1a, 0x02, 0, 0, 0],
-    ))
-    .unwrap();
+/// Asks `server` for 32 MiB over `s` (after the handshake) and never reads it: the server's
+/// write fills the socket and stalls; checks the server drops the client at the stall timeout.
+fn assert_dropped_for_not_reading(server: &TestServer, mut s: impl Write, stall: Duration) {
+    let make_32_mib = [0x81, 0x1a, 0x02, 0, 0, 0];
+    s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "make", &make_32_mib))
+        .unwrap();
     let start = Instant::now();
     assert!(common::wait_until(stall * 5, || server
         .handle
@@ -824,6 +790,14 @@ fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() 
         took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
         "noticed after {took:?}, the stall timeout being {stall:?}"
     );
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() {
+    capture_logs();
+    let stall = Duration::from_secs(1);
+    let server = quick_server(|b| b.options(Options::new().call_timeout(stall)));
+    assert_dropped_for_not_reading(&server, raw::client(server.port), stall);
     assert!(logged(&["127.0.0.1:", "read nothing for 1s"]));
 }
 
@@ -842,25 +816,7 @@ fn a_unix_socket_client_that_stops_reading_is_dropped_at_the_stall_timeout() {
     s.write_all(&raw::hello()).unwrap();
     let mut theirs = [0u8; 16];
     s.read_exact(&mut theirs).unwrap();
-    s.write_all(&raw::frame(
-        raw::CALL,
-        1,
-        0,
-        0,
-        "make",
-        &[0x81, 0x1a, 0x02, 0, 0, 0],
-    ))
-    .unwrap();
-    let start = Instant::now();
-    assert!(common::wait_until(stall * 5, || server
-        .handle
-        .connections()
-        == 0));
-    let took = start.elapsed();
-    assert!(
-        took >= stall.mul_f64(0.9) && took <= stall.mul_f64(1.6),
-        "noticed after {took:?}, the stall timeout being {stall:?}"
-    );
+    assert_dropped_for_not_reading(&server, s, stall);
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -297,12 +297,8 @@ fn tls_server_that_never_finishes_a_renegotiation_cannot_hang_calls_past_their_t
     conn.close();
 }
 
-#[test]
-fn tls_server_that_insists_on_renegotiating_ends_the_connection_with_an_error_saying_so() {
-    // OpenSSL's own s_server answers the client's refusal with a fatal handshake_failure
-    // alert and hangs up: the client's error must name the renegotiation, not the ciphers.
-    let p = pki();
-    let mut server = SServer::start(&p, &["-tls1_2"]);
+/// A client of `server` (trusting the test CA), once `server` has sent the rpyc hello.
+fn connect_through_s_server(p: &Pki, server: &mut SServer) -> rpyc::Connection {
     let client = SslClient::new()
         .ca_certs(p.ca.ca_cert())
         .options(Options::new().call_timeout(Duration::from_secs(10)));
@@ -313,7 +309,16 @@ fn tls_server_that_insists_on_renegotiating_ends_the_connection_with_an_error_sa
         "the client sent no hello"
     );
     server.send(&SERVER_HELLO);
-    let conn = connecting.join().unwrap().expect("the rpyc handshake");
+    connecting.join().unwrap().expect("the rpyc handshake")
+}
+
+#[test]
+fn tls_server_that_insists_on_renegotiating_ends_the_connection_with_an_error_saying_so() {
+    // OpenSSL's own s_server answers the client's refusal with a fatal handshake_failure
+    // alert and hangs up: the client's error must name the renegotiation, not the ciphers.
+    let p = pki();
+    let mut server = SServer::start(&p, &["-tls1_2"]);
+    let conn = connect_through_s_server(&p, &mut server);
     server.send(b"r\n");
     assert!(
         conn.wait_closed_timeout(Duration::from_secs(10)),
@@ -332,17 +337,7 @@ fn tls13_key_updates_from_the_server_still_work() {
     // updates its keys and asks the client to update its own keeps a working connection.
     let p = pki();
     let mut server = SServer::start(&p, &["-tls1_3", "-msg"]);
-    let client = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .options(Options::new().call_timeout(Duration::from_secs(10)));
-    let port = server.port;
-    let connecting = std::thread::spawn(move || client.connect("localhost", port));
-    assert!(
-        common::wait_until(Duration::from_secs(10), || server.printed(b"RPYC")),
-        "the client sent no hello"
-    );
-    server.send(&SERVER_HELLO);
-    let conn = connecting.join().unwrap().expect("the rpyc handshake");
+    let conn = connect_through_s_server(&p, &mut server);
     server.send(b"K\n");
     assert!(
         common::wait_until(Duration::from_secs(10), || server
@@ -376,9 +371,6 @@ fn tls13_key_updates_from_the_server_still_work() {
 use common::child::{self, Child as ChildProcess};
 use common::raw;
 use rpyc::{Bytes, Service};
-
-/// See the same constant in tests/hostile_clients.rs.
-const SLACK: u64 = 24 << 20;
 
 /// The client the memory tests attack, in a child process: `role` is `client PORT SCENARIO`.
 /// `late_reply`: one call that times out (says `timed out`), then it stays connected.
@@ -421,25 +413,6 @@ fn child_client() {
     }
 }
 
-/// Checks that the child's peak memory since `before` grew by at most `ratio` times `basis`
-/// bytes (plus [`SLACK`]).
-fn assert_grew_at_most(c: &ChildProcess, before: u64, basis: u64, ratio: f64, what: &str) {
-    let grew = c.peak().saturating_sub(before);
-    let bound = (basis as f64 * ratio) as u64 + SLACK;
-    eprintln!(
-        "{what}: the client's peak grew by {} KiB, {:.2}x {} KiB (bound {ratio}x + {} KiB)",
-        grew >> 10,
-        grew as f64 / basis as f64,
-        basis >> 10,
-        SLACK >> 10
-    );
-    assert!(
-        grew <= bound,
-        "{what}: the client grew by {grew} bytes ({:.1}x {basis}, over {ratio}x)",
-        grew as f64 / basis as f64
-    );
-}
-
 #[test]
 fn a_late_reply_full_of_tiny_items_costs_the_client_a_small_multiple_of_it() {
     let (l, port) = raw::listener();
@@ -468,7 +441,7 @@ fn a_late_reply_full_of_tiny_items_costs_the_client_a_small_multiple_of_it() {
         released += list.iter().map(|(_, n)| n).sum::<u64>();
     }
     assert_eq!(released, REFS);
-    assert_grew_at_most(&c, before, payload.len() as u64, 3.0, "late reply");
+    c.assert_peak_grew_at_most(before, payload.len() as u64, 3.0, "late reply");
 }
 
 #[test]
@@ -502,7 +475,7 @@ fn requests_nested_in_a_pending_call_are_bounded_in_bytes() {
         ended.contains("Closed") && ended.contains("max_buffered"),
         "the client should have closed the connection over its limit: {ended}"
     );
-    assert_grew_at_most(&c, before, 64 << 20, 1.5, "nested requests");
+    c.assert_peak_grew_at_most(before, 64 << 20, 1.5, "nested requests");
 }
 
 // ---- Deadlines ----

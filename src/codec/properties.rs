@@ -3,6 +3,7 @@
 
 use super::{decode, decode_releases, describe, encode_into, object_refs, Bytes, QUOTE_MAX};
 use crate::test_alloc::peak_during;
+use crate::test_rng::XorShift;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -13,26 +14,6 @@ const SLACK: usize = 64 * 1024;
 /// (`serde::de::size_hint::cautious`), once per sequence being decoded: typed decoding may
 /// allocate that much more, whatever the input.
 const SERDE_PREALLOC: usize = 1 << 20;
-
-/// A small deterministic generator, so the test needs no extra dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
 
 /// Serializes as a reference to object `id` does on the wire.
 #[derive(Serialize)]

@@ -9,6 +9,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 const ROLE: &str = "RPYC_TEST_CHILD";
+
+/// What a growth of resident memory may add to the bytes a test sent, whatever it sent: thread
+/// stacks touched, allocator arenas, the test harness. Generous, so that the ratio checks are
+/// about proportions, not noise.
+pub const SLACK: u64 = 24 << 20;
 const SAID: &str = "child says: ";
 
 /// A running child process; killed when dropped.
@@ -99,6 +104,25 @@ impl Child {
     pub fn reset_peak(&self) {
         std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
             .expect("/proc/PID/clear_refs is writable by the parent");
+    }
+
+    /// Checks that the peak of resident memory since [`reset_peak`](Self::reset_peak) grew by
+    /// at most `ratio` times `basis` bytes (plus [`SLACK`]) over `before`, the resident memory
+    /// then; prints the proportion either way.
+    pub fn assert_peak_grew_at_most(&self, before: u64, basis: u64, ratio: f64, what: &str) {
+        let grew = self.peak().saturating_sub(before);
+        let bound = (basis as f64 * ratio) as u64 + SLACK;
+        let times = grew as f64 / basis as f64;
+        eprintln!(
+            "{what}: the child's peak grew by {} KiB, {times:.2}x {} KiB (bound {ratio}x + {} KiB)",
+            grew >> 10,
+            basis >> 10,
+            SLACK >> 10
+        );
+        assert!(
+            grew <= bound,
+            "{what}: the child grew by {grew} bytes, {times:.1}x {basis} (over {ratio}x)"
+        );
     }
 
     /// CPU time used so far (user + system).

@@ -98,7 +98,8 @@ pub struct Frame {
     pub len: usize,
 }
 
-fn uint(b: &[u8], pos: &mut usize) -> u64 {
+/// Reads an unsigned CBOR integer at `pos` of `b`, moving `pos` past it.
+pub fn uint(b: &[u8], pos: &mut usize) -> u64 {
     let ib = b[*pos];
     *pos += 1;
     assert_eq!(

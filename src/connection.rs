@@ -64,7 +64,7 @@
 use crate::codec;
 use crate::dispatch::Pool;
 use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
-use crate::limits::Budget;
+use crate::limits::{Activity, Budget};
 use crate::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::options::Options;
 use crate::service::{Args, Context, Failure, Service};
@@ -145,10 +145,8 @@ pub(crate) struct Shared {
     user_handles: AtomicUsize,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     established: AtomicBool,
-    /// When the connection was made; `last_frame_ms` counts from here.
-    born: Instant,
-    /// When a frame was last read or written, in milliseconds after `born`.
-    last_frame_ms: AtomicU64,
+    /// When bytes last moved either way.
+    activity: Arc<Activity>,
     /// Requests of the peer being served right now (by the pool or by waiting callers).
     serving: AtomicUsize,
 }
@@ -290,13 +288,16 @@ impl Connection {
             peer,
             control,
             credentials,
+            started,
         } = t;
         let handshake = opts.handshake_timeout;
-        let deadline = crate::options::deadline(handshake);
+        // One deadline for the whole handshake, authentication (TLS) included.
+        let deadline = crate::options::deadline_from(started, handshake);
         // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
         // that shuts it down when the time is up: a child process is killed, a stream peer sees
         // the end of our side.
-        let timed_read = control.set_read_timeout(Some(handshake)).is_ok();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timed_read = !left.is_zero() && control.set_read_timeout(Some(left)).is_ok();
         let expired = AtomicBool::new(false);
         // The hello is read unbuffered, so nothing after it is taken from the stream.
         let mut reader = reader;
@@ -368,6 +369,7 @@ impl Connection {
         }
         let _ = control.set_read_timeout(None);
         let budget = Budget::new(opts.buffered_limit(), opts.server_budget.clone());
+        let activity = Activity::new();
         let stall = opts.write_timeout();
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
@@ -402,8 +404,7 @@ impl Connection {
             user_handles: AtomicUsize::new(0),
             on_close: Mutex::new(Vec::new()),
             established: AtomicBool::new(false),
-            born: Instant::now(),
-            last_frame_ms: AtomicU64::new(0),
+            activity: activity.clone(),
             serving: AtomicUsize::new(0),
         });
         let limits = ReadLimits {
@@ -411,6 +412,7 @@ impl Connection {
             stall,
             tick: opts.reader_tick(),
             budget: Some(budget),
+            activity: Some(activity),
         };
         let conn = Connection::from_shared(shared.clone());
         crate::dispatch::start(
@@ -722,7 +724,7 @@ impl Shared {
         match self.write_from(&frame, 0, deadline) {
             Ok(()) => {
                 self.release_gate();
-                self.flush_releases();
+                self.flush_releases(deadline);
                 Ok(())
             }
             Err(Stopped::Deadline {
@@ -730,6 +732,7 @@ impl Shared {
                 committed: false,
             }) => {
                 self.release_gate();
+                self.flush_releases(deadline);
                 Err(SendFail::NotSent)
             }
             Err(Stopped::Deadline { at, .. }) => {
@@ -737,8 +740,9 @@ impl Shared {
                 Err(SendFail::Partly)
             }
             Err(Stopped::Failed(e)) => {
-                self.release_gate();
+                // Closed before the gate opens: nobody may write after half a frame.
                 self.write_failed(e);
+                self.release_gate();
                 Err(SendFail::Closed(self.closed_error()))
             }
         }
@@ -813,12 +817,13 @@ impl Shared {
                         committed: sink.committed(),
                     })
                 }
-                Ok(n) => at += n,
+                Ok(n) => {
+                    at += n;
+                    self.activity.touch();
+                }
                 Err(e) => return Err(Stopped::Failed(e)),
             }
         }
-        drop(sink);
-        self.touch();
         Ok(())
     }
 
@@ -828,19 +833,23 @@ impl Shared {
     fn finish_in_background(self: &Arc<Self>, frame: OutFrame, at: usize) {
         let me = self.clone();
         let started = self.threads.spawn("rpyc-flush", move || {
-            let r = me.write_from(&frame, at, None);
-            me.release_gate();
-            match r {
-                Ok(()) => me.flush_releases(),
-                Err(Stopped::Failed(e)) => me.write_failed(e),
+            match me.write_from(&frame, at, None) {
+                Ok(()) => {
+                    me.release_gate();
+                    me.flush_releases(None);
+                }
+                Err(Stopped::Failed(e)) => {
+                    me.write_failed(e);
+                    me.release_gate();
+                }
                 Err(Stopped::Deadline { .. }) => unreachable!("no deadline"),
             }
         });
         if let Err(e) = started {
-            self.release_gate();
             self.terminate(format!(
                 "a frame was cut short and no thread could be started to finish it: {e}"
             ));
+            self.release_gate();
         }
     }
 
@@ -856,23 +865,18 @@ impl Shared {
         self.terminate(format!("write failed: {e}"));
     }
 
-    /// Records traffic, for the idle limit.
-    pub(crate) fn touch(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.last_frame_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// How long the connection has had no traffic, or `None` while work is in flight (a call
-    /// of ours waiting for its reply, a request of the peer being served or queued).
+    /// How long the connection has moved no byte either way, or `None` while work is in flight
+    /// (a call of ours waiting for its reply, a request of the peer being served or queued, a
+    /// frame being written).
     pub(crate) fn idle_for(&self) -> Option<Duration> {
         if self.serving.load(Ordering::Acquire) > 0
+            || self.writer.busy.load(Ordering::Acquire)
             || lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty())
             || crate::dispatch::has_queued(self)
         {
             return None;
         }
-        let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
-        Some(self.born.elapsed().saturating_sub(last))
+        Some(self.activity.idle_for())
     }
 
     /// Removes a caller from the pending table; returns its entry if it was still there.
@@ -983,25 +987,30 @@ impl Shared {
     /// Decides where an incoming frame goes. Replies and nested requests are delivered here;
     /// anything else is returned for a worker. An error means the peer broke the protocol.
     pub(crate) fn route(&self, frame: Frame) -> Result<Routed, Error> {
-        self.touch();
         let h = &frame.header;
         match h.kind {
             Kind::Reply | Kind::Error => {
-                let waiter = lock(&self.pending).as_mut().and_then(|m| m.remove(&h.id));
+                let mut pending = lock(&self.pending);
+                let waiter = pending.as_mut().and_then(|m| m.remove(&h.id));
                 match waiter {
                     Some(w) => {
+                        // Delivered under the lock: a caller giving up (`abandon`) either finds
+                        // its entry or finds the reply in its channel, never neither.
                         let _ = w.tx.send(Delivery::Reply(frame));
+                        drop(pending);
                         if w.serves_nested {
                             return Ok(Routed::ToCaller);
                         }
                     }
                     None if h.id == 0 || h.id >= self.next_id.load(Ordering::Relaxed) => {
+                        drop(pending);
                         return Err(Error::Protocol(format!(
                             "the peer replied to request {} which this side never sent",
                             h.id
                         )));
                     }
                     None => {
+                        drop(pending);
                         log::debug!(
                             "{}: dropping the late reply to request {} (its caller gave up)",
                             self.peer,
@@ -1180,7 +1189,9 @@ impl Shared {
             return;
         }
         lock(&self.releases).push((id, count));
-        self.flush_releases();
+        // Only what the transport takes now: a `Drop` must not wait. What is left goes out
+        // with the next frame anyone writes.
+        self.flush_releases(Some(Instant::now()));
     }
 
     /// Seals and sends a reply or error frame (small, built by this side); a failure to send
@@ -1194,10 +1205,10 @@ impl Shared {
         }
     }
 
-    /// Sends queued releases if the writer is free; otherwise its holder sends them when it
-    /// is done (every writer calls this after releasing it). Each release frame stays within
-    /// the peer's frame limit.
-    fn flush_releases(self: &Arc<Self>) {
+    /// Sends queued releases if the writer is free, waiting for the transport at most until
+    /// `deadline`; otherwise the writer's holder sends them when it is done (every writer calls
+    /// this after opening the gate). Each release frame stays within the peer's frame limit.
+    fn flush_releases(self: &Arc<Self>, deadline: Option<Instant>) {
         loop {
             if lock(&self.releases).is_empty() {
                 return;
@@ -1218,18 +1229,31 @@ impl Shared {
             }
             let mut out = OutFrame::new(0);
             codec::encode_into(out.payload(), &batch).expect("integers encode");
-            let r = match out.seal(Kind::Release, 0, 0, 0, "") {
-                Ok(_) => self.write_from(&out, 0, None),
-                Err(e) => {
+            if let Err(e) = out.seal(Kind::Release, 0, 0, 0, "") {
+                self.release_gate();
+                log::error!("{}: cannot send releases: {e}", self.peer);
+                return;
+            }
+            match self.write_from(&out, 0, deadline) {
+                Ok(()) => self.release_gate(),
+                Err(Stopped::Deadline {
+                    at: 0,
+                    committed: false,
+                }) => {
+                    // Nothing went out: they wait for the next writer.
+                    lock(&self.releases).splice(0..0, batch);
                     self.release_gate();
-                    log::error!("{}: cannot send releases: {e}", self.peer);
                     return;
                 }
-            };
-            self.release_gate();
-            if let Err(Stopped::Failed(e)) = r {
-                self.write_failed(e);
-                return;
+                Err(Stopped::Deadline { at, .. }) => {
+                    self.finish_in_background(out, at);
+                    return;
+                }
+                Err(Stopped::Failed(e)) => {
+                    self.write_failed(e);
+                    self.release_gate();
+                    return;
+                }
             }
         }
     }

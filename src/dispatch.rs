@@ -49,7 +49,7 @@ use crate::limits::ThreadBudget;
 use crate::wire::{Frame, FrameReader, Got};
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long a spare worker waits for work before it ends (the [`FREE_THREADS`] are kept).
@@ -93,6 +93,8 @@ struct State {
     threads: usize,
     ready: bool,
     stopping: bool,
+    /// Run once the pool is stopped and its last thread has ended.
+    on_stopped: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 enum Task {
@@ -119,6 +121,7 @@ impl Pool {
                 threads: 0,
                 ready: false,
                 stopping: false,
+                on_stopped: Vec::new(),
             }),
             cv: Condvar::new(),
             max_workers: max_workers.max(1),
@@ -152,14 +155,37 @@ fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
 }
 
 /// Counts a thread of the pool that ended (or never started), returning its share of the
-/// server's budget (the pool's free threads had none).
-fn thread_ended(pool: &Pool, st: &mut State) {
+/// server's budget (the pool's free threads had none), and unlocks the pool's state. The last
+/// thread of a stopped pool runs what waited for that ([`when_stopped`]).
+fn thread_ended(pool: &Pool, mut st: MutexGuard<'_, State>) {
     debug_assert!(st.threads > 0, "more threads ended than started");
     st.threads -= 1;
     if st.threads >= FREE_THREADS {
         if let Some(b) = &pool.budget {
             b.give();
         }
+    }
+    let hooks = if st.stopping && st.threads == 0 {
+        std::mem::take(&mut st.on_stopped)
+    } else {
+        Vec::new()
+    };
+    drop(st);
+    for hook in hooks {
+        hook();
+    }
+}
+
+/// Runs `f` once the connection's pool has stopped and every thread of it has ended (at once if
+/// that is already so): a server gives a connection's slot back only then, so a closed
+/// connection's handlers still running count against its limits.
+pub(crate) fn when_stopped(shared: &Shared, f: Box<dyn FnOnce() + Send>) {
+    let mut st = lock(&shared.pool.state);
+    if st.stopping && st.threads == 0 {
+        drop(st);
+        f();
+    } else {
+        st.on_stopped.push(f);
     }
 }
 
@@ -172,8 +198,7 @@ pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()>
         st.threads += 1;
     }
     spawn_worker(shared).inspect_err(|_| {
-        let mut st = lock(&shared.pool.state);
-        thread_ended(&shared.pool, &mut st);
+        thread_ended(&shared.pool, lock(&shared.pool.state));
     })
 }
 
@@ -196,8 +221,7 @@ fn wake_or_reserve(pool: &Pool, st: &mut State) -> bool {
 fn spawn_reserved(shared: &Arc<Shared>) {
     if let Err(e) = spawn_worker(shared) {
         log::error!("{}: cannot start a worker thread: {e}", shared.peer);
-        let mut st = lock(&shared.pool.state);
-        thread_ended(&shared.pool, &mut st);
+        thread_ended(&shared.pool, lock(&shared.pool.state));
     }
 }
 
@@ -365,7 +389,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     let mut active_until = Instant::now() + LINGER;
     loop {
         if st.stopping {
-            thread_ended(pool, &mut st);
+            thread_ended(pool, st);
             return None;
         }
         let now = Instant::now();
@@ -373,9 +397,17 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             if let Some(job) = st.jobs.pop_front() {
                 // Queued work first; make sure someone else reads or takes the rest.
                 let more = st.reader.is_some() || !st.jobs.is_empty();
-                if more && st.idle + st.watchers == 0 && wake_or_reserve(pool, &mut st) {
-                    drop(st);
-                    spawn_reserved(shared);
+                if more && st.idle + st.watchers == 0 {
+                    if wake_or_reserve(pool, &mut st) {
+                        drop(st);
+                        spawn_reserved(shared);
+                    } else if st.reader.is_some() {
+                        // Nobody else can read (the thread budget is used up): reading comes
+                        // first, so replies keep reaching callers; the job waits its turn.
+                        st.jobs.push_front(job);
+                        st.pool_leads = true;
+                        return st.reader.take().map(Task::Lead);
+                    }
                 }
                 return Some(Task::Job(job));
             }
@@ -422,7 +454,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 && st.jobs.is_empty()
                 && st.threads > FREE_THREADS
             {
-                thread_ended(pool, &mut st);
+                thread_ended(pool, st);
                 return None;
             }
         }

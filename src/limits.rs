@@ -32,8 +32,9 @@
 //! have no shared thread budget (their threads are bounded per connection by `max_workers`).
 
 use crate::connection::lock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What holding one frame costs beyond its bytes (the frame's bookkeeping, its queue slot, the
 /// allocator's overhead), charged with every frame.
@@ -122,14 +123,17 @@ impl Budget {
         if let Some(server) = &self.server {
             let extra = beyond_share(after) - beyond_share(*held);
             if extra > 0 {
-                let total = server.held.fetch_add(extra, Ordering::AcqRel) + extra;
-                if total > server.limit {
-                    server.held.fetch_sub(extra, Ordering::AcqRel);
-                    return Err(Over::Server {
-                        held: total,
+                // Added only if it fits, so no other connection ever sees a total that was
+                // refused.
+                server
+                    .held
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+                        total.checked_add(extra).filter(|&t| t <= server.limit)
+                    })
+                    .map_err(|total| Over::Server {
+                        held: total.saturating_add(extra),
                         limit: server.limit,
-                    });
-                }
+                    })?;
             }
         }
         *held = after;
@@ -173,6 +177,36 @@ pub(crate) struct Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.budget.give_back(self.bytes);
+    }
+}
+
+/// When a connection last moved bytes either way (a frame read or written in part counts),
+/// for its idle limit and a server's slot policy.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    born: Instant,
+    /// Milliseconds after `born`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            born: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes moved now.
+    pub(crate) fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last moved.
+    pub(crate) fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
     }
 }
 

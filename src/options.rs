@@ -239,12 +239,14 @@ impl Options {
     /// ```
     pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
         let s = transport::tcp_connect(host, port, self.connect_timeout)?;
-        let t = match &self.authenticator {
+        let started = Instant::now();
+        let mut t = match &self.authenticator {
             None => transport::tcp(s, self.write_timeout())?,
             Some(a) => a
                 .authenticate(s, host, self.handshake_timeout)?
                 .into_transport(self.write_timeout())?,
         };
+        t.started = started;
         Connection::establish(t, self, ThreadSet::new())
     }
 

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -143,8 +143,10 @@ impl ServerBuilder {
     }
 
     fn buffered_total(&self) -> usize {
+        let one_frame = self.options.max_frame + crate::limits::FRAME_OVERHEAD;
         self.max_buffered_total
             .unwrap_or_else(|| (256 << 20).max(self.options.max_frame.saturating_mul(2)))
+            .max(one_frame)
     }
 
     /// The address to listen on (a name, an IPv4 or an IPv6 address).
@@ -224,10 +226,11 @@ impl ServerBuilder {
     }
 
     /// Most bytes of client data all connections together hold beyond 1 MiB each (256 MiB or
-    /// twice `Options::max_frame_size`, whichever is larger, by default). A connection whose
-    /// next frame would exceed it is closed with a warning; a connection holding less than
-    /// 1 MiB is never refused for it. So the server holds at most this plus 1 MiB per
-    /// connection of its clients' data; see [`Options::max_buffered`] for one connection.
+    /// twice `Options::max_frame_size`, whichever is larger, by default; never less than one
+    /// largest frame). A connection whose next frame would exceed it is closed with a warning;
+    /// each connection may always hold 1 MiB without drawing on it. So the server holds at most
+    /// this plus 1 MiB per connection of its clients' data; see [`Options::max_buffered`] for
+    /// one connection.
     ///
     /// ```
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
@@ -318,6 +321,7 @@ impl ServerBuilder {
                 accept_thread: Mutex::new(None),
                 cleaned: Mutex::new(false),
                 close_grace: Mutex::new(CLOSE_GRACE),
+                evicting: Mutex::new(Default::default()),
                 handshaking: Mutex::new(HashMap::new()),
             }),
         })
@@ -449,6 +453,8 @@ struct ServerInner {
     cv: Condvar,
     accept_thread: Mutex<Option<JoinHandle<()>>>,
     cleaned: Mutex<bool>,
+    /// Connections being closed to make room (see `evict_idlest`), until they are gone.
+    evicting: Mutex<std::collections::HashSet<u64>>,
     /// How long closing waits for handlers (see `ServerHandle::close_timeout`).
     close_grace: Mutex<Duration>,
     /// How to end each connection still in its handshake (authentication included), so that
@@ -694,8 +700,9 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         if let Some(stop) = a.stopper() {
             lock(&inner.handshaking).insert(id, stop);
         }
+        let at = Instant::now();
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            serve_connection(&me, a);
+            serve_connection(&me, a, at);
             lock(&me.handshaking).remove(&id);
         });
         if let Err(e) = started {
@@ -715,26 +722,29 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
 }
 
 /// Authenticates the client (if the server has an authenticator), then does the handshake.
-fn open_transport(inner: &ServerInner, a: Accepted) -> Result<Transport, Error> {
+fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Transport, Error> {
     let write_timeout = inner.options.write_timeout();
-    match (a, &inner.authenticator) {
+    let mut t = match (a, &inner.authenticator) {
         #[cfg(unix)]
-        (Accepted::Unix(s, peer), _) => Ok(transport::unix(s, peer, write_timeout)?),
-        (Accepted::Tcp(s, _), None) => Ok(transport::tcp(s, write_timeout)?),
+        (Accepted::Unix(s, peer), _) => transport::unix(s, peer, write_timeout)?,
+        (Accepted::Tcp(s, _), None) => transport::tcp(s, write_timeout)?,
         (Accepted::Tcp(s, peer), Some(auth)) => {
             let timeout = inner.options.handshake_timeout;
             let authed = auth.authenticate(s, timeout).map_err(|e| {
                 log::warn!("{peer}: authentication failed: {e}");
                 e
             })?;
-            Ok(authed.into_transport(write_timeout)?)
+            authed.into_transport(write_timeout)?
         }
-    }
+    };
+    // The handshake timeout counts from the accept, authentication included.
+    t.started = at;
+    Ok(t)
 }
 
-fn serve_connection(inner: &Arc<ServerInner>, a: Accepted) {
+fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
     let peer = a.peer().to_string();
-    let established = open_transport(inner, a)
+    let established = open_transport(inner, a, at)
         .and_then(|t| Connection::establish(t, &inner.options, inner.threads.clone()));
     inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
     match established {
@@ -742,9 +752,13 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted) {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             lock(&inner.conns).insert(id, conn.clone());
             let me = inner.clone();
+            let shared = conn.shared.clone();
             conn.on_close(move || {
                 let c = lock(&me.conns).remove(&id);
-                me.connection_ended();
+                lock(&me.evicting).remove(&id);
+                // The slot is free once the connection's handlers have all returned.
+                let slot = me.clone();
+                crate::dispatch::when_stopped(&shared, Box::new(move || slot.connection_ended()));
                 drop(c);
             });
             if inner.closed.load(Ordering::Acquire) {
@@ -782,14 +796,21 @@ impl ServerInner {
     }
 
     /// Closes the connection idle longest, if it has been idle long enough; returns whether
-    /// one was closed.
+    /// one was. The connection is closed on a thread of its own (its service's `on_disconnect`
+    /// and the drops of its objects are user code, which must not hold up accepting).
     fn evict_idlest(&self) -> bool {
-        let victim = lock(&self.conns)
-            .values()
-            .filter_map(|c| Some((c.shared.idle_for()?, c.clone())))
-            .filter(|(idle, _)| *idle >= self.evict_idle_after)
-            .max_by_key(|(idle, _)| *idle);
-        let Some((idle, conn)) = victim else {
+        let conns: Vec<(u64, Connection)> = lock(&self.conns)
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect();
+        let evicting = lock(&self.evicting).clone();
+        let victim = conns
+            .into_iter()
+            .filter(|(id, c)| !evicting.contains(id) && !c.is_closed())
+            .filter_map(|(id, c)| Some((c.shared.idle_for()?, id, c)))
+            .filter(|(idle, _, _)| *idle >= self.evict_idle_after)
+            .max_by_key(|(idle, _, _)| *idle);
+        let Some((idle, id, conn)) = victim else {
             return false;
         };
         log::info!(
@@ -798,11 +819,22 @@ impl ServerInner {
             conn.peer(),
             self.max_connections
         );
-        conn.shared.terminate(format!(
+        let reason = format!(
             "the server needed this connection's slot for a new client: it had been idle for \
              {idle:?} (the server's max_connections is {})",
             self.max_connections
-        ));
+        );
+        lock(&self.evicting).insert(id);
+        let closing = conn.clone();
+        if self
+            .threads
+            .spawn("rpyc-evict", move || {
+                closing.shared.terminate(reason.clone())
+            })
+            .is_err()
+        {
+            conn.close();
+        }
         true
     }
 
@@ -864,9 +896,13 @@ fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
     }
     .encode();
     let mut open: Vec<(std::os::fd::OwnedFd, std::time::Instant)> = Vec::new();
-    let mut scratch = [0u8; 256];
+    let mut scratch = [0u8; 4096];
     loop {
-        let next = if open.is_empty() {
+        // At most MAX_REFUSALS sockets at once: beyond, the channel fills and the accept loop
+        // closes new refusals at once.
+        let next = if open.len() >= MAX_REFUSALS {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        } else if open.is_empty() {
             rx.recv()
                 .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected)
         } else {
@@ -913,8 +949,9 @@ fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
             if p.revents == 0 {
                 continue;
             }
-            // Read what the client sent; its end (or an error) means it has our answer.
-            loop {
+            // Read what the client sent (at most 64 KiB a round: a client that keeps sending
+            // cannot hold this thread); its end (or an error) means it has our answer.
+            for _ in 0..16 {
                 match sys::recv_nowait(p.fd, &mut scratch) {
                     Ok(0) => {
                         done[i] = true;

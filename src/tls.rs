@@ -1102,7 +1102,11 @@ fn linger_close(tcp: &TcpStream) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(250);
     let mut buf = [0u8; 4096];
-    loop {
+    // At most 256 KiB: a peer that keeps sending cannot hold this thread past the deadline.
+    for _ in 0..64 {
+        if Instant::now() >= deadline {
+            return;
+        }
         match sys::recv_nowait(tcp.as_raw_fd(), &mut buf) {
             Ok(0) => return,
             Ok(_) => {}
@@ -1341,6 +1345,7 @@ impl TlsConn {
             peer: conn.peer.clone(),
             control: conn,
             credentials: None,
+            started: Instant::now(),
         }
     }
 

@@ -185,6 +185,9 @@ pub(crate) struct Transport {
     pub control: Arc<dyn Control>,
     /// What an authenticator learned about the peer (e.g. its TLS certificate).
     pub credentials: Option<crate::auth::Credentials>,
+    /// When the peer was reached (accepted or connected): the handshake timeout, authentication
+    /// included, counts from here.
+    pub started: Instant,
 }
 
 impl Control for TcpStream {
@@ -253,6 +256,7 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
         }),
         peer,
         credentials: None,
+        started: Instant::now(),
     })
 }
 
@@ -272,6 +276,7 @@ pub(crate) fn unix(
         }),
         peer,
         credentials: None,
+        started: Instant::now(),
     })
 }
 
@@ -411,6 +416,7 @@ where
             child: None,
         }),
         credentials: None,
+        started: Instant::now(),
     }
 }
 
@@ -461,5 +467,6 @@ pub(crate) fn subprocess(mut cmd: Command, write_timeout: Duration) -> Result<Tr
             child: Some(Mutex::new(child)),
         }),
         credentials: None,
+        started: Instant::now(),
     })
 }

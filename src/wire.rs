@@ -17,7 +17,7 @@
 use crate::buffers;
 use crate::codec::{Detached, PLACEHOLDER};
 use crate::error::Error;
-use crate::limits::{Budget, Charge, FRAME_OVERHEAD};
+use crate::limits::{Activity, Budget, Charge, FRAME_OVERHEAD};
 use crate::transport::{Control, Sink};
 use std::io::{self, Read};
 use std::ops::Range;
@@ -562,6 +562,7 @@ pub(crate) struct FrameReader {
     tick: Duration,
     stall: Duration,
     budget: Option<Arc<Budget>>,
+    activity: Option<Arc<Activity>>,
     partial: Partial,
     /// When the frame being read last made progress.
     progress_at: Instant,
@@ -580,6 +581,8 @@ pub(crate) struct ReadLimits {
     pub tick: Duration,
     /// Where frames are charged (none in unit tests).
     pub budget: Option<Arc<Budget>>,
+    /// Told whenever bytes arrive (none in unit tests).
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl FrameReader {
@@ -599,6 +602,7 @@ impl FrameReader {
             tick: limits.tick,
             stall: limits.stall,
             budget: limits.budget,
+            activity: limits.activity,
             partial: Partial::Idle,
             progress_at: Instant::now(),
         };
@@ -771,6 +775,7 @@ impl FrameReader {
                         self.progress_at = Instant::now();
                     }
                     *got += n;
+                    self.moved();
                 }
                 Err(e) => {
                     if !self.waited(e, *got > 0, *got, 4, deadline).map_err(Some)? {
@@ -817,6 +822,7 @@ impl FrameReader {
                 Ok(n) => {
                     *got += n;
                     self.progress_at = Instant::now();
+                    self.moved();
                 }
                 Err(e) => {
                     if !self.waited(e, true, at + *got, frame_len, deadline)? {
@@ -826,6 +832,12 @@ impl FrameReader {
             }
         }
         Ok(true)
+    }
+
+    fn moved(&self) {
+        if let Some(a) = &self.activity {
+            a.touch();
+        }
     }
 
     /// Decides what a failed read means: `Ok(true)` retry, `Ok(false)` give the thread back
@@ -1037,6 +1049,7 @@ mod tests {
             stall: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             budget: None,
+            activity: None,
         }
     }
 

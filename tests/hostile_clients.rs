@@ -856,3 +856,128 @@ fn a_call_to_a_method_taking_no_arguments_with_some_names_what_was_sent_briefly(
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_refused_client_that_keeps_sending_cannot_hold_refusals_up() {
+    let server = quick_server(|b| b.max_connections(1).evict_idle_after(Duration::MAX));
+    let _holder = rpyc::connect("127.0.0.1", server.port).unwrap();
+    // Refused, and then it sends and sends instead of reading the refusal.
+    let mut flood = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let flooding = std::thread::spawn(move || {
+        let chunk = vec![0u8; 1 << 16];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if flood.write_all(&chunk).is_err() {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // The next refused client still gets its answer at once...
+    let start = Instant::now();
+    let err = rpyc::connect("127.0.0.1", server.port)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    // ... and the flooding one is hung up on after the refusal's linger (200 ms), not kept.
+    let cut = flooding.join().unwrap();
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(2)),
+        "the refused client could keep sending for {cut:?}"
+    );
+}
+
+#[test]
+fn a_client_uploading_slowly_is_not_idle_and_keeps_its_slot() {
+    let idle = Duration::from_millis(500);
+    let server = quick_server(|b| b.max_connections(1).evict_idle_after(idle));
+    let mut s = raw::client(server.port);
+    // A 1 KiB call sent a few bytes every tenth of the idle limit, for three idle limits.
+    let call = raw::frame(raw::CALL, 1, 0, 0, "nothing", &{
+        let mut p = vec![0x81];
+        raw::cbor_head(&mut p, 2, 1000);
+        p.resize(p.len() + 1000, 0);
+        p
+    });
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < idle * 3 {
+        s.write_all(&call[sent..sent + 4]).unwrap();
+        sent += 4;
+        std::thread::sleep(idle / 10);
+    }
+    // A newcomer cannot take the slot of a connection that is moving bytes.
+    let err = rpyc::connect("127.0.0.1", server.port)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+    s.write_all(&call[sent..]).unwrap();
+    let reply = raw::read_frame(&mut s).unwrap().unwrap();
+    assert_eq!(reply.kind, raw::ERROR, "too many arguments for `nothing`");
+}
+
+#[test]
+fn a_closed_connection_keeps_its_slot_until_its_handlers_return() {
+    let server = quick_server(|b| b.max_connections(1).evict_idle_after(Duration::MAX));
+    let t = Duration::from_millis(800);
+    let conn = rpyc::connect("127.0.0.1", server.port).unwrap();
+    let _running = conn
+        .root()
+        .call_async::<(), _>("wait_ms", (t.as_millis() as u64,))
+        .unwrap();
+    std::thread::sleep(t / 8);
+    let closed = Instant::now();
+    conn.close();
+    // Its handler still runs on the server: the slot is still taken...
+    std::thread::sleep(t / 8);
+    let err = rpyc::connect("127.0.0.1", server.port)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+    // ... and free once the handler has returned.
+    std::thread::sleep(t.saturating_sub(closed.elapsed()) + t / 4);
+    let conn = rpyc::connect("127.0.0.1", server.port).expect("the slot was given back");
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+}
+
+/// Admits every client after `delay` (a slow authentication).
+struct SlowAuth(Duration);
+
+impl rpyc::Authenticator for SlowAuth {
+    fn authenticate(
+        &self,
+        socket: TcpStream,
+        _timeout: Duration,
+    ) -> Result<rpyc::Authenticated, Error> {
+        std::thread::sleep(self.0);
+        Ok(rpyc::Authenticated::new(socket))
+    }
+}
+
+#[test]
+fn the_handshake_timeout_counts_from_the_accept_authentication_included() {
+    let t = Duration::from_secs(1);
+    let server = quick_server(|b| {
+        b.authenticator(SlowAuth(t.mul_f64(0.6)))
+            .options(Options::new().handshake_timeout(t))
+    });
+    // Authenticated after 0.6 of the timeout, then silent: dropped at the timeout, not 0.6
+    // later.
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let start = Instant::now();
+    assert!(raw::hangs_up_within(&mut s, t * 3));
+    let took = start.elapsed();
+    assert!(
+        took >= t.mul_f64(0.9) && took <= t.mul_f64(1.3),
+        "dropped after {took:?}, the handshake timeout being {t:?}"
+    );
+}

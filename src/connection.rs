@@ -937,8 +937,15 @@ impl Shared {
     /// Gives up on a call: its late reply will be dropped. Nested requests that were already
     /// handed to it go to the pool; a reply that slipped in is returned.
     pub(crate) fn abandon(self: &Arc<Self>, p: &Pending) -> Option<Frame> {
-        self.forget(p.id);
         let mut reply = None;
+        if !self.forget(p.id) {
+            // The reading thread took our entry (or the connection closed): the reply is in
+            // our channel or about to be (it is sent right after the entry is removed, with
+            // nothing in between that can wait), so take it rather than lose it.
+            if let Ok(Delivery::Reply(f)) = p.rx.recv() {
+                reply = Some(f);
+            }
+        }
         while let Ok(d) = p.rx.try_recv() {
             match d {
                 Delivery::Reply(f) => reply = Some(f),
@@ -994,10 +1001,10 @@ impl Shared {
                 let waiter = pending.as_mut().and_then(|m| m.remove(&h.id));
                 match waiter {
                     Some(w) => {
-                        // Delivered under the lock: a caller giving up (`abandon`) either finds
-                        // its entry or finds the reply in its channel, never neither.
-                        let _ = w.tx.send(Delivery::Reply(frame));
                         drop(pending);
+                        // Sent at once after the removal: a caller that gives up meanwhile
+                        // finds its entry gone and waits for this (see `abandon`).
+                        let _ = w.tx.send(Delivery::Reply(frame));
                         if w.serves_nested {
                             return Ok(Routed::ToCaller);
                         }

@@ -25,7 +25,7 @@
 //!   reading for itself stops at its deadline, even in the middle of a frame, and hands the
 //!   reader (with the frame read so far) to the pool; a peer that stops in the middle of a frame
 //!   for the stall timeout is dropped. Every frame read is charged to the connection's memory
-//!   budget until it is dropped ([`crate::limits`]).
+//!   budget until it is dropped ([`crate::base::limits`]).
 //! * **Replies find their caller by id.** A caller registers its id in the pending table
 //!   *before* writing the request; the reading thread removes the entry when the reply arrives
 //!   and hands the frame to that caller's own channel. A timed-out caller removes its entry, so
@@ -61,28 +61,24 @@
 //!   budget, is closed as misbehaving (both frame and queue limits are announced in the
 //!   handshake).
 
-use crate::codec;
+use crate::base::limits::{Activity, Budget};
+use crate::base::lock;
+use crate::base::threads::ThreadSet;
 use crate::dispatch::Pool;
 use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
-use crate::limits::{Activity, Budget};
 use crate::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::options::Options;
 use crate::service::{Args, Context, Failure, Service};
-use crate::threads::ThreadSet;
+use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
-use crate::wire::{self, Frame, FrameReader, Hello, Kind, OutFrame, ReadLimits};
+use crate::wire::codec;
+use crate::wire::{self, Frame, Hello, Kind, OutFrame};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
-
-/// Locks a mutex, ignoring poisoning: no code of ours panics while holding these locks, and a
-/// user panic is caught before it could cross one.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What the leader hands to a waiting caller.
 pub(crate) enum Delivery {
@@ -292,7 +288,7 @@ impl Connection {
         } = t;
         let handshake = opts.handshake_timeout;
         // One deadline for the whole handshake, authentication (TLS) included.
-        let deadline = crate::options::deadline_from(started, handshake);
+        let deadline = crate::base::deadline_from(started, handshake);
         // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
         // that shuts it down when the time is up: a child process is killed, a stream peer sees
         // the end of our side.
@@ -331,7 +327,13 @@ impl Connection {
                     Err(std::io::ErrorKind::Unsupported.into())
                 }
             };
-            let r = wire::exchange_hello(&mut reader, &mut *writer, ours, deadline, &set_timeout);
+            let r = crate::transport::hello::exchange_hello(
+                &mut reader,
+                &mut *writer,
+                ours,
+                deadline,
+                &set_timeout,
+            );
             drop(done);
             r
         });
@@ -524,7 +526,7 @@ impl Connection {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn ping_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         let p = self
             .shared
             .send_request(0, "", &(), Kind::Ping, true, deadline, timeout)?;
@@ -593,7 +595,7 @@ impl Connection {
     /// Like [`wait_closed`](Connection::wait_closed), for at most `timeout`; returns whether the
     /// connection is closed.
     pub fn wait_closed_timeout(&self, timeout: Duration) -> bool {
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         let mut r = lock(&self.shared.reason);
         while r.is_none() {
             let now = Instant::now();
@@ -1326,7 +1328,7 @@ pub(crate) fn call<R: serde::de::DeserializeOwned>(
     args: &dyn Args,
     timeout: Duration,
 ) -> Result<R, Error> {
-    let deadline = crate::options::deadline(timeout);
+    let deadline = crate::base::deadline(timeout);
     let p = shared
         .send_request(target, method, args, Kind::Call, true, deadline, timeout)?
         .expect("a call expects a reply");

@@ -12,7 +12,7 @@
 //! * **A pool thread (the leader)**, blocked in a plain read while the connection is quiet.
 //! * **A calling thread** waiting for its own reply, if the token is free when it starts
 //!   waiting. It reads its reply itself, without a thread hand-off; its reads time out every
-//!   [`READ_SLICE`](crate::wire::READ_SLICE), and it looks at its deadline after every frame it
+//!   [`READ_SLICE`](crate::transport::reader::READ_SLICE), and it looks at its deadline after every frame it
 //!   routes, so it gets its timeout on time however much of other threads' traffic it routes.
 //!   At its deadline it hands the token to the pool at once, even in the middle of a frame (the
 //!   reader keeps what it read of it). Transports that cannot time out a read, such as pipes,
@@ -43,10 +43,12 @@
 //! end after [`IDLE_TIMEOUT`] (two are kept). Until the service's `on_connect` has run,
 //! requests are queued, not run.
 
-use crate::connection::{lock, Delivery, Pending, Routed, Shared};
+use crate::base::limits::ThreadBudget;
+use crate::base::lock;
+use crate::connection::{Delivery, Pending, Routed, Shared};
 use crate::error::Error;
-use crate::limits::ThreadBudget;
-use crate::wire::{Frame, FrameReader, Got};
+use crate::transport::reader::{FrameReader, Got};
+use crate::wire::Frame;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

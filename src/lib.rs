@@ -69,12 +69,10 @@
 #![deny(missing_docs)]
 
 mod auth;
-mod buffers;
-mod codec;
+mod base;
 mod connection;
 mod dispatch;
 mod error;
-mod limits;
 mod object;
 mod options;
 mod pki;
@@ -82,19 +80,11 @@ mod server;
 mod service;
 #[cfg(unix)]
 mod ssh;
-#[cfg(unix)]
-mod sys;
-#[cfg(test)]
-mod test_alloc;
-#[cfg(test)]
-mod test_rng;
-mod threads;
 mod tls;
 mod transport;
 mod wire;
 
 pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
-pub use codec::Bytes;
 pub use connection::Connection;
 pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
 pub use object::{AsyncResult, RemoteObject};
@@ -107,3 +97,4 @@ pub use service::{callback, Args, Context, ContextHandler, Handler, Service};
 #[cfg(unix)]
 pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};
 pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};
+pub use wire::codec::Bytes;

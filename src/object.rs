@@ -10,7 +10,8 @@
 //! that crosses a new send of the same object harmless. Tables are per connection: an id means
 //! nothing on another connection, and closing a connection drops everything it exported.
 
-use crate::connection::{self, lock, Connection, Pending, Shared};
+use crate::base::lock;
+use crate::connection::{self, Connection, Pending, Shared};
 use crate::error::{Error, Timeout};
 use crate::service::{Args, Service};
 use crate::wire::{Frame, Kind};
@@ -88,7 +89,7 @@ fn current() -> Option<Arc<Shared>> {
 /// Releases the object references in a payload that will never be decoded (a call to an
 /// unknown method or object, a late or abandoned reply), so their owner can drop them.
 pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
-    for (id, count) in crate::codec::object_refs(payload, OBJ_KEY) {
+    for (id, count) in crate::wire::codec::object_refs(payload, OBJ_KEY) {
         shared.queue_release(id, count);
     }
 }
@@ -125,7 +126,7 @@ impl Drop for ImportLog {
 /// turned into handles (`imported`): those handles were dropped and released themselves.
 pub(crate) fn release_unread_except(shared: &Arc<Shared>, payload: &[u8], mut imported: Vec<u64>) {
     imported.sort_unstable();
-    for (id, count) in crate::codec::object_refs(payload, OBJ_KEY) {
+    for (id, count) in crate::wire::codec::object_refs(payload, OBJ_KEY) {
         let from = imported.partition_point(|&i| i < id);
         let handled = imported[from..].iter().take_while(|&&i| i == id).count() as u64;
         if count > handled {
@@ -436,7 +437,7 @@ impl RemoteObject {
     ) -> Result<AsyncResult<R>, Error> {
         let shared = self.shared();
         let timeout = shared.call_timeout;
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         let p = shared
             .send_request(
                 self.inner.id,
@@ -485,7 +486,7 @@ impl RemoteObject {
     pub fn call_oneway<A: Args>(&self, method: &str, args: A) -> Result<(), Error> {
         let shared = self.shared();
         let timeout = shared.call_timeout;
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         shared
             .send_request(
                 self.inner.id,
@@ -565,7 +566,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// Blocks until the reply arrives, up to `timeout`. On timeout the call is still pending:
     /// wait again, or drop the `AsyncResult` to abandon it.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        self.poll(Some(crate::options::deadline(timeout)))
+        self.poll(Some(crate::base::deadline(timeout)))
             .map_err(|e| match e {
                 Some(e) => e,
                 None => Error::Timeout(Timeout::Call {

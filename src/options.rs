@@ -2,11 +2,11 @@
 //! connections they accept.
 
 use crate::auth::ClientAuthenticator;
+use crate::base::limits::{ServerBudget, ThreadBudget};
+use crate::base::threads::ThreadSet;
 use crate::connection::Connection;
 use crate::error::Error;
-use crate::limits::{ServerBudget, ThreadBudget};
 use crate::service::Service;
-use crate::threads::ThreadSet;
 use crate::transport;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -219,7 +219,7 @@ impl Options {
 
     /// The connection's memory bound (see [`max_buffered`](Self::max_buffered)).
     pub(crate) fn buffered_limit(&self) -> usize {
-        let one_frame = self.max_frame + crate::limits::FRAME_OVERHEAD;
+        let one_frame = self.max_frame + crate::base::limits::FRAME_OVERHEAD;
         self.max_buffered
             .unwrap_or(self.max_frame.saturating_mul(2))
             .max(one_frame)
@@ -303,19 +303,6 @@ impl Options {
         let t = transport::subprocess(cmd, self.write_timeout())?;
         Connection::establish(t, self, ThreadSet::new())
     }
-}
-
-/// The instant `timeout` from now. A timeout too large to add to the clock (`Duration::MAX`,
-/// the usual way to say "no limit") waits about a century instead of panicking.
-pub(crate) fn deadline(timeout: Duration) -> Instant {
-    deadline_from(Instant::now(), timeout)
-}
-
-/// The instant `timeout` after `start`, with the same rule as [`deadline`].
-pub(crate) fn deadline_from(start: Instant, timeout: Duration) -> Instant {
-    start
-        .checked_add(timeout)
-        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Connects over TCP with default [`Options`].

@@ -7,12 +7,13 @@
 //! connection and joins those threads.
 
 use crate::auth::Authenticator;
-use crate::connection::{lock, Connection};
+use crate::base::limits::{ServerBudget, ThreadBudget};
+use crate::base::lock;
+use crate::base::threads::ThreadSet;
+use crate::connection::Connection;
 use crate::error::Error;
-use crate::limits::{ServerBudget, ThreadBudget};
 use crate::options::Options;
 use crate::service::Service;
-use crate::threads::ThreadSet;
 use crate::transport::{self, Transport};
 use crate::wire::{self, Hello};
 use std::collections::HashMap;
@@ -143,7 +144,7 @@ impl ServerBuilder {
     }
 
     fn buffered_total(&self) -> usize {
-        let one_frame = self.options.max_frame + crate::limits::FRAME_OVERHEAD;
+        let one_frame = self.options.max_frame + crate::base::limits::FRAME_OVERHEAD;
         self.max_buffered_total
             .unwrap_or_else(|| (256 << 20).max(self.options.max_frame.saturating_mul(2)))
             .max(one_frame)
@@ -886,7 +887,7 @@ impl Refusals {
 }
 
 fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
-    use crate::sys::{self, PollFd, POLLIN};
+    use crate::base::sys::{self, PollFd, POLLIN};
     use std::os::fd::AsRawFd;
     let refusal = Hello {
         version: wire::VERSION,

@@ -4,10 +4,10 @@
 //! `Service` inside a result or an argument is sent by reference (see [`crate::RemoteObject`]),
 //! and [`callback`] makes one from a closure.
 
-use crate::codec;
 use crate::connection::{Connection, Shared};
 use crate::error::Error;
 use crate::object::RemoteObject;
+use crate::wire::codec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;

@@ -41,10 +41,11 @@
 //! the accept loop.
 
 use crate::auth::{Authenticated, Authenticator, ClientAuthenticator};
-use crate::connection::{lock, Connection};
+use crate::base::lock;
+use crate::base::sys::{self, POLLIN, POLLOUT};
+use crate::connection::Connection;
 use crate::error::{Error, Timeout};
 use crate::options::Options;
-use crate::sys::{self, POLLIN, POLLOUT};
 use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};
@@ -604,7 +605,7 @@ impl SslAuthenticator {
 impl Authenticator for SslAuthenticator {
     fn authenticate(&self, socket: TcpStream, timeout: Duration) -> Result<Authenticated, Error> {
         let acceptor = self.acceptor()?;
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         let peer = peer_of(&socket);
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
@@ -872,7 +873,7 @@ impl ClientAuthenticator for SslClient {
         host: &str,
         timeout: Duration,
     ) -> Result<Authenticated, Error> {
-        let deadline = crate::options::deadline(timeout);
+        let deadline = crate::base::deadline(timeout);
         let connector = self.connector()?;
         let name = self.server_hostname.as_deref().unwrap_or(host);
         let ssl = connector

@@ -384,7 +384,7 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     let r = ctx.resolve();
     log::debug!("ssh: connecting to {} as {}", r.addr(), r.user);
     let timeout = r.connect_timeout;
-    let deadline = crate::options::deadline(timeout);
+    let deadline = crate::base::deadline(timeout);
     let left = || deadline.saturating_duration_since(Instant::now());
     let timed_out = || Error::Timeout(Timeout::Connect(timeout));
 

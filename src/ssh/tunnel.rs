@@ -43,9 +43,9 @@
 //! joins it, so after it returns no thread, socket or channel of the tunnel is left.
 
 use super::{code, open_session, SshContext, EAGAIN};
-use crate::connection::lock;
+use crate::base::lock;
+use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::Error;
-use crate::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use ssh2::{BlockDirections, Channel, Session};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

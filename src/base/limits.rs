@@ -31,7 +31,7 @@
 //! a thread of that connection to finish, and a connection never waits for another's. Clients
 //! have no shared thread budget (their threads are bounded per connection by `max_workers`).
 
-use crate::connection::lock;
+use crate::base::lock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -2,8 +2,8 @@
 //! panics, and none allocates more than twice the payload plus a small constant.
 
 use super::{decode, decode_releases, describe, encode_into, object_refs, Bytes, QUOTE_MAX};
-use crate::test_alloc::peak_during;
-use crate::test_rng::XorShift;
+use crate::base::test_alloc::peak_during;
+use crate::base::test_rng::XorShift;
 use serde::Serialize;
 use std::time::Instant;
 

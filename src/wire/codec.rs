@@ -17,7 +17,7 @@
 //!
 //! A large payload that is one byte string (a `Bytes` result), or a one-element array holding
 //! one (a call with one `Bytes` argument), whose data runs to the end of its frame, is received
-//! in two parts ([`crate::wire::FrameReader::read_frame`]): the frame body ends in a placeholder
+//! in two parts ([`crate::transport::reader::FrameReader::read_frame`]): the frame body ends in a placeholder
 //! empty byte string (`0x40`), and the string's original head and data are kept aside in a
 //! [`Detached`]. The wire format is unchanged; only the receiving side's buffers differ.
 //!
@@ -31,7 +31,7 @@
 //! always what decoding the bytes as sent gives. [`describe`] shows the placeholder as the
 //! detached string itself, without rebuilding anything.
 
-use crate::buffers;
+use crate::base::buffers;
 use crate::error::Error;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -44,7 +44,7 @@ mod render;
 mod walk;
 
 /// Appends the CBOR encoding of `value` to `buf`. A large encoding grows `buf` through
-/// [`crate::buffers`], into memory that is already mapped, rather than through fresh
+/// [`crate::base::buffers`], into memory that is already mapped, rather than through fresh
 /// allocations.
 pub(crate) fn encode_into<T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
@@ -74,7 +74,7 @@ fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 /// The head and data of a byte string kept outside its frame body, which ends in a placeholder
-/// empty byte string instead. Its drop hands the data buffer back to [`crate::buffers`].
+/// empty byte string instead. Its drop hands the data buffer back to [`crate::base::buffers`].
 pub(crate) struct Detached {
     /// The byte string's original CBOR head (1 to 9 bytes).
     pub head: Vec<u8>,
@@ -716,7 +716,7 @@ impl<'de> Deserialize<'de> for Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_alloc::peak_during;
+    use crate::base::test_alloc::peak_during;
 
     const KEY: &str = "$rpyc-obj";
 

@@ -12,10 +12,13 @@
 //! stream handed in by the user ([`crate::Options::connect_stream`]) is written with plain
 //! blocking writes: it is bounded by whatever timeouts the user gave it.
 
-use crate::connection::lock;
-use crate::error::{Error, Timeout};
+pub(crate) mod hello;
+pub(crate) mod reader;
+
+use crate::base::lock;
 #[cfg(unix)]
-use crate::sys::{self, POLLOUT};
+use crate::base::sys::{self, POLLOUT};
+use crate::error::{Error, Timeout};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 #[cfg(unix)]
@@ -81,7 +84,7 @@ impl Stall {
     ) -> io::Result<bool> {
         let now = Instant::now();
         let since = *self.since.get_or_insert(now);
-        let stalled_at = crate::options::deadline_from(since, self.limit);
+        let stalled_at = crate::base::deadline_from(since, self.limit);
         if now >= stalled_at {
             return Err(self.stalled());
         }
@@ -217,7 +220,7 @@ pub(crate) fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<Tc
         source: Arc::new(e),
     };
     let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(fail)?.collect();
-    let deadline = crate::options::deadline(timeout);
+    let deadline = crate::base::deadline(timeout);
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         "the host name resolved to no address",

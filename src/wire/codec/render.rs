@@ -56,7 +56,7 @@ impl Write for Out {
     }
 }
 
-/// See [`crate::codec::describe`]; `detached` is the data the payload's final placeholder
+/// See [`crate::wire::codec::describe`]; `detached` is the data the payload's final placeholder
 /// stands for, if it was offered with one.
 pub(super) fn describe(bytes: &[u8], detached: Option<&[u8]>, limit: usize) -> String {
     // Room for the whole rendering at once: no item renders to more than 12 bytes per input

@@ -70,30 +70,27 @@
 
 mod auth;
 mod base;
-mod connection;
-mod dispatch;
+mod client;
+mod core;
 mod error;
-mod object;
-mod options;
-mod pki;
 mod server;
-mod service;
 #[cfg(unix)]
 mod ssh;
+mod testing;
 mod tls;
 mod transport;
 mod wire;
 
 pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
-pub use connection::Connection;
+pub use crate::core::connection::Connection;
 pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
-pub use object::{AsyncResult, RemoteObject};
+pub use crate::core::object::{AsyncResult, RemoteObject};
 #[cfg(unix)]
-pub use options::unix_connect;
-pub use options::{connect, connect_stream, connect_subprocess, Options};
-pub use pki::{Issued, TestPki};
+pub use client::unix_connect;
+pub use client::{connect, connect_stream, connect_subprocess, Options};
+pub use testing::{Issued, TestPki};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
-pub use service::{callback, Args, Context, ContextHandler, Handler, Service};
+pub use crate::core::service::{callback, Args, Context, ContextHandler, Handler, Service};
 #[cfg(unix)]
 pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};
 pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};

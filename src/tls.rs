@@ -43,9 +43,9 @@
 use crate::auth::{Authenticated, Authenticator, ClientAuthenticator};
 use crate::base::lock;
 use crate::base::sys::{self, POLLIN, POLLOUT};
-use crate::connection::Connection;
+use crate::core::connection::Connection;
 use crate::error::{Error, Timeout};
-use crate::options::Options;
+use crate::client::Options;
 use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};

@@ -4,9 +4,9 @@
 use crate::auth::ClientAuthenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
 use crate::base::threads::ThreadSet;
-use crate::connection::Connection;
+use crate::core::connection::Connection;
 use crate::error::Error;
-use crate::service::Service;
+use crate::core::service::Service;
 use crate::transport;
 use std::io::{Read, Write};
 use std::path::Path;

@@ -45,7 +45,7 @@
 
 use crate::base::limits::ThreadBudget;
 use crate::base::lock;
-use crate::connection::{Delivery, Pending, Routed, Shared};
+use crate::core::connection::{Delivery, Pending, Routed, Shared};
 use crate::error::Error;
 use crate::transport::reader::{FrameReader, Got};
 use crate::wire::Frame;

@@ -4,9 +4,9 @@
 //! `Service` inside a result or an argument is sent by reference (see [`crate::RemoteObject`]),
 //! and [`callback`] makes one from a closure.
 
-use crate::connection::{Connection, Shared};
+use crate::core::connection::{Connection, Shared};
 use crate::error::Error;
-use crate::object::RemoteObject;
+use crate::core::object::RemoteObject;
 use crate::wire::codec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -168,7 +168,7 @@ impl Service {
 /// assert_eq!(cb.method_names(), vec!["__call__"]);
 /// ```
 pub fn callback<Args, F: Handler<Args>>(f: F) -> Service {
-    Service::new("callback").method(crate::object::CALL_METHOD, f)
+    Service::new("callback").method(crate::core::object::CALL_METHOD, f)
 }
 
 /// What a handler gets to know about the call it serves.

@@ -3,7 +3,7 @@
 //!
 //! # Who owns what
 //!
-//! * **The read half** is a token held by at most one thread at a time ([`crate::dispatch`]
+//! * **The read half** is a token held by at most one thread at a time ([`crate::core::dispatch`]
 //!   says who and when): a pool thread (the *leader*), or a calling thread reading its own
 //!   reply. The holder only reads frames and routes them; it never runs user code while holding
 //!   it, never writes, and never waits for anything but the socket. A token put back is taken
@@ -64,11 +64,11 @@
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
-use crate::dispatch::Pool;
+use crate::core::dispatch::Pool;
 use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
-use crate::object::{self, ObjectTable, RemoteInner, RemoteObject};
-use crate::options::Options;
-use crate::service::{Args, Context, Failure, Service};
+use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
+use crate::client::Options;
+use crate::core::service::{Args, Context, Failure, Service};
 use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
 use crate::wire::codec;
@@ -417,7 +417,7 @@ impl Connection {
             activity: Some(activity),
         };
         let conn = Connection::from_shared(shared.clone());
-        crate::dispatch::start(
+        crate::core::dispatch::start(
             &shared,
             FrameReader::new(reader, limits, shared.control.clone()),
         )
@@ -447,7 +447,7 @@ impl Connection {
         if closed_meanwhile {
             shared.run_on_disconnect();
         }
-        crate::dispatch::set_ready(&shared);
+        crate::core::dispatch::set_ready(&shared);
         Ok(conn)
     }
 
@@ -874,7 +874,7 @@ impl Shared {
         if self.serving.load(Ordering::Acquire) > 0
             || self.writer.busy.load(Ordering::Acquire)
             || lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty())
-            || crate::dispatch::has_queued(self)
+            || crate::core::dispatch::has_queued(self)
         {
             return None;
         }
@@ -897,7 +897,7 @@ impl Shared {
         method: &str,
         timeout: Duration,
     ) -> Result<Frame, Error> {
-        use crate::dispatch::{self, CallerRead};
+        use crate::core::dispatch::{self, CallerRead};
         let timed_out = |this: &Arc<Self>| match this.abandon(p) {
             Some(f) => Ok(f),
             None => Err(Error::Timeout(Timeout::Call {
@@ -951,7 +951,7 @@ impl Shared {
         while let Ok(d) = p.rx.try_recv() {
             match d {
                 Delivery::Reply(f) => reply = Some(f),
-                Delivery::Nested(f) => crate::dispatch::submit(self, f),
+                Delivery::Nested(f) => crate::core::dispatch::submit(self, f),
             }
         }
         reply
@@ -1288,7 +1288,7 @@ impl Shared {
         }
         let waiters = lock(&self.pending).take();
         drop(waiters); // every waiting caller wakes up with Disconnected -> Error::Closed
-        crate::dispatch::stop(self);
+        crate::core::dispatch::stop(self);
         let objects = std::mem::take(&mut *lock(&self.objects));
         drop(objects);
         lock(&self.remotes).clear();

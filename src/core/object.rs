@@ -11,9 +11,9 @@
 //! nothing on another connection, and closing a connection drops everything it exported.
 
 use crate::base::lock;
-use crate::connection::{self, Connection, Pending, Shared};
+use crate::core::connection::{self, Connection, Pending, Shared};
 use crate::error::{Error, Timeout};
-use crate::service::{Args, Service};
+use crate::core::service::{Args, Service};
 use crate::wire::{Frame, Kind};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::{Error as _, SerializeMap};
@@ -615,13 +615,13 @@ impl<R: DeserializeOwned> AsyncResult<R> {
                 .map_err(|e| e.is_disconnected()),
         };
         match got {
-            Ok(crate::connection::Delivery::Reply(f)) => {
+            Ok(crate::core::connection::Delivery::Reply(f)) => {
                 *reply = Some(f);
                 Ok(())
             }
-            Ok(crate::connection::Delivery::Nested(f)) => {
+            Ok(crate::core::connection::Delivery::Nested(f)) => {
                 // Not routed to async calls; if it ever is, serve it elsewhere.
-                crate::dispatch::submit(&self.conn.shared, f);
+                crate::core::dispatch::submit(&self.conn.shared, f);
                 Err(None)
             }
             Err(true) => Err(Some(self.conn.shared.closed_error())),

@@ -1,0 +1,8 @@
+//! The connection core: one symmetric channel between two peers ([`connection`]), who reads it
+//! and who runs the peer's requests ([`dispatch`]), remote objects and their reference counting
+//! ([`object`]), and services with the context of a call ([`service`]).
+
+pub(crate) mod connection;
+pub(crate) mod dispatch;
+pub(crate) mod object;
+pub(crate) mod service;

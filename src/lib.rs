@@ -81,17 +81,17 @@ mod tls;
 mod transport;
 mod wire;
 
-pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
 pub use crate::core::connection::Connection;
-pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
 pub use crate::core::object::{AsyncResult, RemoteObject};
+pub use crate::core::service::{callback, Args, Context, ContextHandler, Handler, Service};
+pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
 #[cfg(unix)]
 pub use client::unix_connect;
 pub use client::{connect, connect_stream, connect_subprocess, Options};
-pub use testing::{Issued, TestPki};
+pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
-pub use crate::core::service::{callback, Args, Context, ContextHandler, Handler, Service};
 #[cfg(unix)]
 pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};
+pub use testing::{Issued, TestPki};
 pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};
 pub use wire::codec::Bytes;

@@ -10,10 +10,10 @@ use crate::auth::Authenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
-use crate::core::connection::Connection;
-use crate::error::Error;
 use crate::client::Options;
+use crate::core::connection::Connection;
 use crate::core::service::Service;
+use crate::error::Error;
 use crate::transport::{self, Transport};
 use crate::wire::{self, Hello};
 use std::collections::HashMap;
@@ -759,7 +759,10 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
                 lock(&me.evicting).remove(&id);
                 // The slot is free once the connection's handlers have all returned.
                 let slot = me.clone();
-                crate::core::dispatch::when_stopped(&shared, Box::new(move || slot.connection_ended()));
+                crate::core::dispatch::when_stopped(
+                    &shared,
+                    Box::new(move || slot.connection_ended()),
+                );
                 drop(c);
             });
             if inner.closed.load(Ordering::Acquire) {

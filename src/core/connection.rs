@@ -64,11 +64,11 @@
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
-use crate::core::dispatch::Pool;
-use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
-use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::client::Options;
+use crate::core::dispatch::Pool;
+use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::core::service::{Args, Context, Failure, Service};
+use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
 use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
 use crate::wire::codec;

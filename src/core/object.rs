@@ -12,8 +12,8 @@
 
 use crate::base::lock;
 use crate::core::connection::{self, Connection, Pending, Shared};
-use crate::error::{Error, Timeout};
 use crate::core::service::{Args, Service};
+use crate::error::{Error, Timeout};
 use crate::wire::{Frame, Kind};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::{Error as _, SerializeMap};

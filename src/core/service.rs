@@ -5,8 +5,8 @@
 //! and [`callback`] makes one from a closure.
 
 use crate::core::connection::{Connection, Shared};
-use crate::error::Error;
 use crate::core::object::RemoteObject;
+use crate::error::Error;
 use crate::wire::codec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -34,9 +34,9 @@ mod tunnel;
 
 pub use tunnel::SshTunnel;
 
+use crate::client::Options;
 use crate::core::connection::Connection;
 use crate::error::{Error, Timeout};
-use crate::client::Options;
 use known_hosts::{KnownHosts, Verdict};
 use ssh2::{ErrorCode, MethodType, Session};
 use std::fmt;

@@ -1,6 +1,6 @@
 //! Authenticators: what a server does with an accepted TCP socket, and a client with a
 //! connected one, before the rpyc handshake. [`SslAuthenticator`](crate::SslAuthenticator) and
-//! [`SslClient`](crate::SslClient) are the TLS ones; users add their own (a pre-shared token,
+//! [`SslClient`](crate::tls::SslClient) are the TLS ones; users add their own (a pre-shared token,
 //! an IP allow-list) by implementing [`Authenticator`] or [`ClientAuthenticator`].
 //!
 //! An authenticator runs on the accepted connection's own thread (never on the accept loop),
@@ -9,18 +9,13 @@
 //! credentials, which handlers read with [`Context::credentials`](crate::Context::credentials).
 
 use crate::error::Error;
-use crate::tls::{PeerCertificate, TlsConn};
-use crate::transport::{self, Transport};
+use crate::transport::{self, Credentials, Transport};
 use std::any::Any;
 use std::fmt;
 use std::io;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What the peer proved about itself: any value an authenticator chose to keep (for TLS, a
-/// [`PeerCertificate`]).
-pub(crate) type Credentials = Arc<dyn Any + Send + Sync>;
 
 /// Server-side authentication of each accepted TCP connection, before the rpyc handshake.
 ///
@@ -127,7 +122,9 @@ pub struct Authenticated {
 
 pub(crate) enum Stream {
     Tcp(TcpStream),
-    Tls(Arc<TlsConn>),
+    /// A stream of a layer above (TLS), which makes its transport once the connection's
+    /// stall timeout is known.
+    Made(Box<dyn FnOnce(Duration) -> Transport + Send>),
 }
 
 impl Authenticated {
@@ -147,15 +144,15 @@ impl Authenticated {
         self
     }
 
-    /// The peer's verified certificate, when this is a TLS connection and the peer sent one.
-    pub fn peer_certificate(&self) -> Option<&PeerCertificate> {
-        self.credentials.as_deref()?.downcast_ref()
-    }
-
-    pub(crate) fn tls(conn: Arc<TlsConn>, peer: Option<PeerCertificate>) -> Authenticated {
+    /// A connection that continues on a stream made by `transport` (given the stall timeout),
+    /// with `credentials` (for TLS, the peer's verified certificate).
+    pub(crate) fn made(
+        transport: impl FnOnce(Duration) -> Transport + Send + 'static,
+        credentials: Option<Credentials>,
+    ) -> Authenticated {
         Authenticated {
-            stream: Stream::Tls(conn),
-            credentials: peer.map(|p| Arc::new(p) as Credentials),
+            stream: Stream::Made(Box::new(transport)),
+            credentials,
         }
     }
 
@@ -167,7 +164,7 @@ impl Authenticated {
                 s.set_nonblocking(false)?;
                 transport::tcp(s, write_timeout)?
             }
-            Stream::Tls(c) => TlsConn::transport(c, write_timeout),
+            Stream::Made(make) => make(write_timeout),
         };
         t.credentials = self.credentials;
         Ok(t)
@@ -181,7 +178,7 @@ impl fmt::Debug for Authenticated {
                 "stream",
                 &match self.stream {
                     Stream::Tcp(_) => "tcp",
-                    Stream::Tls(_) => "tls",
+                    Stream::Made(_) => "tls",
                 },
             )
             .field("credentials", &self.credentials.is_some())

@@ -1,115 +1,99 @@
-//! Connection options: one builder for every way of connecting, also used by servers for the
-//! connections they accept.
+//! The client side's entry points: [`Options`], the one builder that carries every client
+//! setting (timeouts and limits, the client's own service, TLS or another authenticator, an
+//! SSH route) and reaches every transport from it; and the RPyC-named shorthands
+//! [`connect`], [`ssl_connect`], [`ssh_connect`], [`unix_connect`], [`connect_stream`] and
+//! [`connect_subprocess`], each the builder with its defaults.
 
 use crate::auth::ClientAuthenticator;
-use crate::base::limits::{ServerBudget, ThreadBudget};
 use crate::base::threads::ThreadSet;
+use crate::core::config::Config;
 use crate::core::connection::Connection;
 use crate::core::service::Service;
 use crate::error::Error;
-use crate::transport;
+#[cfg(unix)]
+use crate::ssh::{SshContext, SshTunnel};
+use crate::tls::SslClient;
+use crate::transport::{self, Transport};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest frame accepted by default.
-pub(crate) const DEFAULT_MAX_FRAME: usize = 64 << 20;
-
-/// Settings for a connection, with the entry points that open one.
+/// Every setting of a client connection, with the entry points that open one.
 ///
 /// Defaults: no service exposed, 30 s call timeout (like RPyC's `sync_request_timeout`), 10 s
 /// connect and handshake timeouts, 64 MiB largest frame, at most twice that held from the peer
-/// at once, 64 workers, 65,536 queued requests, no idle limit. The README's "Limits and
-/// hostile peers" gives the arithmetic.
+/// at once, 64 workers, 65,536 queued requests, no idle limit, plain TCP. The README's "Limits
+/// and hostile peers" gives the arithmetic. A server's connections are configured on its
+/// [`ServerBuilder`](crate::ServerBuilder) instead.
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// use std::time::Duration;
 /// let callbacks = rpyc::Service::new("client").method("notify", |msg: String| println!("{msg}"));
 /// let conn = rpyc::Options::new()
 ///     .service(callbacks)
 ///     .call_timeout(Duration::from_secs(5))
 ///     .connect("127.0.0.1", port)?;
+/// assert_eq!(conn.root().call::<i64, _>("add", (1, 2))?, 3);
 /// # Ok::<(), rpyc::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct Options {
-    pub(crate) service: Service,
-    pub(crate) call_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) max_frame: usize,
-    pub(crate) max_workers: usize,
-    pub(crate) max_queued: usize,
-    /// `None`: twice `max_frame`.
-    pub(crate) max_buffered: Option<usize>,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) authenticator: Option<Arc<dyn ClientAuthenticator>>,
-    /// Set by a server for its connections: the shared part of its memory bound.
-    pub(crate) server_budget: Option<Arc<ServerBudget>>,
-    /// Set by a server for its connections: its budget of pool threads.
-    pub(crate) thread_budget: Option<Arc<ThreadBudget>>,
+    pub(crate) config: Config,
+    service: Service,
+    connect_timeout: Duration,
+    authenticator: Option<Arc<dyn ClientAuthenticator>>,
+    #[cfg(unix)]
+    ssh: Option<SshContext>,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
+            config: Config::default(),
             service: Service::new("void"),
-            call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            max_frame: DEFAULT_MAX_FRAME,
-            max_workers: 64,
-            max_queued: 65_536,
-            max_buffered: None,
-            idle_timeout: Duration::MAX,
             authenticator: None,
-            server_budget: None,
-            thread_budget: None,
+            #[cfg(unix)]
+            ssh: None,
         }
     }
 }
 
 impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
-            .field("service", &self.service)
-            .field("call_timeout", &self.call_timeout)
+        let mut d = f.debug_struct("Options");
+        d.field("service", &self.service)
             .field("connect_timeout", &self.connect_timeout)
-            .field("handshake_timeout", &self.handshake_timeout)
-            .field("max_frame", &self.max_frame)
-            .field("max_workers", &self.max_workers)
-            .field("max_queued", &self.max_queued)
-            .field("max_buffered", &self.buffered_limit())
-            .field("idle_timeout", &self.idle_timeout)
-            .field("authenticator", &self.authenticator.is_some())
-            .finish()
+            .field("config", &self.config)
+            .field("authenticator", &self.authenticator.is_some());
+        #[cfg(unix)]
+        d.field("ssh", &self.ssh);
+        d.finish()
     }
 }
 
 impl Options {
     /// The defaults.
+    ///
+    /// ```
+    /// let options = rpyc::Options::new();
+    /// # let _ = options;
+    /// ```
     pub fn new() -> Options {
         Options::default()
     }
 
-    /// The service this side exposes to the peer (its callbacks, for a client).
+    /// The service this client exposes to the server: its callbacks, which server handlers
+    /// reach with [`Context::peer_root`](crate::Context::peer_root).
+    ///
+    /// ```
+    /// let me = rpyc::Service::new("client").method("name", || "lab rig 7");
+    /// let options = rpyc::Options::new().service(me);
+    /// # let _ = options;
+    /// ```
     pub fn service(mut self, service: Service) -> Options {
         self.service = service;
         self
@@ -120,23 +104,39 @@ impl Options {
     /// call: waiting for the connection's writer (another thread may be sending), sending, and
     /// waiting for the reply. It is also the *stall timeout* (at least 1 s): a peer that takes
     /// none of what this side writes, or sends part of a frame and then nothing, for that long
-    /// is dropped, with a warning in the log.
+    /// is dropped, with a warning in the log. `Duration::MAX` means no limit.
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().call_timeout(std::time::Duration::from_secs(5));
+    /// # let _ = options;
+    /// ```
     pub fn call_timeout(mut self, d: Duration) -> Options {
-        self.call_timeout = d;
+        self.config.call_timeout = d;
         self
     }
 
-    /// How long establishing a TCP connection may take.
+    /// How long establishing a TCP connection may take (10 s).
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().connect_timeout(std::time::Duration::from_secs(2));
+    /// # let _ = options;
+    /// ```
     pub fn connect_timeout(mut self, d: Duration) -> Options {
         self.connect_timeout = d;
         self
     }
 
-    /// How long the peer may take to complete the rpyc handshake. Over a stream or to a child
-    /// process, which cannot time out a read, our end is shut down when the time is up (the
-    /// child is killed; a stream peer sees the end of our stream).
+    /// How long the handshake may take (10 s), counted from the moment the transport is up:
+    /// authentication (TLS) and rpyc's hello together. Over a stream or to a child process,
+    /// which cannot time out a read, our end is shut down when the time is up (the child is
+    /// killed; a stream peer sees the end of our stream).
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().handshake_timeout(std::time::Duration::from_secs(3));
+    /// # let _ = options;
+    /// ```
     pub fn handshake_timeout(mut self, d: Duration) -> Options {
-        self.handshake_timeout = d;
+        self.config.handshake_timeout = d;
         self
     }
 
@@ -150,7 +150,7 @@ impl Options {
     /// # let _ = options;
     /// ```
     pub fn max_frame_size(mut self, bytes: usize) -> Options {
-        self.max_frame = bytes.clamp(1024, u32::MAX as usize);
+        self.config.set_max_frame(bytes);
         self
     }
 
@@ -165,11 +165,11 @@ impl Options {
     /// # let _ = options;
     /// ```
     pub fn max_buffered(mut self, bytes: usize) -> Options {
-        self.max_buffered = Some(bytes);
+        self.config.max_buffered = Some(bytes);
         self
     }
 
-    /// Closes the connection once it has gone this long with no frame either way and nothing
+    /// Closes the connection once it has gone this long with no byte either way and nothing
     /// in flight (no call of ours waiting for a reply, no request of the peer running or
     /// queued). No limit by default (`Duration::MAX`). Checked every quarter of the limit (at
     /// least every 50 ms, at most every 5 s); not over streams and pipes, which cannot time out
@@ -181,29 +181,69 @@ impl Options {
     /// # let _ = options;
     /// ```
     pub fn idle_timeout(mut self, d: Duration) -> Options {
-        self.idle_timeout = d;
+        self.config.idle_timeout = d;
         self
     }
 
-    /// Most handlers of one connection running at once (nested callbacks do not count: they
-    /// run on the thread that waits for them).
-    pub fn max_workers(mut self, n: usize) -> Options {
-        self.max_workers = n.max(1);
-        self
-    }
-
-    /// Most requests waiting for a worker; a peer that sends more is closed as misbehaving.
-    pub fn max_queued(mut self, n: usize) -> Options {
-        self.max_queued = n.clamp(1, u32::MAX as usize);
-        self
-    }
-
-    /// Authenticates outgoing TCP connections ([`connect`](Self::connect)) with `a` before the
-    /// rpyc handshake, e.g. an [`SslClient`](crate::SslClient) (TLS) or your own
-    /// [`ClientAuthenticator`]. Not used for Unix sockets, streams or servers.
+    /// Most handlers of the peer's requests running at once (64; nested callbacks do not
+    /// count: they run on the thread that waits for them).
     ///
     /// ```
-    /// let options = rpyc::Options::new().authenticator(rpyc::SslClient::new().ca_certs("ca.pem"));
+    /// let options = rpyc::Options::new().max_workers(4);
+    /// # let _ = options;
+    /// ```
+    pub fn max_workers(mut self, n: usize) -> Options {
+        self.config.set_max_workers(n);
+        self
+    }
+
+    /// Most requests waiting for a worker (65,536); a peer that sends more is closed as
+    /// misbehaving.
+    ///
+    /// ```
+    /// let options = rpyc::Options::new().max_queued(1000);
+    /// # let _ = options;
+    /// ```
+    pub fn max_queued(mut self, n: usize) -> Options {
+        self.config.set_max_queued(n);
+        self
+    }
+
+    /// Connects with TLS, as `client` says (what to present, what to trust). Verification of
+    /// the server is on by default; see [`SslClient`].
+    ///
+    /// ```
+    /// # let pki = rpyc::testing::TestPki::temp()?;
+    /// # let files = pki.issue("localhost", &["localhost"])?;
+    /// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert);
+    /// # let server = rpyc::ThreadedServer::new(rpyc::Service::new("s").method("ping", || "pong"))
+    /// #     .authenticator(auth).build()?.spawn()?;
+    /// # let ca = pki.ca_cert();
+    /// let options = rpyc::Options::new().tls(rpyc::tls::SslClient::new().ca_certs(ca));
+    /// let conn = options.connect("localhost", server.port())?;
+    /// assert_eq!(conn.root().call::<String, _>("ping", ())?, "pong");
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn tls(self, client: SslClient) -> Options {
+        self.authenticator(client)
+    }
+
+    /// Authenticates connections made with [`connect`](Self::connect) with your own scheme,
+    /// before the rpyc handshake (a pre-shared token, say; see
+    /// [`ClientAuthenticator`](crate::auth::ClientAuthenticator)). [`tls`](Self::tls) is the
+    /// same slot, for TLS: the last one given is used.
+    ///
+    /// ```
+    /// use rpyc::auth::{Authenticated, ClientAuthenticator};
+    /// struct Token;
+    /// impl ClientAuthenticator for Token {
+    ///     fn authenticate(&self, mut s: std::net::TcpStream, _host: &str, _t: std::time::Duration)
+    ///         -> Result<Authenticated, rpyc::Error> {
+    ///         std::io::Write::write_all(&mut s, b"s3cr3t!!")?;
+    ///         Ok(Authenticated::new(s))
+    ///     }
+    /// }
+    /// let options = rpyc::Options::new().authenticator(Token);
     /// # let _ = options;
     /// ```
     pub fn authenticator(mut self, a: impl ClientAuthenticator) -> Options {
@@ -211,43 +251,99 @@ impl Options {
         self
     }
 
-    /// The stall timeout: a peer that takes none of what we write, or sends part of a frame
-    /// and then nothing, for this long is dropped.
-    pub(crate) fn write_timeout(&self) -> Duration {
-        self.call_timeout.max(Duration::from_secs(1))
-    }
-
-    /// The connection's memory bound (see [`max_buffered`](Self::max_buffered)).
-    pub(crate) fn buffered_limit(&self) -> usize {
-        let one_frame = self.max_frame + crate::base::limits::FRAME_OVERHEAD;
-        self.max_buffered
-            .unwrap_or(self.max_frame.saturating_mul(2))
-            .max(one_frame)
-    }
-
-    /// How often a quiet connection's reader wakes, to apply the stall and idle limits.
-    pub(crate) fn reader_tick(&self) -> Duration {
-        (self.write_timeout().min(self.idle_timeout) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(5))
-    }
-
-    /// Connects over TCP to `host:port`.
+    /// Reaches the server through SSH: [`connect`](Self::connect)`(host, port)` then opens an
+    /// SSH session as `ctx` says and a tunnel to `host:port` *as the SSH server sees it*
+    /// (usually `localhost`, for a server bound to localhost only), and runs the connection
+    /// (with TLS, if set, verified against `host`) through it. The connection owns the tunnel.
     ///
     /// ```no_run
-    /// let conn = rpyc::Options::new().connect("::1", 18861)?;
+    /// let ctx = rpyc::SshContext::new("myserver").user("foo");
+    /// let conn = rpyc::Options::new().ssh(ctx).connect("localhost", 12345)?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    #[cfg(unix)]
+    pub fn ssh(mut self, ctx: SshContext) -> Options {
+        self.ssh = Some(ctx);
+        self
+    }
+
+    /// Connects to `host:port`: over TCP, through SSH if [`ssh`](Self::ssh) was set, with TLS
+    /// (or another authenticator) if set.
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// let conn = rpyc::Options::new().connect("127.0.0.1", port)?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
-        let s = transport::tcp_connect(host, port, self.connect_timeout)?;
+        #[cfg(unix)]
+        if let Some(ctx) = &self.ssh {
+            return self.connect_through(ctx, host, port);
+        }
+        self.connect_tcp(host, host, port)
+    }
+
+    /// Connects to `dial:port`, authenticating the peer as `host`.
+    fn connect_tcp(&self, host: &str, dial: &str, port: u16) -> Result<Connection, Error> {
+        let s = transport::tcp_connect(dial, port, self.connect_timeout)?;
         let started = Instant::now();
+        let write_timeout = self.config.write_timeout();
         let mut t = match &self.authenticator {
-            None => transport::tcp(s, self.write_timeout())?,
+            None => transport::tcp(s, write_timeout)?,
             Some(a) => a
-                .authenticate(s, host, self.handshake_timeout)?
-                .into_transport(self.write_timeout())?,
+                .authenticate(s, host, self.config.handshake_timeout)?
+                .into_transport(write_timeout)?,
         };
         t.started = started;
-        Connection::establish(t, self, ThreadSet::new())
+        self.establish(t)
+    }
+
+    #[cfg(unix)]
+    fn connect_through(
+        &self,
+        ctx: &SshContext,
+        host: &str,
+        port: u16,
+    ) -> Result<Connection, Error> {
+        let tunnel = SshTunnel::open(ctx, host, port)?;
+        match self.connect_tcp(host, "127.0.0.1", tunnel.local_port()) {
+            Ok(conn) => {
+                conn.on_close(move || drop(tunnel));
+                Ok(conn)
+            }
+            Err(e) => {
+                // The tunnel knows better why the connection failed (the remote port refused,
+                // forwarding prohibited, the session died).
+                let why = tunnel.failure();
+                drop(tunnel);
+                Err(why.map(Error::Ssh).unwrap_or(e))
+            }
+        }
+    }
+
+    fn establish(&self, t: Transport) -> Result<Connection, Error> {
+        Connection::establish(t, &self.config, self.service.clone(), ThreadSet::new())
+    }
+
+    /// Refuses settings that only a TCP connection can use.
+    fn tcp_only(&self, what: &str) -> Result<(), Error> {
+        let set = if self.authenticator.is_some() {
+            Some("tls/authenticator")
+        } else {
+            #[cfg(unix)]
+            {
+                self.ssh.as_ref().map(|_| "ssh")
+            }
+            #[cfg(not(unix))]
+            None
+        };
+        match set {
+            Some(setting) => Err(Error::Misuse(format!(
+                "Options::{setting} applies to TCP connections (Options::connect), not to {what}; \
+                 use Options without it"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Connects to a server listening on the Unix socket at `path`.
@@ -258,13 +354,14 @@ impl Options {
     /// ```
     #[cfg(unix)]
     pub fn unix_connect(&self, path: impl AsRef<Path>) -> Result<Connection, Error> {
+        self.tcp_only("Unix sockets")?;
         let path = path.as_ref();
         let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| Error::Connect {
             addr: path.display().to_string(),
             source: e.into(),
         })?;
-        let t = transport::unix(s, path.display().to_string(), self.write_timeout())?;
-        Connection::establish(t, self, ThreadSet::new())
+        let t = transport::unix(s, path.display().to_string(), self.config.write_timeout())?;
+        self.establish(t)
     }
 
     /// Runs the protocol over any byte stream: `reader` carries the peer's bytes to us,
@@ -286,8 +383,8 @@ impl Options {
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
-        let t = transport::stream(reader, writer, "stream".into());
-        Connection::establish(t, self, ThreadSet::new())
+        self.tcp_only("streams")?;
+        self.establish(transport::stream(reader, writer, "stream".into()))
     }
 
     /// Starts `cmd` with its stdin and stdout piped and connects to the rpyc peer it runs
@@ -300,35 +397,72 @@ impl Options {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect_subprocess(&self, cmd: Command) -> Result<Connection, Error> {
-        let t = transport::subprocess(cmd, self.write_timeout())?;
-        Connection::establish(t, self, ThreadSet::new())
+        self.tcp_only("child processes")?;
+        self.establish(transport::subprocess(cmd, self.config.write_timeout())?)
     }
 }
 
 /// Connects over TCP with default [`Options`].
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// let conn = rpyc::connect("127.0.0.1", port)?;
 /// let sum: i64 = conn.root().call("add", (1, 2))?;
+/// assert_eq!(sum, 3);
 /// # Ok::<(), rpyc::Error>(())
 /// ```
 pub fn connect(host: &str, port: u16) -> Result<Connection, Error> {
     Options::new().connect(host, port)
+}
+
+/// Connects over TLS, as RPyC's `ssl_connect`: verifies the server against the system's trust
+/// store and its certificate against `host`, and presents `keyfile`/`certfile` when given
+/// (servers that require client certificates). For a private CA, another name, or other
+/// settings, give [`Options::tls`] an [`SslClient`] (the one-line private-CA form is below);
+/// keep that `Options` to connect often: it reads the files and the system's trust store (tens
+/// of milliseconds) once, where `ssl_connect` reads them on every call.
+///
+/// ```no_run
+/// let conn = rpyc::ssl_connect("myserver.example", 18821, Some("client.key"), Some("client.pem"))?;
+/// let answer: i64 = conn.root().call("add", (1, 2))?;
+///
+/// // The same with your own CA (as RPyC's `ca_certs`):
+/// use rpyc::tls::SslClient;
+/// let conn = rpyc::Options::new()
+///     .tls(SslClient::new().ca_certs("ca.pem").keyfile("client.key").certfile("client.pem"))
+///     .connect("myserver.example", 18821)?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+pub fn ssl_connect(
+    host: &str,
+    port: u16,
+    keyfile: Option<&str>,
+    certfile: Option<&str>,
+) -> Result<Connection, Error> {
+    let mut client = SslClient::new();
+    if let Some(k) = keyfile {
+        client = client.keyfile(k);
+    }
+    if let Some(c) = certfile {
+        client = client.certfile(c);
+    }
+    Options::new().tls(client).connect(host, port)
+}
+
+/// Connects through SSH, as RPyC's `ssh_connect`: opens an SSH session as `ctx` says and a
+/// tunnel to port `port` on the SSH server's own localhost, and connects to the rpyc server
+/// there with default [`Options`] (use [`Options::ssh`] for other settings). The connection owns
+/// the tunnel: closing it (or dropping its last handle) closes the tunnel and the session.
+///
+/// ```no_run
+/// let ctx = rpyc::SshContext::new("myserver").user("foo").keyfile("/path/to/my/keyfile");
+/// let conn = rpyc::ssh_connect(&ctx, 12345)?;
+/// let sum: i64 = conn.root().call("add", (1, 2))?;
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[cfg(unix)]
+pub fn ssh_connect(ctx: &SshContext, port: u16) -> Result<Connection, Error> {
+    Options::new().ssh(ctx.clone()).connect("127.0.0.1", port)
 }
 
 /// Connects to a Unix socket with default [`Options`].

@@ -58,6 +58,9 @@ pub enum Error {
     Ssh(String),
     /// A local I/O failure outside a connection (spawning a process, binding a server, ...).
     Io(Arc<io::Error>),
+    /// The API was used in a way that cannot work (settings that do not go together, such as
+    /// TLS for a Unix socket); the message says what to change. Nothing was sent.
+    Misuse(String),
 }
 
 /// Which operation timed out (see [`Error::Timeout`]).
@@ -272,6 +275,7 @@ impl fmt::Display for Error {
             Error::Tls(why) => write!(f, "TLS: {why}"),
             Error::Ssh(why) => write!(f, "SSH: {why}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
+            Error::Misuse(why) => write!(f, "misuse of rpyc: {why}"),
         }
     }
 }

@@ -68,30 +68,28 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-mod auth;
+pub mod auth;
 mod base;
 mod client;
 mod core;
 mod error;
 mod server;
 #[cfg(unix)]
-mod ssh;
-mod testing;
-mod tls;
+pub mod ssh;
+pub mod testing;
+pub mod tls;
 mod transport;
 mod wire;
 
 pub use crate::core::connection::Connection;
 pub use crate::core::object::{AsyncResult, RemoteObject};
 pub use crate::core::service::{callback, Args, Context, ContextHandler, Handler, Service};
-pub use auth::{Authenticated, Authenticator, ClientAuthenticator};
+pub use client::{connect, connect_stream, connect_subprocess, ssl_connect, Options};
 #[cfg(unix)]
-pub use client::unix_connect;
-pub use client::{connect, connect_stream, connect_subprocess, Options};
+pub use client::{ssh_connect, unix_connect};
 pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
 #[cfg(unix)]
-pub use ssh::{ssh_connect, ssh_connect_with, HostKeyPolicy, SshContext, SshTunnel};
-pub use testing::{Issued, TestPki};
-pub use tls::{ssl_connect, ClientCert, PeerCertificate, SslAuthenticator, SslClient, TlsVersion};
+pub use ssh::SshContext;
+pub use tls::SslAuthenticator;
 pub use wire::codec::Bytes;

@@ -10,7 +10,7 @@ use crate::auth::Authenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
-use crate::client::Options;
+use crate::core::config::Config;
 use crate::core::connection::Connection;
 use crate::core::service::Service;
 use crate::error::Error;
@@ -83,7 +83,8 @@ impl OneShotServer {
 ///
 /// Defaults: host `127.0.0.1` (reachable from this machine only; pass `0.0.0.0` or `::` to
 /// listen on all interfaces), port 0 (the system picks a free one; [`Server::port`] tells),
-/// at most 256 connections at once, default [`Options`].
+/// at most 256 connections at once; each connection's timeouts and limits default as for a
+/// client ([`Options`](crate::Options)) and are set here.
 ///
 /// ```
 /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
@@ -95,7 +96,8 @@ impl OneShotServer {
 /// ```
 #[derive(Clone)]
 pub struct ServerBuilder {
-    options: Options,
+    config: Config,
+    service: Service,
     authenticator: Option<Arc<dyn Authenticator>>,
     host: String,
     port: u16,
@@ -111,7 +113,8 @@ pub struct ServerBuilder {
 impl std::fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerBuilder")
-            .field("options", &self.options)
+            .field("service", &self.service)
+            .field("config", &self.config)
             .field("authenticator", &self.authenticator.is_some())
             .field("host", &self.host)
             .field("port", &self.port)
@@ -129,7 +132,8 @@ impl std::fmt::Debug for ServerBuilder {
 impl ServerBuilder {
     fn new(service: Service, one_shot: bool) -> ServerBuilder {
         ServerBuilder {
-            options: Options::new().service(service),
+            config: Config::default(),
+            service,
             authenticator: None,
             host: "127.0.0.1".into(),
             port: 0,
@@ -144,9 +148,9 @@ impl ServerBuilder {
     }
 
     fn buffered_total(&self) -> usize {
-        let one_frame = self.options.max_frame + crate::base::limits::FRAME_OVERHEAD;
+        let one_frame = self.config.max_frame + crate::base::limits::FRAME_OVERHEAD;
         self.max_buffered_total
-            .unwrap_or_else(|| (256 << 20).max(self.options.max_frame.saturating_mul(2)))
+            .unwrap_or_else(|| (256 << 20).max(self.config.max_frame.saturating_mul(2)))
             .max(one_frame)
     }
 
@@ -212,7 +216,7 @@ impl ServerBuilder {
 
     /// Most threads running handlers across all connections, beyond two per connection (one
     /// to read, one to run a request; 256 by default). When they are all busy, requests wait
-    /// in their connection's queue (`Options::max_queued`) for a thread of their own
+    /// in their connection's queue ([`max_queued`](Self::max_queued)) for a thread of their own
     /// connection. With the other limits, a server runs at most
     /// `2 x max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more
     /// per connection finishing a frame whose caller timed out); see the README.
@@ -227,11 +231,11 @@ impl ServerBuilder {
     }
 
     /// Most bytes of client data all connections together hold beyond 1 MiB each (256 MiB or
-    /// twice `Options::max_frame_size`, whichever is larger, by default; never less than one
+    /// twice [`max_frame_size`](Self::max_frame_size), whichever is larger, by default; never less than one
     /// largest frame). A connection whose next frame would exceed it is closed with a warning;
     /// each connection may always hold 1 MiB without drawing on it. So the server holds at most
-    /// this plus 1 MiB per connection of its clients' data; see [`Options::max_buffered`] for
-    /// one connection.
+    /// this plus 1 MiB per connection of its clients' data; see [`max_buffered`](Self::max_buffered)
+    /// for one connection.
     ///
     /// ```
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
@@ -244,11 +248,103 @@ impl ServerBuilder {
         self
     }
 
-    /// Settings for every connection (timeouts, limits). The service stays the one given to
-    /// `new`.
-    pub fn options(mut self, options: Options) -> ServerBuilder {
-        let service = self.options.service.clone();
-        self.options = options.service(service);
+    /// Default timeout of calls the server's handlers make to their clients (callbacks), and
+    /// the stall timeout of every connection; see
+    /// [`Options::call_timeout`](crate::Options::call_timeout). 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .call_timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn call_timeout(mut self, d: Duration) -> ServerBuilder {
+        self.config.call_timeout = d;
+        self
+    }
+
+    /// How long a client may take, from its connection to the end of the handshake
+    /// (authentication included), 10 s; see
+    /// [`Options::handshake_timeout`](crate::Options::handshake_timeout).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .handshake_timeout(std::time::Duration::from_secs(2))
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn handshake_timeout(mut self, d: Duration) -> ServerBuilder {
+        self.config.handshake_timeout = d;
+        self
+    }
+
+    /// Largest frame accepted from a client (64 MiB); see
+    /// [`Options::max_frame_size`](crate::Options::max_frame_size).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .max_frame_size(256 << 20)
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_frame_size(mut self, bytes: usize) -> ServerBuilder {
+        self.config.set_max_frame(bytes);
+        self
+    }
+
+    /// Most bytes of one client's data held at once (twice the largest frame); see
+    /// [`Options::max_buffered`](crate::Options::max_buffered) and, for all clients together,
+    /// [`max_buffered_total`](Self::max_buffered_total).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .max_buffered(64 << 20)
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_buffered(mut self, bytes: usize) -> ServerBuilder {
+        self.config.max_buffered = Some(bytes);
+        self
+    }
+
+    /// Most handlers of one client's requests running at once (64); see
+    /// [`Options::max_workers`](crate::Options::max_workers) and, for the whole server,
+    /// [`max_threads`](Self::max_threads).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_workers(8).build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_workers(mut self, n: usize) -> ServerBuilder {
+        self.config.set_max_workers(n);
+        self
+    }
+
+    /// Most requests of one client waiting for a worker (65,536); see
+    /// [`Options::max_queued`](crate::Options::max_queued).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_queued(1000).build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn max_queued(mut self, n: usize) -> ServerBuilder {
+        self.config.set_max_queued(n);
+        self
+    }
+
+    /// Closes a client's connection after this long without traffic or work in flight (no
+    /// limit by default; see [`Options::idle_timeout`](crate::Options::idle_timeout) and the
+    /// slot policy, [`evict_idle_after`](Self::evict_idle_after)).
+    ///
+    /// ```
+    /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s"))
+    ///     .idle_timeout(std::time::Duration::from_secs(3600))
+    ///     .build()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn idle_timeout(mut self, d: Duration) -> ServerBuilder {
+        self.config.idle_timeout = d;
         self
     }
 
@@ -298,13 +394,14 @@ impl ServerBuilder {
             }
         };
         let local = listener.local_addr();
-        let mut options = self.options.clone();
-        options.server_budget = Some(ServerBudget::new(self.buffered_total()));
-        options.thread_budget = Some(ThreadBudget::new(self.max_threads));
+        let mut config = self.config.clone();
+        config.server_budget = Some(ServerBudget::new(self.buffered_total()));
+        config.thread_budget = Some(ThreadBudget::new(self.max_threads));
         Ok(Server {
             listener,
             inner: Arc::new(ServerInner {
-                options,
+                config,
+                service: self.service,
                 authenticator: self.authenticator,
                 max_connections: self.max_connections,
                 max_handshakes: self.max_handshakes,
@@ -434,7 +531,8 @@ impl Listener {
 }
 
 struct ServerInner {
-    options: Options,
+    config: Config,
+    service: Service,
     authenticator: Option<Arc<dyn Authenticator>>,
     max_connections: usize,
     max_handshakes: usize,
@@ -724,13 +822,13 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
 
 /// Authenticates the client (if the server has an authenticator), then does the handshake.
 fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Transport, Error> {
-    let write_timeout = inner.options.write_timeout();
+    let write_timeout = inner.config.write_timeout();
     let mut t = match (a, &inner.authenticator) {
         #[cfg(unix)]
         (Accepted::Unix(s, peer), _) => transport::unix(s, peer, write_timeout)?,
         (Accepted::Tcp(s, _), None) => transport::tcp(s, write_timeout)?,
         (Accepted::Tcp(s, peer), Some(auth)) => {
-            let timeout = inner.options.handshake_timeout;
+            let timeout = inner.config.handshake_timeout;
             let authed = auth.authenticate(s, timeout).map_err(|e| {
                 log::warn!("{peer}: authentication failed: {e}");
                 e
@@ -745,8 +843,14 @@ fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Trans
 
 fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
     let peer = a.peer().to_string();
-    let established = open_transport(inner, a, at)
-        .and_then(|t| Connection::establish(t, &inner.options, inner.threads.clone()));
+    let established = open_transport(inner, a, at).and_then(|t| {
+        Connection::establish(
+            t,
+            &inner.config,
+            inner.service.clone(),
+            inner.threads.clone(),
+        )
+    });
     inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
     match established {
         Ok(conn) => {

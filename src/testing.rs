@@ -1,7 +1,9 @@
 //! A throwaway certificate authority for tests and demos ([`TestPki`]), made with OpenSSL at
 //! run time, so nothing committed can expire under the tests.
 
+use crate::core::service::Service;
 use crate::error::Error;
+use crate::server::{ServerHandle, ThreadedServer};
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::BigNum;
 use openssl::ec::{EcGroup, EcKey};
@@ -269,4 +271,44 @@ impl Drop for TestPki {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The server the documentation's examples call, on a free port of 127.0.0.1: a service with
+/// `add(i64, i64)`, `div(f64, f64)` (an error for a zero divisor), `len(String)`,
+/// `sleep(f64)` (seconds), `log(String)` and `new_counter()` (a remote object with
+/// `incr(i64)`). For examples and tests only.
+///
+/// ```
+/// let (server, port) = rpyc::testing::example_server()?;
+/// let conn = rpyc::connect("127.0.0.1", port)?;
+/// assert_eq!(conn.root().call::<i64, _>("add", (1, 2))?, 3);
+/// server.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[doc(hidden)]
+pub fn example_server() -> Result<(ServerHandle, u16), Error> {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let service = Service::new("calculator")
+        .method("add", |a: i64, b: i64| a + b)
+        .method("div", |a: f64, b: f64| -> Result<f64, String> {
+            if b == 0.0 {
+                Err("division by zero".into())
+            } else {
+                Ok(a / b)
+            }
+        })
+        .method("len", |s: String| s.len())
+        .method("sleep", |s: f64| {
+            std::thread::sleep(std::time::Duration::from_secs_f64(s))
+        })
+        .method("log", |m: String| eprintln!("{m}"))
+        .method("new_counter", || {
+            let n = std::sync::Arc::new(AtomicI64::new(0));
+            Service::new("counter").method("incr", move |by: i64| {
+                n.fetch_add(by, Ordering::SeqCst) + by
+            })
+        });
+    let server = ThreadedServer::new(service).build()?.spawn()?;
+    let port = server.port();
+    Ok((server, port))
 }

@@ -48,7 +48,7 @@ fn passphrase_protected_key_authenticates_with_its_passphrase() {
     works(
         &bare(d)
             .keyfile(&d.client_key_pass)
-            .keyfile_passphrase(sshd::PASSPHRASE),
+            .key_passphrase(sshd::PASSPHRASE),
     )
     .unwrap();
 }
@@ -57,12 +57,7 @@ fn passphrase_protected_key_authenticates_with_its_passphrase() {
 fn wrong_passphrase_is_refused_with_a_hint() {
     let d = sshd::shared();
     let m = ssh_message(
-        works(
-            &bare(d)
-                .keyfile(&d.client_key_pass)
-                .keyfile_passphrase("wrong"),
-        )
-        .unwrap_err(),
+        works(&bare(d).keyfile(&d.client_key_pass).key_passphrase("wrong")).unwrap_err(),
     );
     assert!(m.contains("passphrase"), "{m}");
     assert!(m.contains("id_ed25519_pass"), "{m}");

@@ -64,7 +64,7 @@
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
-use crate::client::Options;
+use crate::core::config::Config;
 use crate::core::dispatch::Pool;
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::core::service::{Args, Context, Failure, Service};
@@ -118,7 +118,7 @@ pub(crate) struct Shared {
     pub(crate) id: u64,
     pub(crate) peer: String,
     /// What the transport's authenticator learned about the peer.
-    pub(crate) credentials: Option<crate::auth::Credentials>,
+    pub(crate) credentials: Option<crate::transport::Credentials>,
     pub(crate) service: Service,
     pub(crate) call_timeout: Duration,
     /// Close the connection after this long without traffic or work in flight.
@@ -208,7 +208,7 @@ enum Stopped {
 /// * A callback the peer makes while serving your synchronous call runs on your calling thread
 ///   (it is blocked anyway), so nested call chains of any depth need no extra threads.
 /// * Requests from the peer start in arrival order but run concurrently, on up to
-///   [`Options::max_workers`] threads: a slow handler delays no other call. Calls from different
+///   [`Options::max_workers`](crate::Options::max_workers) threads: a slow handler delays no other call. Calls from different
 ///   threads, async calls and oneway calls may therefore complete in any order; calls made one
 ///   after another by one thread, each waiting for its reply, run in that order.
 /// * A timed-out call leaves the connection usable; its late reply is dropped.
@@ -275,7 +275,8 @@ impl Connection {
     /// service's `on_connect`, and opens the connection for requests.
     pub(crate) fn establish(
         t: Transport,
-        opts: &Options,
+        opts: &Config,
+        service: Service,
         threads: Arc<ThreadSet>,
     ) -> Result<Connection, Error> {
         let Transport {
@@ -377,7 +378,7 @@ impl Connection {
             id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer,
             credentials,
-            service: opts.service.clone(),
+            service,
             call_timeout: opts.call_timeout,
             idle_timeout: opts.idle_timeout,
             peer_hello: theirs,
@@ -619,7 +620,7 @@ impl Connection {
 
     /// The certificate the peer presented and this side verified, on a TLS connection (for a
     /// client: the server's). See [`Context::peer_certificate`].
-    pub fn peer_certificate(&self) -> Option<&crate::PeerCertificate> {
+    pub fn peer_certificate(&self) -> Option<&crate::tls::PeerCertificate> {
         self.credentials()
     }
 

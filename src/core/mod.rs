@@ -2,6 +2,7 @@
 //! and who runs the peer's requests ([`dispatch`]), remote objects and their reference counting
 //! ([`object`]), and services with the context of a call ([`service`]).
 
+pub(crate) mod config;
 pub(crate) mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod object;

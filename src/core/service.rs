@@ -203,13 +203,13 @@ impl Context {
     /// });
     /// # drop(svc);
     /// ```
-    pub fn peer_certificate(&self) -> Option<&crate::PeerCertificate> {
+    pub fn peer_certificate(&self) -> Option<&crate::tls::PeerCertificate> {
         self.credentials()
     }
 
-    /// What the connection's [`Authenticator`](crate::Authenticator) learned about the peer,
+    /// What the connection's [`Authenticator`](crate::auth::Authenticator) learned about the peer,
     /// if it is a `T` (an [`SslAuthenticator`](crate::SslAuthenticator) keeps a
-    /// [`PeerCertificate`](crate::PeerCertificate); your own keeps what it chose).
+    /// [`PeerCertificate`](crate::tls::PeerCertificate); your own keeps what it chose).
     pub fn credentials<T: std::any::Any>(&self) -> Option<&T> {
         self.shared.credentials.as_deref()?.downcast_ref()
     }

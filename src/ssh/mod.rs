@@ -1,7 +1,7 @@
 //! SSH tunnels: reach an rpyc server that listens on its machine's loopback only, through sshd.
 //!
 //! RPyC's recommended set-up for untrusted networks binds the server to `localhost`, so nothing
-//! outside its machine can reach it, and lets clients in through SSH. [`ssh_connect`] opens an
+//! outside its machine can reach it, and lets clients in through SSH. [`ssh_connect`](crate::ssh_connect) opens an
 //! SSH session to the server's machine (libssh2, through the `ssh2` crate), starts an
 //! [`SshTunnel`] whose local end listens on a loopback port of this machine and forwards each
 //! connection through a `direct-tcpip` channel to `127.0.0.1:PORT` on the server's side, and
@@ -34,8 +34,6 @@ mod tunnel;
 
 pub use tunnel::SshTunnel;
 
-use crate::client::Options;
-use crate::core::connection::Connection;
 use crate::error::{Error, Timeout};
 use known_hosts::{KnownHosts, Verdict};
 use ssh2::{ErrorCode, MethodType, Session};
@@ -102,7 +100,7 @@ pub enum HostKeyPolicy {
 ///     .port(2222)
 ///     .user("deploy")
 ///     .keyfile("/home/deploy/.ssh/id_ed25519")
-///     .keyfile_passphrase("correct horse")
+///     .key_passphrase("correct horse")
 ///     .password("tried last")
 ///     .agent(false)
 ///     .known_hosts("/etc/myapp/known_hosts")
@@ -181,7 +179,7 @@ impl SshContext {
     }
 
     /// The passphrase that decrypts [`SshContext::keyfile`].
-    pub fn keyfile_passphrase(mut self, passphrase: impl Into<String>) -> SshContext {
+    pub fn key_passphrase(mut self, passphrase: impl Into<String>) -> SshContext {
         self.passphrase = Some(passphrase.into());
         self
     }
@@ -646,53 +644,4 @@ fn agent_auth(sess: &Session, user: &str, sock: &Path) -> Result<bool, ssh2::Err
     })();
     let _ = agent.disconnect();
     result
-}
-
-/// Opens an SSH session as `ctx` says and a tunnel to `127.0.0.1:port` on the SSH server's
-/// machine, and connects to the rpyc server there with default [`Options`].
-///
-/// The returned connection owns the tunnel: closing it (or dropping its last handle) closes
-/// the tunnel and the SSH session.
-///
-/// ```no_run
-/// let ctx = rpyc::SshContext::new("myserver").user("foo").keyfile("/path/to/my/keyfile");
-/// let conn = rpyc::ssh_connect(&ctx, 12345)?;
-/// let sum: i64 = conn.root().call("add", (1, 2))?;
-/// # Ok::<(), rpyc::Error>(())
-/// ```
-pub fn ssh_connect(ctx: &SshContext, port: u16) -> Result<Connection, Error> {
-    ssh_connect_with(ctx, port, &Options::new())
-}
-
-/// [`ssh_connect`] with [`Options`] for the rpyc connection (its service, timeouts, ...).
-///
-/// ```no_run
-/// use std::time::Duration;
-/// let ctx = rpyc::SshContext::new("myserver");
-/// let options = rpyc::Options::new().call_timeout(Duration::from_secs(5));
-/// let conn = rpyc::ssh_connect_with(&ctx, 12345, &options)?;
-/// # Ok::<(), rpyc::Error>(())
-/// ```
-pub fn ssh_connect_with(
-    ctx: &SshContext,
-    port: u16,
-    options: &Options,
-) -> Result<Connection, Error> {
-    let tunnel = SshTunnel::open(ctx, "127.0.0.1", port)?;
-    match options.connect("127.0.0.1", tunnel.local_port()) {
-        Ok(conn) => {
-            conn.on_close(move || drop(tunnel));
-            Ok(conn)
-        }
-        Err(e) => {
-            // The tunnel knows better why the connection failed (the remote port refused,
-            // forwarding prohibited, the session died).
-            let why = tunnel.failure();
-            drop(tunnel);
-            Err(match why {
-                Some(why) => Error::Ssh(why),
-                None => e,
-            })
-        }
-    }
 }

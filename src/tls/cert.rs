@@ -119,3 +119,19 @@ fn name_string(name: &openssl::x509::X509NameRef) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The TLS side of an authenticated stream.
+impl crate::auth::Authenticated {
+    /// The peer's verified certificate, when this is a TLS connection and the peer sent one.
+    ///
+    /// ```
+    /// # fn f(a: &rpyc::auth::Authenticated) {
+    /// if let Some(cert) = a.peer_certificate() {
+    ///     println!("{:?}", cert.common_name());
+    /// }
+    /// # }
+    /// ```
+    pub fn peer_certificate(&self) -> Option<&PeerCertificate> {
+        self.credentials.as_deref()?.downcast_ref()
+    }
+}

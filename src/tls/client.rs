@@ -5,8 +5,6 @@ use super::config::{ca_store, common_settings, reasons, Identity, TlsVersion};
 use super::handshake::{handshake, Side};
 use super::session::TlsConn;
 use crate::auth::{Authenticated, ClientAuthenticator};
-use crate::client::Options;
-use crate::core::connection::Connection;
 use crate::error::Error;
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use std::fmt;
@@ -15,36 +13,40 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-// Client side
-
 /// TLS for a client: what to present and what to trust. Secure by default: the server's chain
 /// is verified against the system's trust store (or only [`ca_certs`](Self::ca_certs) when
 /// given) and its certificate must be for the host name connected to (or
 /// [`server_hostname`](Self::server_hostname)).
 ///
+/// Give it to [`Options::tls`](crate::Options::tls). Key, certificate and CA files are read
+/// and checked at the first connect (errors name the file), then reused by every connect of
+/// the same `Options`.
+///
 /// ```
-/// use rpyc::SslClient;
-/// # let pki = rpyc::TestPki::temp()?;
+/// use rpyc::tls::SslClient;
+/// # let pki = rpyc::testing::TestPki::temp()?;
 /// # let files = pki.issue("localhost", &["localhost"])?;
 /// # pki.issue("alice", &[])?;
-/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert)?.ca_certs(pki.ca_cert());
+/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert).ca_certs(pki.ca_cert());
 /// # let service = rpyc::Service::new("s").method_with_context("whoami", |cx: &rpyc::Context| {
 /// #     cx.peer_certificate().and_then(|c| c.common_name()).unwrap_or("").to_string()
 /// # });
 /// # let server = rpyc::ThreadedServer::new(service).authenticator(auth).build()?.spawn()?;
 /// # let (port, dir) = (server.port(), pki.dir());
-/// let conn = SslClient::new()
-///     .cert_key(dir.join("alice.pem"), dir.join("alice.key"))
+/// let tls = SslClient::new()
+///     .keyfile(dir.join("alice.key"))
+///     .certfile(dir.join("alice.pem"))
 ///     .ca_certs(dir.join("ca.pem"))
-///     .server_hostname("localhost") // the name in its certificate; we dial an IP address
-///     .connect("127.0.0.1", port)?;
+///     .server_hostname("localhost"); // the name in its certificate; we dial an IP address
+/// let conn = rpyc::Options::new().tls(tls).connect("127.0.0.1", port)?;
 /// assert_eq!(conn.root().call::<String, _>("whoami", ())?, "alice");
 /// # server.close();
 /// # Ok::<(), rpyc::Error>(())
 /// ```
 #[derive(Clone, Default)]
 pub struct SslClient {
-    cert_key: Option<(PathBuf, PathBuf)>,
+    keyfile: Option<PathBuf>,
+    certfile: Option<PathBuf>,
     passphrase: Option<String>,
     ca: Option<PathBuf>,
     server_hostname: Option<String>,
@@ -52,7 +54,6 @@ pub struct SslClient {
     ciphers: Option<String>,
     suites: Option<String>,
     dangerous: bool,
-    options: Option<Options>,
     /// Built on first use and shared by clones; every setter starts a new one.
     connector: Arc<OnceLock<Result<SslConnector, Error>>>,
 }
@@ -60,7 +61,8 @@ pub struct SslClient {
 impl fmt::Debug for SslClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SslClient")
-            .field("cert_key", &self.cert_key)
+            .field("keyfile", &self.keyfile)
+            .field("certfile", &self.certfile)
             .field("ca", &self.ca)
             .field("server_hostname", &self.server_hostname)
             .field("min_version", &self.min)
@@ -71,19 +73,49 @@ impl fmt::Debug for SslClient {
 
 impl SslClient {
     /// A client that presents no certificate and trusts the system's CAs.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new();
+    /// # let _ = tls;
+    /// ```
     pub fn new() -> SslClient {
         SslClient::default()
     }
 
-    /// Presents this certificate (chain) and key, for servers that require client
-    /// certificates.
-    pub fn cert_key(mut self, certfile: impl AsRef<Path>, keyfile: impl AsRef<Path>) -> SslClient {
-        self.cert_key = Some((certfile.as_ref().into(), keyfile.as_ref().into()));
+    /// The private key to present (PEM: RSA, EC or Ed25519; PKCS#1, SEC1 or PKCS#8), with
+    /// [`certfile`](Self::certfile), for servers that require client certificates.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new().keyfile("client.key").certfile("client.pem");
+    /// # let _ = tls;
+    /// ```
+    pub fn keyfile(mut self, keyfile: impl AsRef<Path>) -> SslClient {
+        self.keyfile = Some(keyfile.as_ref().into());
+        self.connector = Default::default();
+        self
+    }
+
+    /// The certificate (chain: leaf first) that goes with [`keyfile`](Self::keyfile).
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new().keyfile("client.key").certfile("client.pem");
+    /// # let _ = tls;
+    /// ```
+    pub fn certfile(mut self, certfile: impl AsRef<Path>) -> SslClient {
+        self.certfile = Some(certfile.as_ref().into());
         self.connector = Default::default();
         self
     }
 
     /// The passphrase of an encrypted key file.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new()
+    ///     .keyfile("client.key")
+    ///     .key_passphrase("secret")
+    ///     .certfile("client.pem");
+    /// # let _ = tls;
+    /// ```
     pub fn key_passphrase(mut self, passphrase: &str) -> SslClient {
         self.passphrase = Some(passphrase.into());
         self.connector = Default::default();
@@ -114,6 +146,11 @@ impl SslClient {
     }
 
     /// The TLS 1.2 cipher list, in OpenSSL's syntax.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new().ciphers("ECDHE+AESGCM");
+    /// # let _ = tls;
+    /// ```
     pub fn ciphers(mut self, list: &str) -> SslClient {
         self.ciphers = Some(list.into());
         self.connector = Default::default();
@@ -121,6 +158,11 @@ impl SslClient {
     }
 
     /// The TLS 1.3 cipher suites, in OpenSSL's syntax.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new().ciphersuites("TLS_AES_256_GCM_SHA384");
+    /// # let _ = tls;
+    /// ```
     pub fn ciphersuites(mut self, list: &str) -> SslClient {
         self.suites = Some(list.into());
         self.connector = Default::default();
@@ -130,24 +172,15 @@ impl SslClient {
     /// **Dangerous**: accepts any server certificate, from anyone, for any name. The
     /// connection is encrypted but not authenticated, so anyone on the path can read and
     /// change it. For throwaway tests only.
+    ///
+    /// ```
+    /// let tls = rpyc::tls::SslClient::new().dangerous_accept_any_server_certificate();
+    /// # let _ = tls;
+    /// ```
     pub fn dangerous_accept_any_server_certificate(mut self) -> SslClient {
         self.dangerous = true;
         self.connector = Default::default();
         self
-    }
-
-    /// Connection options (timeouts, a service to expose, limits) for [`connect`](Self::connect).
-    pub fn options(mut self, options: Options) -> SslClient {
-        self.options = Some(options);
-        self
-    }
-
-    /// Connects to `host:port` over TLS and returns a ready connection. Key, certificate and
-    /// CA files are read at the first connect of this `SslClient` (and its clones), then reused.
-    pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
-        let mut client = self.clone();
-        let options = client.options.take().unwrap_or_default();
-        options.authenticator(client).connect(host, port)
     }
 
     fn connector(&self) -> Result<&SslConnector, Error> {
@@ -165,8 +198,18 @@ impl SslClient {
             // Replaces the system store: only this CA is trusted.
             b.set_cert_store(ca_store(ca)?.0);
         }
-        if let Some((cert, key)) = &self.cert_key {
-            Identity::load(key, cert, self.passphrase.as_deref())?.install(&mut b)?;
+        match (&self.keyfile, &self.certfile) {
+            (Some(key), Some(cert)) => {
+                Identity::load(key, cert, self.passphrase.as_deref())?.install(&mut b)?
+            }
+            (None, None) => {}
+            (key, _) => {
+                return Err(Error::Misuse(format!(
+                    "SslClient has a {} but no {}: give both keyfile and certfile, or neither",
+                    if key.is_some() { "keyfile" } else { "certfile" },
+                    if key.is_some() { "certfile" } else { "keyfile" },
+                )))
+            }
         }
         if self.dangerous {
             b.set_verify(SslVerifyMode::NONE);
@@ -209,36 +252,6 @@ impl ClientAuthenticator for SslClient {
             Some(name),
         )?;
         let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
-        Ok(Authenticated::tls(TlsConn::new(s, Side::Client)?, cert))
+        Ok(TlsConn::new(s, Side::Client)?.authenticated(cert))
     }
-}
-
-/// Connects to an rpyc server over TLS, verifying the server against the system's trust store
-/// and its certificate against `host`; presents `certfile`/`keyfile` when given (servers that
-/// require client certificates). For a private CA, another name, or other settings, use
-/// [`SslClient`]; to connect often, keep one `SslClient` and call its
-/// [`connect`](SslClient::connect): it reads the files and the system's trust store (tens of
-/// milliseconds) once, where `ssl_connect` reads them on every call.
-///
-/// ```no_run
-/// let conn = rpyc::ssl_connect("myserver.example", 18821, Some("client.key"), Some("client.pem"))?;
-/// let answer: i64 = conn.root().call("add", (1, 2))?;
-/// # Ok::<(), rpyc::Error>(())
-/// ```
-pub fn ssl_connect(
-    host: &str,
-    port: u16,
-    keyfile: Option<&str>,
-    certfile: Option<&str>,
-) -> Result<Connection, Error> {
-    let client = match (keyfile, certfile) {
-        (Some(k), Some(c)) => SslClient::new().cert_key(c, k),
-        (None, None) => SslClient::new(),
-        _ => {
-            return Err(Error::Tls(
-                "give both keyfile and certfile, or neither".into(),
-            ))
-        }
-    };
-    client.connect(host, port)
 }

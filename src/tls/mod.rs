@@ -48,7 +48,6 @@ mod server;
 mod session;
 
 pub use cert::PeerCertificate;
-pub use client::{ssl_connect, SslClient};
+pub use client::SslClient;
 pub use config::{ClientCert, TlsVersion};
 pub use server::SslAuthenticator;
-pub(crate) use session::TlsConn;

@@ -17,23 +17,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-// Server side
-
 /// TLS for a server: its key and certificate and, with [`ca_certs`](Self::ca_certs), the CA
 /// that client certificates must be signed by. Give it to
 /// [`ServerBuilder::authenticator`](crate::ServerBuilder::authenticator).
 ///
 /// Files are PEM, as the `openssl` command line writes them: RSA, EC and Ed25519 keys in
-/// PKCS#1, SEC1 or PKCS#8 form (encrypted ones through
-/// [`with_key_passphrase`](Self::with_key_passphrase)); the certificate file may carry the chain
-/// (leaf first, then intermediate CAs).
+/// PKCS#1, SEC1 or PKCS#8 form (encrypted ones with [`key_passphrase`](Self::key_passphrase));
+/// the certificate file may carry the chain (leaf first, then intermediate CAs). Every file is
+/// read and checked when the server is built ([`ServerBuilder::build`](crate::ServerBuilder::build)),
+/// which fails with a message naming the file.
 ///
 /// ```
 /// use rpyc::{Service, SslAuthenticator, ThreadedServer};
-/// # let pki = rpyc::TestPki::temp()?;
+/// # let pki = rpyc::testing::TestPki::temp()?;
 /// # let files = pki.issue("localhost", &["localhost"])?;
 /// # let (key, cert, ca) = (files.key, files.cert, pki.ca_cert());
-/// let auth = SslAuthenticator::new(&key, &cert)?.ca_certs(&ca);
+/// let auth = SslAuthenticator::new(&key, &cert).ca_certs(&ca);
 /// let server = ThreadedServer::new(Service::new("s").method("ping", || "pong"))
 ///     .port(0)
 ///     .authenticator(auth)
@@ -44,7 +43,9 @@ use std::time::{Duration, Instant};
 /// ```
 #[derive(Clone)]
 pub struct SslAuthenticator {
-    identity: Identity,
+    keyfile: PathBuf,
+    certfile: PathBuf,
+    passphrase: Option<String>,
     ca: Option<PathBuf>,
     client_cert: Option<ClientCert>,
     min: TlsVersion,
@@ -56,8 +57,8 @@ pub struct SslAuthenticator {
 impl fmt::Debug for SslAuthenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SslAuthenticator")
-            .field("keyfile", &self.identity.keyfile)
-            .field("certfile", &self.identity.certfile)
+            .field("keyfile", &self.keyfile)
+            .field("certfile", &self.certfile)
             .field("ca", &self.ca)
             .field("client_cert", &self.client_cert_mode())
             .field("min_version", &self.min)
@@ -66,35 +67,37 @@ impl fmt::Debug for SslAuthenticator {
 }
 
 impl SslAuthenticator {
-    /// Loads the server's key and certificate (chain) from PEM files. Fails with a message
-    /// naming the file when one is missing, unreadable, encrypted, or the key does not belong
-    /// to the certificate.
-    pub fn new(
-        keyfile: impl AsRef<Path>,
-        certfile: impl AsRef<Path>,
-    ) -> Result<SslAuthenticator, Error> {
-        Self::load(keyfile.as_ref(), certfile.as_ref(), None)
-    }
-
-    /// Like [`new`](Self::new), for a key file encrypted with `passphrase`.
-    pub fn with_key_passphrase(
-        keyfile: impl AsRef<Path>,
-        certfile: impl AsRef<Path>,
-        passphrase: &str,
-    ) -> Result<SslAuthenticator, Error> {
-        Self::load(keyfile.as_ref(), certfile.as_ref(), Some(passphrase))
-    }
-
-    fn load(key: &Path, cert: &Path, pass: Option<&str>) -> Result<SslAuthenticator, Error> {
-        Ok(SslAuthenticator {
-            identity: Identity::load(key, cert, pass)?,
+    /// TLS with the server's key and certificate (chain), PEM files, as RPyC's
+    /// `SSLAuthenticator(keyfile, certfile)`. The files are read when the server is built.
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("myserver.key", "myserver.cert");
+    /// # let _ = auth;
+    /// ```
+    pub fn new(keyfile: impl AsRef<Path>, certfile: impl AsRef<Path>) -> SslAuthenticator {
+        SslAuthenticator {
+            keyfile: keyfile.as_ref().into(),
+            certfile: certfile.as_ref().into(),
+            passphrase: None,
             ca: None,
             client_cert: None,
             min: TlsVersion::Tls12,
             ciphers: None,
             suites: None,
             acceptor: Default::default(),
-        })
+        }
+    }
+
+    /// The passphrase of an encrypted key file.
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("myserver.key", "myserver.cert")
+    ///     .key_passphrase("secret");
+    /// # let _ = auth;
+    /// ```
+    pub fn key_passphrase(mut self, passphrase: &str) -> SslAuthenticator {
+        self.passphrase = Some(passphrase.into());
+        self.changed()
     }
 
     fn changed(mut self) -> SslAuthenticator {
@@ -103,8 +106,12 @@ impl SslAuthenticator {
     }
 
     /// Clients must present a certificate signed by a CA in `cafile` (PEM, one or more CA
-    /// certificates); see [`client_cert`](Self::client_cert) to make it optional. A file that
-    /// does not load is reported when the server is built.
+    /// certificates); see [`client_cert`](Self::client_cert) to make it optional.
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("myserver.key", "myserver.cert").ca_certs("ca.cert");
+    /// # let _ = auth;
+    /// ```
     pub fn ca_certs(mut self, cafile: impl AsRef<Path>) -> SslAuthenticator {
         self.ca = Some(cafile.as_ref().into());
         self.changed()
@@ -112,12 +119,26 @@ impl SslAuthenticator {
 
     /// Whether clients are asked for a certificate: [`ClientCert::Required`] by default once a
     /// CA is given, [`ClientCert::None`] without one. Asking needs a CA.
+    ///
+    /// ```
+    /// use rpyc::tls::ClientCert;
+    /// let auth = rpyc::SslAuthenticator::new("myserver.key", "myserver.cert")
+    ///     .ca_certs("ca.cert")
+    ///     .client_cert(ClientCert::Optional);
+    /// # let _ = auth;
+    /// ```
     pub fn client_cert(mut self, mode: ClientCert) -> SslAuthenticator {
         self.client_cert = Some(mode);
         self.changed()
     }
 
     /// The lowest TLS version accepted: [`TlsVersion::Tls12`] by default.
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("myserver.key", "myserver.cert")
+    ///     .min_version(rpyc::tls::TlsVersion::Tls13);
+    /// # let _ = auth;
+    /// ```
     pub fn min_version(mut self, v: TlsVersion) -> SslAuthenticator {
         self.min = v;
         self.changed()
@@ -125,12 +146,22 @@ impl SslAuthenticator {
 
     /// The TLS 1.2 cipher list, in OpenSSL's syntax (e.g. `ECDHE+AESGCM`); the default is
     /// Mozilla's "intermediate" list.
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("k.pem", "c.pem").ciphers("ECDHE+AESGCM");
+    /// # let _ = auth;
+    /// ```
     pub fn ciphers(mut self, list: &str) -> SslAuthenticator {
         self.ciphers = Some(list.into());
         self.changed()
     }
 
     /// The TLS 1.3 cipher suites, in OpenSSL's syntax (e.g. `TLS_AES_256_GCM_SHA384`).
+    ///
+    /// ```
+    /// let auth = rpyc::SslAuthenticator::new("k.pem", "c.pem").ciphersuites("TLS_AES_256_GCM_SHA384");
+    /// # let _ = auth;
+    /// ```
     pub fn ciphersuites(mut self, list: &str) -> SslAuthenticator {
         self.suites = Some(list.into());
         self.changed()
@@ -155,7 +186,8 @@ impl SslAuthenticator {
         let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
             .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
         common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
-        self.identity.install(&mut b)?;
+        Identity::load(&self.keyfile, &self.certfile, self.passphrase.as_deref())?
+            .install(&mut b)?;
         let mode = self.client_cert_mode();
         match (&self.ca, mode) {
             (None, ClientCert::None) => b.set_verify(SslVerifyMode::NONE),
@@ -207,7 +239,7 @@ impl Authenticator for SslAuthenticator {
         let ssl = Ssl::new(acceptor.context()).map_err(|e| Error::Tls(reasons(&e)))?;
         let s = handshake(ssl, socket, Side::Server, deadline, timeout, &peer, None)?;
         let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
-        Ok(Authenticated::tls(TlsConn::new(s, Side::Server)?, cert))
+        Ok(TlsConn::new(s, Side::Server)?.authenticated(cert))
     }
 
     fn check(&self) -> Result<(), Error> {

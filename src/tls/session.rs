@@ -2,9 +2,12 @@
 //! down, without two threads ever inside the SSL object and without a lock held while waiting
 //! for the network (see the module docs of [`crate::tls`]).
 
+use super::cert::PeerCertificate;
 use super::handshake::{alert_hint_client, peer_of, side_name, Side};
+use crate::auth::Authenticated;
 use crate::base::lock;
 use crate::base::sys::{self, POLLIN, POLLOUT};
+use crate::transport::Credentials;
 use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::ssl::{self, ErrorCode, SslStream, SslVersion};
 use std::io::{self, Read, Write};
@@ -158,6 +161,12 @@ impl TlsConn {
             failure: Mutex::new(None),
             side,
         }))
+    }
+
+    /// What an authenticator returns: this session, and the peer's certificate if it sent one.
+    pub(super) fn authenticated(self: Arc<Self>, cert: Option<PeerCertificate>) -> Authenticated {
+        let credentials = cert.map(|c| Arc::new(c) as Credentials);
+        Authenticated::made(move |stall| TlsConn::transport(self, stall), credentials)
     }
 
     pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {

@@ -180,6 +180,10 @@ pub(crate) trait Control: Send + Sync {
     }
 }
 
+/// What the peer proved about itself: any value an authenticator chose to keep (for TLS, a
+/// [`PeerCertificate`](crate::tls::PeerCertificate)).
+pub(crate) type Credentials = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A fresh byte stream, before the handshake.
 pub(crate) struct Transport {
     pub reader: Box<dyn Read + Send>,
@@ -187,7 +191,7 @@ pub(crate) struct Transport {
     pub peer: String,
     pub control: Arc<dyn Control>,
     /// What an authenticator learned about the peer (e.g. its TLS certificate).
-    pub credentials: Option<crate::auth::Credentials>,
+    pub credentials: Option<Credentials>,
     /// When the peer was reached (accepted or connected): the handshake timeout, authentication
     /// included, counts from here.
     pub started: Instant,

@@ -481,8 +481,8 @@ mod tests {
         out
     }
 
-    fn data(n: usize, seed: u8) -> crate::Bytes {
-        crate::Bytes::from(
+    fn data(n: usize, seed: u8) -> crate::wire::codec::Bytes {
+        crate::wire::codec::Bytes::from(
             (0..n)
                 .map(|i| (i as u8).wrapping_mul(31) ^ seed)
                 .collect::<Vec<_>>(),
@@ -539,9 +539,11 @@ mod tests {
             );
             let tail_at = d.tail.as_ptr();
             let got = if kind == Kind::Reply {
-                decode_offered::<crate::Bytes>(&mut frame).unwrap()
+                decode_offered::<crate::wire::codec::Bytes>(&mut frame).unwrap()
             } else {
-                decode_offered::<(crate::Bytes,)>(&mut frame).unwrap().0
+                decode_offered::<(crate::wire::codec::Bytes,)>(&mut frame)
+                    .unwrap()
+                    .0
             };
             assert!(got == sent, "content differs");
             assert_eq!(got.as_ptr(), tail_at, "the data was moved, not copied");
@@ -573,12 +575,12 @@ mod tests {
             same::<serde_cbor::Value>(read(), &payload);
             same::<String>(read(), &payload);
             same::<u64>(read(), &payload);
-            same::<(crate::Bytes, u8)>(read(), &payload);
-            same::<(u8, crate::Bytes)>(read(), &payload);
-            same::<Vec<crate::Bytes>>(read(), &payload);
-            same::<Option<crate::Bytes>>(read(), &payload);
-            same::<(crate::Bytes,)>(read(), &payload);
-            same::<crate::Bytes>(read(), &payload);
+            same::<(crate::wire::codec::Bytes, u8)>(read(), &payload);
+            same::<(u8, crate::wire::codec::Bytes)>(read(), &payload);
+            same::<Vec<crate::wire::codec::Bytes>>(read(), &payload);
+            same::<Option<crate::wire::codec::Bytes>>(read(), &payload);
+            same::<(crate::wire::codec::Bytes,)>(read(), &payload);
+            same::<crate::wire::codec::Bytes>(read(), &payload);
             // Described (for error messages) as the bytes sent.
             let mut frame = read();
             let d = frame.detached.take();
@@ -601,7 +603,7 @@ mod tests {
         struct Boom;
         impl<'de> serde::Deserialize<'de> for Boom {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Boom, D::Error> {
-                let _b = crate::Bytes::deserialize(d)?;
+                let _b = crate::wire::codec::Bytes::deserialize(d)?;
                 panic!("boom");
             }
         }
@@ -614,7 +616,7 @@ mod tests {
         }));
         assert!(r.is_err());
         // An empty byte string decoded afterwards on this thread is empty.
-        let empty: crate::Bytes = crate::wire::codec::decode(&[0x40]).unwrap();
+        let empty: crate::wire::codec::Bytes = crate::wire::codec::decode(&[0x40]).unwrap();
         assert!(empty.is_empty());
     }
 

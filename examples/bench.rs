@@ -194,10 +194,13 @@ impl Drop for RawPipe {
 // ---------------------------------------------------------------------------------------------
 // rpyc.
 
-/// Connection settings of both sides: a 64 MiB payload is just over the default frame limit
-/// (64 MiB for the whole frame), so the echo cases raise it.
+/// A 64 MiB payload is just over the default frame limit (64 MiB for the whole frame), so
+/// both sides of the echo cases raise it.
+const MAX_FRAME: usize = 80 * MIB;
+
+/// Client settings of the echo cases.
 fn options() -> rpyc::Options {
-    rpyc::Options::new().max_frame_size(80 * MIB)
+    rpyc::Options::new().max_frame_size(MAX_FRAME)
 }
 
 fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
@@ -205,7 +208,7 @@ fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
     let server = ThreadedServer::new(service)
         .hostname(HOST)
         .port(0)
-        .options(options())
+        .max_frame_size(MAX_FRAME)
         .build()?;
     let port = server.port();
     Ok((port, server.spawn()?))
@@ -730,7 +733,10 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
     let d = sshd::Sshd::start(sshd::SshdConfig::default());
     let (_fwd, fwd_port) = ssh_dash_l(&d, port)?;
     let via_ssh_l = options().connect(HOST, fwd_port)?;
-    let via_tunnel = rpyc::ssh_connect_with(&d.context(), port, &options())?;
+    let via_tunnel = options()
+        .clone()
+        .ssh(d.context().clone())
+        .connect("127.0.0.1", port)?;
     let direct = options().connect(HOST, port)?;
     let mut rows = Vec::new();
     let show_direct = |unit: Unit, s: &Stats| {
@@ -953,7 +959,7 @@ fn tls_cases(
     let auth = rpyc::SslAuthenticator::new(
         tls_file("server-rsa2048.key"),
         tls_file("server-rsa2048.pem"),
-    )?
+    )
     .ca_certs(tls_file("ca.pem"));
     let server = ThreadedServer::new(Service::new("bench").method("echo", |b: Bytes| b))
         .hostname(HOST)
@@ -961,9 +967,12 @@ fn tls_cases(
         .authenticator(auth)
         .build()?
         .spawn()?;
-    let client = rpyc::SslClient::new()
-        .ca_certs(tls_file("ca.pem"))
-        .cert_key(tls_file("client-rsa.pem"), tls_file("client-rsa.key"));
+    let client = rpyc::Options::new().tls(
+        rpyc::tls::SslClient::new()
+            .ca_certs(tls_file("ca.pem"))
+            .keyfile(tls_file("client-rsa.key"))
+            .certfile(tls_file("client-rsa.pem")),
+    );
     let conn = client.connect("localhost", server.port())?;
     let mut raw = RawTls::connect(&connector, raw_port)?;
 

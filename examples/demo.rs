@@ -1,7 +1,9 @@
 //! A tour in one process: a server, a client with a callback, a remote object, async calls;
 //! then the same server over mutual TLS, with a throwaway CA made in a temporary folder.
 
-use rpyc::{Options, RemoteObject, Service, SslAuthenticator, SslClient, TestPki, ThreadedServer};
+use rpyc::testing::TestPki;
+use rpyc::tls::SslClient;
+use rpyc::{Options, RemoteObject, Service, SslAuthenticator, ThreadedServer};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -99,8 +101,7 @@ fn main() -> Result<(), rpyc::Error> {
     let pki = TestPki::temp()?;
     let server_files = pki.issue("localhost", &["localhost", "127.0.0.1"])?;
     let alice = pki.issue("alice", &[])?;
-    let auth =
-        SslAuthenticator::new(&server_files.key, &server_files.cert)?.ca_certs(pki.ca_cert());
+    let auth = SslAuthenticator::new(&server_files.key, &server_files.cert).ca_certs(pki.ca_cert());
     let secure = Service::new("secure").method_with_context("whoami", |cx: &rpyc::Context| {
         let cert = cx
             .peer_certificate()
@@ -116,16 +117,20 @@ fn main() -> Result<(), rpyc::Error> {
         tls_handle.port(),
         pki.dir().display()
     );
-    let tls = SslClient::new()
-        .ca_certs(pki.ca_cert())
-        .cert_key(&alice.cert, &alice.key)
+    let tls = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(pki.ca_cert())
+                .keyfile(&alice.key)
+                .certfile(&alice.cert),
+        )
         .connect("localhost", tls_handle.port())?;
     println!(
         "over TLS the server knows us by our certificate: {}",
         tls.root().call::<String, _>("whoami", ())?
     );
-    match SslClient::new()
-        .ca_certs(pki.ca_cert())
+    match rpyc::Options::new()
+        .tls(SslClient::new().ca_certs(pki.ca_cert()))
         .connect("localhost", tls_handle.port())
     {
         Err(e) => println!("without a client certificate: {e}"),

@@ -2,7 +2,7 @@
 //! `cargo run --example ssl_client -- localhost 18821 client.key client.pem ca.pem`.
 //! Without the CA argument the server is verified against the system's trust store.
 
-use rpyc::SslClient;
+use rpyc::tls::SslClient;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
@@ -16,9 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Blocking, returns a ready connection; verifies the server against the system store.
         None => rpyc::ssl_connect(host, port, Some(key), Some(cert))?,
         // The same, trusting only a private CA.
-        Some(ca) => SslClient::new()
-            .cert_key(cert, key)
-            .ca_certs(ca)
+        Some(ca) => rpyc::Options::new()
+            .tls(SslClient::new().keyfile(key).certfile(cert).ca_certs(ca))
             .connect(host, port)?,
     };
     println!("{}", conn.root().call::<String, _>("hello", ())?);

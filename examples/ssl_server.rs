@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let port: u16 = rest.first().map_or(Ok(18821), |p| p.parse())?;
 
     // The server's key and certificate; with a CA, clients must present a certificate it signed.
-    let auth = SslAuthenticator::new(key, cert)?.ca_certs(ca);
+    let auth = SslAuthenticator::new(key, cert).ca_certs(ca);
     // Handlers see the verified client certificate and decide per client what they allow.
     let service = Service::new("greeter")
         .method_with_context("hello", |cx: &rpyc::Context| {

@@ -25,7 +25,8 @@ use std::time::Duration;
 /// timeout: an authenticator that reads from the client must not wait longer.
 ///
 /// ```
-/// use rpyc::{Authenticated, Authenticator, Error, Service, ThreadedServer};
+/// use rpyc::{Error, Service, ThreadedServer};
+/// use rpyc::auth::{Authenticated, Authenticator};
 /// use std::io::{Read, Write};
 /// use std::net::TcpStream;
 /// use std::time::Duration;
@@ -54,7 +55,7 @@ use std::time::Duration;
 ///
 /// // The client side sends the token (see `ClientAuthenticator`).
 /// struct SendToken(&'static [u8; 8]);
-/// impl rpyc::ClientAuthenticator for SendToken {
+/// impl rpyc::auth::ClientAuthenticator for SendToken {
 ///     fn authenticate(&self, mut s: TcpStream, _host: &str, _t: Duration) -> Result<Authenticated, Error> {
 ///         s.write_all(self.0)?;
 ///         Ok(Authenticated::new(s))
@@ -81,7 +82,8 @@ pub trait Authenticator: Send + Sync + 'static {
 /// is the name the client connected to, for checks such as TLS hostname verification.
 ///
 /// ```
-/// use rpyc::{Authenticated, ClientAuthenticator, Error};
+/// use rpyc::Error;
+/// use rpyc::auth::{Authenticated, ClientAuthenticator};
 /// use std::io::Write;
 /// use std::net::TcpStream;
 /// use std::time::Duration;
@@ -111,8 +113,8 @@ pub trait ClientAuthenticator: Send + Sync + 'static {
 /// An authenticated stream, ready for the rpyc handshake: returned by authenticators.
 ///
 /// ```
-/// # fn f(socket: std::net::TcpStream) -> rpyc::Authenticated {
-/// rpyc::Authenticated::new(socket).credentials(42u32)
+/// # fn f(socket: std::net::TcpStream) -> rpyc::auth::Authenticated {
+/// rpyc::auth::Authenticated::new(socket).credentials(42u32)
 /// # }
 /// ```
 pub struct Authenticated {

@@ -354,10 +354,10 @@ impl ServerBuilder {
     /// refuses is logged with its address and the reason, and the server goes on serving.
     ///
     /// ```
-    /// # let pki = rpyc::TestPki::temp()?;
+    /// # let pki = rpyc::testing::TestPki::temp()?;
     /// # let files = pki.issue("localhost", &["localhost"])?;
     /// # let (key, cert, ca) = (files.key, files.cert, pki.ca_cert());
-    /// let auth = rpyc::SslAuthenticator::new(&key, &cert)?.ca_certs(&ca);
+    /// let auth = rpyc::SslAuthenticator::new(&key, &cert).ca_certs(&ca);
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).authenticator(auth).build()?;
     /// # Ok::<(), rpyc::Error>(())
     /// ```

@@ -24,22 +24,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// and usable by servers and clients alike.
 ///
 /// ```
-/// use rpyc::{Service, SslAuthenticator, SslClient, TestPki, ThreadedServer};
+/// use rpyc::{Service, SslAuthenticator, ThreadedServer};
+/// use rpyc::testing::TestPki;
+/// use rpyc::tls::SslClient;
 ///
 /// let pki = TestPki::temp()?; // removed when `pki` is dropped
 /// let server = pki.issue("localhost", &["localhost", "127.0.0.1"])?;
 /// let alice = pki.issue("alice", &[])?;
 ///
-/// let auth = SslAuthenticator::new(&server.key, &server.cert)?.ca_certs(pki.ca_cert());
+/// let auth = SslAuthenticator::new(&server.key, &server.cert).ca_certs(pki.ca_cert());
 /// let service = Service::new("s").method_with_context("whoami", |cx: &rpyc::Context| {
 ///     cx.peer_certificate().and_then(|c| c.common_name().map(String::from))
 /// });
 /// let handle = ThreadedServer::new(service).authenticator(auth).build()?.spawn()?;
 ///
-/// let conn = SslClient::new()
+/// let tls = SslClient::new()
 ///     .ca_certs(pki.ca_cert())
-///     .cert_key(&alice.cert, &alice.key)
-///     .connect("localhost", handle.port())?;
+///     .keyfile(&alice.key)
+///     .certfile(&alice.cert);
+/// let conn = rpyc::Options::new().tls(tls).connect("localhost", handle.port())?;
 /// assert_eq!(conn.root().call::<Option<String>, _>("whoami", ())?.as_deref(), Some("alice"));
 /// handle.close();
 /// # Ok::<(), rpyc::Error>(())

@@ -687,7 +687,8 @@ fn request_flood_beyond_the_queue_limit_closes_that_connection() {
                     .unwrap();
         });
     let server = ThreadedServer::new(service)
-        .options(rpyc::Options::new().max_workers(1).max_queued(4))
+        .max_workers(1)
+        .max_queued(4)
         .build()
         .unwrap();
     let port = server.port();

@@ -77,7 +77,7 @@ fn nested_calls_through_both_services_do_not_deadlock() {
             Ok(path)
         },
     );
-    let server = serve_with(server_svc, options().max_workers(2));
+    let server = serve_with(server_svc, |b| b.max_workers(2));
 
     let client_threads: Arc<Mutex<Vec<ThreadId>>> = Arc::default();
     let seen = client_threads.clone();
@@ -130,7 +130,7 @@ fn nested_callbacks_twelve_deep_from_many_threads_do_not_deadlock() {
             cb.invoke::<u32, _>((n,)).map(|below| below + 1)
         }
     });
-    let server = serve_with(server_svc, options().max_workers(4));
+    let server = serve_with(server_svc, |b| b.max_workers(4));
     let conn = options()
         .max_workers(2)
         .connect("127.0.0.1", server.port)
@@ -276,10 +276,11 @@ struct Gate {
 }
 
 fn gated_server() -> Gate {
-    gated_server_with(options())
+    gated_server_with(64)
 }
 
-fn gated_server_with(server_options: rpyc::Options) -> Gate {
+/// [`gated_server`] running at most `workers` handlers per connection.
+fn gated_server_with(workers: usize) -> Gate {
     let (gate_tx, gate_rx) = mpsc::channel::<u32>();
     let gate_rx = Mutex::new(gate_rx);
     let (started_tx, started_rx) = mpsc::channel::<u32>();
@@ -302,7 +303,7 @@ fn gated_server_with(server_options: rpyc::Options) -> Gate {
         })
         .method("fail", |why: String| -> Result<(), String> { Err(why) });
     Gate {
-        server: serve_with(svc, server_options),
+        server: serve_with(svc, |b| b.max_workers(workers)),
         started: started_rx,
         gate: gate_tx,
     }
@@ -410,7 +411,7 @@ fn abandoned_async_call_does_not_disturb_later_calls() {
 #[test]
 fn at_most_max_workers_handlers_run_at_once_and_one_is_enough() {
     for workers in [1u32, 3] {
-        let g = gated_server_with(options().max_workers(workers as usize));
+        let g = gated_server_with(workers as usize);
         let conn = connect(&g.server);
         let calls: Vec<_> = (0..=workers)
             .map(|tag| {

@@ -93,7 +93,7 @@ impl Drop for SClient {
 fn tls_client_asking_for_a_renegotiation_is_refused_and_the_next_client_is_served() {
     capture_logs();
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let mut client = SClient::start(&p, server.port, "-tls1_2");
     // The TLS handshake is done once the server's rpyc hello arrives. (The client's hello
     // cannot go through s_client: its commands are letters at the start of what it reads, and
@@ -237,11 +237,9 @@ fn served_within(server: &TestServer, p: &Pki, limit: Duration) {
 }
 
 fn tls_server_timing_out_after(p: &Pki, handshake_timeout: Duration) -> TestServer {
-    serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(handshake_timeout),
-    )
+    serve_tls(whoami(), p.authenticator(), |b| {
+        server_options(b).handshake_timeout(handshake_timeout)
+    })
 }
 
 #[test]
@@ -330,11 +328,9 @@ fn a_client_whose_first_bytes_only_look_like_a_plain_hello_is_dropped_at_once() 
     capture_logs();
     let p = pki();
     let handshake_timeout = Duration::from_secs(3);
-    let server = serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(handshake_timeout),
-    );
+    let server = serve_tls(whoami(), p.authenticator(), |b| {
+        server_options(b).handshake_timeout(handshake_timeout)
+    });
     let started = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     s.write_all(b"RPYX").unwrap();
@@ -355,7 +351,7 @@ fn a_client_whose_first_bytes_only_look_like_a_plain_hello_is_dropped_at_once() 
 
 use common::child::{self, Child as ChildProcess};
 use common::raw;
-use rpyc::{Bytes, Error, Options, Service, ThreadedServer};
+use rpyc::{Bytes, Error, Service, ThreadedServer};
 
 /// The server the memory tests attack, in a child process: `role` is `server` followed by
 /// settings (`max_workers=1 max_buffered=64 total=96 max_queued=100 max_threads=8`, sizes in
@@ -377,17 +373,16 @@ fn child_server() {
         })
         .method("echo", |b: Bytes| b)
         .method("call_back", |cb: rpyc::RemoteObject| cb.invoke::<(), _>(()));
-    let mut options = Options::new();
+    let mut builder = ThreadedServer::new(service);
     if let Some(n) = setting("max_workers") {
-        options = options.max_workers(n);
+        builder = builder.max_workers(n);
     }
     if let Some(n) = setting("max_queued") {
-        options = options.max_queued(n);
+        builder = builder.max_queued(n);
     }
     if let Some(mib) = setting("max_buffered") {
-        options = options.max_frame_size(mib << 19).max_buffered(mib << 20);
+        builder = builder.max_frame_size(mib << 19).max_buffered(mib << 20);
     }
-    let mut builder = ThreadedServer::new(service).options(options);
     if let Some(mib) = setting("total") {
         builder = builder.max_buffered_total(mib << 20);
     }
@@ -617,7 +612,7 @@ fn quick_server(builder: impl FnOnce(rpyc::ServerBuilder) -> rpyc::ServerBuilder
 #[test]
 fn a_hello_dribbled_a_byte_at_a_time_is_dropped_at_the_handshake_deadline() {
     let t = Duration::from_secs(1);
-    let server = quick_server(|b| b.options(Options::new().handshake_timeout(t)));
+    let server = quick_server(|b| b.handshake_timeout(t));
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     let start = Instant::now();
     // One byte every quarter of the timeout: each read alone is in time, the hello is not.
@@ -672,11 +667,7 @@ fn silent_connections_give_their_slots_to_new_clients_once_idle_long_enough() {
 #[test]
 fn clients_stuck_in_their_handshake_cannot_take_every_slot() {
     let t = Duration::from_millis(1500);
-    let server = quick_server(|b| {
-        b.max_connections(64)
-            .max_handshakes(4)
-            .options(Options::new().handshake_timeout(t))
-    });
+    let server = quick_server(|b| b.max_connections(64).max_handshakes(4).handshake_timeout(t));
     // Four sockets that never send their hello hold every handshake slot...
     let _stuck: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(("127.0.0.1", server.port)).unwrap())
@@ -796,7 +787,7 @@ fn assert_dropped_for_not_reading(server: &TestServer, mut s: impl Write, stall:
 fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() {
     capture_logs();
     let stall = Duration::from_secs(1);
-    let server = quick_server(|b| b.options(Options::new().call_timeout(stall)));
+    let server = quick_server(|b| b.call_timeout(stall));
     assert_dropped_for_not_reading(&server, raw::client(server.port), stall);
     assert!(logged(&["127.0.0.1:", "read nothing for 1s"]));
 }
@@ -808,10 +799,7 @@ fn a_unix_socket_client_that_stops_reading_is_dropped_at_the_stall_timeout() {
     let dir = std::env::temp_dir().join(format!("rpyc-stall-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("s.sock");
-    let server = quick_server(|b| {
-        b.unix_path(&path)
-            .options(Options::new().call_timeout(stall))
-    });
+    let server = quick_server(|b| b.unix_path(&path).call_timeout(stall));
     let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
     s.write_all(&raw::hello()).unwrap();
     let mut theirs = [0u8; 16];
@@ -952,14 +940,14 @@ fn a_closed_connection_keeps_its_slot_until_its_handlers_return() {
 /// Admits every client after `delay` (a slow authentication).
 struct SlowAuth(Duration);
 
-impl rpyc::Authenticator for SlowAuth {
+impl rpyc::auth::Authenticator for SlowAuth {
     fn authenticate(
         &self,
         socket: TcpStream,
         _timeout: Duration,
-    ) -> Result<rpyc::Authenticated, Error> {
+    ) -> Result<rpyc::auth::Authenticated, Error> {
         std::thread::sleep(self.0);
-        Ok(rpyc::Authenticated::new(socket))
+        Ok(rpyc::auth::Authenticated::new(socket))
     }
 }
 
@@ -968,7 +956,7 @@ fn the_handshake_timeout_counts_from_the_accept_authentication_included() {
     let t = Duration::from_secs(1);
     let server = quick_server(|b| {
         b.authenticator(SlowAuth(t.mul_f64(0.6)))
-            .options(Options::new().handshake_timeout(t))
+            .handshake_timeout(t)
     });
     // Authenticated after 0.6 of the timeout, then silent: dropped at the timeout, not 0.6
     // later.

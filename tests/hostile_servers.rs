@@ -4,7 +4,8 @@
 mod common;
 
 use common::tls::{pki, Pki};
-use rpyc::{Error, Options, SslClient, Timeout};
+use rpyc::tls::SslClient;
+use rpyc::{Error, Options, Timeout};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -247,9 +248,9 @@ fn tls_server_that_never_finishes_a_renegotiation_cannot_hang_calls_past_their_t
     let mut server = SServer::start(&p, &["-tls1_2"]);
     let pid = server.child.id();
     let relay = Relay::start(server.port, move || freeze(pid));
-    let client = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .options(Options::new().call_timeout(call_timeout));
+    let client = Options::new()
+        .call_timeout(call_timeout)
+        .tls(SslClient::new().ca_certs(p.ca.ca_cert()));
     let port = relay.port;
     let connecting = std::thread::spawn(move || client.connect("localhost", port));
     // The client's hello went through: answer with the server's.
@@ -299,9 +300,9 @@ fn tls_server_that_never_finishes_a_renegotiation_cannot_hang_calls_past_their_t
 
 /// A client of `server` (trusting the test CA), once `server` has sent the rpyc hello.
 fn connect_through_s_server(p: &Pki, server: &mut SServer) -> rpyc::Connection {
-    let client = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .options(Options::new().call_timeout(Duration::from_secs(10)));
+    let client = Options::new()
+        .call_timeout(Duration::from_secs(10))
+        .tls(SslClient::new().ca_certs(p.ca.ca_cert()));
     let port = server.port;
     let connecting = std::thread::spawn(move || client.connect("localhost", port));
     assert!(

@@ -42,8 +42,9 @@ fn idle_connections_use_no_cpu() {
         .map(|_| options.connect("127.0.0.1", handle.port()).unwrap())
         .collect();
     conns.extend((0..4).map(|_| {
-        pki.client()
-            .options(options.clone())
+        options
+            .clone()
+            .tls(pki.tls())
             .connect("localhost", tls_handle.port())
             .unwrap()
     }));

@@ -66,7 +66,7 @@ fn exercise_then_close(tls: Option<&common::tls::Pki>) {
     let port = server.port();
     let handle = server.spawn().unwrap();
 
-    let tls_client = tls.map(|p| p.client());
+    let tls_client = tls.map(|p| p.tls());
     let clients: Vec<_> = (0..4)
         .map(|i| {
             let tls_client = tls_client.clone();
@@ -74,7 +74,7 @@ fn exercise_then_close(tls: Option<&common::tls::Pki>) {
                 let me = Service::new("client").method("name", move || format!("client {i}"));
                 let options = Options::new().service(me);
                 let conn = match tls_client {
-                    Some(c) => c.options(options).connect("localhost", port).unwrap(),
+                    Some(c) => options.tls(c).connect("localhost", port).unwrap(),
                     None => options.connect("127.0.0.1", port).unwrap(),
                 };
                 let root = conn.root();

@@ -316,10 +316,7 @@ fn max_workers_bounds_the_handlers_running_at_once_exactly() {
             thread::sleep(Duration::from_millis(200));
             r.fetch_sub(1, Ordering::SeqCst);
         });
-        let server = ThreadedServer::new(svc)
-            .options(rpyc::Options::new().max_workers(n))
-            .build()
-            .unwrap();
+        let server = ThreadedServer::new(svc).max_workers(n).build().unwrap();
         let port = server.port();
         let handle = server.spawn().unwrap();
         let conn = rpyc::connect("127.0.0.1", port).unwrap();

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 fn works(ctx: &SshContext) -> Result<(), Error> {
     let server = common::serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
-    let conn = rpyc::ssh_connect_with(ctx, server.port, &common::options())?;
+    let conn = common::options()
+        .clone()
+        .ssh(ctx.clone())
+        .connect("127.0.0.1", server.port)?;
     assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
     conn.close();
     Ok(())

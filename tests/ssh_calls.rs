@@ -38,7 +38,11 @@ fn service() -> Service {
 fn calls_go_through_the_tunnel() {
     let server = serve(service());
     let ctx = sshd::shared().context();
-    let conn = rpyc::ssh_connect_with(&ctx, server.port, &common::options()).unwrap();
+    let conn = common::options()
+        .clone()
+        .ssh(ctx.clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     // The client's peer is the tunnel's local end, not the server.
     assert!(conn.peer().starts_with("127.0.0.1:"));
@@ -51,8 +55,11 @@ fn calls_go_through_the_tunnel() {
 #[test]
 fn many_threads_share_one_tunneled_connection() {
     let server = serve(service());
-    let conn =
-        rpyc::ssh_connect_with(&sshd::shared().context(), server.port, &common::options()).unwrap();
+    let conn = common::options()
+        .clone()
+        .ssh(sshd::shared().context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     thread::scope(|s| {
         for t in 0..8i64 {
             let conn = &conn;
@@ -70,14 +77,13 @@ fn many_threads_share_one_tunneled_connection() {
 #[test]
 fn payloads_of_64_mib_go_both_ways_at_once() {
     // 64 MiB of payload is just over the default frame limit: both sides raise it.
-    let big_frames = |o: rpyc::Options| o.max_frame_size(80 << 20);
-    let server = common::serve_with(service(), big_frames(common::options()));
-    let conn = rpyc::ssh_connect_with(
-        &sshd::shared().context(),
-        server.port,
-        &big_frames(common::options()).call_timeout(Duration::from_secs(60)),
-    )
-    .unwrap();
+    let server = common::serve_with(service(), |b| b.max_frame_size(80 << 20));
+    let conn = common::options()
+        .max_frame_size(80 << 20)
+        .call_timeout(Duration::from_secs(60))
+        .ssh(sshd::shared().context())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     let payload = Bytes::from(
         (0..64usize << 20)
             .map(|i| (i * 31 + 7) as u8)
@@ -107,12 +113,12 @@ fn payloads_of_64_mib_go_both_ways_at_once() {
 fn callbacks_reach_the_client_through_the_tunnel() {
     let server = serve(service());
     let me = Service::new("client").method("name", || "tunneled client".to_string());
-    let conn = rpyc::ssh_connect_with(
-        &sshd::shared().context(),
-        server.port,
-        &common::options().service(me),
-    )
-    .unwrap();
+    let conn = common::options()
+        .service(me)
+        .clone()
+        .ssh(sshd::shared().context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     let cb = rpyc::callback(|i: u32| i * 10);
     assert_eq!(
         conn.root().call::<u32, _>("countdown", (5u32, cb)).unwrap(),
@@ -151,7 +157,7 @@ fn reverse_server() -> (u16, thread::JoinHandle<()>) {
 #[test]
 fn tunnel_alone_forwards_concurrent_connections_and_eof_both_ways() {
     let (port, server) = reverse_server();
-    let tunnel = rpyc::SshTunnel::open(&sshd::shared().context(), "127.0.0.1", port).unwrap();
+    let tunnel = rpyc::ssh::SshTunnel::open(&sshd::shared().context(), "127.0.0.1", port).unwrap();
     let local = tunnel.local_port();
     assert_ne!(local, 0);
     thread::scope(|s| {
@@ -185,7 +191,7 @@ fn tunnel_alone_forwards_concurrent_connections_and_eof_both_ways() {
 fn concurrent_bulk_transfers_share_one_session() {
     let server = serve(service());
     let tunnel =
-        rpyc::SshTunnel::open(&sshd::shared().context(), "127.0.0.1", server.port).unwrap();
+        rpyc::ssh::SshTunnel::open(&sshd::shared().context(), "127.0.0.1", server.port).unwrap();
     let payload = Bytes::from(
         (0..16usize << 20)
             .map(|i| (i * 13 + 5) as u8)

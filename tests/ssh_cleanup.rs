@@ -52,7 +52,11 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     let threads_before = thread_names();
     let fds_before = open_fds();
 
-    let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
+    let conn = common::options()
+        .clone()
+        .ssh(d.context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     let big = rpyc::Bytes::from(vec![1u8; 4 << 20]);
     assert_eq!(
@@ -63,7 +67,7 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
         4 << 20
     );
     // A standalone tunnel with several connections open, one of them mid-stream.
-    let tunnel = rpyc::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
+    let tunnel = rpyc::ssh::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
     let mut raw: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(("127.0.0.1", tunnel.local_port())).unwrap())
         .collect();
@@ -114,7 +118,11 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     assert!(!thread_names().iter().any(|n| n == "rpyc-ssh-tunnel"));
 
     // Dropping the last handle, without close(), stops the tunnel too.
-    let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
+    let conn = common::options()
+        .clone()
+        .ssh(d.context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     drop(conn);
     assert!(

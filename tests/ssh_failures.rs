@@ -80,8 +80,11 @@ fn nothing_listening_on_the_remote_port_is_reported_as_such() {
         l.local_addr().unwrap().port()
     };
     let t = Instant::now();
-    let err =
-        rpyc::ssh_connect_with(&sshd::shared().context(), port, &common::options()).unwrap_err();
+    let err = common::options()
+        .clone()
+        .ssh(sshd::shared().context().clone())
+        .connect("127.0.0.1", port)
+        .unwrap_err();
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -103,7 +106,11 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
     });
     let server = common::serve(rpyc::Service::new("svc").method("add", |a: i64, b: i64| a + b));
     let t = Instant::now();
-    let err = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap_err();
+    let err = common::options()
+        .clone()
+        .ssh(d.context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap_err();
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -114,7 +121,7 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
     assert!(m.contains("AllowTcpForwarding"), "{m}");
     // The tunnel on its own: the local connection is closed, the failure says why, and the
     // session stays usable for the next try.
-    let tunnel = rpyc::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
+    let tunnel = rpyc::ssh::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
     for _ in 0..2 {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", tunnel.local_port())).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

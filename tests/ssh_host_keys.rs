@@ -6,7 +6,8 @@ mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
-use rpyc::{Error, HostKeyPolicy, Service};
+use rpyc::ssh::HostKeyPolicy;
+use rpyc::{Error, Service};
 use std::process::Command;
 
 fn ssh_message(e: Error) -> String {
@@ -26,7 +27,10 @@ fn fingerprint(pub_line: &str, dir: &std::path::Path, name: &str) -> String {
 
 fn works(ctx: &rpyc::SshContext) -> Result<(), Error> {
     let server = common::serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
-    let conn = rpyc::ssh_connect_with(ctx, server.port, &common::options())?;
+    let conn = common::options()
+        .clone()
+        .ssh(ctx.clone())
+        .connect("127.0.0.1", server.port)?;
     assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
     conn.close();
     Ok(())

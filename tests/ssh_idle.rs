@@ -37,7 +37,13 @@ fn idle_tunnels_use_no_cpu_and_keepalives_keep_them_usable() {
     let server = common::serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
     let ctx = d.context().keepalive(Duration::from_secs(2));
     let conns: Vec<_> = (0..3)
-        .map(|_| rpyc::ssh_connect_with(&ctx, server.port, &common::options()).unwrap())
+        .map(|_| {
+            common::options()
+                .clone()
+                .ssh(ctx.clone())
+                .connect("127.0.0.1", server.port)
+                .unwrap()
+        })
         .collect();
     for c in &conns {
         for i in 0..100 {

@@ -31,7 +31,11 @@ fn killing_sshd_fails_the_waiting_call_and_later_calls_fast() {
                 thread::sleep(Duration::from_millis(ms))
             }),
     );
-    let conn = rpyc::ssh_connect_with(&d.context(), server.port, &common::options()).unwrap();
+    let conn = common::options()
+        .clone()
+        .ssh(d.context().clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     assert_eq!(tunnel_threads(), 1);
 

@@ -7,18 +7,19 @@ mod common;
 mod sshd;
 
 use common::tls::{pki, serve_tls, server_options, whoami};
-use rpyc::{Bytes, SshTunnel};
+use rpyc::ssh::SshTunnel;
+use rpyc::Bytes;
 
 #[test]
 fn mutual_tls_runs_inside_the_tunnel() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let ctx = sshd::shared().context();
     let tunnel = SshTunnel::open(&ctx, "127.0.0.1", server.port).expect("open the tunnel");
     // We dial the tunnel's local end; the certificate is for "localhost".
     let conn = p
         .client()
-        .server_hostname("localhost")
+        .tls(p.tls().server_hostname("localhost"))
         .connect("127.0.0.1", tunnel.local_port())
         .expect("TLS through the tunnel");
     assert_eq!(
@@ -40,15 +41,33 @@ fn mutual_tls_runs_inside_the_tunnel() {
 #[test]
 fn the_tunnel_does_not_weaken_tls_verification() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let ctx = sshd::shared().context();
     let tunnel = SshTunnel::open(&ctx, "127.0.0.1", server.port).expect("open the tunnel");
     // A client expecting another name refuses the server even though the tunnel is trusted.
     let err = p
         .client()
-        .server_hostname("elsewhere.example")
+        .tls(p.tls().server_hostname("elsewhere.example"))
         .connect("127.0.0.1", tunnel.local_port())
         .unwrap_err();
     assert!(err.to_string().contains("hostname mismatch"), "{err}");
     tunnel.close();
+}
+
+#[test]
+fn one_builder_routes_tls_through_ssh() {
+    let p = pki();
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
+    // The tunnel goes to localhost as the SSH server sees it; TLS is verified against that
+    // name, end to end.
+    let conn = p
+        .client()
+        .ssh(sshd::shared().context())
+        .connect("localhost", server.port)
+        .expect("TLS through SSH");
+    assert_eq!(
+        conn.root().call::<String, _>("whoami", ()).unwrap(),
+        "alice"
+    );
+    conn.close();
 }

@@ -206,7 +206,7 @@ fn silent_peer_makes_connect_fail_with_a_handshake_timeout() {
 #[test]
 fn server_drops_a_client_that_never_completes_the_handshake() {
     let server = ThreadedServer::new(Service::new("s").method("add", |a: i64, b: i64| a + b))
-        .options(Options::new().handshake_timeout(Duration::from_millis(300)))
+        .handshake_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let port = server.port();

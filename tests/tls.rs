@@ -5,10 +5,10 @@ mod common;
 
 use common::tls::{pki, serve_auth, serve_tls, server_options, still_serves, whoami};
 use common::{wait_until, CALL_TIMEOUT};
-use rpyc::{
-    Authenticated, Authenticator, Bytes, ClientAuthenticator, ClientCert, Error, Options, Service,
-    SslAuthenticator, SslClient, TestPki, TlsVersion,
-};
+use rpyc::auth::{Authenticated, Authenticator, ClientAuthenticator};
+use rpyc::testing::TestPki;
+use rpyc::tls::{ClientCert, SslClient, TlsVersion};
+use rpyc::{Bytes, Error, Options, Service, SslAuthenticator};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn mutual_tls_call_reaches_the_service() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (40, 2)).unwrap(), 42);
 }
@@ -38,7 +38,7 @@ fn handlers_see_the_verified_client_identity() {
             der.len(),
         )
     });
-    let server = serve_tls(service, p.authenticator(), server_options());
+    let server = serve_tls(service, p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     let (cn, sans, issuer, der_len): (Option<String>, Vec<String>, String, usize) =
         conn.root().call("who", ()).unwrap();
@@ -66,15 +66,19 @@ fn a_service_decides_per_client_what_it_allows() {
         Some("alice") => Ok("rebooting".to_string()),
         other => Err(format!("{other:?} may not reboot")),
     });
-    let server = serve_tls(service, p.authenticator(), server_options());
+    let server = serve_tls(service, p.authenticator(), server_options);
     let alice = p.client().connect("localhost", server.port).unwrap();
     assert_eq!(
         alice.root().call::<String, _>("reboot", ()).unwrap(),
         "rebooting"
     );
-    let bob = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .cert_key(&bob.cert, &bob.key)
+    let bob = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(p.ca.ca_cert())
+                .keyfile(&bob.key)
+                .certfile(&bob.cert),
+        )
         .connect("localhost", server.port)
         .unwrap();
     let err = bob.root().call::<String, _>("reboot", ()).unwrap_err();
@@ -84,9 +88,9 @@ fn a_service_decides_per_client_what_it_allows() {
 #[test]
 fn client_certificates_are_required_by_default_once_a_ca_is_given() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
-    let err = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
+    let err = rpyc::Options::new()
+        .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
         .connect("localhost", server.port)
         .unwrap_err();
     assert!(
@@ -100,9 +104,9 @@ fn client_certificates_are_required_by_default_once_a_ca_is_given() {
 fn optional_client_certificates_admit_anonymous_clients_and_verify_presented_ones() {
     let p = pki();
     let auth = p.authenticator().client_cert(ClientCert::Optional);
-    let server = serve_tls(whoami(), auth, server_options());
-    let anonymous = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
+    let server = serve_tls(whoami(), auth, server_options);
+    let anonymous = rpyc::Options::new()
+        .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
         .connect("localhost", server.port)
         .unwrap();
     assert_eq!(
@@ -117,9 +121,13 @@ fn optional_client_certificates_admit_anonymous_clients_and_verify_presented_one
     // A presented certificate must still verify.
     let other = TestPki::temp().unwrap();
     let mallory = other.issue("mallory", &[]).unwrap();
-    let err = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .cert_key(&mallory.cert, &mallory.key)
+    let err = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(p.ca.ca_cert())
+                .keyfile(&mallory.key)
+                .certfile(&mallory.cert),
+        )
         .connect("localhost", server.port)
         .unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err}");
@@ -128,8 +136,8 @@ fn optional_client_certificates_admit_anonymous_clients_and_verify_presented_one
 #[test]
 fn server_without_ca_asks_for_no_client_certificate() {
     let p = pki();
-    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert).unwrap();
-    let server = serve_tls(whoami(), auth, server_options());
+    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert);
+    let server = serve_tls(whoami(), auth, server_options);
     // Even a client presenting one is not asked for it.
     let conn = p.client().connect("localhost", server.port).unwrap();
     assert_eq!(
@@ -141,9 +149,8 @@ fn server_without_ca_asks_for_no_client_certificate() {
 #[test]
 fn requiring_client_certificates_without_a_ca_is_a_build_error() {
     let p = pki();
-    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert)
-        .unwrap()
-        .client_cert(ClientCert::Required);
+    let auth =
+        SslAuthenticator::new(&p.server.key, &p.server.cert).client_cert(ClientCert::Required);
     let err = rpyc::ThreadedServer::new(whoami())
         .authenticator(auth)
         .build()
@@ -166,8 +173,8 @@ fn a_ca_file_that_does_not_load_is_a_build_error_naming_it() {
 fn ssl_connect_verifies_against_the_system_store_by_default() {
     // A private CA is not in the system store: the default client must refuse the server.
     let p = pki();
-    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert).unwrap();
-    let server = serve_tls(whoami(), auth, server_options());
+    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert);
+    let server = serve_tls(whoami(), auth, server_options);
     let err = rpyc::ssl_connect("localhost", server.port, None, None).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -187,10 +194,10 @@ fn ca_certs_trusts_that_ca_alone() {
     let p = pki();
     let other = TestPki::temp().unwrap();
     let theirs = other.issue("localhost", &["localhost"]).unwrap();
-    let auth = SslAuthenticator::new(&theirs.key, &theirs.cert).unwrap();
-    let server = serve_tls(whoami(), auth, server_options());
-    let err = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
+    let auth = SslAuthenticator::new(&theirs.key, &theirs.cert);
+    let server = serve_tls(whoami(), auth, server_options);
+    let err = rpyc::Options::new()
+        .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
         .connect("localhost", server.port)
         .unwrap_err();
     assert!(
@@ -198,8 +205,8 @@ fn ca_certs_trusts_that_ca_alone() {
             .contains("not signed by a CA this client trusts"),
         "{err}"
     );
-    let ok = SslClient::new()
-        .ca_certs(other.ca_cert())
+    let ok = rpyc::Options::new()
+        .tls(SslClient::new().ca_certs(other.ca_cert()))
         .connect("localhost", server.port)
         .unwrap();
     assert!(ok.ping().is_ok());
@@ -209,13 +216,16 @@ fn ca_certs_trusts_that_ca_alone() {
 fn server_hostname_names_the_certificate_when_dialling_an_address() {
     let p = pki();
     let dns_only = p.ca.issue("dns-only", &["rpyc.test"]).unwrap();
-    let auth = SslAuthenticator::new(&dns_only.key, &dns_only.cert).unwrap();
-    let server = serve_tls(whoami(), auth, server_options());
+    let auth = SslAuthenticator::new(&dns_only.key, &dns_only.cert);
+    let server = serve_tls(whoami(), auth, server_options);
     let client = SslClient::new().ca_certs(p.ca.ca_cert());
-    let err = client.connect("127.0.0.1", server.port).unwrap_err();
+    let err = rpyc::Options::new()
+        .tls(client.clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap_err();
     assert!(err.to_string().contains("server_hostname"), "{err}");
-    let conn = client
-        .server_hostname("rpyc.test")
+    let conn = rpyc::Options::new()
+        .tls(client.server_hostname("rpyc.test"))
         .connect("127.0.0.1", server.port)
         .unwrap();
     assert!(conn.ping().is_ok());
@@ -224,7 +234,7 @@ fn server_hostname_names_the_certificate_when_dialling_an_address() {
 #[test]
 fn an_ip_address_in_the_certificate_verifies_without_a_hostname() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let conn = p.client().connect("127.0.0.1", server.port).unwrap();
     assert!(conn.ping().is_ok());
 }
@@ -232,16 +242,19 @@ fn an_ip_address_in_the_certificate_verifies_without_a_hostname() {
 #[test]
 fn turning_verification_off_takes_the_dangerous_option() {
     let p = pki();
-    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert).unwrap();
-    let server = serve_tls(whoami(), auth, server_options());
+    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert);
+    let server = serve_tls(whoami(), auth, server_options);
     // Untrusted CA and a wrong name: only the visibly dangerous option connects.
-    assert!(SslClient::new()
-        .server_hostname("wrong.example")
+    assert!(rpyc::Options::new()
+        .tls(SslClient::new().server_hostname("wrong.example"))
         .connect("127.0.0.1", server.port)
         .is_err());
-    let conn = SslClient::new()
-        .server_hostname("wrong.example")
-        .dangerous_accept_any_server_certificate()
+    let conn = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .server_hostname("wrong.example")
+                .dangerous_accept_any_server_certificate(),
+        )
         .connect("127.0.0.1", server.port)
         .unwrap();
     assert!(conn.ping().is_ok());
@@ -270,8 +283,8 @@ fn negotiated(port: u16, max: Option<openssl::ssl::SslVersion>) -> Result<String
 #[test]
 fn tls_1_2_is_the_minimum_and_1_3_only_is_available() {
     let p = pki();
-    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert).unwrap();
-    let server = serve_tls(whoami(), auth.clone(), server_options());
+    let auth = SslAuthenticator::new(&p.server.key, &p.server.cert);
+    let server = serve_tls(whoami(), auth.clone(), server_options);
     assert_eq!(
         negotiated(server.port, Some(openssl::ssl::SslVersion::TLS1_2)).unwrap(),
         "TLSv1.2"
@@ -280,14 +293,17 @@ fn tls_1_2_is_the_minimum_and_1_3_only_is_available() {
     let strict = serve_tls(
         whoami(),
         auth.min_version(TlsVersion::Tls13),
-        server_options(),
+        server_options,
     );
     assert!(negotiated(strict.port, Some(openssl::ssl::SslVersion::TLS1_2)).is_err());
     assert_eq!(negotiated(strict.port, None).unwrap(), "TLSv1.3");
     // A client that insists on 1.3 against the default server.
-    let conn = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .min_version(TlsVersion::Tls13)
+    let conn = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(p.ca.ca_cert())
+                .min_version(TlsVersion::Tls13),
+        )
         .connect("localhost", server.port)
         .unwrap();
     assert!(conn.ping().is_ok());
@@ -297,19 +313,24 @@ fn tls_1_2_is_the_minimum_and_1_3_only_is_available() {
 fn cipher_settings_apply_and_bad_ones_are_reported() {
     let p = pki();
     let auth = SslAuthenticator::new(&p.server.key, &p.server.cert)
-        .unwrap()
         .ciphersuites("TLS_CHACHA20_POLY1305_SHA256");
-    let server = serve_tls(whoami(), auth, server_options());
-    let conn = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .ciphersuites("TLS_CHACHA20_POLY1305_SHA256")
+    let server = serve_tls(whoami(), auth, server_options);
+    let conn = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(p.ca.ca_cert())
+                .ciphersuites("TLS_CHACHA20_POLY1305_SHA256"),
+        )
         .connect("localhost", server.port)
         .unwrap();
     assert!(conn.ping().is_ok());
-    let err = SslClient::new()
-        .ca_certs(p.ca.ca_cert())
-        .ciphers("NO-SUCH-CIPHER")
-        .min_version(TlsVersion::Tls12)
+    let err = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(p.ca.ca_cert())
+                .ciphers("NO-SUCH-CIPHER")
+                .min_version(TlsVersion::Tls12),
+        )
         .connect("localhost", server.port)
         .unwrap_err();
     assert!(err.to_string().contains("NO-SUCH-CIPHER"), "{err}");
@@ -346,7 +367,7 @@ fn custom_authenticators_work_on_both_sides_and_pass_credentials() {
     let service = Service::new("s").method_with_context("who", |cx: &rpyc::Context| {
         cx.credentials::<String>().cloned()
     });
-    let server = serve_auth(service, Token(b"s3cr3t!!"), server_options());
+    let server = serve_auth(service, Token(b"s3cr3t!!"), server_options);
     let conn = Options::new()
         .authenticator(SendToken(b"s3cr3t!!"))
         .connect("127.0.0.1", server.port)
@@ -390,7 +411,7 @@ fn an_allow_list_authenticator_can_wrap_tls() {
     let allowed = serve_auth(
         whoami(),
         AllowList(vec![v4], p.authenticator()),
-        server_options(),
+        server_options,
     );
     let conn = p.client().connect("localhost", allowed.port).unwrap();
     assert_eq!(
@@ -400,7 +421,7 @@ fn an_allow_list_authenticator_can_wrap_tls() {
     let denied = serve_auth(
         whoami(),
         AllowList(vec!["10.9.8.7".parse().unwrap()], p.authenticator()),
-        server_options(),
+        server_options,
     );
     assert!(p.client().connect("localhost", denied.port).is_err());
 }
@@ -411,7 +432,7 @@ fn an_allow_list_authenticator_can_wrap_tls() {
 #[test]
 fn many_threads_share_one_tls_connection_and_each_gets_its_own_reply() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     std::thread::scope(|s| {
         for t in 0..16i64 {
@@ -434,7 +455,7 @@ fn a_callback_passed_over_tls_is_invoked_by_the_server() {
             .map(|i| f.invoke::<u32, _>((i,)))
             .collect::<Result<Vec<u32>, Error>>()
     });
-    let server = serve_tls(service, p.authenticator(), server_options());
+    let server = serve_tls(service, p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -460,11 +481,9 @@ fn nested_calls_through_both_services_ten_deep_over_tls() {
             Ok(cx.peer_root().call::<u32, _>("up", (n - 1,))? + 1)
         },
     );
-    let server = serve_tls(
-        server_svc,
-        p.authenticator(),
-        server_options().max_workers(2),
-    );
+    let server = serve_tls(server_svc, p.authenticator(), |b| {
+        server_options(b).max_workers(2)
+    });
     let client_svc = Service::new("client").method_with_context(
         "up",
         |cx: &rpyc::Context, n: u32| -> Result<u32, Error> {
@@ -473,12 +492,9 @@ fn nested_calls_through_both_services_ten_deep_over_tls() {
     );
     let conn = p
         .client()
-        .options(
-            Options::new()
-                .call_timeout(CALL_TIMEOUT)
-                .max_workers(2)
-                .service(client_svc),
-        )
+        .call_timeout(CALL_TIMEOUT)
+        .max_workers(2)
+        .service(client_svc)
         .connect("localhost", server.port)
         .unwrap();
     // down(10) -> up(9) -> down(9) -> ... -> down(0): 10 server and 10 client frames.
@@ -488,7 +504,7 @@ fn nested_calls_through_both_services_ten_deep_over_tls() {
 #[test]
 fn large_payloads_cross_in_both_directions_at_once_over_tls() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let conn = Arc::new(p.client().connect("localhost", server.port).unwrap());
     // The server echoes 16 MiB to each of two threads while both send 16 MiB: both peers'
     // writers and readers are busy at the same time on one SSL object each.
@@ -517,7 +533,7 @@ fn a_timed_out_call_leaves_the_tls_connection_usable() {
     let service = whoami().method("sleep", |ms: u64| {
         std::thread::sleep(Duration::from_millis(ms))
     });
-    let server = serve_tls(service, p.authenticator(), server_options());
+    let server = serve_tls(service, p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     let err = conn
         .root()
@@ -541,7 +557,7 @@ fn blocked_call() -> BlockedCall {
     let gate = common::Gate::default();
     let g = gate.clone();
     let service = whoami().method("block", move || g.wait());
-    let server = serve_tls(service, p.authenticator(), server_options());
+    let server = serve_tls(service, p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     let c2 = conn.clone();
     let waiter = std::thread::spawn(move || c2.root().call::<(), _>("block", ()));
@@ -568,7 +584,7 @@ fn closing_a_tls_connection_fails_waiting_calls_at_once() {
 #[test]
 fn the_server_sees_a_tls_client_close() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let conn = p.client().connect("localhost", server.port).unwrap();
     assert!(conn.ping().is_ok());
     assert_eq!(server.handle.connections(), 1);

@@ -8,14 +8,16 @@ use common::tls::{
     capture_logs, logged, pki, serve_tls, server_options, still_serves, whoami, Pki,
 };
 use common::TestServer;
-use rpyc::{Error, SslAuthenticator, SslClient, TestPki};
+use rpyc::testing::TestPki;
+use rpyc::tls::SslClient;
+use rpyc::{Error, SslAuthenticator};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 fn server(p: &Pki) -> TestServer {
     capture_logs();
-    serve_tls(whoami(), p.authenticator(), server_options())
+    serve_tls(whoami(), p.authenticator(), server_options)
 }
 
 /// The client's error, which must be a TLS error, as text.
@@ -39,8 +41,8 @@ fn no_client_certificate_when_one_is_required() {
     let p = pki();
     let s = server(&p);
     let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
+        rpyc::Options::new()
+            .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", s.port),
     );
     assert!(msg.contains("requires a client certificate"), "{msg}");
@@ -55,12 +57,16 @@ fn no_client_certificate_when_one_is_required() {
 /// A client trusting the CA and presenting `cert` to a server requiring client certificates:
 /// checks the server logged `logged` (after the client's address) and still serves a good
 /// client; returns the client's error.
-fn client_presenting(p: &Pki, cert: &rpyc::Issued, logged: &[&str]) -> String {
+fn client_presenting(p: &Pki, cert: &rpyc::testing::Issued, logged: &[&str]) -> String {
     let s = server(p);
     let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
-            .cert_key(&cert.cert, &cert.key)
+        rpyc::Options::new()
+            .tls(
+                SslClient::new()
+                    .ca_certs(p.ca.ca_cert())
+                    .keyfile(&cert.key)
+                    .certfile(&cert.cert),
+            )
             .connect("localhost", s.port),
     );
     let mut parts = vec!["127.0.0.1:"];
@@ -103,13 +109,13 @@ fn not_yet_valid_client_certificate() {
 }
 
 /// A server presenting `cert`, and the error a client trusting the CA gets from it.
-fn server_presenting(p: &Pki, cert: &rpyc::Issued) -> String {
+fn server_presenting(p: &Pki, cert: &rpyc::testing::Issued) -> String {
     capture_logs();
-    let auth = SslAuthenticator::new(&cert.key, &cert.cert).unwrap();
-    let s = serve_tls(whoami(), auth, server_options());
+    let auth = SslAuthenticator::new(&cert.key, &cert.cert);
+    let s = serve_tls(whoami(), auth, server_options);
     let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
+        rpyc::Options::new()
+            .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", s.port),
     );
     // The server logs that the client refused it, and still serves a client that accepts it.
@@ -117,8 +123,8 @@ fn server_presenting(p: &Pki, cert: &rpyc::Issued) -> String {
         "127.0.0.1:",
         "the client refused the handshake"
     ]));
-    let ok = SslClient::new()
-        .dangerous_accept_any_server_certificate()
+    let ok = rpyc::Options::new()
+        .tls(SslClient::new().dangerous_accept_any_server_certificate())
         .connect("localhost", s.port)
         .expect("the server still serves");
     assert!(ok.ping().is_ok());
@@ -261,7 +267,9 @@ fn client_hello_prefix() -> Vec<u8> {
         buf.truncate(n);
         buf
     });
-    let c = SslClient::new().connect("localhost", port);
+    let c = rpyc::Options::new()
+        .tls(SslClient::new())
+        .connect("localhost", port);
     let hello = t.join().unwrap();
     assert!(c.is_err());
     assert_eq!(hello[0], 0x16, "a TLS handshake record");
@@ -274,11 +282,9 @@ fn silent_and_half_finished_clients_are_dropped_after_the_handshake_timeout_with
     let p = pki();
     capture_logs();
     let timeout = Duration::from_millis(400);
-    let s = serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(timeout),
-    );
+    let s = serve_tls(whoami(), p.authenticator(), |b| {
+        server_options(b).handshake_timeout(timeout)
+    });
     let half = client_hello_prefix();
     let mut silent = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     let mut stalled = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
@@ -325,8 +331,8 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
         assert!(acceptor.accept(s).is_err());
     });
     let msg = tls_error(
-        SslClient::new()
-            .ca_certs(p.ca.ca_cert())
+        rpyc::Options::new()
+            .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", port),
     );
     t.join().unwrap();
@@ -336,11 +342,9 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
 #[test]
 fn closing_the_server_ends_tls_handshakes_in_progress_at_once() {
     let p = pki();
-    let s = serve_tls(
-        whoami(),
-        p.authenticator(),
-        server_options().handshake_timeout(Duration::from_secs(10)),
-    );
+    let s = serve_tls(whoami(), p.authenticator(), |b| {
+        server_options(b).handshake_timeout(Duration::from_secs(10))
+    });
     let half = client_hello_prefix();
     let silent = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     let mut stalled = TcpStream::connect(("127.0.0.1", s.port)).unwrap();

@@ -5,28 +5,32 @@
 mod common;
 
 use common::tls::{serve_tls, server_options, testdata, whoami};
-use rpyc::{Error, SslAuthenticator, SslClient};
+use rpyc::tls::SslClient;
+use rpyc::{Error, Options, Service, SslAuthenticator, ThreadedServer};
 
 /// A client trusting the committed root CA, presenting `client` (a testdata name) if given.
-fn client(cert: Option<&str>) -> SslClient {
+fn client(cert: Option<&str>) -> Options {
     let c = SslClient::new().ca_certs(testdata("ca.pem"));
-    match cert {
-        Some(name) => c.cert_key(
-            testdata(&format!("{name}.pem")),
-            testdata(&format!("{name}.key")),
-        ),
+    Options::new().tls(match cert {
+        Some(name) => c
+            .keyfile(testdata(&format!("{name}.key")))
+            .certfile(testdata(&format!("{name}.pem"))),
         None => c,
-    }
+    })
+}
+
+/// Why a server with `auth` cannot be built (every file is read and checked then).
+fn build_error(auth: SslAuthenticator) -> Error {
+    ThreadedServer::new(Service::new("s"))
+        .authenticator(auth)
+        .build()
+        .expect_err("the server should not build")
 }
 
 /// Serves with the committed server key `name`, requires client certificates from the root CA,
 /// and checks a client authenticated as `client_name` gets a call through with its CN seen.
 fn serves_with(auth: SslAuthenticator, client_file: &str, cn: &str) {
-    let server = serve_tls(
-        whoami(),
-        auth.ca_certs(testdata("ca.pem")),
-        server_options(),
-    );
+    let server = serve_tls(whoami(), auth.ca_certs(testdata("ca.pem")), server_options);
     for host in ["localhost", "127.0.0.1"] {
         let conn = client(Some(client_file))
             .connect(host, server.port)
@@ -44,7 +48,6 @@ fn server_key(name: &str) -> SslAuthenticator {
         testdata(&format!("{name}.key")),
         testdata(&format!("{name}.pem")),
     )
-    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
@@ -86,32 +89,31 @@ fn a_certificate_file_with_an_intermediate_ca_sends_the_chain() {
 #[test]
 fn an_encrypted_key_loads_with_its_passphrase() {
     let pass = std::fs::read_to_string(testdata("server-encrypted.passphrase")).unwrap();
-    let auth = SslAuthenticator::with_key_passphrase(
+    let auth = SslAuthenticator::new(
         testdata("server-encrypted.key"),
         testdata("server-encrypted.pem"),
-        &pass,
     )
-    .unwrap();
+    .key_passphrase(&pass);
     serves_with(auth, "client-rsa", "alice");
 }
 
 #[test]
 fn an_encrypted_key_without_or_with_a_wrong_passphrase_says_so() {
-    let err = SslAuthenticator::new(
+    let err = build_error(SslAuthenticator::new(
         testdata("server-encrypted.key"),
         testdata("server-encrypted.pem"),
-    )
-    .unwrap_err();
+    ));
     assert!(
         matches!(err, Error::Tls(_)) && err.to_string().contains("is encrypted"),
         "{err}"
     );
-    let err = SslAuthenticator::with_key_passphrase(
-        testdata("server-encrypted.key"),
-        testdata("server-encrypted.pem"),
-        "wrong",
-    )
-    .unwrap_err();
+    let err = build_error(
+        SslAuthenticator::new(
+            testdata("server-encrypted.key"),
+            testdata("server-encrypted.pem"),
+        )
+        .key_passphrase("wrong"),
+    );
     assert!(err.to_string().contains("wrong passphrase"), "{err}");
 }
 
@@ -120,20 +122,23 @@ fn a_client_key_passphrase_works_too() {
     let pass = std::fs::read_to_string(testdata("server-encrypted.passphrase")).unwrap();
     // The client loads its key when it connects; the server does not ask for a certificate
     // (this one is for servers), so what is under test is loading the encrypted key.
-    let server = serve_tls(whoami(), server_key("server-p256"), server_options());
+    let server = serve_tls(whoami(), server_key("server-p256"), server_options);
     let c = SslClient::new()
         .ca_certs(testdata("ca.pem"))
-        .cert_key(
-            testdata("server-encrypted.pem"),
-            testdata("server-encrypted.key"),
-        )
+        .keyfile(testdata("server-encrypted.key"))
+        .certfile(testdata("server-encrypted.pem"))
         .key_passphrase(&pass);
-    assert!(c.connect("localhost", server.port).unwrap().ping().is_ok());
-    let err = SslClient::new()
-        .ca_certs(testdata("ca.pem"))
-        .cert_key(
-            testdata("server-encrypted.pem"),
-            testdata("server-encrypted.key"),
+    let conn = Options::new()
+        .tls(c)
+        .connect("localhost", server.port)
+        .unwrap();
+    assert!(conn.ping().is_ok());
+    let err = rpyc::Options::new()
+        .tls(
+            SslClient::new()
+                .ca_certs(testdata("ca.pem"))
+                .keyfile(testdata("server-encrypted.key"))
+                .certfile(testdata("server-encrypted.pem")),
         )
         .connect("localhost", server.port)
         .unwrap_err();
@@ -142,36 +147,47 @@ fn a_client_key_passphrase_works_too() {
 
 #[test]
 fn missing_files_are_named_in_the_error() {
-    let err =
-        SslAuthenticator::new("/nonexistent/server.key", testdata("server-p256.pem")).unwrap_err();
+    let err = build_error(SslAuthenticator::new(
+        "/nonexistent/server.key",
+        testdata("server-p256.pem"),
+    ));
     assert!(
         err.to_string().contains("/nonexistent/server.key") && err.to_string().contains("key"),
         "{err}"
     );
-    let err =
-        SslAuthenticator::new(testdata("server-p256.key"), "/nonexistent/server.pem").unwrap_err();
+    let err = build_error(SslAuthenticator::new(
+        testdata("server-p256.key"),
+        "/nonexistent/server.pem",
+    ));
     assert!(err.to_string().contains("/nonexistent/server.pem"), "{err}");
 }
 
 #[test]
 fn a_key_that_does_not_match_the_certificate_is_refused() {
-    let err = SslAuthenticator::new(testdata("server-p384.key"), testdata("server-p256.pem"))
-        .unwrap_err();
+    let err = build_error(SslAuthenticator::new(
+        testdata("server-p384.key"),
+        testdata("server-p256.pem"),
+    ));
     assert!(err.to_string().contains("does not belong to"), "{err}");
 }
 
 #[test]
 fn files_that_are_not_pem_say_what_was_expected() {
-    let err =
-        SslAuthenticator::new(testdata("README.md"), testdata("server-p256.pem")).unwrap_err();
+    let err = build_error(SslAuthenticator::new(
+        testdata("README.md"),
+        testdata("server-p256.pem"),
+    ));
     assert!(err.to_string().contains("no PEM private key"), "{err}");
-    let err =
-        SslAuthenticator::new(testdata("server-p256.key"), testdata("README.md")).unwrap_err();
+    let err = build_error(SslAuthenticator::new(
+        testdata("server-p256.key"),
+        testdata("README.md"),
+    ));
     assert!(err.to_string().contains("certificate"), "{err}");
     // A certificate given as a key and a key as a certificate.
-    assert!(
-        SslAuthenticator::new(testdata("server-p256.pem"), testdata("server-p256.key")).is_err()
-    );
+    build_error(SslAuthenticator::new(
+        testdata("server-p256.pem"),
+        testdata("server-p256.key"),
+    ));
 }
 
 #[test]

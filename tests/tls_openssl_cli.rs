@@ -62,7 +62,7 @@ fn s_client(port: u16, extra: &[&std::ffi::OsStr], input: &[u8], want: usize) ->
 #[test]
 fn openssl_s_client_with_a_client_certificate_gets_rpyc_replies() {
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let (out, err) = s_client(
         server.port,
         &[
@@ -85,7 +85,7 @@ fn openssl_s_client_with_a_client_certificate_gets_rpyc_replies() {
 fn openssl_s_client_without_a_client_certificate_is_refused() {
     capture_logs();
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let (out, err) = s_client(
         server.port,
         &["-CAfile".as_ref(), p.ca.ca_cert().as_os_str()],
@@ -108,7 +108,7 @@ fn openssl_s_client_verifies_the_server_chain() {
     // The server's certificate verifies with the standard tool against our CA, and fails
     // without it: what we send is an ordinary X.509 chain.
     let p = pki();
-    let server = serve_tls(whoami(), p.authenticator(), server_options());
+    let server = serve_tls(whoami(), p.authenticator(), server_options);
     let (_, err) = s_client(
         server.port,
         &[

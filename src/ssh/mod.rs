@@ -60,7 +60,8 @@ const EKEX: i32 = -5;
 /// every policy: that is what a man-in-the-middle looks like.
 ///
 /// ```
-/// use rpyc::{HostKeyPolicy, SshContext};
+/// use rpyc::SshContext;
+/// use rpyc::ssh::HostKeyPolicy;
 /// let ctx = SshContext::new("myserver").host_key_policy(HostKeyPolicy::AcceptNew);
 /// assert_eq!(HostKeyPolicy::default(), HostKeyPolicy::Strict);
 /// ```
@@ -94,7 +95,8 @@ pub enum HostKeyPolicy {
 /// Every setting, for reference (nothing connects until the context is used):
 ///
 /// ```
-/// use rpyc::{HostKeyPolicy, SshContext};
+/// use rpyc::SshContext;
+/// use rpyc::ssh::HostKeyPolicy;
 /// use std::time::Duration;
 /// let ctx = SshContext::new("db.example.org")
 ///     .port(2222)

@@ -85,7 +85,7 @@ fn session_dead(code: i32) -> bool {
 /// ```no_run
 /// use std::io::{Read, Write};
 /// let ctx = rpyc::SshContext::new("myserver");
-/// let tunnel = rpyc::SshTunnel::open(&ctx, "127.0.0.1", 5432)?;
+/// let tunnel = rpyc::ssh::SshTunnel::open(&ctx, "127.0.0.1", 5432)?;
 /// let mut s = std::net::TcpStream::connect(("127.0.0.1", tunnel.local_port()))?;
 /// s.write_all(b"hello")?;
 /// tunnel.close();

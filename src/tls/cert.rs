@@ -9,11 +9,12 @@ use std::fmt;
 /// gets the server's through [`Connection::peer_certificate`](crate::Connection::peer_certificate).
 ///
 /// ```
-/// # let pki = rpyc::TestPki::temp()?;
+/// # let pki = rpyc::testing::TestPki::temp()?;
 /// # let files = pki.issue("localhost", &["localhost", "127.0.0.1"])?;
-/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert)?;
+/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert);
 /// # let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).authenticator(auth).build()?.spawn()?;
-/// let conn = rpyc::SslClient::new().ca_certs(pki.ca_cert()).connect("127.0.0.1", server.port())?;
+/// let tls = rpyc::tls::SslClient::new().ca_certs(pki.ca_cert());
+/// let conn = rpyc::Options::new().tls(tls).connect("127.0.0.1", server.port())?;
 /// let cert = conn.peer_certificate().expect("a TLS connection");
 /// assert_eq!(cert.common_name(), Some("localhost"));
 /// assert!(cert.subject_alt_names().iter().any(|n| n == "DNS:localhost"));

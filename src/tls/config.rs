@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// The lowest TLS version a side accepts (TLS 1.2 unless raised).
 ///
 /// ```
-/// let client = rpyc::SslClient::new().min_version(rpyc::TlsVersion::Tls13);
+/// let client = rpyc::tls::SslClient::new().min_version(rpyc::tls::TlsVersion::Tls13);
 /// # let _ = client;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,11 +38,11 @@ impl TlsVersion {
 /// Whether a server asks clients for a certificate (see [`SslAuthenticator::client_cert`]).
 ///
 /// ```
-/// # let pki = rpyc::TestPki::temp()?;
+/// # let pki = rpyc::testing::TestPki::temp()?;
 /// # let server = pki.issue("localhost", &["localhost"])?;
-/// let auth = rpyc::SslAuthenticator::new(&server.key, &server.cert)?
+/// let auth = rpyc::SslAuthenticator::new(&server.key, &server.cert)
 ///     .ca_certs(pki.ca_cert())
-///     .client_cert(rpyc::ClientCert::Optional);
+///     .client_cert(rpyc::tls::ClientCert::Optional);
 /// # let _ = auth;
 /// # Ok::<(), rpyc::Error>(())
 /// ```

@@ -6,7 +6,7 @@ pub mod child;
 pub mod raw;
 pub mod tls;
 
-use rpyc::{Connection, Options, ServerHandle, Service, ThreadedServer};
+use rpyc::{Connection, Options, ServerBuilder, ServerHandle, Service, ThreadedServer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,15 +31,20 @@ impl Drop for TestServer {
 
 /// Serves `service` on a free port of 127.0.0.1.
 pub fn serve(service: Service) -> TestServer {
-    serve_with(service, Options::new().call_timeout(CALL_TIMEOUT))
+    serve_with(service, |b| b)
 }
 
-/// Serves `service` with `options` for the accepted connections.
-pub fn serve_with(service: Service, options: Options) -> TestServer {
-    let handle = ThreadedServer::new(service)
+/// Serves `service`, with `setup` adding settings to the builder (calls already time out
+/// after [`CALL_TIMEOUT`]).
+pub fn serve_with(
+    service: Service,
+    setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> TestServer {
+    let builder = ThreadedServer::new(service)
         .hostname("127.0.0.1")
         .port(0)
-        .options(options)
+        .call_timeout(CALL_TIMEOUT);
+    let handle = setup(builder)
         .build()
         .expect("bind")
         .spawn()

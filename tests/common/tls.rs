@@ -3,7 +3,9 @@
 //! check what the server logged.
 
 use super::{TestServer, CALL_TIMEOUT};
-use rpyc::{Options, Service, SslAuthenticator, SslClient, TestPki, ThreadedServer};
+use rpyc::testing::TestPki;
+use rpyc::tls::SslClient;
+use rpyc::{Options, ServerBuilder, Service, SslAuthenticator, ThreadedServer};
 use std::path::PathBuf;
 use std::sync::{Mutex, Once};
 use std::time::Duration;
@@ -19,8 +21,8 @@ pub fn testdata(name: &str) -> PathBuf {
 /// for "alice".
 pub struct Pki {
     pub ca: TestPki,
-    pub server: rpyc::Issued,
-    pub alice: rpyc::Issued,
+    pub server: rpyc::testing::Issued,
+    pub alice: rpyc::testing::Issued,
 }
 
 pub fn pki() -> Pki {
@@ -35,36 +37,43 @@ pub fn pki() -> Pki {
 impl Pki {
     /// The server side: its certificate, clients verified against the CA.
     pub fn authenticator(&self) -> SslAuthenticator {
-        SslAuthenticator::new(&self.server.key, &self.server.cert)
-            .expect("load server key")
-            .ca_certs(self.ca.ca_cert())
+        SslAuthenticator::new(&self.server.key, &self.server.cert).ca_certs(self.ca.ca_cert())
     }
 
-    /// A client trusting the CA and presenting alice's certificate.
-    pub fn client(&self) -> SslClient {
+    /// TLS trusting the CA and presenting alice's certificate.
+    pub fn tls(&self) -> SslClient {
         SslClient::new()
             .ca_certs(self.ca.ca_cert())
-            .cert_key(&self.alice.cert, &self.alice.key)
-            .options(Options::new().call_timeout(CALL_TIMEOUT))
+            .keyfile(&self.alice.key)
+            .certfile(&self.alice.cert)
+    }
+
+    /// A client with [`tls`](Self::tls) whose calls time out after [`CALL_TIMEOUT`].
+    pub fn client(&self) -> Options {
+        Options::new().call_timeout(CALL_TIMEOUT).tls(self.tls())
     }
 }
 
-/// Serves `service` over TLS with `auth` on 127.0.0.1; `options` for its connections.
-pub fn serve_tls(service: Service, auth: SslAuthenticator, options: Options) -> TestServer {
-    serve_auth(service, auth, options)
+/// Serves `service` over TLS with `auth` on 127.0.0.1; `setup` adds settings to the builder.
+pub fn serve_tls(
+    service: Service,
+    auth: SslAuthenticator,
+    setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> TestServer {
+    serve_auth(service, auth, setup)
 }
 
 /// Serves `service` on 127.0.0.1 behind any authenticator.
 pub fn serve_auth(
     service: Service,
-    auth: impl rpyc::Authenticator,
-    options: Options,
+    auth: impl rpyc::auth::Authenticator,
+    setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
 ) -> TestServer {
-    let handle = ThreadedServer::new(service)
+    let builder = ThreadedServer::new(service)
         .hostname("127.0.0.1")
         .port(0)
-        .options(options)
-        .authenticator(auth)
+        .authenticator(auth);
+    let handle = setup(builder)
         .build()
         .expect("build the TLS server")
         .spawn()
@@ -85,10 +94,9 @@ pub fn whoami() -> Service {
         .method("add", |a: i64, b: i64| a + b)
 }
 
-/// Server options for TLS tests: calls and handshakes that cannot hang a test.
-pub fn server_options() -> Options {
-    Options::new()
-        .call_timeout(CALL_TIMEOUT)
+/// Server settings for TLS tests: calls and handshakes that cannot hang a test.
+pub fn server_options(b: ServerBuilder) -> ServerBuilder {
+    b.call_timeout(CALL_TIMEOUT)
         .handshake_timeout(Duration::from_secs(5))
 }
 

@@ -319,20 +319,20 @@ fn async_call_ready_wait_timeout_wait_and_value() {
         .call_async::<(u32, u32), _>("gated", (1,))
         .unwrap();
     assert_eq!(g.started.recv_timeout(SETTLE).unwrap(), 1);
-    assert!(!p.ready(), "ready before the handler returned");
+    assert!(!p.is_ready(), "ready before the handler returned");
     match p.wait_timeout(Duration::from_millis(50)) {
         Err(Error::Timeout(Timeout::Call { method, .. })) => assert_eq!(method, "root.gated"),
         other => panic!("expected a call timeout, got {other:?}"),
     }
     // A timed-out wait leaves the call pending; other calls go on meanwhile.
-    assert!(!p.ready());
+    assert!(!p.is_ready());
     assert_eq!(conn.root().call::<u64, _>("echo", (7,)).unwrap(), 7);
 
     g.gate.send(42).unwrap();
     p.wait().unwrap();
-    assert!(p.ready());
+    assert!(p.is_ready());
     p.wait_timeout(Duration::ZERO).unwrap(); // the reply is kept: waiting again is instant
-    assert!(p.ready());
+    assert!(p.is_ready());
     assert_eq!(p.value().unwrap(), (1, 42));
 
     // ready() turns true by itself, without waiting.
@@ -341,7 +341,7 @@ fn async_call_ready_wait_timeout_wait_and_value() {
         .call_async::<(u32, u32), _>("gated", (2,))
         .unwrap();
     g.gate.send(7).unwrap();
-    assert!(wait_until(SETTLE, || q.ready()));
+    assert!(wait_until(SETTLE, || q.is_ready()));
     assert_eq!(q.value().unwrap(), (2, 7));
 
     // Failures come out of value().
@@ -370,13 +370,13 @@ fn ready_does_not_block_while_another_thread_waits() {
         let waiter = s.spawn(move || p_ref.wait());
         // Give the waiter time to block in wait(); ready() must answer regardless.
         thread::sleep(Duration::from_millis(100));
-        s.spawn(move || tx.send(p_ref.ready()).unwrap());
+        s.spawn(move || tx.send(p_ref.is_ready()).unwrap());
         let answered = rx.recv_timeout(SETTLE);
         g.gate.send(5).unwrap();
         assert_eq!(answered, Ok(false), "ready() blocked behind wait()");
         waiter.join().unwrap().unwrap();
     });
-    assert!(p.ready());
+    assert!(p.is_ready());
     assert_eq!(p.value().unwrap(), (1, 5));
 }
 

@@ -406,3 +406,37 @@ fn idle_connection_is_closed_after_its_idle_timeout_but_not_while_a_call_is_in_f
     assert!(reason.contains("idle"), "{reason}");
     handle.close();
 }
+
+#[test]
+fn calls_sharing_one_deadline_end_at_it() {
+    let (handle, port, gate) = slow_server();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    let budget = Duration::from_millis(500);
+    let deadline = Instant::now() + budget;
+    // The first call uses part of the budget; the second, blocked, gets only the rest.
+    let s: String = conn
+        .root()
+        .call_deadline("echo_after", (200u64, "a"), deadline)
+        .unwrap();
+    assert_eq!(s, "a");
+    let r = conn.root().call_deadline::<String, _>("blocked", (), deadline);
+    let over = Instant::now().saturating_duration_since(deadline);
+    match r {
+        Err(Error::Timeout(Timeout::Call { after, .. })) => assert!(after < budget, "{after:?}"),
+        other => panic!("expected a call timeout, got {other:?}"),
+    }
+    assert!(over < budget / 2, "returned {over:?} after the deadline");
+    // An async result waits until a deadline too.
+    let pending = conn.root().call_async::<String, _>("blocked", ()).unwrap();
+    assert!(pending
+        .wait_deadline(Instant::now() + Duration::from_millis(50))
+        .is_err());
+    gate.open();
+    assert_eq!(
+        pending
+            .value_deadline(Instant::now() + Duration::from_secs(5))
+            .unwrap(),
+        "late"
+    );
+    handle.close();
+}

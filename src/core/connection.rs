@@ -527,7 +527,23 @@ impl Connection {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn ping_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        let deadline = crate::base::deadline(timeout);
+        self.ping_until(crate::base::deadline(timeout), timeout)
+    }
+
+    /// Checks that the peer answers before `deadline`.
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// use std::time::{Duration, Instant};
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
+    /// conn.ping_deadline(Instant::now() + Duration::from_secs(1))?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn ping_deadline(&self, deadline: Instant) -> Result<(), Error> {
+        self.ping_until(deadline, deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn ping_until(&self, deadline: Instant, timeout: Duration) -> Result<(), Error> {
         let p = self
             .shared
             .send_request(0, "", &(), Kind::Ping, true, deadline, timeout)?;
@@ -593,10 +609,32 @@ impl Connection {
         }
     }
 
-    /// Like [`wait_closed`](Connection::wait_closed), for at most `timeout`; returns whether the
-    /// connection is closed.
+    /// Like [`wait_closed`](Connection::wait_closed), for at most `timeout` (`Duration::MAX`:
+    /// no limit); returns whether the connection is closed.
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
+    /// assert!(!conn.wait_closed_timeout(std::time::Duration::from_millis(10)));
+    /// conn.close();
+    /// assert!(conn.wait_closed_timeout(std::time::Duration::from_millis(10)));
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
     pub fn wait_closed_timeout(&self, timeout: Duration) -> bool {
-        let deadline = crate::base::deadline(timeout);
+        self.wait_closed_deadline(crate::base::deadline(timeout))
+    }
+
+    /// Like [`wait_closed`](Connection::wait_closed), until `deadline`; returns whether the
+    /// connection is closed.
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// use std::time::{Duration, Instant};
+    /// let conn = rpyc::connect("127.0.0.1", port)?;
+    /// assert!(!conn.wait_closed_deadline(Instant::now() + Duration::from_millis(10)));
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn wait_closed_deadline(&self, deadline: Instant) -> bool {
         let mut r = lock(&self.shared.reason);
         while r.is_none() {
             let now = Instant::now();
@@ -1329,7 +1367,25 @@ pub(crate) fn call<R: serde::de::DeserializeOwned>(
     args: &dyn Args,
     timeout: Duration,
 ) -> Result<R, Error> {
-    let deadline = crate::base::deadline(timeout);
+    call_until(
+        shared,
+        target,
+        method,
+        args,
+        crate::base::deadline(timeout),
+        timeout,
+    )
+}
+
+/// [`call`] until `deadline` (which `timeout`, named in errors, set).
+pub(crate) fn call_until<R: serde::de::DeserializeOwned>(
+    shared: &Arc<Shared>,
+    target: u64,
+    method: &str,
+    args: &dyn Args,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<R, Error> {
     let p = shared
         .send_request(target, method, args, Kind::Call, true, deadline, timeout)?
         .expect("a call expects a reply");

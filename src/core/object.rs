@@ -405,6 +405,30 @@ impl RemoteObject {
         connection::call(self.shared(), self.inner.id, method, &args, timeout)
     }
 
+    /// Like [`call`](RemoteObject::call), giving up at `deadline` (for several calls that share
+    /// one time budget). A call past its deadline returns [`Error::Timeout`], as for
+    /// [`call_timeout`](RemoteObject::call_timeout).
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
+    /// use std::time::{Duration, Instant};
+    /// let budget = Instant::now() + Duration::from_secs(2);
+    /// let a: i64 = conn.root().call_deadline("add", (1, 2), budget)?;
+    /// let b: i64 = conn.root().call_deadline("add", (a, 3), budget)?;
+    /// assert_eq!(b, 6);
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn call_deadline<R: DeserializeOwned, A: Args>(
+        &self,
+        method: &str,
+        args: A,
+        deadline: Instant,
+    ) -> Result<R, Error> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        connection::call_until(self.shared(), self.inner.id, method, &args, deadline, timeout)
+    }
+
     /// Sends the call and returns at once; the result is collected later from the
     /// [`AsyncResult`]. Many async calls may be in flight on one connection.
     ///
@@ -554,7 +578,7 @@ pub struct AsyncResult<R> {
 
 impl<R: DeserializeOwned> AsyncResult<R> {
     /// Whether the reply has arrived (never blocks).
-    pub fn ready(&self) -> bool {
+    pub fn is_ready(&self) -> bool {
         self.poll(None).is_ok()
     }
 
@@ -566,7 +590,26 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// Blocks until the reply arrives, up to `timeout`. On timeout the call is still pending:
     /// wait again, or drop the `AsyncResult` to abandon it.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        self.poll(Some(crate::base::deadline(timeout)))
+        self.wait_until(crate::base::deadline(timeout), timeout)
+    }
+
+    /// Blocks until the reply arrives, up to `deadline`; as [`wait_timeout`](Self::wait_timeout).
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
+    /// use std::time::{Duration, Instant};
+    /// let pending = conn.root().call_async::<i64, _>("add", (1, 2))?;
+    /// pending.wait_deadline(Instant::now() + Duration::from_secs(5))?;
+    /// assert!(pending.is_ready());
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn wait_deadline(&self, deadline: Instant) -> Result<(), Error> {
+        self.wait_until(deadline, deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn wait_until(&self, deadline: Instant, timeout: Duration) -> Result<(), Error> {
+        self.poll(Some(deadline))
             .map_err(|e| match e {
                 Some(e) => e,
                 None => Error::Timeout(Timeout::Call {
@@ -583,8 +626,22 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     }
 
     /// Waits up to `timeout` and returns the result; on timeout the call is abandoned.
-    pub fn value_timeout(mut self, timeout: Duration) -> Result<R, Error> {
-        self.wait_timeout(timeout)?;
+    pub fn value_timeout(self, timeout: Duration) -> Result<R, Error> {
+        self.value_deadline(crate::base::deadline(timeout))
+    }
+
+    /// Waits until `deadline` and returns the result; past it the call is abandoned.
+    ///
+    /// ```
+    /// # let (server, port) = rpyc::testing::example_server()?;
+    /// # let conn = rpyc::connect("127.0.0.1", port)?;
+    /// use std::time::{Duration, Instant};
+    /// let pending = conn.root().call_async::<i64, _>("add", (20, 22))?;
+    /// assert_eq!(pending.value_deadline(Instant::now() + Duration::from_secs(5))?, 42);
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn value_deadline(mut self, deadline: Instant) -> Result<R, Error> {
+        self.wait_deadline(deadline)?;
         let frame = lock(&self.reply).take().expect("wait succeeded");
         self.done = true;
         self.conn.shared.decode_reply(frame, &self.method)

@@ -166,21 +166,7 @@ impl fmt::Display for RemoteErrorKind {
 /// message. The connection stays usable.
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// # let conn = rpyc::connect("127.0.0.1", port)?;
 /// match conn.root().call::<f64, _>("div", (1.0, 0.0)) {
 ///     Err(rpyc::Error::Remote(e)) => println!("{} failed: {}", e.method(), e.message()),

@@ -216,21 +216,7 @@ enum Stopped {
 ///   does every later call.
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// let conn = rpyc::connect("127.0.0.1", port)?;
 /// let sum: i64 = conn.root().call("add", (1, 2))?;
 /// assert_eq!(sum, 3);
@@ -455,21 +441,7 @@ impl Connection {
     /// The peer's root service: call its methods through this handle.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// let n: usize = conn.root().call("len", ("hello",))?;
     /// # Ok::<(), rpyc::Error>(())
@@ -481,21 +453,7 @@ impl Connection {
     /// Checks that the peer answers, within the connection's call timeout.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.ping()?;
     /// # Ok::<(), rpyc::Error>(())
@@ -507,21 +465,7 @@ impl Connection {
     /// Checks that the peer answers within `timeout`.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.ping_timeout(std::time::Duration::from_secs(1))?;
     /// # Ok::<(), rpyc::Error>(())
@@ -557,21 +501,7 @@ impl Connection {
     /// peer. Calling it again does nothing.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.close();
     /// assert!(conn.is_closed());

@@ -215,21 +215,7 @@ impl Serialize for Service {
 /// type.
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// # let conn = rpyc::connect("127.0.0.1", port)?;
 /// let counter: rpyc::RemoteObject = conn.root().call("new_counter", ())?;
 /// let n: i64 = counter.call("incr", (5,))?;
@@ -347,21 +333,7 @@ impl RemoteObject {
     /// thread while it waits.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// let sum: i64 = conn.root().call("add", (1, 2))?;
     /// # Ok::<(), rpyc::Error>(())
@@ -375,21 +347,7 @@ impl RemoteObject {
     /// [`Error::Timeout`]; the connection stays usable and the late reply is dropped.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// use std::time::Duration;
     /// let r: Result<(), _> = conn.root().call_timeout("sleep", (1.0,), Duration::from_millis(50));
@@ -433,21 +391,7 @@ impl RemoteObject {
     /// [`AsyncResult`]. Many async calls may be in flight on one connection.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// let pending = conn.root().call_async::<i64, _>("add", (1, 2))?;
     /// // ... other work ...
@@ -488,21 +432,7 @@ impl RemoteObject {
     /// are only logged there.
     ///
     /// ```
-    /// # let svc = rpyc::Service::new("calculator")
-    /// #     .method("add", |a: i64, b: i64| a + b)
-    /// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-    /// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-    /// #     })
-    /// #     .method("len", |s: String| s.len())
-    /// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-    /// #     .method("log", |m: String| eprintln!("{m}"))
-    /// #     .method("new_counter", || {
-    /// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    /// #         rpyc::Service::new("counter")
-    /// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-    /// #     });
-    /// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-    /// # let port = server.port();
+    /// # let (server, port) = rpyc::testing::example_server()?;
     /// # let conn = rpyc::connect("127.0.0.1", port)?;
     /// conn.root().call_oneway("log", ("hello",))?;
     /// # Ok::<(), rpyc::Error>(())
@@ -542,21 +472,7 @@ impl RemoteObject {
 /// Dropping it without taking the value abandons the call: its reply is dropped on arrival.
 ///
 /// ```
-/// # let svc = rpyc::Service::new("calculator")
-/// #     .method("add", |a: i64, b: i64| a + b)
-/// #     .method("div", |a: f64, b: f64| -> Result<f64, String> {
-/// #         if b == 0.0 { Err("division by zero".into()) } else { Ok(a / b) }
-/// #     })
-/// #     .method("len", |s: String| s.len())
-/// #     .method("sleep", |s: f64| std::thread::sleep(std::time::Duration::from_secs_f64(s)))
-/// #     .method("log", |m: String| eprintln!("{m}"))
-/// #     .method("new_counter", || {
-/// #         let n = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-/// #         rpyc::Service::new("counter")
-/// #             .method("incr", move |by: i64| n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by)
-/// #     });
-/// # let server = rpyc::ThreadedServer::new(svc).build()?.spawn()?;
-/// # let port = server.port();
+/// # let (server, port) = rpyc::testing::example_server()?;
 /// # let conn = rpyc::connect("127.0.0.1", port)?;
 /// let calls: Vec<_> = (0..10)
 ///     .map(|i| conn.root().call_async::<i64, _>("add", (i, i)))

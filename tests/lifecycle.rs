@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::expect_within;
+
 use common::Gate;
 use rpyc::{Error, Options, ServerHandle, Service, ThreadedServer};
 use std::io::{Read, Write};
@@ -42,14 +44,6 @@ fn busy_server() -> Busy {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn assert_closed<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
     match r {
         Err(Error::Closed { reason }) => reason,
@@ -73,7 +67,7 @@ fn blocked_callers(
             let _ = tx.send((r, Instant::now()));
         });
     }
-    wait_until(
+    expect_within(
         "every call reached the server",
         Duration::from_secs(5),
         || entered.load(Ordering::SeqCst) >= before + n,
@@ -109,7 +103,7 @@ fn waiting_calls_fail_promptly_when_the_server_closes() {
     let results = blocked_callers(&conn, &busy.entered, 4);
     let before = busy.entered.load(Ordering::SeqCst);
     let pending = conn.root().call_async::<String, _>("blocked", ()).unwrap();
-    wait_until(
+    expect_within(
         "the async call reached the server",
         Duration::from_secs(5),
         || busy.entered.load(Ordering::SeqCst) > before,
@@ -302,7 +296,7 @@ fn on_disconnect_runs_once_when_the_client_closes() {
     assert_eq!(count.load(Ordering::SeqCst), 0);
     conn.close();
     conn.close();
-    wait_until("on_disconnect ran", Duration::from_secs(5), || {
+    expect_within("on_disconnect ran", Duration::from_secs(5), || {
         count.load(Ordering::SeqCst) >= 1
     });
     assert_stays(&count, 1);
@@ -324,7 +318,7 @@ fn on_disconnect_runs_once_when_the_client_drops_the_connection() {
     assert_eq!(root.call::<i64, _>("add", (2, 2)).unwrap(), 4);
     assert_stays(&count, 0);
     drop(root);
-    wait_until("on_disconnect ran", Duration::from_secs(5), || {
+    expect_within("on_disconnect ran", Duration::from_secs(5), || {
         count.load(Ordering::SeqCst) >= 1
     });
     assert_stays(&count, 1);
@@ -334,13 +328,13 @@ fn on_disconnect_runs_once_when_the_client_drops_the_connection() {
     let mut hello = [0u8; 16];
     raw.read_exact(&mut hello).unwrap();
     raw.write_all(&hello).unwrap();
-    wait_until(
+    expect_within(
         "the server counted the raw client",
         Duration::from_secs(5),
         || handle.connections() == 1,
     );
     drop(raw);
-    wait_until("on_disconnect ran again", Duration::from_secs(5), || {
+    expect_within("on_disconnect ran again", Duration::from_secs(5), || {
         count.load(Ordering::SeqCst) >= 2
     });
     assert_stays(&count, 2);
@@ -363,7 +357,7 @@ fn on_disconnect_runs_on_the_client_when_the_server_closes() {
     conn.ping().unwrap();
     handle.close();
     assert!(conn.wait_closed_timeout(Duration::from_secs(5)));
-    wait_until(
+    expect_within(
         "the client's on_disconnect ran",
         Duration::from_secs(5),
         || count.load(Ordering::SeqCst) >= 1,
@@ -483,11 +477,11 @@ fn on_disconnect_runs_even_when_the_peer_leaves_during_on_connect() {
         let mut hello = [0u8; 16];
         raw.read_exact(&mut hello).unwrap();
         raw.write_all(&hello).unwrap();
-        wait_until("on_connect ran", Duration::from_secs(5), || {
+        expect_within("on_connect ran", Duration::from_secs(5), || {
             connects.load(Ordering::SeqCst) == n
         });
         drop(raw);
-        wait_until("on_disconnect ran", Duration::from_secs(5), || {
+        expect_within("on_disconnect ran", Duration::from_secs(5), || {
             disconnects.load(Ordering::SeqCst) == n
         });
     }

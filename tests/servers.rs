@@ -3,9 +3,11 @@
 
 mod common;
 
-use rpyc::{Connection, Error, OneShotServer, Service, ThreadedServer};
+use common::{expect_within, works};
+
+use rpyc::{Error, OneShotServer, Service, ThreadedServer};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,18 +15,6 @@ fn service() -> Service {
     Service::new("calc")
         .method("add", |a: i64, b: i64| a + b)
         .method_with_context("peer", |cx: &rpyc::Context| cx.peer().to_string())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn works(conn: &Connection) {
-    assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);
 }
 
 #[test]
@@ -79,7 +69,7 @@ fn client_over_the_connection_limit_gets_a_clear_refusal() {
     ));
     third.close();
     second.close();
-    wait_until("the server saw both leave", Duration::from_secs(5), || {
+    expect_within("the server saw both leave", Duration::from_secs(5), || {
         handle.connections() == 0
     });
     handle.close();
@@ -143,17 +133,12 @@ fn one_shot_server_handle_close_ends_start() {
 
 #[test]
 fn closing_the_server_stops_accepting_and_closes_live_connections() {
-    #[derive(Default)]
-    struct Gate(Mutex<bool>, Condvar);
-    let gate = Arc::new(Gate::default());
+    let gate = common::Gate::default();
     let entered = Arc::new(AtomicUsize::new(0));
     let (g, e) = (gate.clone(), entered.clone());
     let svc = service().method("blocked", move || {
         e.fetch_add(1, Ordering::SeqCst);
-        let open = g.0.lock().unwrap();
-        let _ =
-            g.1.wait_timeout_while(open, Duration::from_secs(10), |o| !*o)
-                .unwrap();
+        g.wait();
     });
     let server = ThreadedServer::new(svc).build().unwrap();
     let port = server.port();
@@ -164,7 +149,7 @@ fn closing_the_server_stops_accepting_and_closes_live_connections() {
     works(&idle);
     let root = busy.root();
     let caller = thread::spawn(move || root.call::<(), _>("blocked", ()));
-    wait_until(
+    expect_within(
         "the call reached the server",
         Duration::from_secs(5),
         || entered.load(Ordering::SeqCst) == 1,
@@ -185,8 +170,7 @@ fn closing_the_server_stops_accepting_and_closes_live_connections() {
     ));
     assert!(handle.is_closed());
 
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     closing.join().unwrap();
     assert_eq!(handle.connections(), 0);
     match rpyc::connect("127.0.0.1", port) {
@@ -381,7 +365,7 @@ fn close_ends_handshakes_in_progress_at_once() {
     let silent: Vec<_> = (0..3)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", handle.port())).unwrap())
         .collect();
-    wait_until("the handshakes started", Duration::from_secs(5), || {
+    expect_within("the handshakes started", Duration::from_secs(5), || {
         handle.connections() == 3
     });
     let t = Instant::now();

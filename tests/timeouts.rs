@@ -419,7 +419,9 @@ fn calls_sharing_one_deadline_end_at_it() {
         .call_deadline("echo_after", (200u64, "a"), deadline)
         .unwrap();
     assert_eq!(s, "a");
-    let r = conn.root().call_deadline::<String, _>("blocked", (), deadline);
+    let r = conn
+        .root()
+        .call_deadline::<String, _>("blocked", (), deadline);
     let over = Instant::now().saturating_duration_since(deadline);
     match r {
         Err(Error::Timeout(Timeout::Call { after, .. })) => assert!(after < budget, "{after:?}"),

@@ -1,6 +1,10 @@
 //! Transports: TCP, Unix domain sockets (file removed on close, stale file replaced), any
 //! byte stream with `connect_stream`, and a child process with `connect_subprocess`.
 
+mod common;
+
+use common::{expect_within, works};
+
 use rpyc::{Connection, Error, Options, Service, ThreadedServer};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -18,10 +22,6 @@ fn service() -> Service {
         })
 }
 
-fn works(conn: &Connection) {
-    assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);
-}
-
 /// A socket path unique to this process and call, under the system temp dir.
 fn socket_path(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -34,14 +34,6 @@ fn socket_path(tag: &str) -> PathBuf {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -248,7 +240,7 @@ fn subprocess_serves_calls_and_exits_when_the_connection_closes() {
     assert!(proc_dir.exists());
 
     conn.close();
-    wait_until("the child exited", Duration::from_secs(5), || {
+    expect_within("the child exited", Duration::from_secs(5), || {
         !proc_dir.exists()
     });
     // It ended because its stdin closed, not because it was killed.
@@ -309,7 +301,7 @@ fn killed_subprocess_fails_the_connection() {
     ));
     // The dead child was reaped, not left a zombie.
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    wait_until("the child was reaped", Duration::from_secs(5), || {
+    expect_within("the child was reaped", Duration::from_secs(5), || {
         !proc_dir.exists()
     });
 }

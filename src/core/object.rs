@@ -384,7 +384,14 @@ impl RemoteObject {
         deadline: Instant,
     ) -> Result<R, Error> {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        connection::call_until(self.shared(), self.inner.id, method, &args, deadline, timeout)
+        connection::call_until(
+            self.shared(),
+            self.inner.id,
+            method,
+            &args,
+            deadline,
+            timeout,
+        )
     }
 
     /// Sends the call and returns at once; the result is collected later from the
@@ -525,14 +532,13 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     }
 
     fn wait_until(&self, deadline: Instant, timeout: Duration) -> Result<(), Error> {
-        self.poll(Some(deadline))
-            .map_err(|e| match e {
-                Some(e) => e,
-                None => Error::Timeout(Timeout::Call {
-                    method: connection::call_name(self.target, &self.method),
-                    after: timeout,
-                }),
-            })
+        self.poll(Some(deadline)).map_err(|e| match e {
+            Some(e) => e,
+            None => Error::Timeout(Timeout::Call {
+                method: connection::call_name(self.target, &self.method),
+                after: timeout,
+            }),
+        })
     }
 
     /// Waits (up to the connection's call timeout) and returns the result.

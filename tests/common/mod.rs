@@ -87,6 +87,19 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits until `cond` holds, failing the test (naming `what`) if it does not within `timeout`.
+pub fn expect_within(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(timeout, cond),
+        "timed out after {timeout:?} waiting until {what}"
+    );
+}
+
+/// Checks that `conn` still carries a call (`add(20, 22)` on a service that has it).
+pub fn works(conn: &Connection) {
+    assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);
+}
+
 /// Sets its flag when dropped: capture one in a closure to observe when the closure is dropped.
 pub struct DropGuard(pub Arc<AtomicBool>);
 

@@ -48,6 +48,30 @@
 //! with [`Error::Closed`], stops the pool, and drops the exported objects. Every later call
 //! fails fast with the same reason.
 //!
+//! # Locks
+//!
+//! Every lock of a connection, what it guards, and what may be held with it. The rule that
+//! makes the list short: no code holds a lock while it waits for the network or for another
+//! thread, and nothing runs user code under a lock.
+//!
+//! | lock | guards | may be held with it |
+//! |---|---|---|
+//! | `Shared::pending` | the table of callers waiting for replies (`None` once closed) | nothing; a delivery to a waiter's channel is sent under it only for nested requests (an unbounded channel, which never waits) |
+//! | `Shared::reason` (with `closed_cv`) | why the connection closed, once it has | nothing |
+//! | `Shared::objects` | the objects this side exported (dropped ones are dropped after it is released) | nothing |
+//! | `Shared::remotes` | the handles to the peer's objects, by id | nothing |
+//! | `Shared::releases` | releases waiting to be sent | nothing |
+//! | `Shared::on_close` | hooks to run once closed (run after it is released) | nothing |
+//! | `Writer::busy` | the gate: one frame written at a time (a flag, not a lock: its holder writes without waiting for anyone but the transport, under its deadline) | the flag is held across the write; `Writer::sink` under it |
+//! | `Writer::waiting` (with `cv`) | threads waiting for the gate | `reason` (a waiter reads why the connection closed) |
+//! | `Writer::sink` | the transport's write half | taken only by the gate's holder, so never contended |
+//! | `Pool::state` (with `cv`; [`crate::core::dispatch`]) | the reader token, the request queue, the pool's thread counts | nothing but the server's thread budget, which is atomics |
+//! | `Budget::held` ([`crate::base::limits`]) | bytes of the peer's data held | nothing |
+//!
+//! The transports add their own: TLS's SSL-object lock, held for one non-blocking OpenSSL call
+//! at a time, and its receive buffer, which the reader holds while it blocks on the socket but
+//! which nobody else ever waits for (they `try_lock` it); see [`crate::tls`].
+//!
 //! # Ordering and concurrency guarantees
 //!
 //! * Frames sent by one thread are sent in the order that thread sent them.
@@ -65,9 +89,10 @@ use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
 use crate::core::config::Config;
+use crate::core::context::{self, Scope};
 use crate::core::dispatch::Pool;
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
-use crate::core::service::{Args, Context, Failure, Service};
+use crate::core::service::{Args, Context, Failure, Invoke, Service};
 use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
 use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
@@ -642,9 +667,11 @@ impl Shared {
             return Err(self.closed_error());
         }
         let mut frame = OutFrame::new(method.len());
-        object::with_connection(self, || args.encode_args(frame.payload()))?;
+        let scope = Scope::connection(self);
+        args.encode_args(frame.payload())?;
+        drop(scope);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let parent = object::serving_parent(self.id);
+        let parent = context::serving_parent(self.id);
         // Everything the peer would call a protocol violation fails here, before a byte is
         // written, and fails only this call.
         let size = frame.seal(kind, id, parent, target, method)?.len() - 4;
@@ -840,9 +867,10 @@ impl Shared {
     /// (a call of ours waiting for its reply, a request of the peer being served or queued, a
     /// frame being written).
     pub(crate) fn idle_for(&self) -> Option<Duration> {
-        if self.serving.load(Ordering::Acquire) > 0
+        let calls_waiting = lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty());
+        if calls_waiting
+            || self.serving.load(Ordering::Acquire) > 0
             || self.writer.busy.load(Ordering::Acquire)
-            || lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty())
             || crate::core::dispatch::has_queued(self)
         {
             return None;
@@ -936,9 +964,11 @@ impl Shared {
         let _offered = codec::offer(frame.payload(), detached);
         match frame.header.kind {
             Kind::Reply => {
-                let log = object::ImportLog::start();
-                let r = object::with_connection(self, || codec::decode(frame.payload()));
-                let imported = log.finish();
+                let log = Scope::recording_imports();
+                let scope = Scope::connection(self);
+                let r = codec::decode(frame.payload());
+                drop(scope);
+                let imported = log.finish_imports();
                 r.map_err(|e| {
                     object::release_unread_except(self, frame.payload(), imported);
                     Error::Decode(format!(
@@ -1049,6 +1079,7 @@ impl Shared {
         }
     }
 
+    /// Serves a call or oneway: finds its object and method, runs the handler, answers.
     fn serve_call(self: &Arc<Self>, frame: &mut Frame) {
         let detached = frame.detached.take();
         let frame = &*frame;
@@ -1060,7 +1091,7 @@ impl Shared {
             lock(&self.objects).get(h.target)
         };
         let mut out = OutFrame::new(0);
-        let outcome: Result<usize, (RemoteErrorKind, String)> = match &service {
+        let outcome = match &service {
             None => Err((
                 RemoteErrorKind::NoSuchObject,
                 format!(
@@ -1078,40 +1109,7 @@ impl Shared {
                         svc.method_names().join(", ")
                     ),
                 )),
-                Some(invoke) => {
-                    let cx = Context {
-                        shared: self.clone(),
-                    };
-                    // The handler's argument decoding may take the detached byte string.
-                    let offered = codec::offer(frame.payload(), detached);
-                    let log = object::ImportLog::start();
-                    let result = object::serving(self, h.id, || {
-                        catch_unwind(AssertUnwindSafe(|| {
-                            invoke(&cx, frame.payload(), out.payload())
-                        }))
-                    });
-                    let imported = log.finish();
-                    if let Ok(Err(Failure::BadArguments(_))) = &result {
-                        object::release_unread_except(self, frame.payload(), imported);
-                    }
-                    drop(offered);
-                    match result {
-                        Ok(Ok(skip)) => Ok(skip),
-                        Ok(Err(Failure::Handler(m))) => Err((RemoteErrorKind::Handler, m)),
-                        Ok(Err(Failure::BadArguments(m))) => {
-                            Err((RemoteErrorKind::BadArguments, m))
-                        }
-                        Ok(Err(Failure::BadResult(m))) => Err((RemoteErrorKind::BadResult, m)),
-                        Err(panic) => {
-                            let m = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "(non-text panic payload)".into());
-                            Err((RemoteErrorKind::Panic, m))
-                        }
-                    }
-                }
+                Some(invoke) => self.run_handler(&**invoke, frame, detached, out.payload()),
             },
         };
         if let Err((RemoteErrorKind::NoSuchObject | RemoteErrorKind::NoSuchMethod, _)) = outcome {
@@ -1127,37 +1125,84 @@ impl Shared {
             }
             return;
         }
-        let fail = |kind: RemoteErrorKind, message: String| {
-            log::debug!("{}: {service_name}.{method}: {kind}: {message}", self.peer);
-            let mut out = OutFrame::new(0);
-            // The peer refuses frames over its limit: the message is cut to fit (the header
-            // of a reply takes at most 14 bytes: a 5-array, kind, a 9-byte id, 0, 0, "").
-            let max_len = (self.peer_hello.max_frame as usize).saturating_sub(14);
-            codec::encode_error(
-                out.payload(),
-                kind.code(),
-                service_name,
-                method,
-                &message,
-                max_len,
-            );
-            self.send_reply(out, Kind::Error, h.id);
-        };
+        let outcome = outcome.and_then(|skip| {
+            out.skip_payload_prefix(skip);
+            out.seal(Kind::Reply, h.id, 0, 0, "")
+                .and_then(|b| self.check_size(b.len() - 4))
+                .map_err(|e| (RemoteErrorKind::BadResult, e.to_string()))
+        });
         match outcome {
-            Ok(skip) => {
-                out.skip_payload_prefix(skip);
-                let sealed = out
-                    .seal(Kind::Reply, h.id, 0, 0, "")
-                    .and_then(|b| self.check_size(b.len() - 4));
-                match sealed {
-                    Ok(()) => {
-                        let _ = self.write_frame(out, None);
-                    }
-                    Err(e) => fail(RemoteErrorKind::BadResult, e.to_string()),
-                }
+            Ok(()) => {
+                let _ = self.write_frame(out, None);
             }
-            Err((kind, message)) => fail(kind, message),
+            Err((kind, message)) => self.send_error(h.id, kind, service_name, method, &message),
         }
+    }
+
+    /// Runs a handler on this thread, as the server of request `frame` (calls it makes to the
+    /// peer name it as their parent), with its panics caught; its result is encoded into
+    /// `out` (the number of bytes to skip at its start is returned). A detached byte string
+    /// is offered to the argument decoding; object references the arguments carried are
+    /// released if their decoding failed.
+    fn run_handler(
+        self: &Arc<Self>,
+        invoke: &Invoke,
+        frame: &Frame,
+        detached: Option<codec::Detached>,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, (RemoteErrorKind, String)> {
+        let cx = Context {
+            shared: self.clone(),
+        };
+        let offered = codec::offer(frame.payload(), detached);
+        let log = Scope::recording_imports();
+        let serving = Scope::serving(self, frame.header.id);
+        let connection = Scope::connection(self);
+        let result = catch_unwind(AssertUnwindSafe(|| invoke(&cx, frame.payload(), out)));
+        drop((connection, serving));
+        let imported = log.finish_imports();
+        if let Ok(Err(Failure::BadArguments(_))) = &result {
+            object::release_unread_except(self, frame.payload(), imported);
+        }
+        drop(offered);
+        match result {
+            Ok(Ok(skip)) => Ok(skip),
+            Ok(Err(Failure::Handler(m))) => Err((RemoteErrorKind::Handler, m)),
+            Ok(Err(Failure::BadArguments(m))) => Err((RemoteErrorKind::BadArguments, m)),
+            Ok(Err(Failure::BadResult(m))) => Err((RemoteErrorKind::BadResult, m)),
+            Err(panic) => {
+                let m = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(non-text panic payload)".into());
+                Err((RemoteErrorKind::Panic, m))
+            }
+        }
+    }
+
+    /// Answers request `id` with an ERROR, its message cut to fit the peer's frame limit.
+    fn send_error(
+        self: &Arc<Self>,
+        id: u64,
+        kind: RemoteErrorKind,
+        service: &str,
+        method: &str,
+        message: &str,
+    ) {
+        log::debug!("{}: {service}.{method}: {kind}: {message}", self.peer);
+        let mut out = OutFrame::new(0);
+        // The header of a reply takes at most 14 bytes: a 5-array, kind, a 9-byte id, 0, 0, "".
+        let max_len = (self.peer_hello.max_frame as usize).saturating_sub(14);
+        codec::encode_error(
+            out.payload(),
+            kind.code(),
+            service,
+            method,
+            message,
+            max_len,
+        );
+        self.send_reply(out, Kind::Error, id);
     }
 
     /// Queues the release of a remote object reference; sent without blocking the caller

@@ -91,12 +91,46 @@ struct State {
     idle: usize,
     /// Calling threads blocked on their reply channel (not holding the reader).
     callers_waiting: usize,
+    /// Requests read and not yet run (at most `max_queued` when they were queued; requests
+    /// handed back by a caller that gave up may add to it).
     jobs: VecDeque<Frame>,
+    /// Threads of the pool: running a request, reading, watching or idle (reserved ones
+    /// included, counted before they start).
     threads: usize,
+    /// `on_connect` has run: queued requests may start.
     ready: bool,
+    /// The connection ended: threads leave, nothing is queued or read any more.
     stopping: bool,
     /// Run once the pool is stopped and its last thread has ended.
     on_stopped: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl State {
+    /// The invariants of the counters, checked in debug builds after every change that could
+    /// break them.
+    fn check(&self, pool: &Pool) {
+        debug_assert!(
+            self.idle + self.watchers <= self.threads,
+            "{} idle and {} watching threads, of {}",
+            self.idle,
+            self.watchers,
+            self.threads
+        );
+        debug_assert!(
+            self.threads <= pool.max_threads,
+            "{} threads, over the pool's {}",
+            self.threads,
+            pool.max_threads
+        );
+        debug_assert!(
+            !(self.pool_leads && self.reader.is_some()),
+            "a pool thread leads, but the reader lies free"
+        );
+        debug_assert!(
+            !self.stopping || (self.reader.is_none() && self.jobs.is_empty()),
+            "a stopped pool keeps a reader or requests"
+        );
+    }
 }
 
 enum Task {
@@ -162,6 +196,7 @@ fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
 fn thread_ended(pool: &Pool, mut st: MutexGuard<'_, State>) {
     debug_assert!(st.threads > 0, "more threads ended than started");
     st.threads -= 1;
+    st.check(pool);
     if st.threads >= FREE_THREADS {
         if let Some(b) = &pool.budget {
             b.give();
@@ -258,6 +293,7 @@ fn enqueue(shared: &Arc<Shared>, job: Frame) -> Result<(), Error> {
     }
     st.jobs.push_back(job);
     let spawn = st.ready && wake_or_reserve(pool, &mut st);
+    st.check(pool);
     drop(st);
     if spawn {
         spawn_reserved(shared);
@@ -344,6 +380,7 @@ fn release(shared: &Arc<Shared>, reader: FrameReader, how: Release) {
         Release::LazySelfWatched => st.callers_waiting.saturating_sub(1),
         _ => st.callers_waiting,
     };
+    st.check(pool);
     let spawn = if how == Release::ToNewThread {
         st.released_at = long_ago();
         false

@@ -12,13 +12,13 @@
 
 use crate::base::lock;
 use crate::core::connection::{self, Connection, Pending, Shared};
+use crate::core::context;
 use crate::core::service::{Args, Service};
 use crate::error::{Error, Timeout};
 use crate::wire::{Frame, Kind};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::{Error as _, SerializeMap};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,92 +33,11 @@ const OBJ_KEY: &str = "$rpyc-obj";
 /// grow the table without bound).
 const MAX_EXPORTED: usize = 1 << 20;
 
-thread_local! {
-    /// The connection whose values this thread is encoding or decoding right now.
-    static CURRENT: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
-    /// Object ids imported by the decode running on this thread, while an [`ImportLog`] runs.
-    static IMPORTED: RefCell<Option<Vec<u64>>> = const { RefCell::new(None) };
-    /// The requests this thread is serving: (connection id, request id), innermost last.
-    static SERVING: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
-}
-
-struct PopCurrent;
-impl Drop for PopCurrent {
-    fn drop(&mut self) {
-        CURRENT.with(|c| c.borrow_mut().pop());
-    }
-}
-
-struct PopServing;
-impl Drop for PopServing {
-    fn drop(&mut self) {
-        SERVING.with(|c| c.borrow_mut().pop());
-    }
-}
-
-/// Runs `f` with `shared` as the connection that objects are exported to or imported from.
-pub(crate) fn with_connection<T>(shared: &Arc<Shared>, f: impl FnOnce() -> T) -> T {
-    CURRENT.with(|c| c.borrow_mut().push(shared.clone()));
-    let _pop = PopCurrent;
-    f()
-}
-
-/// Runs a handler for request `id` of `shared`: calls it makes on that connection name `id` as
-/// their parent, so the peer runs them on the thread waiting for `id`.
-pub(crate) fn serving<T>(shared: &Arc<Shared>, id: u64, f: impl FnOnce() -> T) -> T {
-    SERVING.with(|c| c.borrow_mut().push((shared.id, id)));
-    let _pop = PopServing;
-    with_connection(shared, f)
-}
-
-/// The request of connection `conn` this thread is serving, or 0.
-pub(crate) fn serving_parent(conn: u64) -> u64 {
-    SERVING.with(|c| {
-        c.borrow()
-            .iter()
-            .rev()
-            .find(|(cid, _)| *cid == conn)
-            .map_or(0, |(_, id)| *id)
-    })
-}
-
-fn current() -> Option<Arc<Shared>> {
-    CURRENT.with(|c| c.borrow().last().cloned())
-}
-
 /// Releases the object references in a payload that will never be decoded (a call to an
 /// unknown method or object, a late or abandoned reply), so their owner can drop them.
 pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
     for (id, count) in crate::wire::codec::object_refs(payload, OBJ_KEY) {
         shared.queue_release(id, count);
-    }
-}
-
-/// Records the object references a decode turned into handles, so that a decode that fails
-/// part-way can release the rest (see [`release_unread_except`]).
-pub(crate) struct ImportLog {
-    outer: Option<Option<Vec<u64>>>,
-}
-
-impl ImportLog {
-    pub(crate) fn start() -> ImportLog {
-        ImportLog {
-            outer: Some(IMPORTED.with(|i| i.replace(Some(Vec::new())))),
-        }
-    }
-
-    /// Stops recording; returns the ids imported meanwhile (once per receipt).
-    pub(crate) fn finish(mut self) -> Vec<u64> {
-        let outer = self.outer.take().expect("finished once");
-        IMPORTED.with(|i| i.replace(outer)).unwrap_or_default()
-    }
-}
-
-impl Drop for ImportLog {
-    fn drop(&mut self) {
-        if let Some(outer) = self.outer.take() {
-            IMPORTED.with(|i| i.replace(outer));
-        }
     }
 }
 
@@ -191,7 +110,7 @@ impl ObjectTable {
 /// Sent inside a call or a result, a `Service` is exported by reference; see the module docs.
 impl Serialize for Service {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let shared = current().ok_or_else(|| {
+        let shared = context::connection().ok_or_else(|| {
             S::Error::custom("a Service can only be serialized into an rpyc call or result")
         })?;
         if shared.is_closed() {
@@ -270,7 +189,7 @@ impl<'de> Deserialize<'de> for RemoteObject {
             id: u64,
         }
         let r = Ref::deserialize(d)?;
-        let shared = current().ok_or_else(|| {
+        let shared = context::connection().ok_or_else(|| {
             D::Error::custom("a RemoteObject can only be received in an rpyc call or result")
         })?;
         if r.id == 0 {
@@ -294,11 +213,7 @@ impl RemoteObject {
     }
 
     fn import(shared: &Arc<Shared>, id: u64) -> RemoteObject {
-        IMPORTED.with(|i| {
-            if let Some(log) = i.borrow_mut().as_mut() {
-                log.push(id);
-            }
-        });
+        context::note_import(id);
         let mut remotes = lock(&shared.remotes);
         if let Some(inner) = remotes.get(&id).and_then(|w| w.upgrade()) {
             inner.received.fetch_add(1, Ordering::AcqRel);

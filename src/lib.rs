@@ -37,32 +37,25 @@
 //! # Secure connections
 //!
 //! [`SslAuthenticator`] gives a server TLS on OpenSSL, with client certificates required and
-//! verified once a CA is given; [`ssl_connect`] and [`SslClient`] connect to it, verifying the
+//! verified once a CA is given; [`ssl_connect`] and [`tls::SslClient`] (with [`Options::tls`]) connect to it, verifying the
 //! server's chain and host name by default. Handlers see who is calling through
-//! [`Context::peer_certificate`]. Other schemes plug in through [`Authenticator`] and
-//! [`ClientAuthenticator`]. How one TLS session is shared by many threads without two of them
+//! [`Context::peer_certificate`]. Other schemes plug in through [`auth::Authenticator`] and
+//! [`auth::ClientAuthenticator`]. How one TLS session is shared by many threads without two of them
 //! ever inside OpenSSL at once, and without a lock held while waiting for the network, is
-//! described in [`SslAuthenticator`]'s module docs (`src/tls.rs`).
+//! described in the docs of [`tls`].
 //!
 //! # Design
 //!
-//! The wire protocol is specified in `PROTOCOL.md`. How threads share a connection (who reads,
-//! how a reply finds its caller, why nested callbacks cannot deadlock, what happens when the
-//! peer dies) is described in the docs of [`Connection`]'s module, reproduced here:
-//!
-//! * One thread at a time reads the connection and only routes what it reads; handlers run on a
-//!   per-connection pool that grows to `max_workers`.
-//! * A reply goes to exactly the caller whose request id it carries; a late reply after a
-//!   timeout is dropped.
-//! * A callback the peer makes while serving our call runs on our calling thread, so nested
-//!   calls need no extra threads and cannot deadlock at any depth.
-//! * When the connection ends, every waiting call fails at once with [`Error::Closed`].
-//!
-//! Requests start in arrival order but run concurrently; see [`Connection`] for the exact
-//! ordering guarantees.
+//! The wire protocol is specified in `PROTOCOL.md`. What threads sharing a connection may rely
+//! on (each call gets its own reply, callbacks need no background thread and cannot deadlock,
+//! a timed-out call leaves the connection usable, a closed connection fails every waiting call
+//! at once) is listed in [`Connection`]'s docs; how it is done is written in the module docs
+//! of `src/core/connection.rs` and `src/core/dispatch.rs`. Every resource a peer can make this
+//! side spend is bounded and every wait has a deadline: see the README's "Limits and hostile
+//! peers".
 //!
 //! A server bound to localhost only is reached through SSH with [`ssh_connect`] and an
-//! [`SshContext`] (see [`SshTunnel`] for how the tunnel works).
+//! [`SshContext`] (see [`ssh::SshTunnel`] for how the tunnel works).
 
 // Unsafe code is denied everywhere but `sys`, the one thin wrapper around poll(2).
 #![deny(unsafe_code)]

@@ -72,18 +72,10 @@
 //! at a time, and its receive buffer, which the reader holds while it blocks on the socket but
 //! which nobody else ever waits for (they `try_lock` it); see [`crate::tls`].
 //!
-//! # Ordering and concurrency guarantees
+//! # Guarantees
 //!
-//! * Frames sent by one thread are sent in the order that thread sent them.
-//! * Requests *start* in the order they arrive, but run concurrently, each on its own worker:
-//!   calls from different threads, async calls, and oneway calls may complete in any order.
-//! * A synchronous call's nested requests (callbacks made on its behalf) run one at a time on
-//!   the calling thread, in arrival order.
-//! * At most `max_workers` handlers of one connection run at once (fewer when a server's thread
-//!   budget is used up); further requests wait in a queue of at most `max_queued` entries,
-//!   whichever thread read them. A peer that overflows the queue, or the connection's memory
-//!   budget, is closed as misbehaving (both frame and queue limits are announced in the
-//!   handshake).
+//! What users may rely on (ordering, replies, nested calls, timeouts, closing) is written once,
+//! in the public docs of [`Connection`]; this module's docs say how it is done.
 
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
@@ -232,10 +224,16 @@ enum Stopped {
 ///   while every thread of yours is busy elsewhere or idle.
 /// * A callback the peer makes while serving your synchronous call runs on your calling thread
 ///   (it is blocked anyway), so nested call chains of any depth need no extra threads.
+/// * Frames sent by one thread are sent in the order that thread sent them.
 /// * Requests from the peer start in arrival order but run concurrently, on up to
-///   [`Options::max_workers`](crate::Options::max_workers) threads: a slow handler delays no other call. Calls from different
-///   threads, async calls and oneway calls may therefore complete in any order; calls made one
-///   after another by one thread, each waiting for its reply, run in that order.
+///   [`Options::max_workers`](crate::Options::max_workers) threads: a slow handler delays no
+///   other call. Calls from different threads, async calls and oneway calls may therefore
+///   complete in any order; calls made one after another by one thread, each waiting for its
+///   reply, run in that order. A synchronous call's nested requests run one at a time, in
+///   arrival order.
+/// * Beyond `max_workers` busy handlers, requests wait in a queue of at most
+///   [`max_queued`](crate::Options::max_queued); a peer that overflows it, or the memory
+///   bound ([`max_buffered`](crate::Options::max_buffered)), is closed as misbehaving.
 /// * A timed-out call leaves the connection usable; its late reply is dropped.
 /// * When the connection ends, every waiting call fails at once with [`Error::Closed`], and so
 ///   does every later call.

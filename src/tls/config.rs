@@ -35,7 +35,7 @@ impl TlsVersion {
     }
 }
 
-/// Whether a server asks clients for a certificate (see [`SslAuthenticator::client_cert`]).
+/// Whether a server asks clients for a certificate (see [`SslAuthenticator::client_cert`](crate::SslAuthenticator::client_cert)).
 ///
 /// ```
 /// # let pki = rpyc::testing::TestPki::temp()?;

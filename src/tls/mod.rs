@@ -1,4 +1,4 @@
-//! TLS on OpenSSL: [`SslAuthenticator`] for servers, [`SslClient`] and [`ssl_connect`] for
+//! TLS on OpenSSL: [`SslAuthenticator`] for servers, [`SslClient`] and [`ssl_connect`](crate::ssl_connect) for
 //! clients, and the transport that lets many threads share one TLS session.
 //!
 //! # Secure by default

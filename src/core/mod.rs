@@ -7,3 +7,6 @@ pub(crate) mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod object;
 pub(crate) mod service;
+
+#[cfg(test)]
+mod tests;

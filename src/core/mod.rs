@@ -8,3 +8,6 @@ pub(crate) mod context;
 pub(crate) mod dispatch;
 pub(crate) mod object;
 pub(crate) mod service;
+
+#[cfg(test)]
+mod tests;

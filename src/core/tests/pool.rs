@@ -1,0 +1,223 @@
+//! The pool: requests start in arrival order, at most `max_workers` handlers run at once,
+//! the rest wait in a queue of at most `max_queued`, whoever reads them.
+
+use super::peer::{connect, finish, frame_bytes, Peer, LONG};
+use super::pipe::Timeouts;
+use super::{service, Event};
+use crate::core::config::Config;
+use crate::core::connection::Connection;
+use crate::core::dispatch;
+use crate::error::Error;
+use crate::wire::Kind;
+use std::thread::{self, ThreadId};
+use std::time::Duration;
+
+fn one_worker(max_queued: usize) -> Config {
+    let mut c = Config::default();
+    c.set_max_workers(1);
+    c.set_max_queued(max_queued);
+    c
+}
+
+/// Starts an async call of ours and has the peer take its request; returns the call and the
+/// request's id. Its reply, sent after other frames, proves that the connection routed them.
+fn probe(conn: &Connection, peer: &Peer) -> (crate::core::object::AsyncResult<()>, u64) {
+    let call = conn.root().call_async::<(), _>("probe", ()).unwrap();
+    let id = peer.recv_call("probe").header.id;
+    (call, id)
+}
+
+fn started(e: Event) -> (u32, ThreadId) {
+    match e {
+        Event::Started(n, t) => (n, t),
+        other => panic!("expected a start, got {other:?}"),
+    }
+}
+
+#[test]
+fn with_one_worker_requests_run_one_at_a_time_in_arrival_order() {
+    let (svc, probe_events) = service();
+    let (conn, peer) = connect(&one_worker(100), svc, Timeouts::No);
+    for n in 0..6 {
+        peer.call(10 + n as u64, 0, "block", &(n,));
+    }
+    for n in 0..6 {
+        assert_eq!(started(probe_events.next()).0, n, "out of order");
+        probe_events.gate.send(()).unwrap();
+        assert_eq!(probe_events.next(), Event::Returning(n));
+    }
+    for n in 0..6u32 {
+        assert_eq!(peer.recv_reply::<u32>(10 + n as u64), n);
+    }
+    drop(probe_events);
+    finish(conn);
+}
+
+#[test]
+fn with_max_workers_1_a_second_request_waits_in_the_queue_until_the_first_returns() {
+    let (svc, events) = service();
+    let (conn, peer) = connect(&one_worker(100), svc, Timeouts::No);
+    let (call, probe_id) = probe(&conn, &peer);
+    peer.call(1, 0, "block", &(1,));
+    peer.call(2, 0, "block", &(2,));
+    peer.reply(probe_id, &());
+    call.value_timeout(LONG).unwrap();
+    // Both requests were routed: the first runs, the second waits in the queue.
+    assert_eq!(started(events.next()).0, 1);
+    assert!(
+        dispatch::has_queued(&conn.shared),
+        "the second request is not queued"
+    );
+    assert!(
+        events.events.is_empty(),
+        "the second request started: {:?}",
+        events.events.try_recv()
+    );
+    events.gate.send(()).unwrap();
+    assert_eq!(events.next(), Event::Returning(1));
+    assert_eq!(started(events.next()).0, 2);
+    events.gate.send(()).unwrap();
+    assert_eq!(events.next(), Event::Returning(2));
+    assert_eq!(peer.recv_reply::<u32>(1), 1);
+    assert_eq!(peer.recv_reply::<u32>(2), 2);
+    drop(events);
+    finish(conn);
+}
+
+#[test]
+fn more_than_max_queued_requests_read_by_the_pool_close_the_connection_naming_the_limit() {
+    let (svc, events) = service();
+    let (conn, peer) = connect(&one_worker(2), svc, Timeouts::No);
+    let (call, probe_id) = probe(&conn, &peer);
+    // One runs, two wait: at the limit, still open.
+    for n in 1..=3 {
+        peer.call(n, 0, "block", &(n as u32,));
+    }
+    peer.reply(probe_id, &());
+    call.value_timeout(LONG).unwrap();
+    assert!(!conn.is_closed());
+    assert_eq!(started(events.next()).0, 1);
+    // One more is over it.
+    peer.call(4, 0, "block", &(4,));
+    assert!(conn.wait_closed_timeout(LONG));
+    let reason = conn.close_reason().unwrap();
+    assert!(
+        reason.contains("more than 2 requests waiting for a worker (all 1 busy)"),
+        "{reason}"
+    );
+    drop(events);
+    finish(conn);
+}
+
+/// Has the connection make a synchronous call from a thread of its own, and makes that thread
+/// hold the reader while it waits; returns the thread's id, the call's id, and where its
+/// result arrives.
+fn caller_reading(
+    conn: &Connection,
+    peer: &Peer,
+) -> (
+    ThreadId,
+    u64,
+    crossbeam_channel::Receiver<Result<(), Error>>,
+) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let root = conn.root();
+    let handle = thread::spawn(move || {
+        let _ = tx.send(root.call_timeout::<(), _>("outer", (), LONG));
+    });
+    let caller = handle.thread().id();
+    let call_id = peer.recv_call("outer").header.id;
+    peer.hand_reader_to(caller, call_id);
+    (caller, call_id, rx)
+}
+
+#[test]
+fn more_than_max_queued_requests_read_by_a_calling_thread_close_the_connection_naming_the_limit() {
+    let (svc, events) = service();
+    let (conn, peer) = connect(&one_worker(2), svc, Timeouts::Yes);
+    let (caller, _, result) = caller_reading(&conn, &peer);
+    assert_eq!(peer.reading_thread(), caller);
+    // One running and two waiting is the limit. Five overflow it whatever the timing (see the
+    // two ignored tests below: a calling thread counts requests being handed to a worker, and
+    // lets one handler more run), and the caller reads them all: it holds the reader until its
+    // own reply comes.
+    let burst: Vec<u8> = (1..=5)
+        .flat_map(|n| frame_bytes(Kind::Call, n, 0, "block", &(n as u32,)))
+        .collect();
+    peer.to_conn.write_all(&burst).unwrap();
+    match result.recv_timeout(LONG).unwrap() {
+        Err(Error::Closed { reason }) => assert!(
+            reason.contains("more than 2 requests waiting for a worker (all 1 busy)"),
+            "{reason}"
+        ),
+        other => panic!("the call should fail with the close: {other:?}"),
+    }
+    assert!(conn.is_closed());
+    drop(events);
+    finish(conn);
+}
+
+#[test]
+#[ignore = "bug: a calling thread that reads a burst counts requests on their way to a free \
+            worker against max_queued, and closes a peer within its limits \
+            (src/core/dispatch.rs:256, enqueue)"]
+fn a_burst_that_free_workers_take_does_not_overflow_the_queue_when_a_calling_thread_reads_it() {
+    let mut config = Config::default();
+    config.set_max_queued(1);
+    let (svc, events) = service();
+    let (conn, peer) = connect(&config, svc, Timeouts::Yes);
+    let (caller, call_id, result) = caller_reading(&conn, &peer);
+    let (call, probe_id) = probe(&conn, &peer);
+    assert_eq!(peer.reading_thread(), caller);
+    // 64 workers are free: three requests need no queue at all. One write, so that the caller
+    // reads them in one go.
+    let mut burst: Vec<u8> = (1..=3)
+        .flat_map(|n| frame_bytes(Kind::Call, n, 0, "record", &(n as u32,)))
+        .collect();
+    burst.extend(frame_bytes(Kind::Reply, probe_id, 0, "", &()));
+    peer.to_conn.write_all(&burst).unwrap();
+    let probed = call.value_timeout(LONG);
+    assert!(
+        probed.is_ok(),
+        "closed: {:?}",
+        conn.close_reason().unwrap_or_default()
+    );
+    for _ in 1..=3 {
+        started(events.next());
+    }
+    peer.reply(call_id, &());
+    result.recv_timeout(LONG).unwrap().unwrap();
+    finish(conn);
+}
+
+#[test]
+#[ignore = "bug: while a calling thread holds the reader, the pool runs max_workers + 1 \
+            handlers (src/core/dispatch.rs:260 enqueue reserves up to max_threads = \
+            max_workers + 1, and next_task, line 399-414, runs a job whenever the reader is away)"]
+fn while_a_calling_thread_reads_at_most_max_workers_handlers_run() {
+    let (svc, events) = service();
+    let (conn, peer) = connect(&one_worker(100), svc, Timeouts::Yes);
+    let (caller, call_id, result) = caller_reading(&conn, &peer);
+    let (call, probe_id) = probe(&conn, &peer);
+    assert_eq!(peer.reading_thread(), caller);
+    peer.call(1, 0, "block", &(1,));
+    peer.call(2, 0, "block", &(2,));
+    peer.reply(probe_id, &());
+    call.value_timeout(LONG).unwrap();
+    let (first, _) = started(events.next());
+    // Both were routed; the other must wait for the first to return (waiting for an event that
+    // must not come is the only way to see it).
+    let second = events.events.recv_timeout(Duration::from_millis(300));
+    assert!(
+        second.is_err(),
+        "two handlers run with max_workers(1): {second:?}"
+    );
+    assert!(
+        dispatch::has_queued(&conn.shared),
+        "handler {first} runs, the other is not queued"
+    );
+    drop(events);
+    peer.reply(call_id, &());
+    result.recv_timeout(LONG).unwrap().unwrap();
+    finish(conn);
+}

@@ -1,0 +1,140 @@
+//! The writer gate: one frame at a time, whole, and a writer that cannot take the gate by its
+//! deadline fails with nothing sent.
+
+use super::peer::{connect, decode, finish, Peer, LONG};
+use super::pipe::Timeouts;
+use super::service;
+use crate::core::config::Config;
+use crate::error::{Error, Timeout};
+use crate::wire::Kind;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The next frame, which must be a oneway call of `log`; returns its text.
+fn logged(peer: &Peer) -> String {
+    let f = peer.recv();
+    assert_eq!((f.header.kind, f.method()), (Kind::Oneway, "log"));
+    decode::<(String,)>(&f).0
+}
+
+#[test]
+fn a_writer_that_cannot_take_the_gate_by_its_deadline_gets_a_send_timeout_with_nothing_sent() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    // The peer stops reading: the pipe fills with the first frame, whose writer waits for room
+    // while it holds the gate.
+    peer.from_conn.set_capacity(1024);
+    let big = "b".repeat(8 * 1024);
+    let root = conn.root();
+    let (sent, first) = (big.clone(), root.clone());
+    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
+    assert!(peer
+        .from_conn
+        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
+
+    let timeout = Duration::from_millis(200);
+    let t0 = Instant::now();
+    let r = root.call_timeout::<(), _>("second", (), timeout);
+    let took = t0.elapsed();
+    match r {
+        Err(Error::Timeout(Timeout::Send {
+            method,
+            after,
+            partly,
+        })) => {
+            assert_eq!(
+                (method.as_str(), after, partly),
+                ("root.second", timeout, false)
+            )
+        }
+        other => panic!("expected a send timeout, got {other:?}"),
+    }
+    assert!(took >= timeout, "gave up early: {took:?}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "gave up late: {took:?}"
+    );
+
+    // The stuck frame goes out whole once the peer reads; nothing of the second call follows
+    // it: the next frame is the next call.
+    assert_eq!(logged(&peer), big);
+    stuck.join().unwrap().unwrap();
+    root.call_oneway("log", ("next",)).unwrap();
+    assert_eq!(logged(&peer), "next");
+    assert!(!conn.is_closed());
+    drop(root);
+    finish(conn);
+}
+
+#[test]
+fn frames_of_concurrent_writers_never_interleave() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    // Each frame goes out in many pieces, so writers overlap if the gate lets them.
+    peer.from_conn.set_capacity(256);
+    let (writers, frames) = (4, 10);
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let root = conn.root();
+            thread::spawn(move || {
+                for i in 0..frames {
+                    let text = format!(
+                        "{w}:{i}:{}",
+                        char::from(b'a' + w as u8).to_string().repeat(3000)
+                    );
+                    root.call_oneway("log", (text,)).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut next = vec![0; writers];
+    for _ in 0..writers * frames {
+        let text = logged(&peer);
+        let mut parts = text.splitn(3, ':');
+        let w: usize = parts.next().unwrap().parse().unwrap();
+        let i: usize = parts.next().unwrap().parse().unwrap();
+        let fill = char::from(b'a' + w as u8).to_string().repeat(3000);
+        assert_eq!(
+            parts.next().unwrap(),
+            fill,
+            "frame {i} of writer {w} is mixed"
+        );
+        // And each thread's frames go out in the order it sent them.
+        assert_eq!(i, next[w], "writer {w}'s frames out of order");
+        next[w] += 1;
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    finish(conn);
+}
+
+#[test]
+fn a_frame_cut_short_by_its_deadline_is_finished_whole_before_any_other() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    peer.from_conn.set_capacity(1024);
+    let big = "c".repeat(8 * 1024);
+    let root = conn.root();
+    let timeout = Duration::from_millis(100);
+    match root.call_timeout::<(), _>("log", (big.clone(),), timeout) {
+        Err(Error::Timeout(Timeout::Send { partly: true, .. })) => {}
+        other => panic!("expected a send timeout in the middle of the frame, got {other:?}"),
+    }
+    // Another writer waits for the gate, which the connection holds until the rest is sent.
+    let (ready, is_ready) = crossbeam_channel::bounded(1);
+    let next = root.clone();
+    let after = thread::spawn(move || {
+        ready.send(()).unwrap();
+        next.call_oneway("log", ("after",))
+    });
+    is_ready.recv_timeout(LONG).unwrap();
+    let f = peer.recv();
+    assert_eq!((f.header.kind, f.method()), (Kind::Call, "log"));
+    assert_eq!(decode::<(String,)>(&f).0, big);
+    assert_eq!(logged(&peer), "after");
+    after.join().unwrap().unwrap();
+    assert!(!conn.is_closed());
+    drop(root);
+    finish(conn);
+}

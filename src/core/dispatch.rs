@@ -97,6 +97,8 @@ struct State {
     /// Threads of the pool: running a request, reading, watching or idle (reserved ones
     /// included, counted before they start).
     threads: usize,
+    /// Pool threads running a request now: at most `max_workers`, whoever reads.
+    running: usize,
     /// `on_connect` has run: queued requests may start.
     ready: bool,
     /// The connection ended: threads leave, nothing is queued or read any more.
@@ -121,6 +123,13 @@ impl State {
             "{} threads, over the pool's {}",
             self.threads,
             pool.max_threads
+        );
+        debug_assert!(
+            self.running <= pool.max_workers && self.running <= self.threads,
+            "{} requests running, {} workers allowed, {} threads",
+            self.running,
+            pool.max_workers,
+            self.threads
         );
         debug_assert!(
             !(self.pool_leads && self.reader.is_some()),
@@ -155,6 +164,7 @@ impl Pool {
                 callers_waiting: 0,
                 jobs: VecDeque::new(),
                 threads: 0,
+                running: 0,
                 ready: false,
                 stopping: false,
                 on_stopped: Vec::new(),
@@ -288,17 +298,26 @@ fn enqueue(shared: &Arc<Shared>, job: Frame) -> Result<(), Error> {
     if st.stopping {
         return Ok(());
     }
-    if st.jobs.len() >= pool.max_queued {
+    if !st.queue_has_room(pool) {
         return Err(over_queue(pool));
     }
     st.jobs.push_back(job);
-    let spawn = st.ready && wake_or_reserve(pool, &mut st);
+    let spawn = st.ready && st.running < pool.max_workers && wake_or_reserve(pool, &mut st);
     st.check(pool);
     drop(st);
     if spawn {
         spawn_reserved(shared);
     }
     Ok(())
+}
+
+impl State {
+    /// Whether one more request can wait in the queue: at most `max_queued` may wait while all
+    /// workers are busy (requests that a free worker is about to start do not count).
+    fn queue_has_room(&self, pool: &Pool) -> bool {
+        let free = pool.max_workers.saturating_sub(self.running);
+        self.jobs.len() < pool.max_queued.saturating_add(free)
+    }
 }
 
 fn over_queue(pool: &Pool) -> Error {
@@ -404,18 +423,20 @@ fn worker(shared: Arc<Shared>) {
     // itself to run that request).
     let mut fresh = false;
     while let Some(task) = next_task(&shared, fresh) {
-        fresh = match task {
-            Task::Lead(reader) => match lead(&shared, reader) {
-                Some(job) => {
-                    shared.serve(job);
-                    true
-                }
-                None => false,
-            },
-            Task::Job(job) => {
+        let job = match task {
+            Task::Lead(reader) => lead(&shared, reader),
+            Task::Job(job) => Some(job),
+        };
+        fresh = match job {
+            // Counted as running when it was handed to this thread.
+            Some(job) => {
                 shared.serve(job);
+                let mut st = lock(&shared.pool.state);
+                st.running -= 1;
+                st.check(&shared.pool);
                 true
             }
+            None => false,
         };
     }
 }
@@ -432,14 +453,14 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             return None;
         }
         let now = Instant::now();
-        if st.ready {
+        if st.ready && st.running < pool.max_workers {
             if let Some(job) = st.jobs.pop_front() {
                 // Queued work first; make sure someone else reads or takes the rest.
                 let more = st.reader.is_some() || !st.jobs.is_empty();
+                let mut spawn = false;
                 if more && st.idle + st.watchers == 0 {
                     if wake_or_reserve(pool, &mut st) {
-                        drop(st);
-                        spawn_reserved(shared);
+                        spawn = true;
                     } else if st.reader.is_some() {
                         // Nobody else can read (the thread budget is used up): reading comes
                         // first, so replies keep reaching callers; the job waits its turn.
@@ -447,6 +468,11 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                         st.pool_leads = true;
                         return st.reader.take().map(Task::Lead);
                     }
+                }
+                st.running += 1;
+                drop(st);
+                if spawn {
+                    spawn_reserved(shared);
                 }
                 return Some(Task::Job(job));
             }
@@ -560,18 +586,21 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
         // reserved now (so it cannot be refused by the thread budget afterwards). Otherwise
         // queue it and keep reading, so replies still reach the callers that busy workers wait
         // for.
-        if st.ready && st.idle + st.watchers > 0 {
+        let may_run = st.ready && st.running < pool.max_workers;
+        if may_run && st.idle + st.watchers > 0 {
+            st.running += 1;
             drop(st);
             release(shared, reader, Release::Lazy);
             return Some(job);
         }
-        if st.ready && reserve_thread(pool, &mut st) {
+        if may_run && reserve_thread(pool, &mut st) {
+            st.running += 1;
             drop(st);
             release(shared, reader, Release::ToNewThread);
             spawn_reserved(shared);
             return Some(job);
         }
-        if st.jobs.len() >= pool.max_queued {
+        if !st.queue_has_room(pool) {
             drop(st);
             ended_by(shared, &over_queue(pool));
             return None;

@@ -137,10 +137,8 @@ fn more_than_max_queued_requests_read_by_a_calling_thread_close_the_connection_n
     let (conn, peer) = connect(&one_worker(2), svc, Timeouts::Yes);
     let (caller, _, result) = caller_reading(&conn, &peer);
     assert_eq!(peer.reading_thread(), caller);
-    // One running and two waiting is the limit. Five overflow it whatever the timing (see the
-    // two ignored tests below: a calling thread counts requests being handed to a worker, and
-    // lets one handler more run), and the caller reads them all: it holds the reader until its
-    // own reply comes.
+    // One running and two waiting is the limit. Five overflow it whatever the timing, and the
+    // caller reads them all: it holds the reader until its own reply comes.
     let burst: Vec<u8> = (1..=5)
         .flat_map(|n| frame_bytes(Kind::Call, n, 0, "block", &(n as u32,)))
         .collect();
@@ -158,9 +156,6 @@ fn more_than_max_queued_requests_read_by_a_calling_thread_close_the_connection_n
 }
 
 #[test]
-#[ignore = "bug: a calling thread that reads a burst counts requests on their way to a free \
-            worker against max_queued, and closes a peer within its limits \
-            (src/core/dispatch.rs:256, enqueue)"]
 fn a_burst_that_free_workers_take_does_not_overflow_the_queue_when_a_calling_thread_reads_it() {
     let mut config = Config::default();
     config.set_max_queued(1);
@@ -191,9 +186,6 @@ fn a_burst_that_free_workers_take_does_not_overflow_the_queue_when_a_calling_thr
 }
 
 #[test]
-#[ignore = "bug: while a calling thread holds the reader, the pool runs max_workers + 1 \
-            handlers (src/core/dispatch.rs:260 enqueue reserves up to max_threads = \
-            max_workers + 1, and next_task, line 399-414, runs a job whenever the reader is away)"]
 fn while_a_calling_thread_reads_at_most_max_workers_handlers_run() {
     let (svc, events) = service();
     let (conn, peer) = connect(&one_worker(100), svc, Timeouts::Yes);

@@ -146,6 +146,22 @@ fn unix_socket_of_a_live_server_is_not_taken_over() {
     assert!(!path.exists());
 }
 
+#[test]
+fn an_authenticator_on_a_unix_socket_is_misuse() {
+    let pki = rpyc::testing::TestPki::temp().unwrap();
+    let files = pki.issue("localhost", &["localhost"]).unwrap();
+    let path = socket_path("auth");
+    match ThreadedServer::new(service())
+        .unix_path(&path)
+        .authenticator(rpyc::SslAuthenticator::new(&files.key, &files.cert))
+        .build()
+    {
+        Err(Error::Misuse(why)) => assert!(why.contains("remove unix_path"), "{why}"),
+        other => panic!("expected Error::Misuse, got {other:?}"),
+    }
+    assert!(!path.exists());
+}
+
 /// Two socket pairs, each carrying one direction, like a pair of pipes: dropping a writer
 /// ends the peer's reader.
 fn pipes() -> ((UnixStream, UnixStream), (UnixStream, UnixStream)) {

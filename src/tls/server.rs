@@ -192,7 +192,7 @@ impl SslAuthenticator {
         match (&self.ca, mode) {
             (None, ClientCert::None) => b.set_verify(SslVerifyMode::NONE),
             (None, _) => {
-                return Err(Error::Tls(
+                return Err(Error::Misuse(
                     "client certificates need a CA to verify them: call ca_certs(...) on the \
                      SslAuthenticator"
                         .into(),

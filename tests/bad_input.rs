@@ -202,7 +202,7 @@ fn handshake_error(port: u16) -> String {
         .connect("127.0.0.1", port);
     assert!(start.elapsed() < Duration::from_secs(3));
     match r {
-        Err(Error::Handshake(why)) => why,
+        Err(Error::Handshake(e)) => e.message().to_string(),
         other => panic!("expected a handshake error, got {other:?}"),
     }
 }

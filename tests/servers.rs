@@ -45,8 +45,8 @@ fn client_over_the_connection_limit_gets_a_clear_refusal() {
     for _ in 0..3 {
         match rpyc::connect("127.0.0.1", port) {
             Err(Error::Handshake(why)) => {
-                assert!(why.contains("limit"), "{why}");
-                assert!(why.contains("max_connections"), "{why}");
+                assert!(why.message().contains("limit"), "{why}");
+                assert!(why.message().contains("max_connections"), "{why}");
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -61,7 +61,7 @@ fn client_over_the_connection_limit_gets_a_clear_refusal() {
     let third = loop {
         match rpyc::connect("127.0.0.1", port) {
             Ok(c) => break c,
-            Err(Error::Handshake(why)) if why.contains("limit") => {
+            Err(Error::Handshake(why)) if why.message().contains("limit") => {
                 assert!(
                     Instant::now() < deadline,
                     "still refused after a client left"

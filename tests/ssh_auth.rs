@@ -23,7 +23,7 @@ fn works(ctx: &SshContext) -> Result<(), Error> {
 
 fn ssh_message(e: Error) -> String {
     match e {
-        Error::Ssh(m) => m,
+        Error::Ssh(e) => e.message().to_string(),
         other => panic!("expected Error::Ssh, got {other:?}"),
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 fn ssh_message(e: Error) -> String {
     match e {
-        Error::Ssh(m) => m,
+        Error::Ssh(e) => e.message().to_string(),
         other => panic!("expected Error::Ssh, got {other:?}"),
     }
 }
@@ -133,6 +133,6 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
             "expected the end of the stream"
         );
     }
-    assert!(tunnel.failure().unwrap().contains("prohibited"));
+    assert!(tunnel.failure().unwrap().message().contains("prohibited"));
     assert!(!tunnel.is_closed());
 }

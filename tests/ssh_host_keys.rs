@@ -12,7 +12,7 @@ use std::process::Command;
 
 fn ssh_message(e: Error) -> String {
     match e {
-        Error::Ssh(m) => m,
+        Error::Ssh(e) => e.message().to_string(),
         other => panic!("expected Error::Ssh, got {other:?}"),
     }
 }

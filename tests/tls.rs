@@ -8,7 +8,7 @@ use common::{wait_until, CALL_TIMEOUT};
 use rpyc::auth::{Authenticated, Authenticator, ClientAuthenticator};
 use rpyc::testing::TestPki;
 use rpyc::tls::{ClientCert, SslClient, TlsVersion};
-use rpyc::{Bytes, Error, Options, Service, SslAuthenticator};
+use rpyc::{Bytes, Error, HandshakeError, Options, Service, SslAuthenticator};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -350,7 +350,7 @@ impl Authenticator for Token {
         let mut got = [0u8; 8];
         s.read_exact(&mut got)?;
         if &got != self.0 {
-            return Err(Error::Handshake("wrong token".into()));
+            return Err(HandshakeError::rejected("wrong token").into());
         }
         Ok(Authenticated::new(s).credentials(String::from("token holder")))
     }
@@ -401,7 +401,7 @@ impl Authenticator for AllowList {
     fn authenticate(&self, s: TcpStream, timeout: Duration) -> Result<Authenticated, Error> {
         let ip = s.peer_addr()?.ip();
         if !self.0.contains(&ip) {
-            return Err(Error::Handshake(format!("{ip} is not allowed")));
+            return Err(HandshakeError::rejected(format!("{ip} is not allowed")).into());
         }
         self.1.authenticate(s, timeout)
     }

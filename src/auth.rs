@@ -20,12 +20,13 @@ use std::time::Duration;
 /// Server-side authentication of each accepted TCP connection, before the rpyc handshake.
 ///
 /// Return [`Authenticated::new`] with the socket (possibly carrying credentials) to accept the
-/// client, or an error to refuse it: the error is logged with the client's address and the
+/// client, or an error to refuse it (for a refusal of your own,
+/// [`HandshakeError::rejected`](crate::HandshakeError::rejected)): the error is logged with the client's address and the
 /// socket is closed; the server goes on serving others. `timeout` is the server's handshake
 /// timeout: an authenticator that reads from the client must not wait longer.
 ///
 /// ```
-/// use rpyc::{Error, Service, ThreadedServer};
+/// use rpyc::{Error, HandshakeError, Service, ThreadedServer};
 /// use rpyc::auth::{Authenticated, Authenticator};
 /// use std::io::{Read, Write};
 /// use std::net::TcpStream;
@@ -40,7 +41,7 @@ use std::time::Duration;
 ///         let mut got = [0u8; 8];
 ///         s.read_exact(&mut got)?;
 ///         if &got != self.0 {
-///             return Err(Error::Handshake("wrong token".into()));
+///             return Err(HandshakeError::rejected("wrong token").into());
 ///         }
 ///         Ok(Authenticated::new(s).credentials("token holder".to_string()))
 ///     }

@@ -25,9 +25,9 @@ pub enum Error {
         /// The operating system's error.
         source: Arc<io::Error>,
     },
-    /// The peer is not an rpyc peer, speaks another protocol version, or refused us during the
-    /// handshake.
-    Handshake(String),
+    /// The rpyc handshake failed: the peer is not an rpyc peer, speaks another protocol
+    /// version, or refused us; [`HandshakeError::kind`] says which.
+    Handshake(HandshakeError),
     /// An operation did not finish in time; says which one.
     Timeout(Timeout),
     /// The connection is closed; `reason` says who closed it and why.
@@ -52,10 +52,12 @@ pub enum Error {
     /// is closed.
     Protocol(String),
     /// A TLS failure: a key or certificate that does not load, or a handshake one side refused.
-    /// Says which check failed on which side, and what to do about it.
-    Tls(String),
-    /// An SSH failure: the session, authentication, the host key, or a forwarded channel.
-    Ssh(String),
+    /// Says which check failed on which side, and what to do about it; [`TlsError::kind`] says
+    /// it to a program.
+    Tls(TlsError),
+    /// An SSH failure: the session, authentication, the host key, or a forwarded channel;
+    /// [`SshError::kind`] says which.
+    Ssh(SshError),
     /// A local I/O failure outside a connection (spawning a process, binding a server, ...).
     Io(Arc<io::Error>),
     /// The API was used in a way that cannot work (settings that do not go together, such as
@@ -246,7 +248,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
-            Error::Handshake(why) => write!(f, "handshake failed: {why}"),
+            Error::Handshake(e) => write!(f, "handshake failed: {e}"),
             Error::Timeout(t) => t.fmt(f),
             Error::Closed { reason } => write!(f, "connection closed: {reason}"),
             Error::Remote(e) => e.fmt(f),
@@ -258,8 +260,8 @@ impl fmt::Display for Error {
                  raise Options::max_frame_size on the receiving side or send less"
             ),
             Error::Protocol(why) => write!(f, "protocol violation: {why}"),
-            Error::Tls(why) => write!(f, "TLS: {why}"),
-            Error::Ssh(why) => write!(f, "SSH: {why}"),
+            Error::Tls(e) => write!(f, "TLS: {e}"),
+            Error::Ssh(e) => write!(f, "SSH: {e}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Misuse(why) => write!(f, "misuse of rpyc: {why}"),
         }
@@ -290,5 +292,334 @@ impl From<io::Error> for Error {
 impl serde::Serialize for Error {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
+    }
+}
+
+// The kinds of TLS, SSH and handshake failures: a program matches on `kind()`, a person reads
+// the message (which says what to do about it).
+
+/// What kind of failure a [`TlsError`] reports.
+///
+/// ```
+/// assert_eq!(
+///     rpyc::TlsErrorKind::CertificateRejected.to_string(),
+///     "the peer's certificate was rejected"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsErrorKind {
+    /// A key, certificate or CA file is missing, unreadable, not PEM, encrypted without its
+    /// passphrase or with another, or does not match; or a version or cipher setting is unusable.
+    Config,
+    /// This side rejected the peer's certificate: untrusted issuer, expired, not yet valid, or
+    /// not issued for the name or address connected to.
+    CertificateRejected,
+    /// The peer refused our handshake or our certificate, with a TLS alert.
+    RejectedByPeer,
+    /// The server requires a client certificate and the client sent none (reported on both
+    /// sides).
+    CertificateRequired,
+    /// The peer does not speak TLS: a plain rpyc peer, or another protocol.
+    NotTls,
+    /// The two sides have no TLS version, cipher or signature algorithm in common.
+    NoCommonParameters,
+    /// The peer asked to renegotiate a TLS 1.2 session, which both sides refuse.
+    Renegotiation,
+    /// The peer closed the connection during the TLS handshake.
+    Closed,
+    /// Any other TLS failure (the message says what OpenSSL reported).
+    Other,
+}
+
+impl fmt::Display for TlsErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsErrorKind::Config => "bad TLS key, certificate or setting",
+            TlsErrorKind::CertificateRejected => "the peer's certificate was rejected",
+            TlsErrorKind::RejectedByPeer => "the peer refused the handshake",
+            TlsErrorKind::CertificateRequired => "a client certificate is required",
+            TlsErrorKind::NotTls => "the peer does not speak TLS",
+            TlsErrorKind::NoCommonParameters => "no TLS version or cipher in common",
+            TlsErrorKind::Renegotiation => "renegotiation refused",
+            TlsErrorKind::Closed => "the peer closed during the TLS handshake",
+            TlsErrorKind::Other => "TLS failure",
+        })
+    }
+}
+
+/// A TLS failure ([`Error::Tls`]): what kind, for a program, and a message that says which
+/// check failed on which side and what to do about it, for a person.
+///
+/// ```
+/// use rpyc::{Error, TlsErrorKind};
+/// # let (server, port) = rpyc::testing::example_server()?;
+/// // The server on `port` speaks plain rpyc, not TLS.
+/// match rpyc::ssl_connect("127.0.0.1", port, None, None) {
+///     Err(Error::Tls(e)) => match e.kind() {
+///         TlsErrorKind::NotTls => assert!(e.message().contains("rpyc::connect")),
+///         TlsErrorKind::CertificateRejected => panic!("check the CA or the name: {e}"),
+///         other => panic!("{other}: {e}"),
+///     },
+///     other => panic!("expected a TLS error, got {other:?}"),
+/// }
+/// # server.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError {
+    kind: TlsErrorKind,
+    message: String,
+}
+
+impl TlsError {
+    pub(crate) fn new(kind: TlsErrorKind, message: impl Into<String>) -> TlsError {
+        TlsError {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// What kind of failure this is.
+    pub fn kind(&self) -> TlsErrorKind {
+        self.kind
+    }
+    /// What failed where, and what to do about it (the text of `Display`).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+impl From<TlsError> for Error {
+    fn from(e: TlsError) -> Error {
+        Error::Tls(e)
+    }
+}
+
+/// What kind of failure an [`SshError`] reports.
+///
+/// ```
+/// assert_eq!(
+///     rpyc::SshErrorKind::HostKeyChanged.to_string(),
+///     "the host key differs from known_hosts"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SshErrorKind {
+    /// A setting does not work: the key file given cannot be read (missing, unsupported,
+    /// wrong or missing passphrase), or the known_hosts file cannot be written.
+    Config,
+    /// The SSH handshake with the server failed (not an SSH server, no algorithm or host key
+    /// type in common, the connection dropped). An unreachable server is [`Error::Connect`].
+    Handshake,
+    /// The server's host key is not in known_hosts, and the policy does not accept new keys.
+    HostKeyUnknown,
+    /// The server's host key differs from the one known_hosts lists for it.
+    HostKeyChanged,
+    /// The server's host key is marked `@revoked` in known_hosts.
+    HostKeyRevoked,
+    /// The server refused every credential tried (agent keys, key files, password).
+    AuthenticationFailed,
+    /// The server refuses to forward TCP connections (administratively prohibited).
+    ForwardingRefused,
+    /// The server could not connect to the forwarded host and port (nothing listening there).
+    TargetUnreachable,
+    /// The SSH session died (sshd went away, the connection broke) after it was set up.
+    SessionLost,
+    /// Any other SSH failure (the message says what libssh2 reported).
+    Other,
+}
+
+impl fmt::Display for SshErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SshErrorKind::Config => "bad SSH setting",
+            SshErrorKind::Handshake => "SSH handshake failed",
+            SshErrorKind::HostKeyUnknown => "unknown host key",
+            SshErrorKind::HostKeyChanged => "the host key differs from known_hosts",
+            SshErrorKind::HostKeyRevoked => "the host key is revoked",
+            SshErrorKind::AuthenticationFailed => "authentication refused",
+            SshErrorKind::ForwardingRefused => "forwarding refused",
+            SshErrorKind::TargetUnreachable => "the forwarded port is unreachable",
+            SshErrorKind::SessionLost => "the SSH session was lost",
+            SshErrorKind::Other => "SSH failure",
+        })
+    }
+}
+
+/// An SSH failure ([`Error::Ssh`]): what kind, for a program, and a message that names the
+/// host, file or credential involved and what to do about it, for a person.
+///
+/// ```no_run
+/// use rpyc::{Error, SshErrorKind};
+/// let ctx = rpyc::SshContext::new("myserver");
+/// match rpyc::ssh_connect(&ctx, 18861) {
+///     Ok(conn) => println!("{}", conn.root().call::<i64, _>("add", (1, 2))?),
+///     Err(Error::Ssh(e)) if e.kind() == SshErrorKind::HostKeyUnknown => {
+///         eprintln!("verify the server's key and add it to known_hosts: {}", e.message())
+///     }
+///     Err(Error::Ssh(e)) if e.kind() == SshErrorKind::AuthenticationFailed => {
+///         eprintln!("check the user and keys: {e}")
+///     }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshError {
+    kind: SshErrorKind,
+    message: String,
+}
+
+impl SshError {
+    pub(crate) fn new(kind: SshErrorKind, message: impl Into<String>) -> SshError {
+        SshError {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// What kind of failure this is.
+    pub fn kind(&self) -> SshErrorKind {
+        self.kind
+    }
+    /// What failed, and what to do about it (the text of `Display`).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for SshError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SshError {}
+
+impl From<SshError> for Error {
+    fn from(e: SshError) -> Error {
+        Error::Ssh(e)
+    }
+}
+
+/// What kind of failure a [`HandshakeError`] reports.
+///
+/// ```
+/// assert_eq!(
+///     rpyc::HandshakeErrorKind::VersionMismatch.to_string(),
+///     "another rpyc protocol version"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeErrorKind {
+    /// The peer speaks another protocol (SSH, TLS, HTTP, or one not recognized).
+    NotRpyc,
+    /// The peer speaks another version of the rpyc protocol.
+    VersionMismatch,
+    /// The server refused the connection: it is at its limit of connections or handshakes.
+    Refused,
+    /// The server only accepts TLS and this client connected without it.
+    TlsRequired,
+    /// The peer hung up before its hello arrived (a server that rejected us closes this way).
+    Closed,
+    /// The peer's hello announced an unusable frame limit.
+    BadHello,
+    /// The transport failed during the hello.
+    Io,
+    /// An authenticator refused the peer (see [`HandshakeError::rejected`]).
+    Rejected,
+}
+
+impl fmt::Display for HandshakeErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HandshakeErrorKind::NotRpyc => "not an rpyc peer",
+            HandshakeErrorKind::VersionMismatch => "another rpyc protocol version",
+            HandshakeErrorKind::Refused => "refused by the server",
+            HandshakeErrorKind::TlsRequired => "the server requires TLS",
+            HandshakeErrorKind::Closed => "the peer closed during the handshake",
+            HandshakeErrorKind::BadHello => "unusable hello",
+            HandshakeErrorKind::Io => "I/O error during the handshake",
+            HandshakeErrorKind::Rejected => "rejected by an authenticator",
+        })
+    }
+}
+
+/// An rpyc handshake failure ([`Error::Handshake`]): what kind, for a program, and a message
+/// that says what the peer seems to be or why it refused, for a person.
+///
+/// ```
+/// use rpyc::{Error, HandshakeErrorKind};
+/// # let pki = rpyc::testing::TestPki::temp()?;
+/// # let files = pki.issue("localhost", &["localhost"])?;
+/// # let auth = rpyc::SslAuthenticator::new(&files.key, &files.cert);
+/// # let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).authenticator(auth).build()?.spawn()?;
+/// # let port = server.port();
+/// // The server on `port` only accepts TLS.
+/// match rpyc::connect("127.0.0.1", port) {
+///     Err(Error::Handshake(e)) => match e.kind() {
+///         HandshakeErrorKind::TlsRequired => assert!(e.message().contains("ssl_connect")),
+///         HandshakeErrorKind::Refused => panic!("the server is full; retry later: {e}"),
+///         other => panic!("{other}: {e}"),
+///     },
+///     other => panic!("expected a handshake error, got {other:?}"),
+/// }
+/// # server.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeError {
+    kind: HandshakeErrorKind,
+    message: String,
+}
+
+impl HandshakeError {
+    pub(crate) fn new(kind: HandshakeErrorKind, message: impl Into<String>) -> HandshakeError {
+        HandshakeError {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// The error an [`Authenticator`](crate::auth::Authenticator) or
+    /// [`ClientAuthenticator`](crate::auth::ClientAuthenticator) returns to refuse its peer
+    /// ([`HandshakeErrorKind::Rejected`]); `message` says why.
+    ///
+    /// ```
+    /// let e = rpyc::Error::from(rpyc::HandshakeError::rejected("wrong token"));
+    /// assert_eq!(e.to_string(), "handshake failed: wrong token");
+    /// ```
+    pub fn rejected(message: impl Into<String>) -> HandshakeError {
+        HandshakeError::new(HandshakeErrorKind::Rejected, message)
+    }
+    /// What kind of failure this is.
+    pub fn kind(&self) -> HandshakeErrorKind {
+        self.kind
+    }
+    /// What went wrong, and what to do about it (the text of `Display`).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+impl From<HandshakeError> for Error {
+    fn from(e: HandshakeError) -> Error {
+        Error::Handshake(e)
     }
 }

@@ -80,7 +80,10 @@ pub use crate::core::service::{callback, Args, Context, ContextHandler, Handler,
 pub use client::{connect, connect_stream, connect_subprocess, ssl_connect, Options};
 #[cfg(unix)]
 pub use client::{ssh_connect, unix_connect};
-pub use error::{Error, RemoteError, RemoteErrorKind, Timeout};
+pub use error::{
+    Error, HandshakeError, HandshakeErrorKind, RemoteError, RemoteErrorKind, SshError,
+    SshErrorKind, Timeout, TlsError, TlsErrorKind,
+};
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};
 #[cfg(unix)]
 pub use ssh::SshContext;

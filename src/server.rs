@@ -371,7 +371,7 @@ impl ServerBuilder {
     pub fn build(self) -> Result<Server, Error> {
         if let Some(a) = &self.authenticator {
             if self.unix.is_some() {
-                return Err(Error::Tls(
+                return Err(Error::Misuse(
                     "authenticators work on TCP servers; remove unix_path or the authenticator"
                         .into(),
                 ));

@@ -2,7 +2,7 @@
 //! run time, so nothing committed can expire under the tests.
 
 use crate::core::service::Service;
-use crate::error::Error;
+use crate::error::{Error, TlsError, TlsErrorKind};
 use crate::server::{ServerHandle, ThreadedServer};
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::BigNum;
@@ -70,8 +70,14 @@ impl std::fmt::Debug for TestPki {
     }
 }
 
+/// The test CA could not be made ([`TlsErrorKind::Other`]: a failure of OpenSSL or of the
+/// file system, not a setting).
+fn test_pki_error(message: String) -> Error {
+    Error::Tls(TlsError::new(TlsErrorKind::Other, message))
+}
+
 fn fail(what: &str) -> impl Fn(openssl::error::ErrorStack) -> Error + '_ {
-    move |e| Error::Tls(format!("cannot make the test {what}: {e}"))
+    move |e| test_pki_error(format!("cannot make the test {what}: {e}"))
 }
 
 fn new_key() -> Result<PKey<Private>, Error> {
@@ -113,7 +119,7 @@ impl TestPki {
 
     fn create(dir: PathBuf, remove_on_drop: bool) -> Result<TestPki, Error> {
         std::fs::create_dir_all(&dir).map_err(|e| {
-            Error::Tls(format!(
+            test_pki_error(format!(
                 "cannot create the directory {} for test certificates: {e}",
                 dir.display()
             ))
@@ -251,7 +257,7 @@ impl TestPki {
         };
         let pem = |r: Result<Vec<u8>, openssl::error::ErrorStack>| r.map_err(fail("PEM file"));
         let io = |e: std::io::Error| {
-            Error::Tls(format!(
+            test_pki_error(format!(
                 "cannot write test certificates into {}: {e}",
                 self.dir.display()
             ))

@@ -5,7 +5,7 @@
 mod common;
 
 use common::raw::{cbor_head, uint};
-use rpyc::{Error, ServerHandle, Service, ThreadedServer};
+use rpyc::{Error, HandshakeError, HandshakeErrorKind, ServerHandle, Service, ThreadedServer};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,14 +195,14 @@ fn fake_server(banner: &'static [u8], hang_up: bool) -> u16 {
     port
 }
 
-fn handshake_error(port: u16) -> String {
+fn handshake_error(port: u16) -> HandshakeError {
     let start = Instant::now();
     let r = rpyc::Options::new()
         .handshake_timeout(Duration::from_secs(5))
         .connect("127.0.0.1", port);
     assert!(start.elapsed() < Duration::from_secs(3));
     match r {
-        Err(Error::Handshake(why)) => why,
+        Err(Error::Handshake(e)) => e,
         other => panic!("expected a handshake error, got {other:?}"),
     }
 }
@@ -213,16 +213,17 @@ fn http_server_is_named_in_the_handshake_error() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         false,
     );
-    let why = handshake_error(port);
-    assert!(why.contains("HTTP"), "{why}");
-    assert!(why.contains("not an rpyc peer"), "{why}");
+    let e = handshake_error(port);
+    assert_eq!(e.kind(), HandshakeErrorKind::NotRpyc, "{e}");
+    assert!(e.message().contains("it speaks HTTP"), "{e}");
 }
 
 #[test]
 fn ssh_server_is_named_in_the_handshake_error() {
     let port = fake_server(b"SSH-2.0-OpenSSH_9.2\r\n", false);
-    let why = handshake_error(port);
-    assert!(why.contains("SSH"), "{why}");
+    let e = handshake_error(port);
+    assert_eq!(e.kind(), HandshakeErrorKind::NotRpyc, "{e}");
+    assert!(e.message().contains("it is an SSH server"), "{e}");
 }
 
 #[test]
@@ -231,16 +232,38 @@ fn peer_speaking_another_protocol_version_is_refused_by_version() {
     other[6..8].copy_from_slice(&0u16.to_be_bytes());
     let banner: &'static [u8] = Box::leak(Box::new(other));
     let port = fake_server(banner, false);
-    let why = handshake_error(port);
+    let e = handshake_error(port);
+    assert_eq!(e.kind(), HandshakeErrorKind::VersionMismatch, "{e}");
+    let why = e.message();
     assert!(why.contains("version 99"), "{why}");
     assert!(why.contains("version 1"), "{why}");
+    assert!(why.contains("upgrade the older side"), "{why}");
+}
+
+#[test]
+fn peer_announcing_an_unusable_frame_limit_is_refused() {
+    let mut tiny = hello(1);
+    tiny[8..12].copy_from_slice(&10u32.to_be_bytes());
+    let banner: &'static [u8] = Box::leak(Box::new(tiny));
+    let e = handshake_error(fake_server(banner, false));
+    assert_eq!(e.kind(), HandshakeErrorKind::BadHello, "{e}");
+    assert!(
+        e.message().contains("unusable frame limit of 10 bytes"),
+        "{e}"
+    );
 }
 
 #[test]
 fn peer_that_hangs_up_during_the_handshake_is_a_handshake_error() {
     let port = fake_server(b"RPYC", true);
-    let why = handshake_error(port);
-    assert!(why.contains("closed the connection"), "{why}");
+    let e = handshake_error(port);
+    assert_eq!(e.kind(), HandshakeErrorKind::Closed, "{e}");
+    // What a person reads lists the likely reasons.
+    assert!(
+        e.message().contains("closed the connection")
+            && e.message().contains("is it an rpyc peer?"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -6,7 +6,8 @@ mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
-use rpyc::{Error, Service, SshContext};
+use common::ssh_error;
+use rpyc::{Error, Service, SshContext, SshErrorKind};
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,13 +20,6 @@ fn works(ctx: &SshContext) -> Result<(), Error> {
     assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
     conn.close();
     Ok(())
-}
-
-fn ssh_message(e: Error) -> String {
-    match e {
-        Error::Ssh(m) => m,
-        other => panic!("expected Error::Ssh, got {other:?}"),
-    }
 }
 
 /// A context with no credentials at all (no key file, no agent, no config).
@@ -57,12 +51,13 @@ fn passphrase_protected_key_authenticates_with_its_passphrase() {
 }
 
 #[test]
-fn wrong_passphrase_is_refused_with_a_hint() {
+fn wrong_passphrase_is_a_configuration_error_with_a_hint() {
     let d = sshd::shared();
-    let m = ssh_message(
-        works(&bare(d).keyfile(&d.client_key_pass).key_passphrase("wrong")).unwrap_err(),
-    );
-    assert!(m.contains("passphrase"), "{m}");
+    let err = works(&bare(d).keyfile(&d.client_key_pass).key_passphrase("wrong")).unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::Config, "{e}");
+    let m = e.message();
+    assert!(m.contains("wrong or missing passphrase?"), "{m}");
     assert!(m.contains("id_ed25519_pass"), "{m}");
 }
 
@@ -105,24 +100,28 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
     )
     .unwrap();
     // And with the agent switched off, the refused key file is all there is.
-    let m = ssh_message(works(&bare(d).keyfile(&d.stranger_key).config_file(&cfg)).unwrap_err());
+    let err = works(&bare(d).keyfile(&d.stranger_key).config_file(&cfg)).unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    let m = e.message();
     assert!(m.contains("id_stranger (refused)"), "{m}");
     assert!(!m.contains("agent"), "{m}");
     // When everything is refused, the message shows OpenSSH's order: agent, key files, password.
-    let m = ssh_message(
-        works(
-            &bare(d)
-                .user("rpyc-no-such-user")
-                .keyfile(&d.stranger_key)
-                .identity_agent(&sock)
-                .password("nope"),
-        )
-        .unwrap_err(),
-    );
+    let err = works(
+        &bare(d)
+            .user("rpyc-no-such-user")
+            .keyfile(&d.stranger_key)
+            .identity_agent(&sock)
+            .password("nope"),
+    )
+    .unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    let m = e.message();
     let (agent, key, password) = (
-        m.find("the agent's keys").expect(&m),
-        m.find("id_stranger (refused)").expect(&m),
-        m.find("the password (refused)").expect(&m),
+        m.find("the agent's keys").expect(m),
+        m.find("id_stranger (refused)").expect(m),
+        m.find("the password (refused)").expect(m),
     );
     assert!(agent < key && key < password, "{m}");
     let _ = Command::new("kill").arg(pid.to_string()).status();
@@ -165,7 +164,10 @@ fn password_authentication_comes_after_refused_keys() {
     // The stranger key is refused first; then the password gets in.
     let ctx = bare(d).user(user).keyfile(&d.stranger_key);
     works(&ctx.clone().password(password)).unwrap();
-    let m = ssh_message(works(&ctx.password("not the password")).unwrap_err());
+    let err = works(&ctx.password("not the password")).unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    let m = e.message();
     assert!(m.contains("the password (refused)"), "{m}");
     assert!(m.contains(&format!("authentication as {user}")), "{m}");
 }
@@ -211,14 +213,17 @@ fn client_config_supplies_host_port_user_key_and_known_hosts() {
         matches!(&err, Error::Connect { addr, .. } if addr.contains(&closed_port.to_string())),
         "{err:?}"
     );
-    let m = ssh_message(
-        works(
-            &SshContext::new("rpyc-test-alias")
-                .config_file(&cfg)
-                .agent(false)
-                .user("rpyc-no-such-user"),
-        )
-        .unwrap_err(),
+    let err = works(
+        &SshContext::new("rpyc-test-alias")
+            .config_file(&cfg)
+            .agent(false)
+            .user("rpyc-no-such-user"),
+    )
+    .unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    assert!(
+        e.message().contains("authentication as rpyc-no-such-user"),
+        "{e}"
     );
-    assert!(m.contains("authentication as rpyc-no-such-user"), "{m}");
 }

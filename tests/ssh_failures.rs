@@ -1,20 +1,16 @@
-//! SSH failures reach the caller promptly as clear errors: sshd unreachable or silent,
-//! authentication refused, nothing listening on the remote port, forwarding refused.
+//! SSH failures reach the caller promptly as errors of the right kind, with hints: sshd
+//! unreachable, silent or not sshd at all, authentication refused, nothing listening on the
+//! remote port, forwarding refused, the session lost.
 
 mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
-use rpyc::{Error, Timeout};
+use common::ssh_error;
+use rpyc::{Error, SshContext, SshErrorKind, Timeout};
+use std::io::Write;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
-
-fn ssh_message(e: Error) -> String {
-    match e {
-        Error::Ssh(m) => m,
-        other => panic!("expected Error::Ssh, got {other:?}"),
-    }
-}
 
 #[test]
 fn unreachable_sshd_fails_at_once_with_a_connect_error() {
@@ -61,12 +57,45 @@ fn silent_sshd_fails_with_a_connect_timeout() {
 }
 
 #[test]
+fn a_port_that_is_not_sshd_fails_the_ssh_handshake() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let ctx = SshContext::new("127.0.0.1")
+        .port(port)
+        .config_file("/dev/null")
+        .agent(false)
+        .connect_timeout(Duration::from_secs(5));
+    let t = Instant::now();
+    let err = rpyc::ssh_connect(&ctx, 1).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    fake.join().unwrap();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::Handshake, "{e}");
+    assert!(
+        e.message()
+            .contains(&format!("handshake with 127.0.0.1:{port} failed")),
+        "{e}"
+    );
+}
+
+#[test]
 fn refused_key_is_reported_with_user_host_and_what_was_tried() {
     let d = sshd::shared();
     let ctx = d.context().keyfile(&d.stranger_key);
     let t = Instant::now();
-    let m = ssh_message(rpyc::ssh_connect(&ctx, 1).unwrap_err());
+    let err = rpyc::ssh_connect(&ctx, 1).unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(5));
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    let m = e.message();
     assert!(m.contains(&format!("authentication as {}", d.user)), "{m}");
     assert!(m.contains(&format!("127.0.0.1:{}", d.port)), "{m}");
     assert!(m.contains("id_stranger (refused)"), "{m}");
@@ -90,11 +119,12 @@ fn nothing_listening_on_the_remote_port_is_reported_as_such() {
         "took {:?}",
         t.elapsed()
     );
-    let m = ssh_message(err);
-    assert!(m.contains("connect failed"), "{m}");
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::TargetUnreachable, "{e}");
     assert!(
-        m.contains(&format!("is anything listening on 127.0.0.1:{port}")),
-        "{m}"
+        e.message()
+            .contains(&format!("is anything listening on 127.0.0.1:{port}")),
+        "{e}"
     );
 }
 
@@ -116,9 +146,9 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
         "took {:?}",
         t.elapsed()
     );
-    let m = ssh_message(err);
-    assert!(m.contains("prohibited"), "{m}");
-    assert!(m.contains("AllowTcpForwarding"), "{m}");
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::ForwardingRefused, "{e}");
+    assert!(e.message().contains("AllowTcpForwarding"), "{e}");
     // The tunnel on its own: the local connection is closed, the failure says why, and the
     // session stays usable for the next try.
     let tunnel = rpyc::ssh::SshTunnel::open(&d.context(), "127.0.0.1", server.port).unwrap();
@@ -133,6 +163,24 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
             "expected the end of the stream"
         );
     }
-    assert!(tunnel.failure().unwrap().contains("prohibited"));
+    assert_eq!(
+        tunnel.failure().map(|e| e.kind()),
+        Some(SshErrorKind::ForwardingRefused)
+    );
     assert!(!tunnel.is_closed());
+}
+
+#[test]
+fn a_tunnel_whose_sshd_dies_reports_the_session_lost() {
+    let d = sshd::Sshd::start(sshd::SshdConfig::default());
+    let tunnel = rpyc::ssh::SshTunnel::open(&d.context(), "127.0.0.1", 1).unwrap();
+    assert!(tunnel.failure().is_none());
+    d.kill();
+    assert!(
+        common::wait_until(Duration::from_secs(5), || tunnel.is_closed()),
+        "the tunnel did not notice"
+    );
+    let e = tunnel.failure().expect("the tunnel says why it ended");
+    assert_eq!(e.kind(), SshErrorKind::SessionLost, "{e}");
+    assert!(e.message().contains("closed by the other side"), "{e}");
 }

@@ -1,21 +1,16 @@
 //! Host keys are checked against known_hosts: unknown hosts refused by default (naming the
-//! fingerprint and the file), accept-new adds them, changed keys are always refused, hashed
-//! and `[host]:port` entries work, and a host known only by its RSA key is asked for that key.
+//! fingerprint and the file), accept-new adds them, changed and revoked keys are always
+//! refused, hashed and `[host]:port` entries work, and a host known only by its RSA key is
+//! asked for that key. Each refusal has its own kind.
 
 mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
+use common::ssh_error;
 use rpyc::ssh::HostKeyPolicy;
-use rpyc::{Error, Service};
+use rpyc::{Error, Service, SshErrorKind};
 use std::process::Command;
-
-fn ssh_message(e: Error) -> String {
-    match e {
-        Error::Ssh(m) => m,
-        other => panic!("expected Error::Ssh, got {other:?}"),
-    }
-}
 
 /// `SHA256:...` of a public key line, as ssh-keygen prints it.
 fn fingerprint(pub_line: &str, dir: &std::path::Path, name: &str) -> String {
@@ -41,7 +36,10 @@ fn unknown_host_is_refused_by_default_naming_fingerprint_and_file() {
     let d = sshd::shared();
     let kh = d.path("empty_known_hosts");
     std::fs::write(&kh, "# nothing yet\n").unwrap();
-    let m = ssh_message(works(&d.context().known_hosts(&kh)).unwrap_err());
+    let err = works(&d.context().known_hosts(&kh)).unwrap_err();
+    let e = ssh_error(&err);
+    assert_eq!(e.kind(), SshErrorKind::HostKeyUnknown, "{e}");
+    let m = e.message();
     let ed = fingerprint(&d.host_key_ed25519, &d.dir, "fp_ed.pub");
     let rsa = fingerprint(&d.host_key_rsa, &d.dir, "fp_rsa.pub");
     assert!(
@@ -88,9 +86,10 @@ fn changed_key_is_refused_even_under_accept_new() {
     )
     .unwrap();
     for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
-        let m =
-            ssh_message(works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err());
-        assert!(m.contains("HAS CHANGED"), "{m}");
+        let err = works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
+        let e = ssh_error(&err);
+        assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
+        let m = e.message();
         assert!(m.contains(&format!("{}:2", kh.display())), "{m}");
         assert!(m.contains("ssh-keygen -R"), "{m}");
     }
@@ -139,6 +138,35 @@ fn port_22_entries_do_not_vouch_for_other_ports() {
     let d = sshd::shared();
     let kh = d.path("port22_known_hosts");
     std::fs::write(&kh, format!("127.0.0.1 {}\n", d.host_key_ed25519)).unwrap();
-    let m = ssh_message(works(&d.context().known_hosts(&kh)).unwrap_err());
-    assert!(m.contains("is not in"), "{m}");
+    let err = works(&d.context().known_hosts(&kh)).unwrap_err();
+    assert_eq!(
+        common::ssh_kind(&err),
+        SshErrorKind::HostKeyUnknown,
+        "{err}"
+    );
+}
+
+#[test]
+fn revoked_host_keys_are_refused_even_under_accept_new() {
+    let d = sshd::shared();
+    let kh = d.path("revoked_known_hosts");
+    // Both of the server's keys, whichever it offers.
+    std::fs::write(
+        &kh,
+        format!(
+            "@revoked * {}\n@revoked * {}\n",
+            d.host_key_ed25519, d.host_key_rsa
+        ),
+    )
+    .unwrap();
+    for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
+        let err = works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
+        assert_eq!(
+            common::ssh_kind(&err),
+            SshErrorKind::HostKeyRevoked,
+            "{err}"
+        );
+    }
+    // Nothing was added.
+    assert_eq!(std::fs::read_to_string(&kh).unwrap().lines().count(), 2);
 }

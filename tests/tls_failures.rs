@@ -1,5 +1,6 @@
-//! TLS failures: each gives a clear client-side error naming what failed and where, is logged
-//! by the server with the client's address, and leaves the server serving the next client.
+//! TLS failures: each gives the client an error of the right kind (and one per kind is checked
+//! for the hint a person reads), is logged by the server with the client's address, and
+//! leaves the server serving the next client.
 //! Also the server's handshake timeout against silent and half-finished clients.
 
 mod common;
@@ -10,7 +11,7 @@ use common::tls::{
 use common::TestServer;
 use rpyc::testing::TestPki;
 use rpyc::tls::SslClient;
-use rpyc::{Error, SslAuthenticator};
+use rpyc::{Error, HandshakeErrorKind, SslAuthenticator, TlsError, TlsErrorKind};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -20,12 +21,12 @@ fn server(p: &Pki) -> TestServer {
     serve_tls(whoami(), p.authenticator(), server_options)
 }
 
-/// The client's error, which must be a TLS error, as text.
-fn tls_error(r: Result<rpyc::Connection, Error>) -> String {
+/// The client's error, which must be a TLS error.
+fn tls_error(r: Result<rpyc::Connection, Error>) -> TlsError {
     match r {
-        Err(e @ Error::Tls(_)) => {
+        Err(Error::Tls(e)) => {
             eprintln!("client error: {e}");
-            e.to_string()
+            e
         }
         Err(other) => panic!("expected Error::Tls, got {other:?}"),
         Ok(_) => panic!("expected the connection to fail"),
@@ -37,15 +38,20 @@ fn wait_logged(parts: &[&str]) -> bool {
 }
 
 #[test]
-fn no_client_certificate_when_one_is_required() {
+fn no_client_certificate_when_one_is_required_says_to_pass_one() {
     let p = pki();
     let s = server(&p);
-    let msg = tls_error(
+    let e = tls_error(
         rpyc::Options::new()
             .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", s.port),
     );
-    assert!(msg.contains("requires a client certificate"), "{msg}");
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
+    assert!(
+        e.message().contains("requires a client certificate")
+            && e.message().contains("pass keyfile and certfile"),
+        "{e}"
+    );
     assert!(wait_logged(&[
         "127.0.0.1:",
         "authentication failed",
@@ -57,9 +63,9 @@ fn no_client_certificate_when_one_is_required() {
 /// A client trusting the CA and presenting `cert` to a server requiring client certificates:
 /// checks the server logged `logged` (after the client's address) and still serves a good
 /// client; returns the client's error.
-fn client_presenting(p: &Pki, cert: &rpyc::testing::Issued, logged: &[&str]) -> String {
+fn client_presenting(p: &Pki, cert: &rpyc::testing::Issued, logged: &[&str]) -> TlsError {
     let s = server(p);
-    let msg = tls_error(
+    let e = tls_error(
         rpyc::Options::new()
             .tls(
                 SslClient::new()
@@ -73,15 +79,15 @@ fn client_presenting(p: &Pki, cert: &rpyc::testing::Issued, logged: &[&str]) -> 
     parts.extend_from_slice(logged);
     assert!(wait_logged(&parts), "not logged: {parts:?}");
     still_serves(&s, p);
-    msg
+    e
 }
 
 #[test]
-fn client_certificate_from_another_ca() {
+fn client_certificate_from_another_ca_is_refused_by_the_server_which_says_why() {
     let p = pki();
     let other = TestPki::temp().unwrap();
     let mallory = other.issue("mallory", &[]).unwrap();
-    let msg = client_presenting(
+    let e = client_presenting(
         &p,
         &mallory,
         &[
@@ -89,31 +95,32 @@ fn client_certificate_from_another_ca() {
             "not signed by this server's CA",
         ],
     );
-    assert!(msg.contains("does not trust the CA"), "{msg}");
+    assert_eq!(e.kind(), TlsErrorKind::RejectedByPeer, "{e}");
+    assert!(e.message().contains("does not trust the CA"), "{e}");
 }
 
 #[test]
-fn expired_client_certificate() {
+fn expired_client_certificate_is_refused_by_the_server() {
     let p = pki();
     let old = p.ca.issue_valid("old-client", &[], -30, -1).unwrap();
-    let msg = client_presenting(&p, &old, &["client's certificate has expired"]);
-    assert!(msg.contains("expired"), "{msg}");
+    let e = client_presenting(&p, &old, &["client's certificate has expired"]);
+    assert_eq!(e.kind(), TlsErrorKind::RejectedByPeer, "{e}");
 }
 
 #[test]
-fn not_yet_valid_client_certificate() {
+fn not_yet_valid_client_certificate_is_refused_by_the_server() {
     let p = pki();
     let early = p.ca.issue_valid("early-client", &[], 2, 30).unwrap();
-    let msg = client_presenting(&p, &early, &["client's certificate is not valid yet"]);
-    assert!(msg.contains("rejected our client certificate"), "{msg}");
+    let e = client_presenting(&p, &early, &["client's certificate is not valid yet"]);
+    assert_eq!(e.kind(), TlsErrorKind::RejectedByPeer, "{e}");
 }
 
 /// A server presenting `cert`, and the error a client trusting the CA gets from it.
-fn server_presenting(p: &Pki, cert: &rpyc::testing::Issued) -> String {
+fn server_presenting(p: &Pki, cert: &rpyc::testing::Issued) -> TlsError {
     capture_logs();
     let auth = SslAuthenticator::new(&cert.key, &cert.cert);
     let s = serve_tls(whoami(), auth, server_options);
-    let msg = tls_error(
+    let e = tls_error(
         rpyc::Options::new()
             .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", s.port),
@@ -128,53 +135,68 @@ fn server_presenting(p: &Pki, cert: &rpyc::testing::Issued) -> String {
         .connect("localhost", s.port)
         .expect("the server still serves");
     assert!(ok.ping().is_ok());
-    msg
+    e
 }
 
 #[test]
-fn expired_server_certificate() {
+fn expired_server_certificate_is_rejected_by_the_client() {
     let p = pki();
     let old =
         p.ca.issue_valid("localhost", &["localhost"], -30, -1)
             .unwrap();
-    let msg = server_presenting(&p, &old);
-    assert!(
-        msg.contains("rejected the server's certificate") && msg.contains("has expired"),
-        "{msg}"
-    );
+    let e = server_presenting(&p, &old);
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRejected, "{e}");
 }
 
 #[test]
-fn not_yet_valid_server_certificate() {
+fn not_yet_valid_server_certificate_is_rejected_by_the_client() {
     let p = pki();
     let early =
         p.ca.issue_valid("localhost", &["localhost"], 2, 30)
             .unwrap();
-    let msg = server_presenting(&p, &early);
-    assert!(msg.contains("not valid yet"), "{msg}");
+    let e = server_presenting(&p, &early);
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRejected, "{e}");
 }
 
 #[test]
-fn server_hostname_mismatch() {
+fn server_certificate_for_another_name_is_rejected_by_the_client() {
     let p = pki();
     let elsewhere = p.ca.issue("elsewhere", &["elsewhere.example"]).unwrap();
-    let msg = server_presenting(&p, &elsewhere);
-    assert!(
-        msg.contains("hostname mismatch") && msg.contains("\"localhost\""),
-        "{msg}"
-    );
+    let e = server_presenting(&p, &elsewhere);
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRejected, "{e}");
 }
 
 #[test]
-fn untrusted_server_ca() {
+fn server_certificate_from_an_untrusted_ca_is_rejected_by_the_client() {
     let p = pki();
     let other = TestPki::temp().unwrap();
     let theirs = other.issue("localhost", &["localhost"]).unwrap();
-    let msg = server_presenting(&p, &theirs);
-    assert!(
-        msg.contains("not signed by a CA this client trusts"),
-        "{msg}"
+    let e = server_presenting(&p, &theirs);
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRejected, "{e}");
+}
+
+#[test]
+fn no_cipher_in_common_says_to_check_the_cipher_settings() {
+    let p = pki();
+    capture_logs();
+    let auth = p
+        .authenticator()
+        .min_version(rpyc::tls::TlsVersion::Tls13)
+        .ciphersuites("TLS_CHACHA20_POLY1305_SHA256");
+    let s = serve_tls(whoami(), auth, server_options);
+    let e = tls_error(
+        rpyc::Options::new()
+            .tls(p.tls().ciphersuites("TLS_AES_256_GCM_SHA384"))
+            .connect("localhost", s.port),
     );
+    assert_eq!(e.kind(), TlsErrorKind::NoCommonParameters, "{e}");
+    assert!(
+        e.message()
+            .contains("no cipher or signature algorithm in common"),
+        "{e}"
+    );
+    assert!(wait_logged(&["127.0.0.1:", "check the ciphers settings"]));
+    still_serves(&s, &p);
 }
 
 #[test]
@@ -212,32 +234,40 @@ fn client_limited_to_tls_1_1() {
 }
 
 #[test]
-fn plain_rpyc_client_against_a_tls_port() {
+fn plain_rpyc_client_against_a_tls_port_is_told_to_use_tls() {
     let p = pki();
     let s = server(&p);
     let err = rpyc::connect("127.0.0.1", s.port).unwrap_err();
-    let msg = err.to_string();
+    assert_eq!(
+        common::handshake_kind(&err),
+        HandshakeErrorKind::TlsRequired,
+        "{err}"
+    );
     assert!(
-        matches!(err, Error::Handshake(_)) && msg.contains("only accepts TLS"),
-        "{msg}"
+        err.to_string().contains("only accepts TLS") && err.to_string().contains("ssl_connect"),
+        "{err}"
     );
     assert!(wait_logged(&["127.0.0.1:", "plain rpyc hello"]));
     still_serves(&s, &p);
 }
 
 #[test]
-fn tls_client_against_a_plain_port() {
+fn tls_client_against_a_plain_port_is_told_to_connect_without_tls() {
     let p = pki();
     let plain = common::serve(whoami());
-    let msg = tls_error(p.client().connect("localhost", plain.port));
-    assert!(msg.contains("speaks plain rpyc, not TLS"), "{msg}");
+    let e = tls_error(p.client().connect("localhost", plain.port));
+    assert_eq!(e.kind(), TlsErrorKind::NotTls, "{e}");
+    assert!(
+        e.message().contains("speaks plain rpyc, not TLS") && e.message().contains("rpyc::connect"),
+        "{e}"
+    );
     // The plain server still serves plain clients.
     let conn = common::connect(&plain);
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
 }
 
 #[test]
-fn server_cut_off_half_way_through_the_handshake() {
+fn a_server_that_hangs_up_half_way_through_the_handshake_is_reported_as_closed() {
     // A "server" that reads the client's hello and hangs up.
     let p = pki();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -247,11 +277,13 @@ fn server_cut_off_half_way_through_the_handshake() {
         let mut buf = [0u8; 64];
         let _ = s.read(&mut buf);
     });
-    let msg = tls_error(p.client().connect("localhost", port));
+    let e = tls_error(p.client().connect("localhost", port));
     t.join().unwrap();
+    assert_eq!(e.kind(), TlsErrorKind::Closed, "{e}");
     assert!(
-        msg.contains("closed the connection during the TLS handshake"),
-        "{msg}"
+        e.message()
+            .contains("closed the connection during the TLS handshake"),
+        "{e}"
     );
 }
 
@@ -330,13 +362,13 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
         std::thread::sleep(Duration::from_millis(100));
         assert!(acceptor.accept(s).is_err());
     });
-    let msg = tls_error(
+    let e = tls_error(
         rpyc::Options::new()
             .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
             .connect("localhost", port),
     );
     t.join().unwrap();
-    assert!(msg.contains("requires a client certificate"), "{msg}");
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! Keys and certificates made by the `openssl` command line (testdata/tls, see its gen.sh) load
 //! as they are: RSA 2048/4096, EC P-256/P-384 and Ed25519 keys in PKCS#1, SEC1 and PKCS#8 form,
-//! a chain with an intermediate CA, an encrypted key; and files that cannot load say why.
+//! a chain with an intermediate CA, an encrypted key; and files that cannot load are
+//! configuration errors that name the file.
 
 mod common;
 
 use common::tls::{serve_tls, server_options, testdata, whoami};
+use common::{tls_error, tls_kind};
 use rpyc::tls::SslClient;
-use rpyc::{Error, Options, Service, SslAuthenticator, ThreadedServer};
+use rpyc::{Error, Options, Service, SslAuthenticator, ThreadedServer, TlsErrorKind};
 
 /// A client trusting the committed root CA, presenting `client` (a testdata name) if given.
 fn client(cert: Option<&str>) -> Options {
@@ -103,9 +105,11 @@ fn an_encrypted_key_without_or_with_a_wrong_passphrase_says_so() {
         testdata("server-encrypted.key"),
         testdata("server-encrypted.pem"),
     ));
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
+    let msg = tls_error(&err).message();
     assert!(
-        matches!(err, Error::Tls(_)) && err.to_string().contains("is encrypted"),
-        "{err}"
+        msg.contains("is encrypted; give its passphrase") && msg.contains("key_passphrase"),
+        "{msg}"
     );
     let err = build_error(
         SslAuthenticator::new(
@@ -114,6 +118,7 @@ fn an_encrypted_key_without_or_with_a_wrong_passphrase_says_so() {
         )
         .key_passphrase("wrong"),
     );
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
     assert!(err.to_string().contains("wrong passphrase"), "{err}");
 }
 
@@ -142,7 +147,7 @@ fn a_client_key_passphrase_works_too() {
         )
         .connect("localhost", server.port)
         .unwrap_err();
-    assert!(err.to_string().contains("is encrypted"), "{err}");
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
 }
 
 #[test]
@@ -151,6 +156,7 @@ fn missing_files_are_named_in_the_error() {
         "/nonexistent/server.key",
         testdata("server-p256.pem"),
     ));
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
     assert!(
         err.to_string().contains("/nonexistent/server.key") && err.to_string().contains("key"),
         "{err}"
@@ -159,6 +165,7 @@ fn missing_files_are_named_in_the_error() {
         testdata("server-p256.key"),
         "/nonexistent/server.pem",
     ));
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
     assert!(err.to_string().contains("/nonexistent/server.pem"), "{err}");
 }
 
@@ -168,26 +175,27 @@ fn a_key_that_does_not_match_the_certificate_is_refused() {
         testdata("server-p384.key"),
         testdata("server-p256.pem"),
     ));
-    assert!(err.to_string().contains("does not belong to"), "{err}");
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
 }
 
 #[test]
-fn files_that_are_not_pem_say_what_was_expected() {
+fn files_that_are_not_pem_are_configuration_errors() {
     let err = build_error(SslAuthenticator::new(
         testdata("README.md"),
         testdata("server-p256.pem"),
     ));
-    assert!(err.to_string().contains("no PEM private key"), "{err}");
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
     let err = build_error(SslAuthenticator::new(
         testdata("server-p256.key"),
         testdata("README.md"),
     ));
-    assert!(err.to_string().contains("certificate"), "{err}");
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
     // A certificate given as a key and a key as a certificate.
-    build_error(SslAuthenticator::new(
+    let err = build_error(SslAuthenticator::new(
         testdata("server-p256.pem"),
         testdata("server-p256.key"),
     ));
+    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
 }
 
 #[test]

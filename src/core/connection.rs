@@ -85,7 +85,9 @@ use crate::core::context::{self, Scope};
 use crate::core::dispatch::Pool;
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::core::service::{Args, Context, Failure, Invoke, Service};
-use crate::error::{Error, RemoteError, RemoteErrorKind, Timeout};
+use crate::error::{
+    Error, HandshakeError, HandshakeErrorKind, RemoteError, RemoteErrorKind, Timeout,
+};
 use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
 use crate::wire::codec;
@@ -362,21 +364,27 @@ impl Connection {
                 control.shutdown();
                 // TLS 1.3 reports a rejected client certificate on the first read, which is
                 // the hello: the TLS layer's description says what really happened.
-                return Err(control.failure().map(Error::Tls).unwrap_or(e));
+                return Err(control.failure().unwrap_or(e));
             }
         };
         if theirs.flags & wire::FLAG_TLS_REQUIRED != 0 {
             control.shutdown();
-            return Err(Error::Handshake(format!(
-                "{peer} only accepts TLS connections: connect with rpyc::ssl_connect or an \
-                 SslClient"
+            return Err(Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::TlsRequired,
+                format!(
+                    "{peer} only accepts TLS connections: connect with rpyc::ssl_connect or an \
+                     SslClient"
+                ),
             )));
         }
         if theirs.flags & wire::FLAG_REFUSED != 0 {
             control.shutdown();
-            return Err(Error::Handshake(format!(
-                "{peer} refused the connection: the server is at its limit of connections \
-                 (or of handshakes in progress); retry later, or raise its max_connections"
+            return Err(Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::Refused,
+                format!(
+                    "{peer} refused the connection: the server is at its limit of connections \
+                     (or of handshakes in progress); retry later, or raise its max_connections"
+                ),
             )));
         }
         let _ = control.set_read_timeout(None);

@@ -34,7 +34,7 @@ mod tunnel;
 
 pub use tunnel::SshTunnel;
 
-use crate::error::{Error, Timeout};
+use crate::error::{Error, SshError, SshErrorKind, Timeout};
 use known_hosts::{KnownHosts, Verdict};
 use ssh2::{ErrorCode, MethodType, Session};
 use std::fmt;
@@ -379,6 +379,10 @@ fn code(e: &ssh2::Error) -> i32 {
     }
 }
 
+fn ssh_error(kind: SshErrorKind, message: impl Into<String>) -> Error {
+    Error::Ssh(SshError::new(kind, message))
+}
+
 /// Opens an authenticated SSH session (blocking mode) to the host `ctx` names.
 fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Error> {
     let r = ctx.resolve();
@@ -422,8 +426,8 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     let keep = tcp.try_clone().map_err(fail)?;
 
     // SSH handshake, host key, authentication: blocking, bounded by what is left of the timeout.
-    let mut sess =
-        Session::new().map_err(|e| Error::Ssh(format!("cannot create a session: {e}")))?;
+    let mut sess = Session::new()
+        .map_err(|e| ssh_error(SshErrorKind::Other, format!("cannot create a session: {e}")))?;
     sess.set_tcp_stream(tcp);
     let set_timeout = |s: &Session| -> Result<(), Error> {
         let ms = left().as_millis();
@@ -448,21 +452,31 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
             .collect();
         if !prefs.is_empty() {
             let prefs = prefs.join(",");
-            sess.method_pref(MethodType::HostKey, &prefs)
-                .map_err(|e| Error::Ssh(format!("cannot set host key algorithms {prefs}: {e}")))?;
+            sess.method_pref(MethodType::HostKey, &prefs).map_err(|e| {
+                ssh_error(
+                    SshErrorKind::Other,
+                    format!("cannot set host key algorithms {prefs}: {e}"),
+                )
+            })?;
             restricted = Some(prefs);
         }
     }
     if let Err(e) = sess.handshake() {
         return Err(match code(&e) {
             ETIMEOUT => timed_out(),
-            EKEX if restricted.is_some() => Error::Ssh(format!(
-                "handshake with {addr} failed: the server offers none of the host key types \
-                 known_hosts lists for {} ({}): {e}",
-                r.key_host,
-                restricted.unwrap_or_default()
-            )),
-            _ => Error::Ssh(format!("handshake with {addr} failed: {e}")),
+            EKEX if restricted.is_some() => ssh_error(
+                SshErrorKind::Handshake,
+                format!(
+                    "handshake with {addr} failed: the server offers none of the host key types \
+                     known_hosts lists for {} ({}): {e}",
+                    r.key_host,
+                    restricted.unwrap_or_default()
+                ),
+            ),
+            _ => ssh_error(
+                SshErrorKind::Handshake,
+                format!("handshake with {addr} failed: {e}"),
+            ),
         });
     }
     log::debug!(
@@ -474,17 +488,17 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     );
     check_host_key(&sess, &r, &known)?;
     set_timeout(&sess)?;
-    authenticate(&sess, &r).map_err(|e| match e {
-        Error::Ssh(m) if m.contains("[Session(-9)]") => timed_out(),
-        e => e,
-    })?;
+    authenticate(&sess, &r)?;
     Ok((sess, keep, r))
 }
 
 fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<(), Error> {
-    let (blob, _) = sess
-        .host_key()
-        .ok_or_else(|| Error::Ssh(format!("{} sent no host key", r.addr())))?;
+    let (blob, _) = sess.host_key().ok_or_else(|| {
+        ssh_error(
+            SshErrorKind::Handshake,
+            format!("{} sent no host key", r.addr()),
+        )
+    })?;
     if r.policy == HostKeyPolicy::DangerousAcceptAnyKey {
         log::warn!(
             "ssh: host key of {} NOT checked (HostKeyPolicy::DangerousAcceptAnyKey)",
@@ -508,18 +522,24 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
     };
     match known.check(&r.key_host, r.port, blob) {
         Verdict::Known => Ok(()),
-        Verdict::Revoked { file, line } => Err(Error::Ssh(format!(
-            "host key of {name} ({what}) is marked @revoked in {}:{line}; refusing to connect",
-            file.display()
-        ))),
-        Verdict::Changed { file, line } => Err(Error::Ssh(format!(
-            "HOST KEY OF {name} HAS CHANGED: the server sent {what}, but {}:{line} lists a \
-             different {key_type} key. Someone may be intercepting the connection, or the host \
-             key was replaced; if you are sure it was replaced, remove line {line} of {} \
-             (ssh-keygen -R '{name}') and verify the new key",
-            file.display(),
-            file.display()
-        ))),
+        Verdict::Revoked { file, line } => Err(ssh_error(
+            SshErrorKind::HostKeyRevoked,
+            format!(
+                "host key of {name} ({what}) is marked @revoked in {}:{line}; refusing to connect",
+                file.display()
+            ),
+        )),
+        Verdict::Changed { file, line } => Err(ssh_error(
+            SshErrorKind::HostKeyChanged,
+            format!(
+                "HOST KEY OF {name} HAS CHANGED: the server sent {what}, but {}:{line} lists a \
+                 different {key_type} key. Someone may be intercepting the connection, or the host \
+                 key was replaced; if you are sure it was replaced, remove line {line} of {} \
+                 (ssh-keygen -R '{name}') and verify the new key",
+                file.display(),
+                file.display()
+            ),
+        )),
         Verdict::Unknown { other_types } => {
             let also = if other_types.is_empty() {
                 String::new()
@@ -530,10 +550,13 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
                 (HostKeyPolicy::AcceptNew, Some(file)) => {
                     known_hosts::append(file, &r.key_host, r.port, blob, r.hash_known_hosts)
                         .map_err(|e| {
-                            Error::Ssh(format!(
-                                "cannot add the host key of {name} ({what}) to {}: {e}",
-                                file.display()
-                            ))
+                            ssh_error(
+                                SshErrorKind::Config,
+                                format!(
+                                    "cannot add the host key of {name} ({what}) to {}: {e}",
+                                    file.display()
+                                ),
+                            )
                         })?;
                     log::info!(
                         "ssh: added the host key of {name} ({what}) to {}",
@@ -541,13 +564,16 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
                     );
                     Ok(())
                 }
-                _ => Err(Error::Ssh(format!(
-                    "host key for {name} is not in {}{also} ({what}); verify it and add it \
-                     (ssh-keyscan -p {} {} >> FILE), or use HostKeyPolicy::AcceptNew",
-                    files(),
-                    r.port,
-                    r.key_host
-                ))),
+                _ => Err(ssh_error(
+                    SshErrorKind::HostKeyUnknown,
+                    format!(
+                        "host key for {name} is not in {}{also} ({what}); verify it and add it \
+                         (ssh-keyscan -p {} {} >> FILE), or use HostKeyPolicy::AcceptNew",
+                        files(),
+                        r.port,
+                        r.key_host
+                    ),
+                )),
             }
         }
     }
@@ -557,6 +583,15 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
 fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
     let user = &r.user;
     let addr = r.addr();
+    // A transport failure: out of time (the session's timeout is what is left of the connect
+    // timeout), or the session broke.
+    let lost = |e: ssh2::Error, what: String| {
+        if code(&e) == ETIMEOUT {
+            Error::Timeout(Timeout::Connect(r.connect_timeout))
+        } else {
+            ssh_error(SshErrorKind::SessionLost, what)
+        }
+    };
     let methods = match sess.auth_methods(user) {
         Ok(m) => m.to_string(),
         Err(e) if sess.authenticated() => {
@@ -564,15 +599,19 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
             return Ok(());
         }
         Err(e) => {
-            return Err(Error::Ssh(format!(
-                "asking {addr} how to log in failed: {e}"
-            )))
+            let what = format!("asking {addr} how to log in failed: {e}");
+            return Err(lost(e, what));
         }
     };
     let mut tried: Vec<String> = Vec::new();
+    // The key file given explicitly could not be read: a setting to fix, whatever else failed.
+    let mut unreadable_key = false;
     // Stop at transport failures; only refusals move on to the next credential.
     let refused = |e: &ssh2::Error| EAUTH.contains(&code(e));
-    let fatal = |e: ssh2::Error| Error::Ssh(format!("authentication with {addr} failed: {e}"));
+    let fatal = |e: ssh2::Error| {
+        let what = format!("authentication with {addr} failed: {e}");
+        lost(e, what)
+    };
     if methods.contains("publickey") {
         if let Some(sock) = &r.agent {
             match agent_auth(sess, user, sock) {
@@ -596,6 +635,7 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
                         || msg.contains("Unable to extract public key")
                         || msg.contains("Wrong passphrase")
                     {
+                        unreadable_key |= r.explicit_key;
                         tried.push(format!(
                             "key {} (cannot be read: {msg}; wrong or missing passphrase?)",
                             key.display()
@@ -621,10 +661,17 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
     if tried.is_empty() {
         tried.push("nothing: no agent, no key file, no password".into());
     }
-    Err(Error::Ssh(format!(
-        "authentication as {user} to {addr} refused; tried {}; the server accepts: {methods}",
-        tried.join(", ")
-    )))
+    Err(ssh_error(
+        if unreadable_key {
+            SshErrorKind::Config
+        } else {
+            SshErrorKind::AuthenticationFailed
+        },
+        format!(
+            "authentication as {user} to {addr} refused; tried {}; the server accepts: {methods}",
+            tried.join(", ")
+        ),
+    ))
 }
 
 /// Tries each of the agent's keys (libssh2's `userauth_agent` tries only the first).

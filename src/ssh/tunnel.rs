@@ -45,7 +45,7 @@
 use super::{code, open_session, SshContext, EAGAIN};
 use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
-use crate::error::Error;
+use crate::error::{Error, SshError, SshErrorKind};
 use ssh2::{BlockDirections, Channel, Session};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -119,7 +119,7 @@ struct Status {
     /// Why the session ended, if it died.
     dead: Option<String>,
     /// Why the last channel could not be opened.
-    open_error: Option<String>,
+    open_error: Option<SshError>,
     /// The thread has ended.
     ended: bool,
 }
@@ -205,11 +205,16 @@ impl SshTunnel {
         lock(&self.status).ended
     }
 
-    /// Why the tunnel failed, if it did: the SSH session died, or the server refused to open
-    /// the last forwarded connection (nothing listening there, forwarding prohibited).
-    pub fn failure(&self) -> Option<String> {
+    /// Why the tunnel failed, if it did: the SSH session died
+    /// ([`SshErrorKind::SessionLost`]), or the server refused to open the last forwarded
+    /// connection (nothing listening there: [`SshErrorKind::TargetUnreachable`]; forwarding
+    /// prohibited: [`SshErrorKind::ForwardingRefused`]).
+    pub fn failure(&self) -> Option<SshError> {
         let s = lock(&self.status);
-        s.dead.clone().or_else(|| s.open_error.clone())
+        s.dead
+            .clone()
+            .map(|why| SshError::new(SshErrorKind::SessionLost, why))
+            .or_else(|| s.open_error.clone())
     }
 
     /// Stops forwarding: closes every forwarded connection, the listener and the SSH session,
@@ -617,7 +622,15 @@ impl Loop {
                     self.sshd, self.host, self.port
                 );
                 log::warn!("ssh tunnel: {why}");
-                lock(&self.status).open_error = Some(why);
+                // The same cases as the hint.
+                let kind = if msg.contains("connect failed") {
+                    SshErrorKind::TargetUnreachable
+                } else if msg.contains("prohibited") {
+                    SshErrorKind::ForwardingRefused
+                } else {
+                    SshErrorKind::Other
+                };
+                lock(&self.status).open_error = Some(SshError::new(kind, why));
                 // Dropping the local socket tells its client at once.
                 self.forwards[i].failed = true;
                 self.forwards[i].drop_local();

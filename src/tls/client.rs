@@ -1,11 +1,11 @@
 //! The client side: [`SslClient`], what a client presents and trusts.
 
 use super::cert::PeerCertificate;
-use super::config::{ca_store, common_settings, reasons, Identity, TlsVersion};
+use super::config::{ca_store, common_settings, reasons, tls_error, Identity, TlsVersion};
 use super::handshake::{handshake, Side};
 use super::session::TlsConn;
 use crate::auth::{Authenticated, ClientAuthenticator};
-use crate::error::Error;
+use crate::error::{Error, TlsErrorKind};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use std::fmt;
 use std::net::TcpStream;
@@ -191,8 +191,12 @@ impl SslClient {
     }
 
     fn build_connector(&self) -> Result<SslConnector, Error> {
-        let mut b = SslConnector::builder(SslMethod::tls_client())
-            .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
+        let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(|e| {
+            tls_error(
+                TlsErrorKind::Other,
+                format!("cannot set up TLS: {}", reasons(&e)),
+            )
+        })?;
         common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
         if let Some(ca) = &self.ca {
             // Replaces the system store: only this CA is trusted.
@@ -235,7 +239,12 @@ impl ClientAuthenticator for SslClient {
                     .use_server_name_indication(true)
                     .into_ssl(name)
             })
-            .map_err(|e| Error::Tls(format!("cannot set up TLS for {name:?}: {}", reasons(&e))))?;
+            .map_err(|e| {
+                tls_error(
+                    TlsErrorKind::Other,
+                    format!("cannot set up TLS for {name:?}: {}", reasons(&e)),
+                )
+            })?;
         let peer = format!(
             "{host}:{}",
             socket.peer_addr().map(|a| a.port()).unwrap_or(0)

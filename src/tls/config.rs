@@ -2,7 +2,7 @@
 //! certificates loaded from PEM files (with errors that name the file), trust stores, and the
 //! settings common to both sides' OpenSSL contexts.
 
-use crate::error::Error;
+use crate::error::{Error, TlsError, TlsErrorKind};
 use openssl::error::ErrorStack;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{SslContextBuilder, SslOptions, SslVersion};
@@ -62,11 +62,20 @@ pub enum ClientCert {
 
 pub(super) fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| {
-        Error::Tls(format!(
+        config_error(format!(
             "cannot read the {what} file {}: {e}; check the path and its permissions",
             path.display()
         ))
     })
+}
+
+pub(super) fn tls_error(kind: TlsErrorKind, message: impl Into<String>) -> Error {
+    Error::Tls(TlsError::new(kind, message))
+}
+
+/// A key, certificate or setting that does not work ([`TlsErrorKind::Config`]).
+pub(super) fn config_error(message: impl Into<String>) -> Error {
+    tls_error(TlsErrorKind::Config, message)
 }
 
 pub(super) fn reasons(e: &ErrorStack) -> String {
@@ -91,10 +100,10 @@ pub(super) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Pri
         None => PKey::private_key_from_pem_callback(&pem, |_| Ok(0)),
     };
     key.map_err(|e| {
-        Error::Tls(match (encrypted, passphrase) {
+        config_error(match (encrypted, passphrase) {
             (true, None) => format!(
                 "the key file {} is encrypted; give its passphrase \
-                 (SslAuthenticator::with_key_passphrase or SslClient::key_passphrase)",
+                 (key_passphrase on the SslAuthenticator or the SslClient)",
                 path.display()
             ),
             (true, Some(_)) => format!(
@@ -116,14 +125,14 @@ pub(super) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Pri
 pub(super) fn load_certs(path: &Path, what: &str) -> Result<Vec<X509>, Error> {
     let pem = read_file(path, what)?;
     let certs = X509::stack_from_pem(&pem).map_err(|e| {
-        Error::Tls(format!(
+        config_error(format!(
             "the {what} file {} is not a PEM certificate file: {}",
             path.display(),
             reasons(&e)
         ))
     })?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!(
+        return Err(config_error(format!(
             "the {what} file {} holds no certificate (expected -----BEGIN CERTIFICATE-----)",
             path.display()
         )));
@@ -175,7 +184,7 @@ impl Identity {
             .map(|p| p.public_eq(&key))
             .unwrap_or(false);
         if !matches {
-            return Err(Error::Tls(format!(
+            return Err(config_error(format!(
                 "the key in {} does not belong to the certificate in {} (the first certificate \
                  of the file must be the one issued for this key)",
                 keyfile.display(),
@@ -192,7 +201,7 @@ impl Identity {
 
     pub(super) fn install(&self, b: &mut SslContextBuilder) -> Result<(), Error> {
         let fail = |e: ErrorStack| {
-            Error::Tls(format!(
+            config_error(format!(
                 "cannot use the key {} with the certificate {}: {}",
                 self.keyfile.display(),
                 self.certfile.display(),
@@ -211,10 +220,11 @@ impl Identity {
 /// A trust store holding exactly the certificates of `path` (nothing from the system).
 pub(super) fn ca_store(path: &Path) -> Result<(openssl::x509::store::X509Store, Vec<X509>), Error> {
     let certs = load_certs(path, "CA certificate")?;
-    let mut store = X509StoreBuilder::new().map_err(|e| Error::Tls(reasons(&e)))?;
+    let mut store =
+        X509StoreBuilder::new().map_err(|e| tls_error(TlsErrorKind::Other, reasons(&e)))?;
     for c in &certs {
         store.add_cert(c.clone()).map_err(|e| {
-            Error::Tls(format!(
+            config_error(format!(
                 "cannot add the CA certificate from {}: {}",
                 path.display(),
                 reasons(&e)
@@ -231,7 +241,7 @@ pub(super) fn common_settings(
     suites: &Option<String>,
 ) -> Result<(), Error> {
     b.set_min_proto_version(Some(min.ssl())).map_err(|e| {
-        Error::Tls(format!(
+        config_error(format!(
             "cannot set the minimum TLS version: {}",
             reasons(&e)
         ))
@@ -243,7 +253,7 @@ pub(super) fn common_settings(
     b.set_options(SslOptions::NO_RENEGOTIATION);
     if let Some(c) = ciphers {
         b.set_cipher_list(c).map_err(|e| {
-            Error::Tls(format!(
+            config_error(format!(
                 "the TLS 1.2 cipher list {c:?} selects no usable cipher: {}",
                 reasons(&e)
             ))
@@ -251,7 +261,7 @@ pub(super) fn common_settings(
     }
     if let Some(s) = suites {
         b.set_ciphersuites(s).map_err(|e| {
-            Error::Tls(format!(
+            config_error(format!(
                 "the TLS 1.3 cipher suites {s:?} select no usable suite: {}",
                 reasons(&e)
             ))

@@ -1,10 +1,10 @@
 //! The TLS handshake under a deadline, on a socket that never blocks, and its failures
 //! described in words a user can act on.
 
-use super::config::reasons;
+use super::config::{reasons, tls_error};
 use super::session::Sock;
 use crate::base::sys::{self, POLLIN, POLLOUT};
-use crate::error::{Error, Timeout};
+use crate::error::{Error, Timeout, TlsError, TlsErrorKind};
 use openssl::ssl::{self, ErrorCode, Ssl, SslRef, SslStream};
 use openssl::x509::X509VerifyResult;
 use std::io;
@@ -37,7 +37,8 @@ pub(super) fn handshake(
 ) -> Result<SslStream<Sock>, Error> {
     let fd = tcp.as_raw_fd();
     let sock = Sock::new(tcp);
-    let mut s = SslStream::new(ssl, sock).map_err(|e| Error::Tls(reasons(&e)))?;
+    let mut s =
+        SslStream::new(ssl, sock).map_err(|e| tls_error(TlsErrorKind::Other, reasons(&e)))?;
     loop {
         let r = match side {
             Side::Server => s.accept(),
@@ -95,7 +96,7 @@ pub(super) fn linger_close(tcp: &TcpStream) {
     }
 }
 
-/// What check failed on which side, in words a user can act on.
+/// What check failed on which side: its kind, and words a user can act on.
 pub(super) fn describe(
     e: &ssl::Error,
     ssl: &SslRef,
@@ -103,7 +104,8 @@ pub(super) fn describe(
     side: Side,
     peer: &str,
     name: Option<&str>,
-) -> String {
+) -> TlsError {
+    use TlsErrorKind::*;
     let reasons: Vec<&str> = e
         .ssl_error()
         .map(|s| s.errors().iter().filter_map(|x| x.reason()).collect())
@@ -111,13 +113,16 @@ pub(super) fn describe(
     let has = |s: &str| reasons.iter().any(|r| r.contains(s));
     let verify = ssl.verify_result();
     if side == Side::Client && sock.saw_plain_rpyc() {
-        return format!(
-            "{peer} speaks plain rpyc, not TLS: connect with rpyc::connect, or give the server \
-             an SslAuthenticator"
+        return TlsError::new(
+            NotTls,
+            format!(
+                "{peer} speaks plain rpyc, not TLS: connect with rpyc::connect, or give the \
+                 server an SslAuthenticator"
+            ),
         );
     }
     if verify != X509VerifyResult::OK {
-        return match side {
+        let why = match side {
             Side::Client => format!(
                 "this client rejected the server's certificate: {}{}",
                 verify.error_string(),
@@ -129,58 +134,82 @@ pub(super) fn describe(
                 client_cert_hint(verify)
             ),
         };
+        return TlsError::new(CertificateRejected, why);
     }
     if let Some(alert) = reasons.iter().find(|r| r.contains("alert")) {
         return match side {
-            Side::Client => format!(
-                "the server refused the handshake ({alert}){}",
-                alert_hint_client(alert)
+            Side::Client => TlsError::new(
+                alert_kind(alert),
+                format!(
+                    "the server refused the handshake ({alert}){}",
+                    alert_hint_client(alert)
+                ),
             ),
-            Side::Server => format!("the client refused the handshake ({alert}): it does not accept this server's certificate or settings"),
+            Side::Server => TlsError::new(
+                RejectedByPeer,
+                format!("the client refused the handshake ({alert}): it does not accept this server's certificate or settings"),
+            ),
         };
     }
     if has("peer did not return a certificate") || has("no certificate returned") {
-        return "the client sent no certificate, and this server requires one signed by its CA"
-            .into();
+        return TlsError::new(
+            CertificateRequired,
+            "the client sent no certificate, and this server requires one signed by its CA",
+        );
     }
     if has("unsupported protocol") || has("no protocols available") {
-        return format!(
-            "no TLS version in common with {peer}: this {} accepts TLS 1.2 or later",
-            side_name(side)
+        return TlsError::new(
+            NoCommonParameters,
+            format!(
+                "no TLS version in common with {peer}: this {} accepts TLS 1.2 or later",
+                side_name(side)
+            ),
         );
     }
     if has("wrong version number") || has("packet length too long") || has("http request") {
-        return format!(
-            "{peer} does not speak TLS ({}): is it a plain rpyc {}?",
-            reasons.join(", "),
-            match side {
-                Side::Client => "server (use rpyc::connect)",
-                Side::Server => "client (use rpyc::ssl_connect)",
-            }
+        return TlsError::new(
+            NotTls,
+            format!(
+                "{peer} does not speak TLS ({}): is it a plain rpyc {}?",
+                reasons.join(", "),
+                match side {
+                    Side::Client => "server (use rpyc::connect)",
+                    Side::Server => "client (use rpyc::ssl_connect)",
+                }
+            ),
         );
     }
     if has("no shared cipher") || has("no suitable signature algorithm") {
-        return format!(
-            "no cipher or signature algorithm in common with {peer} ({}): check the ciphers \
-             settings of both sides",
-            reasons.join(", ")
+        return TlsError::new(
+            NoCommonParameters,
+            format!(
+                "no cipher or signature algorithm in common with {peer} ({}): check the ciphers \
+                 settings of both sides",
+                reasons.join(", ")
+            ),
         );
     }
     if reasons.is_empty() || has("unexpected eof") {
         let io = e.io_error().map(|i| format!(" ({i})")).unwrap_or_default();
-        return format!(
-            "{peer} closed the connection during the TLS handshake{io}: is it a TLS {}, and does \
-             it accept us?",
-            match side {
-                Side::Client => "server",
-                Side::Server => "client",
-            }
+        return TlsError::new(
+            Closed,
+            format!(
+                "{peer} closed the connection during the TLS handshake{io}: is it a TLS {}, and \
+                 does it accept us?",
+                match side {
+                    Side::Client => "server",
+                    Side::Server => "client",
+                }
+            ),
         );
     }
-    format!(
-        "the TLS handshake with {peer} failed on the {} side: {}",
-        side_name(side),
-        reasons.join(", ")
+    TlsError::new(
+        Other,
+        format!(
+            "the TLS handshake with {peer} failed on the {} side: {}",
+            side_name(side),
+            reasons.join(", ")
+        ),
     )
 }
 
@@ -223,8 +252,10 @@ pub(super) fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> Strin
         | verify_code::SELF_SIGNED_CERT_IN_CHAIN
         | verify_code::DEPTH_ZERO_SELF_SIGNED_CERT
         | verify_code::UNABLE_TO_VERIFY_LEAF_SIGNATURE => {
-            " (it is not signed by a CA this client trusts: pass the CA that signed it with \
-             ca_certs(...), or give the server its full chain)"
+            " (it is not signed by a CA this client trusts: to trust the CA that signed it, \
+             connect with rpyc::Options::new().tls(rpyc::tls::SslClient::new().ca_certs(\"ca.pem\")\
+             .keyfile(..).certfile(..)).connect(host, port), as RPyC's ca_certs; or give the \
+             server its full chain)"
                 .into()
         }
         _ => String::new(),
@@ -246,10 +277,21 @@ pub(super) fn client_cert_hint(v: X509VerifyResult) -> String {
     }
 }
 
+/// What a TLS alert from the server says, as a kind (the same cases as [`alert_hint_client`]).
+pub(super) fn alert_kind(alert: &str) -> TlsErrorKind {
+    if alert.contains("certificate required") {
+        TlsErrorKind::CertificateRequired
+    } else if alert.contains("protocol version") || alert.contains("handshake failure") {
+        TlsErrorKind::NoCommonParameters
+    } else {
+        TlsErrorKind::RejectedByPeer
+    }
+}
+
 pub(super) fn alert_hint_client(alert: &str) -> &'static str {
     if alert.contains("certificate required") {
-        ": it requires a client certificate; pass keyfile and certfile to ssl_connect, or \
-         SslClient::cert_key"
+        ": it requires a client certificate; pass keyfile and certfile to ssl_connect, or to \
+         SslClient::keyfile and SslClient::certfile"
     } else if alert.contains("unknown ca") {
         ": it does not trust the CA that signed our client certificate"
     } else if alert.contains("certificate expired") {

@@ -2,12 +2,14 @@
 //! TLS port.
 
 use super::cert::PeerCertificate;
-use super::config::{ca_store, common_settings, reasons, ClientCert, Identity, TlsVersion};
+use super::config::{
+    ca_store, common_settings, reasons, tls_error, ClientCert, Identity, TlsVersion,
+};
 use super::handshake::{handshake, peer_of, Side};
 use super::session::TlsConn;
 use crate::auth::{Authenticated, Authenticator};
 use crate::base::sys::{self, POLLIN};
-use crate::error::{Error, Timeout};
+use crate::error::{Error, Timeout, TlsErrorKind};
 use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslVerifyMode};
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -183,8 +185,12 @@ impl SslAuthenticator {
     }
 
     fn build(&self) -> Result<SslAcceptor, Error> {
-        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
-            .map_err(|e| Error::Tls(format!("cannot set up TLS: {}", reasons(&e))))?;
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(|e| {
+            tls_error(
+                TlsErrorKind::Other,
+                format!("cannot set up TLS: {}", reasons(&e)),
+            )
+        })?;
         common_settings(&mut b, self.min, &self.ciphers, &self.suites)?;
         Identity::load(&self.keyfile, &self.certfile, self.passphrase.as_deref())?
             .install(&mut b)?;
@@ -192,7 +198,7 @@ impl SslAuthenticator {
         match (&self.ca, mode) {
             (None, ClientCert::None) => b.set_verify(SslVerifyMode::NONE),
             (None, _) => {
-                return Err(Error::Tls(
+                return Err(Error::Misuse(
                     "client certificates need a CA to verify them: call ca_certs(...) on the \
                      SslAuthenticator"
                         .into(),
@@ -215,10 +221,11 @@ impl SslAuthenticator {
             }
         }
         b.set_session_id_context(b"rpyc")
-            .map_err(|e| Error::Tls(reasons(&e)))?;
+            .map_err(|e| tls_error(TlsErrorKind::Other, reasons(&e)))?;
         // Clients of this crate never resume sessions, so TLS 1.3 session tickets would be
         // made and sent for nothing on every connection.
-        b.set_num_tickets(0).map_err(|e| Error::Tls(reasons(&e)))?;
+        b.set_num_tickets(0)
+            .map_err(|e| tls_error(TlsErrorKind::Other, reasons(&e)))?;
         Ok(b.build())
     }
 }
@@ -231,12 +238,16 @@ impl Authenticator for SslAuthenticator {
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
         if plain_rpyc_client(&socket, deadline, timeout, &peer)? {
-            return Err(Error::Tls(format!(
-                "{peer} sent a plain rpyc hello to this TLS server; it was told to use \
-                 rpyc::ssl_connect"
-            )));
+            return Err(tls_error(
+                TlsErrorKind::NotTls,
+                format!(
+                    "{peer} sent a plain rpyc hello to this TLS server; it was told to use \
+                     rpyc::ssl_connect"
+                ),
+            ));
         }
-        let ssl = Ssl::new(acceptor.context()).map_err(|e| Error::Tls(reasons(&e)))?;
+        let ssl = Ssl::new(acceptor.context())
+            .map_err(|e| tls_error(TlsErrorKind::Other, reasons(&e)))?;
         let s = handshake(ssl, socket, Side::Server, deadline, timeout, &peer, None)?;
         let cert = s.ssl().peer_certificate().map(PeerCertificate::new);
         Ok(TlsConn::new(s, Side::Server)?.authenticated(cert))
@@ -274,15 +285,16 @@ fn plain_rpyc_client(
     loop {
         match s.peek(&mut first) {
             Ok(0) => {
-                return Err(Error::Tls(format!(
-                    "{peer} closed the connection before the TLS handshake"
-                )))
+                return Err(tls_error(
+                    TlsErrorKind::Closed,
+                    format!("{peer} closed the connection before the TLS handshake"),
+                ))
             }
             Ok(_) if first[0] != MAGIC[0] => return Ok(false),
             Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
+            Err(e) => return Err(tls_error(TlsErrorKind::Other, format!("{peer}: {e}"))),
         }
     }
     let mut head = [0u8; HELLO_LEN];
@@ -290,25 +302,31 @@ fn plain_rpyc_client(
     while got < HELLO_LEN {
         match (&*s).read(&mut head[got..]) {
             Ok(0) => {
-                return Err(Error::Tls(format!(
-                    "{peer} closed the connection after {got} bytes of a plain rpyc hello; this \
-                     server only accepts TLS"
-                )))
+                return Err(tls_error(
+                    TlsErrorKind::NotTls,
+                    format!(
+                        "{peer} closed the connection after {got} bytes of a plain rpyc hello; \
+                         this server only accepts TLS"
+                    ),
+                ))
             }
             Ok(n) => {
                 got += n;
                 let magic = got.min(MAGIC.len());
                 if head[..magic] != MAGIC[..magic] {
-                    return Err(Error::Tls(format!(
-                        "{peer} does not speak TLS: it sent {:?}, neither a TLS ClientHello \
-                         nor an rpyc hello",
-                        String::from_utf8_lossy(&head[..magic])
-                    )));
+                    return Err(tls_error(
+                        TlsErrorKind::NotTls,
+                        format!(
+                            "{peer} does not speak TLS: it sent {:?}, neither a TLS ClientHello \
+                             nor an rpyc hello",
+                            String::from_utf8_lossy(&head[..magic])
+                        ),
+                    ));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Tls(format!("{peer}: {e}"))),
+            Err(e) => return Err(tls_error(TlsErrorKind::Other, format!("{peer}: {e}"))),
         }
     }
     // The whole hello is read (closing with unread data would reset the connection before the

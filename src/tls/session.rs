@@ -3,10 +3,11 @@
 //! for the network (see the module docs of [`crate::tls`]).
 
 use super::cert::PeerCertificate;
-use super::handshake::{alert_hint_client, peer_of, side_name, Side};
+use super::handshake::{alert_hint_client, alert_kind, peer_of, side_name, Side};
 use crate::auth::Authenticated;
 use crate::base::lock;
 use crate::base::sys::{self, POLLIN, POLLOUT};
+use crate::error::{Error, TlsError, TlsErrorKind};
 use crate::transport::Credentials;
 use crate::transport::{Control, Sink, Stall, Transport};
 use openssl::ssl::{self, ErrorCode, SslStream, SslVersion};
@@ -138,7 +139,7 @@ pub(crate) struct TlsConn {
     closing: AtomicBool,
     /// The first TLS-level failure after the handshake, described (e.g. TLS 1.3's late
     /// "certificate required" alert), for the connection's error message.
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<TlsError>>,
     side: Side,
 }
 
@@ -217,6 +218,11 @@ impl TlsConn {
                 side_name(self.side)
             )
         };
+        let kind = match reasons.iter().find(|r| r.contains("alert")) {
+            _ if renegotiation => TlsErrorKind::Renegotiation,
+            Some(alert) if self.side == Side::Client => alert_kind(alert),
+            _ => TlsErrorKind::Other,
+        };
         let msg = match reasons.iter().find(|r| r.contains("alert")) {
             Some(alert) if self.side == Side::Client => format!(
                 "the server refused the connection after the handshake ({alert}){}",
@@ -242,7 +248,7 @@ impl TlsConn {
             ),
         };
         log::debug!("{}: {msg}", self.peer);
-        lock(&self.failure).get_or_insert_with(|| msg.clone());
+        lock(&self.failure).get_or_insert_with(|| TlsError::new(kind, msg.clone()));
         io::Error::other(msg)
     }
 
@@ -415,8 +421,8 @@ impl Control for TlsConn {
         Ok(())
     }
 
-    fn failure(&self) -> Option<String> {
-        lock(&self.failure).clone()
+    fn failure(&self) -> Option<Error> {
+        lock(&self.failure).clone().map(Error::Tls)
     }
 }
 

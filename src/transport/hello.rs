@@ -1,6 +1,6 @@
 //! The rpyc handshake on a fresh transport: both hellos exchanged under one deadline.
 
-use crate::error::Error;
+use crate::error::{Error, HandshakeError, HandshakeErrorKind};
 use crate::transport::Sink;
 use crate::wire::{Hello, HELLO_LEN};
 use std::io::{self, Read};
@@ -27,12 +27,18 @@ pub(crate) fn exchange_hello(
         ) {
             timed_out()
         } else if e.kind() == io::ErrorKind::UnexpectedEof {
-            Error::Handshake(format!(
-                "the peer closed the connection {when} (is it an rpyc peer? a server at its \
-                 connection limit or one that rejected us closes this way)"
+            Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::Closed,
+                format!(
+                    "the peer closed the connection {when} (is it an rpyc peer? a server at its \
+                     connection limit or one that rejected us closes this way)"
+                ),
             ))
         } else {
-            Error::Handshake(format!("I/O error {when}: {e}"))
+            Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::Io,
+                format!("I/O error {when}: {e}"),
+            ))
         }
     };
     let hello = ours.encode();

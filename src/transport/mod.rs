@@ -173,9 +173,9 @@ pub(crate) trait Control: Send + Sync {
     fn set_read_timeout(&self, _d: Option<Duration>) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
-    /// A description of a failure below the rpyc protocol (TLS), if one happened: it explains
-    /// a handshake that failed better than the I/O error does.
-    fn failure(&self) -> Option<String> {
+    /// A failure below the rpyc protocol (TLS), if one happened: it explains a handshake that
+    /// failed better than the I/O error does.
+    fn failure(&self) -> Option<Error> {
         None
     }
 }

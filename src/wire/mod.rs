@@ -19,7 +19,7 @@ pub(crate) mod codec;
 
 use crate::base::buffers;
 use crate::base::limits::Charge;
-use crate::error::Error;
+use crate::error::{Error, HandshakeError, HandshakeErrorKind};
 use codec::Detached;
 use std::ops::Range;
 
@@ -93,10 +93,13 @@ impl Hello {
     /// Parses a peer's hello, naming what the peer seems to be when it is not rpyc.
     pub(crate) fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, Error> {
         if b[0..4] != MAGIC {
-            return Err(Error::Handshake(format!(
-                "the peer is not an rpyc peer ({}); first bytes: {:02x?}",
-                guess_protocol(b),
-                &b[..8]
+            return Err(Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::NotRpyc,
+                format!(
+                    "the peer is not an rpyc peer ({}); first bytes: {:02x?}",
+                    guess_protocol(b),
+                    &b[..8]
+                ),
             )));
         }
         let hello = Hello {
@@ -106,16 +109,22 @@ impl Hello {
             max_queued: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
         };
         if hello.version != VERSION {
-            return Err(Error::Handshake(format!(
+            return Err(Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::VersionMismatch,
+                format!(
                 "the peer speaks rpyc protocol version {}, this side speaks version {VERSION}; \
                  upgrade the older side",
                 hello.version
+            ),
             )));
         }
         if hello.max_frame < 64 {
-            return Err(Error::Handshake(format!(
-                "the peer announced an unusable frame limit of {} bytes",
-                hello.max_frame
+            return Err(Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::BadHello,
+                format!(
+                    "the peer announced an unusable frame limit of {} bytes",
+                    hello.max_frame
+                ),
             )));
         }
         Ok(hello)

@@ -130,6 +130,45 @@ pub fn remote(e: rpyc::Error) -> rpyc::RemoteError {
     }
 }
 
+/// The TLS error inside `e`, or a panic naming what came instead.
+pub fn tls_error(e: &rpyc::Error) -> &rpyc::TlsError {
+    match e {
+        rpyc::Error::Tls(t) => t,
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+}
+
+/// The kind of the TLS error `e` (a panic if it is another error).
+pub fn tls_kind(e: &rpyc::Error) -> rpyc::TlsErrorKind {
+    tls_error(e).kind()
+}
+
+/// The SSH error inside `e`, or a panic naming what came instead.
+pub fn ssh_error(e: &rpyc::Error) -> &rpyc::SshError {
+    match e {
+        rpyc::Error::Ssh(s) => s,
+        other => panic!("expected Error::Ssh, got {other:?}"),
+    }
+}
+
+/// The kind of the SSH error `e` (a panic if it is another error).
+pub fn ssh_kind(e: &rpyc::Error) -> rpyc::SshErrorKind {
+    ssh_error(e).kind()
+}
+
+/// The handshake error inside `e`, or a panic naming what came instead.
+pub fn handshake_error(e: &rpyc::Error) -> &rpyc::HandshakeError {
+    match e {
+        rpyc::Error::Handshake(h) => h,
+        other => panic!("expected Error::Handshake, got {other:?}"),
+    }
+}
+
+/// The kind of the handshake error `e` (a panic if it is another error).
+pub fn handshake_kind(e: &rpyc::Error) -> rpyc::HandshakeErrorKind {
+    handshake_error(e).kind()
+}
+
 /// Holds handlers back until the test opens it (at most 10 s), so closing a server never waits
 /// long for a handler a test left waiting.
 #[derive(Clone, Default)]

@@ -84,7 +84,7 @@ use crate::core::config::Config;
 use crate::core::context::{self, Scope};
 use crate::core::dispatch::Pool;
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
-use crate::core::service::{Args, Context, Failure, Invoke, Service};
+use crate::core::service::{Args, Context, Failure, Hook, Invoke, Service};
 use crate::error::{
     Error, HandshakeError, HandshakeErrorKind, RemoteError, RemoteErrorKind, Timeout,
 };
@@ -291,106 +291,25 @@ impl Connection {
         threads: Arc<ThreadSet>,
     ) -> Result<Connection, Error> {
         let Transport {
-            reader,
+            mut reader,
             mut writer,
             peer,
             control,
             credentials,
             started,
         } = t;
-        let handshake = opts.handshake_timeout;
         // One deadline for the whole handshake, authentication (TLS) included.
-        let deadline = crate::base::deadline_from(started, handshake);
-        // A transport that cannot time out a read (a stream, or a zero timeout) gets a watchdog
-        // that shuts it down when the time is up: a child process is killed, a stream peer sees
-        // the end of our side.
-        let left = deadline.saturating_duration_since(Instant::now());
-        let timed_read = !left.is_zero() && control.set_read_timeout(Some(left)).is_ok();
-        let expired = AtomicBool::new(false);
-        // The hello is read unbuffered, so nothing after it is taken from the stream.
-        let mut reader = reader;
-        let ours = Hello {
-            version: wire::VERSION,
-            flags: 0,
-            max_frame: opts.max_frame as u32,
-            max_queued: opts.max_queued as u32,
-        };
-        let theirs = std::thread::scope(|s| {
-            let (done, finished) = crossbeam_channel::bounded::<()>(0);
-            if !timed_read {
-                let (control, expired) = (&control, &expired);
-                let watchdog = move || {
-                    if finished.recv_deadline(deadline) == Err(RecvTimeoutError::Timeout) {
-                        expired.store(true, Ordering::Release);
-                        control.shutdown();
-                    }
-                };
-                if let Err(e) = std::thread::Builder::new()
-                    .name("rpyc-handshake-timer".into())
-                    .spawn_scoped(s, watchdog)
-                {
-                    log::warn!("{peer}: no handshake timeout: cannot start its thread: {e}");
-                }
-            }
-            let set_timeout = |d: Option<Duration>| {
-                if timed_read {
-                    control.set_read_timeout(d)
-                } else {
-                    Err(std::io::ErrorKind::Unsupported.into())
-                }
-            };
-            let r = crate::transport::hello::exchange_hello(
-                &mut reader,
-                &mut *writer,
-                ours,
-                deadline,
-                &set_timeout,
-            );
-            drop(done);
-            r
-        });
-        let theirs = match theirs {
-            _ if expired.load(Ordering::Acquire) => {
-                Err(Error::Timeout(Timeout::Handshake(handshake)))
-            }
-            Err(Error::Timeout(Timeout::Handshake(_))) => {
-                Err(Error::Timeout(Timeout::Handshake(handshake)))
-            }
-            other => other,
-        };
-        let theirs = match theirs {
+        let deadline = crate::base::deadline_from(started, opts.handshake_timeout);
+        let theirs = match handshake(&mut reader, &mut *writer, &*control, &peer, opts, deadline) {
             Ok(h) => h,
             Err(e) => {
                 control.shutdown();
-                // TLS 1.3 reports a rejected client certificate on the first read, which is
-                // the hello: the TLS layer's description says what really happened.
-                return Err(control.failure().unwrap_or(e));
+                return Err(e);
             }
         };
-        if theirs.flags & wire::FLAG_TLS_REQUIRED != 0 {
-            control.shutdown();
-            return Err(Error::Handshake(HandshakeError::new(
-                HandshakeErrorKind::TlsRequired,
-                format!(
-                    "{peer} only accepts TLS connections: connect with rpyc::ssl_connect or an \
-                     SslClient"
-                ),
-            )));
-        }
-        if theirs.flags & wire::FLAG_REFUSED != 0 {
-            control.shutdown();
-            return Err(Error::Handshake(HandshakeError::new(
-                HandshakeErrorKind::Refused,
-                format!(
-                    "{peer} refused the connection: the server is at its limit of connections \
-                     (or of handshakes in progress); retry later, or raise its max_connections"
-                ),
-            )));
-        }
         let _ = control.set_read_timeout(None);
         let budget = Budget::new(opts.buffered_limit(), opts.server_budget.clone());
         let activity = Activity::new();
-        let stall = opts.write_timeout();
         let shared = Arc::new(Shared {
             id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -429,7 +348,7 @@ impl Connection {
         });
         let limits = ReadLimits {
             max_frame: opts.max_frame,
-            stall,
+            stall: opts.write_timeout(),
             tick: opts.reader_tick(),
             budget: Some(budget),
             activity: Some(activity),
@@ -443,18 +362,7 @@ impl Connection {
             shared.terminate(format!("cannot start the connection's thread: {e}"));
             Error::Io(Arc::new(e))
         })?;
-        if let Some(hook) = shared.service.inner.on_connect.clone() {
-            let cx = Context {
-                shared: shared.clone(),
-            };
-            if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
-                log::error!(
-                    "{}: on_connect of service {} panicked",
-                    shared.peer,
-                    shared.service.name()
-                );
-            }
-        }
+        shared.run_hook(shared.service.inner.on_connect.clone(), "on_connect");
         // The reason lock orders this against `terminate`: if the peer left while on_connect
         // ran, terminate skipped on_disconnect and it runs here, so it runs exactly once.
         let closed_meanwhile = {
@@ -1325,19 +1233,105 @@ impl Shared {
 
     /// Runs the service's on_disconnect hook; called once, by `terminate` or `establish`.
     fn run_on_disconnect(self: &Arc<Self>) {
-        if let Some(hook) = self.service.inner.on_disconnect.clone() {
+        self.run_hook(self.service.inner.on_disconnect.clone(), "on_disconnect");
+    }
+
+    /// Runs one of the service's hooks with this connection's context, its panic caught and
+    /// logged.
+    fn run_hook(self: &Arc<Self>, hook: Option<Arc<Hook>>, name: &str) {
+        if let Some(hook) = hook {
             let cx = Context {
                 shared: self.clone(),
             };
             if catch_unwind(AssertUnwindSafe(|| hook(&cx))).is_err() {
                 log::error!(
-                    "{}: on_disconnect of service {} panicked",
+                    "{}: {name} of service {} panicked",
                     self.peer,
                     self.service.name()
                 );
             }
         }
     }
+}
+
+/// Exchanges hellos before `deadline` and checks the peer's: the rpyc handshake. A transport
+/// that cannot time out a read (a stream, or a zero timeout) gets a watchdog thread that shuts
+/// it down when the time is up: a child process is killed, a stream peer sees the end of our
+/// side. The hello is read unbuffered, so nothing after it is taken from the stream.
+fn handshake(
+    reader: &mut Box<dyn std::io::Read + Send>,
+    writer: &mut dyn Sink,
+    control: &dyn Control,
+    peer: &str,
+    opts: &Config,
+    deadline: Instant,
+) -> Result<Hello, Error> {
+    let timed_out = || Error::Timeout(Timeout::Handshake(opts.handshake_timeout));
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timed_read = !left.is_zero() && control.set_read_timeout(Some(left)).is_ok();
+    let expired = AtomicBool::new(false);
+    let ours = Hello {
+        version: wire::VERSION,
+        flags: 0,
+        max_frame: opts.max_frame as u32,
+        max_queued: opts.max_queued as u32,
+    };
+    let theirs = std::thread::scope(|s| {
+        let (done, finished) = crossbeam_channel::bounded::<()>(0);
+        if !timed_read {
+            let expired = &expired;
+            let watchdog = move || {
+                if finished.recv_deadline(deadline) == Err(RecvTimeoutError::Timeout) {
+                    expired.store(true, Ordering::Release);
+                    control.shutdown();
+                }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("rpyc-handshake-timer".into())
+                .spawn_scoped(s, watchdog)
+            {
+                log::warn!("{peer}: no handshake timeout: cannot start its thread: {e}");
+            }
+        }
+        let set_timeout = |d: Option<Duration>| {
+            if timed_read {
+                control.set_read_timeout(d)
+            } else {
+                Err(std::io::ErrorKind::Unsupported.into())
+            }
+        };
+        let r =
+            crate::transport::hello::exchange_hello(reader, writer, ours, deadline, &set_timeout);
+        drop(done);
+        r
+    });
+    let theirs = match theirs {
+        _ if expired.load(Ordering::Acquire) => return Err(timed_out()),
+        Err(Error::Timeout(Timeout::Handshake(_))) => return Err(timed_out()),
+        // TLS 1.3 reports a rejected client certificate on the first read, which is the hello:
+        // the TLS layer's description says what really happened.
+        Err(e) => return Err(control.failure().unwrap_or(e)),
+        Ok(h) => h,
+    };
+    if theirs.flags & wire::FLAG_TLS_REQUIRED != 0 {
+        return Err(Error::Handshake(HandshakeError::new(
+            HandshakeErrorKind::TlsRequired,
+            format!(
+                "{peer} only accepts TLS connections: connect with rpyc::ssl_connect or an \
+                 SslClient"
+            ),
+        )));
+    }
+    if theirs.flags & wire::FLAG_REFUSED != 0 {
+        return Err(Error::Handshake(HandshakeError::new(
+            HandshakeErrorKind::Refused,
+            format!(
+                "{peer} refused the connection: the server is at its limit of connections \
+                 (or of handshakes in progress); retry later, or raise its max_connections"
+            ),
+        )));
+    }
+    Ok(theirs)
 }
 
 /// A synchronous call on `target`: send, wait (running nested requests), decode.

@@ -31,7 +31,8 @@ pub type Outcome = Result<usize, Failure>;
 /// A method as the connection calls it: the call's context, the encoded arguments, and the
 /// buffer its encoded result goes to.
 pub(crate) type Invoke = dyn Fn(&Context, &[u8], &mut Vec<u8>) -> Outcome + Send + Sync;
-type Hook = dyn Fn(&Context) + Send + Sync;
+/// A service's `on_connect` or `on_disconnect`.
+pub(crate) type Hook = dyn Fn(&Context) + Send + Sync;
 
 /// A set of named methods that one side of a connection exposes to the other.
 ///

@@ -47,6 +47,7 @@ use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::Error;
 use ssh2::{BlockDirections, Channel, Session};
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -168,6 +169,7 @@ impl SshTunnel {
             sshd: resolved.addr(),
             host: remote_host.to_string(),
             port: remote_port,
+            waiting: VecDeque::new(),
             forwards: Vec::new(),
             next_id: 0,
             keepalive: keepalive.is_some(),
@@ -269,7 +271,7 @@ impl Buf {
     }
 }
 
-/// One forwarded connection: a local socket and its channel.
+/// One forwarded connection whose channel is open: a local socket and its channel.
 struct Forward {
     id: u64,
     local: Option<TcpStream>,
@@ -295,16 +297,14 @@ struct Forward {
     broken: bool,
     close_sent: bool,
     closed: bool,
-    /// The open failed: drop it.
-    failed: bool,
 }
 
 impl Forward {
-    fn new(id: u64, local: TcpStream) -> Forward {
+    fn new(id: u64, local: TcpStream, channel: Channel) -> Forward {
         Forward {
             id,
             local: Some(local),
-            channel: None,
+            channel: Some(channel),
             up: Buf::default(),
             down: Buf::default(),
             local_eof: false,
@@ -317,7 +317,6 @@ impl Forward {
             broken: false,
             close_sent: false,
             closed: false,
-            failed: false,
         }
     }
 
@@ -370,6 +369,10 @@ struct Loop {
     sshd: String,
     host: String,
     port: u16,
+    /// Accepted local connections waiting for their channel, oldest first: the front one's is
+    /// opened (one at a time); none is read or polled before.
+    waiting: VecDeque<(u64, TcpStream)>,
+    /// Connections whose channel is open, in the order they were accepted.
     forwards: Vec<Forward>,
     next_id: u64,
     keepalive: bool,
@@ -396,6 +399,7 @@ impl Loop {
                 for f in &mut self.forwards {
                     f.drop_local();
                 }
+                self.waiting.clear();
             }
         }
         // Free the channels, then the session (with a short blocking timeout: a dead socket
@@ -436,11 +440,7 @@ impl Loop {
                         .is_some_and(|c| c.write_window().remaining > 0)
             });
             let busy = turns >= 64 || window_opened;
-            let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh())
-                || self
-                    .forwards
-                    .iter()
-                    .any(|f| f.channel.is_none() && !f.failed);
+            let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh()) || !self.waiting.is_empty();
             let mut fds = vec![
                 PollFd::new(self.wake.as_raw_fd(), POLLIN),
                 PollFd::new(self.listener.as_raw_fd(), POLLIN),
@@ -522,7 +522,7 @@ impl Loop {
                         let _ = s.set_nodelay(true);
                         self.next_id += 1;
                         log::trace!("ssh tunnel: local connection #{} accepted", self.next_id);
-                        self.forwards.push(Forward::new(self.next_id, s));
+                        self.waiting.push_back((self.next_id, s));
                         progress = true;
                     }
                 }
@@ -542,7 +542,7 @@ impl Loop {
             .iter_mut()
             .filter(|f| f.channel.is_some())
             .try_fold(false, |p, f| Ok::<_, String>(self.pump(f)? | p));
-        forwards.retain(|f| !f.closed && !f.failed);
+        forwards.retain(|f| !f.closed);
         self.forwards = forwards;
         progress |= result?;
         if self.keepalive && Instant::now() >= self.next_keepalive {
@@ -576,21 +576,16 @@ impl Loop {
         }
     }
 
-    /// Opens the channel of the oldest connection that has none (one open at a time).
+    /// Opens the channel of the oldest waiting connection, which then becomes a `Forward`
+    /// (one open at a time).
     fn open_one(&mut self) -> Result<bool, String> {
-        if self.closing {
+        if self.closing || self.waiting.is_empty() {
             return Ok(false);
         }
-        let Some(i) = self
-            .forwards
-            .iter()
-            .position(|f| f.channel.is_none() && !f.failed)
-        else {
-            return Ok(false);
-        };
         match self.sess.channel_direct_tcpip(&self.host, self.port, None) {
             Ok(ch) => {
-                self.forwards[i].channel = Some(ch);
+                let (id, local) = self.waiting.pop_front().expect("a connection is waiting");
+                self.forwards.push(Forward::new(id, local, ch));
                 Ok(true)
             }
             Err(e) if code(&e) == EAGAIN => {
@@ -619,8 +614,7 @@ impl Loop {
                 log::warn!("ssh tunnel: {why}");
                 lock(&self.status).open_error = Some(why);
                 // Dropping the local socket tells its client at once.
-                self.forwards[i].failed = true;
-                self.forwards[i].drop_local();
+                self.waiting.pop_front();
                 Ok(true)
             }
         }
@@ -824,7 +818,7 @@ impl Loop {
             f.drop_local();
             f.broken = true;
         }
-        self.forwards.retain(|f| f.channel.is_some());
+        self.waiting.clear();
         while !self.forwards.is_empty() && Instant::now() < deadline {
             self.want_ssh_out = false;
             self.retrying = false;

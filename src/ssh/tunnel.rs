@@ -1026,3 +1026,160 @@ impl Loop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state with every field given.
+    fn state(channel: ChannelState, upward: Flow, downward: Flow, write: ChannelWrite) -> State {
+        State {
+            channel,
+            upward,
+            downward,
+            write,
+        }
+    }
+
+    #[test]
+    fn a_new_connection_reads_both_sides_and_closes_nothing() {
+        let s = State::OPENED;
+        assert!(s.reads_local() && s.reads_channel() && s.writes_channel());
+        assert!(!s.sends_eof(true) && !s.shuts_local(true) && !s.close_due());
+    }
+
+    #[test]
+    fn the_channel_eof_goes_out_only_after_the_bytes_before_it() {
+        let mut s = State::OPENED;
+        s.upward = Flow::Draining; // the local socket ended
+        assert!(!s.reads_local());
+        assert!(s.writes_channel());
+        assert!(!s.sends_eof(false));
+        assert!(s.sends_eof(true));
+    }
+
+    #[test]
+    fn the_local_socket_is_shut_only_after_the_bytes_before_the_channel_eof() {
+        let mut s = State::OPENED;
+        s.downward = Flow::Draining; // the channel's EOF arrived
+        assert!(!s.reads_channel());
+        assert!(!s.shuts_local(false));
+        assert!(s.shuts_local(true));
+    }
+
+    #[test]
+    fn the_channel_closes_only_once_both_directions_are_closed() {
+        for upward_first in [true, false] {
+            let mut s = State::OPENED;
+            let mut steps = [
+                |s: &mut State| s.upward = Flow::Draining,
+                |s: &mut State| s.upward = Flow::Closed,
+                |s: &mut State| s.downward = Flow::Draining,
+                |s: &mut State| s.downward = Flow::Closed,
+            ];
+            if !upward_first {
+                steps.rotate_left(2);
+            }
+            for step in steps {
+                assert!(!s.close_due(), "{s:?}");
+                step(&mut s);
+            }
+            assert!(s.close_due());
+        }
+    }
+
+    #[test]
+    fn close_waits_for_a_pending_write() {
+        let over = state(
+            ChannelState::Open,
+            Flow::Closed,
+            Flow::Closed,
+            ChannelWrite::Pending,
+        );
+        assert!(!over.close_due());
+        let broken = state(
+            ChannelState::Broken,
+            Flow::Open,
+            Flow::Open,
+            ChannelWrite::Pending,
+        );
+        assert!(!broken.close_due());
+        assert!(State {
+            write: ChannelWrite::Clear,
+            ..broken
+        }
+        .close_due());
+    }
+
+    #[test]
+    fn after_a_failure_only_a_pending_write_goes_to_the_channel() {
+        let mut s = state(
+            ChannelState::Open,
+            Flow::Draining,
+            Flow::Open,
+            ChannelWrite::Pending,
+        );
+        s.fail();
+        assert_eq!(s.channel, ChannelState::Broken);
+        assert!(s.writes_channel());
+        assert!(!s.reads_local() && !s.reads_channel() && !s.sends_eof(true));
+        s.write = ChannelWrite::Clear; // the pending packet went out
+        assert!(!s.writes_channel());
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn a_failure_closes_the_channel_without_waiting_for_either_direction() {
+        let mut s = State::OPENED;
+        s.fail();
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn a_channel_eof_received_before_a_failure_still_reaches_the_local_socket() {
+        let mut s = State::OPENED;
+        s.downward = Flow::Draining;
+        s.fail();
+        assert!(s.shuts_local(true));
+    }
+
+    #[test]
+    fn a_failure_after_close_went_out_changes_nothing() {
+        for channel in [ChannelState::Closing, ChannelState::Closed] {
+            let mut s = state(channel, Flow::Closed, Flow::Closed, ChannelWrite::Clear);
+            s.fail();
+            s.local_dropped();
+            assert_eq!(s.channel, channel);
+            assert!(!s.close_due(), "close is sent once");
+        }
+    }
+
+    #[test]
+    fn a_dropped_local_socket_stops_both_directions_but_a_pending_write() {
+        let mut s = state(
+            ChannelState::Open,
+            Flow::Open,
+            Flow::Draining,
+            ChannelWrite::Pending,
+        );
+        s.local_dropped();
+        assert!(!s.reads_local() && !s.reads_channel() && !s.shuts_local(true));
+        assert!(s.writes_channel() && !s.close_due());
+        s.write = ChannelWrite::Clear;
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn bytes_added_behind_a_pending_write_leave_its_bytes_unchanged() {
+        let mut up = Buf::default();
+        up.extend(&(0..100).collect::<Vec<u8>>());
+        up.consume(60); // a write took 60 bytes
+        let offered = up.bytes().to_vec(); // the next write answers EAGAIN
+        up.extend(&[200; 10]); // the local socket gives more: the buffer compacts
+        assert_eq!(up.start, 0, "this test must cover compaction");
+        assert_eq!(&up.bytes()[..offered.len()], &offered[..]);
+        up.extend(&[201; 10]); // no compaction this time
+        assert_eq!(&up.bytes()[..offered.len()], &offered[..]);
+        assert_eq!(up.len(), 60);
+    }
+}

@@ -33,6 +33,40 @@
 //! delivered. When both directions have ended (or either side failed) the channel is closed
 //! (close, then wait for the server's close) and the local socket dropped.
 //!
+//! # A forwarded connection's states
+//!
+//! An accepted local socket waits in a queue, neither read nor polled, until its channel is
+//! open; only then does it become a `Forward`. Its progress is then three small enums, gathered
+//! in `State`, and each step of the loop is a rule over them:
+//!
+//! - each direction (`Flow`): `Open` (its source is read) -> `Draining` (the source ended: the
+//!   buffered bytes go out, then the end of stream) -> `Closed`;
+//! - the channel (`ChannelState`): `Open` -> `Closing` (close sent, waiting for the server's
+//!   close) -> `Closed`, or `Open` -> `Broken` -> `Closing` when something failed (nothing more
+//!   is read from either side, no end of stream goes to the channel);
+//! - the last channel write (`ChannelWrite`): `Clear`, or `Pending` after libssh2 answered
+//!   EAGAIN (the bytes it was offered stay at the front of the upward buffer, to be offered
+//!   again).
+//!
+//! Close is sent when both directions are `Closed`, or the channel is `Broken`, and no write is
+//! pending.
+//!
+//! # libssh2 rules
+//!
+//! Each was found by a failure; the steps below say which they honour.
+//!
+//! 1. After EAGAIN, a channel write is retried with the same bytes before anything else; until
+//!    that packet is out, every other write on the session answers EAGAIN too.
+//! 2. One `direct-tcpip` channel is opened at a time per session (concurrent opens mix
+//!    channels up).
+//! 3. After any progress, every channel is read until EAGAIN: libssh2 buffers data for all
+//!    channels whenever it reads, so the SSH socket may not look readable.
+//! 4. A local socket is not polled before its channel is open (a busy loop otherwise).
+//! 5. A transport error, or a hang-up of the SSH socket, means the session is dead: everything
+//!    is torn down (otherwise the loop spins).
+//! 6. A channel is closed, then its close awaited (`close`, `wait_close`), before it is dropped.
+//! 7. Keepalives are sent from the loop: libssh2 has no timer of its own.
+//!
 //! # When the session dies
 //!
 //! If sshd goes away (the SSH socket hangs up or libssh2 reports a transport error) the thread
@@ -47,6 +81,7 @@ use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::{Error, SshError, SshErrorKind};
 use ssh2::{BlockDirections, Channel, Session};
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -168,6 +203,7 @@ impl SshTunnel {
             sshd: resolved.addr(),
             host: remote_host.to_string(),
             port: remote_port,
+            waiting: VecDeque::new(),
             forwards: Vec::new(),
             next_id: 0,
             keepalive: keepalive.is_some(),
@@ -274,78 +310,172 @@ impl Buf {
     }
 }
 
-/// One forwarded connection: a local socket and its channel.
+/// How far one direction of a forwarded connection has got: local socket -> channel
+/// ("upward") or channel -> local socket ("downward").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    /// The source is read and its bytes are passed on.
+    Open,
+    /// The source ended: the bytes buffered from it are passed on, then its end of stream.
+    Draining,
+    /// Over: the end of stream was passed on, or the local socket is gone.
+    Closed,
+}
+
+/// Where a forwarded connection's channel stands. (Before it is open, the connection is only
+/// a local socket waiting in [`Loop::waiting`].)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChannelState {
+    /// Bytes move as the two directions allow.
+    Open,
+    /// Something failed (the local socket, a channel read or write) or the tunnel is closing:
+    /// nothing more is read from either side and no end of stream goes to the channel. Bytes
+    /// already buffered for the local socket are still delivered (with its end of stream, if
+    /// the channel sent one) until the channel is closed.
+    Broken,
+    /// `close()` went out: waiting for the server's close (`wait_close()`).
+    Closing,
+    /// The server's close arrived: the connection is dropped at the end of the turn.
+    Closed,
+}
+
+/// Whether libssh2 may hold a packet made of this connection's bytes that it could not send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChannelWrite {
+    /// No write is half done.
+    Clear,
+    /// The last write answered EAGAIN (or no write has taken bytes since): libssh2 may have
+    /// built a packet from the bytes it was offered. Those bytes are still at the front of the
+    /// upward buffer, which only a successful write consumes, and they are offered again before
+    /// anything else happens on this channel (rule 1).
+    Pending,
+}
+
+/// Where a forwarded connection stands. Plain values, so the rules are tested without sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    channel: ChannelState,
+    /// Local socket -> channel.
+    upward: Flow,
+    /// Channel -> local socket.
+    downward: Flow,
+    /// The last write to the channel.
+    write: ChannelWrite,
+}
+
+impl State {
+    /// A connection whose channel has just opened.
+    const OPENED: State = State {
+        channel: ChannelState::Open,
+        upward: Flow::Open,
+        downward: Flow::Open,
+        write: ChannelWrite::Clear,
+    };
+
+    /// The local socket is read while the upward direction is open and nothing failed.
+    fn reads_local(self) -> bool {
+        self.channel == ChannelState::Open && self.upward == Flow::Open
+    }
+
+    /// The upward buffer is offered to the channel while nothing failed; after a failure, only
+    /// to finish the write libssh2 answered EAGAIN to (rule 1).
+    fn writes_channel(self) -> bool {
+        self.channel == ChannelState::Open || self.write == ChannelWrite::Pending
+    }
+
+    /// The channel's EOF goes out once the local socket ended and all its bytes are in the
+    /// channel (`up_empty`), unless something failed.
+    fn sends_eof(self, up_empty: bool) -> bool {
+        self.channel == ChannelState::Open && self.upward == Flow::Draining && up_empty
+    }
+
+    /// The channel is read while the downward direction is open and nothing failed.
+    fn reads_channel(self) -> bool {
+        self.channel == ChannelState::Open && self.downward == Flow::Open
+    }
+
+    /// The local socket's writing side is shut down once the channel's EOF arrived and all the
+    /// bytes before it are delivered (`down_empty`), failure or not.
+    fn shuts_local(self, down_empty: bool) -> bool {
+        self.downward == Flow::Draining && down_empty
+    }
+
+    /// `close()` goes out once the connection is over (both directions closed, or broken) and
+    /// no write is half done: libssh2 must send that packet first (rule 1).
+    fn close_due(self) -> bool {
+        self.write == ChannelWrite::Clear
+            && match self.channel {
+                ChannelState::Open => self.upward == Flow::Closed && self.downward == Flow::Closed,
+                ChannelState::Broken => true,
+                ChannelState::Closing | ChannelState::Closed => false,
+            }
+    }
+
+    /// Something failed: an open channel is closed as soon as no write is half done. A channel
+    /// whose close is under way or done stays so.
+    fn fail(&mut self) {
+        if self.channel == ChannelState::Open {
+            self.channel = ChannelState::Broken;
+        }
+    }
+
+    /// The local socket is gone: both directions are over, and so is the connection.
+    fn local_dropped(&mut self) {
+        self.upward = Flow::Closed;
+        self.downward = Flow::Closed;
+        self.fail();
+    }
+}
+
+/// One forwarded connection whose channel is open: a local socket and its channel.
 struct Forward {
     id: u64,
+    /// `None` once dropped: it failed, the tunnel is closing, or the channel has closed.
     local: Option<TcpStream>,
-    channel: Option<Channel>,
+    channel: Channel,
     /// Local -> channel.
     up: Buf,
     /// Channel -> local.
     down: Buf,
-    /// The local side sent its end of stream (or failed).
-    local_eof: bool,
-    /// The local socket may have bytes: poll said so, or no read has said otherwise yet.
+    state: State,
+    /// A hint, not progress: the local socket may have bytes (poll said so, or no read has said
+    /// otherwise yet).
     local_readable: bool,
-    eof_sent: bool,
-    /// The channel sent its end of stream.
-    remote_eof: bool,
-    local_shut: bool,
-    /// The last channel write could not finish: retry it with the same bytes first.
-    write_blocked: bool,
-    /// The server's window for this channel is full: its adjustment arrives on the SSH socket
-    /// (and may already have been read by libssh2 for another channel's sake).
+    /// A hint, not progress: the last write that settled took nothing, the server's window for
+    /// this channel is full. Its adjustment arrives on the SSH socket (and may already have been
+    /// read by libssh2 for another channel's sake).
     window_full: bool,
-    /// Something failed: close the channel as soon as no write is half done.
-    broken: bool,
-    close_sent: bool,
-    closed: bool,
-    /// The open failed: drop it.
-    failed: bool,
 }
 
 impl Forward {
-    fn new(id: u64, local: TcpStream) -> Forward {
+    fn new(id: u64, local: TcpStream, channel: Channel) -> Forward {
         Forward {
             id,
             local: Some(local),
-            channel: None,
+            channel,
             up: Buf::default(),
             down: Buf::default(),
-            local_eof: false,
+            state: State::OPENED,
             local_readable: true,
-            eof_sent: false,
-            remote_eof: false,
-            local_shut: false,
-            write_blocked: false,
             window_full: false,
-            broken: false,
-            close_sent: false,
-            closed: false,
-            failed: false,
         }
-    }
-
-    /// Both directions are over (or something failed) and no write is half done.
-    fn finished(&self) -> bool {
-        !self.write_blocked
-            && (self.broken
-                || (self.eof_sent && self.remote_eof && self.down.is_empty() && self.local_shut))
     }
 
     /// Whether the next turn will call into libssh2 in a way that reads the SSH socket.
     fn reads_ssh(&self) -> bool {
-        self.channel.is_some()
-            && ((!self.remote_eof && !self.broken && self.down.len() < BUF_CAP)
-                || self.write_blocked
-                || self.window_full
-                || (self.finished() && !self.closed))
+        (self.state.reads_channel() && self.down.len() < BUF_CAP)
+            || self.state.write == ChannelWrite::Pending
+            || self.window_full
+            || self.state.close_due()
+            || self.state.channel == ChannelState::Closing
     }
 
+    /// Drops the local socket (it failed, or the tunnel is closing or dead), and with it the
+    /// connection: nothing more moves either way. The upward bytes stay, in case a write of
+    /// them is pending (rule 1); the channel is closed once none is.
     fn drop_local(&mut self) {
         self.local = None;
-        self.local_eof = true;
-        self.local_shut = true;
+        self.state.local_dropped();
         self.down.clear();
     }
 
@@ -353,7 +483,84 @@ impl Forward {
     fn local_failed(&mut self, e: &io::Error) {
         log::debug!("ssh tunnel: local connection #{}: {e}", self.id);
         self.drop_local();
-        self.broken = true;
+    }
+
+    /// Step 1, local socket -> upward buffer: reads until EAGAIN or the buffer is full, while
+    /// the upward direction is open, nothing failed and the socket may have bytes. Its end of
+    /// stream starts draining the upward direction. (Rule 4 holds by construction: a
+    /// connection is a `Forward` only once its channel is open.)
+    fn read_local(&mut self, scratch: &mut [u8]) -> bool {
+        let mut progress = false;
+        if self.state.reads_local() && self.local_readable {
+            while self.up.len() < BUF_CAP {
+                let Some(local) = self.local.as_mut() else {
+                    break;
+                };
+                let n = CHUNK.min(BUF_CAP - self.up.len());
+                match local.read(&mut scratch[..n]) {
+                    Ok(0) => {
+                        self.state.upward = Flow::Draining;
+                        progress = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        self.up.extend(&scratch[..n]);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.local_readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.local_failed(&e);
+                        progress = true;
+                        break;
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    /// Step 5, downward buffer -> local socket: writes until the buffer is empty or the socket
+    /// would block. Runs in every state, so bytes that arrived before a failure still reach
+    /// the local socket while the channel closes.
+    fn write_local(&mut self) -> bool {
+        let mut progress = false;
+        while !self.down.is_empty() {
+            let Some(local) = self.local.as_mut() else {
+                break;
+            };
+            match local.write(self.down.bytes()) {
+                Ok(n) => {
+                    self.down.consume(n);
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.local_failed(&e);
+                    progress = true;
+                    break;
+                }
+            }
+        }
+        progress
+    }
+
+    /// Step 6, channel end of stream -> local socket: once the channel's EOF arrived and the
+    /// bytes before it are delivered, shuts down the socket's writing side (its client sees
+    /// the end of the stream and may still send).
+    fn shut_local(&mut self) -> bool {
+        if !self.state.shuts_local(self.down.is_empty()) {
+            return false;
+        }
+        if let Some(local) = &self.local {
+            let _ = local.shutdown(Shutdown::Write);
+        }
+        self.state.downward = Flow::Closed;
+        true
     }
 }
 
@@ -375,6 +582,10 @@ struct Loop {
     sshd: String,
     host: String,
     port: u16,
+    /// Accepted local connections waiting for their channel, oldest first: the front one's is
+    /// opened (one at a time, rule 2); none is read or polled before (rule 4).
+    waiting: VecDeque<(u64, TcpStream)>,
+    /// Connections whose channel is open, in the order they were accepted.
     forwards: Vec<Forward>,
     next_id: u64,
     keepalive: bool,
@@ -401,6 +612,7 @@ impl Loop {
                 for f in &mut self.forwards {
                     f.drop_local();
                 }
+                self.waiting.clear();
             }
         }
         // Free the channels, then the session (with a short blocking timeout: a dead socket
@@ -434,18 +646,10 @@ impl Loop {
             }
             // A window adjustment libssh2 read while serving another channel wakes nothing.
             let window_opened = self.forwards.iter().any(|f| {
-                f.window_full
-                    && !f.up.is_empty()
-                    && f.channel
-                        .as_ref()
-                        .is_some_and(|c| c.write_window().remaining > 0)
+                f.window_full && !f.up.is_empty() && f.channel.write_window().remaining > 0
             });
             let busy = turns >= 64 || window_opened;
-            let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh())
-                || self
-                    .forwards
-                    .iter()
-                    .any(|f| f.channel.is_none() && !f.failed);
+            let reads_ssh = self.forwards.iter().any(|f| f.reads_ssh()) || !self.waiting.is_empty();
             let mut fds = vec![
                 PollFd::new(self.wake.as_raw_fd(), POLLIN),
                 PollFd::new(self.listener.as_raw_fd(), POLLIN),
@@ -455,13 +659,14 @@ impl Loop {
                         | if self.want_ssh_out { POLLOUT } else { 0 },
                 ),
             ];
+            // Only connections with an open channel are polled (rule 4).
             let mut polled = Vec::new();
             for (i, f) in self.forwards.iter().enumerate() {
-                let (Some(local), Some(_)) = (&f.local, &f.channel) else {
+                let Some(local) = &f.local else {
                     continue;
                 };
                 let mut ev = 0;
-                if !f.local_eof && !f.broken && f.up.len() < BUF_CAP {
+                if f.state.reads_local() && f.up.len() < BUF_CAP {
                     ev |= POLLIN;
                 }
                 if !f.down.is_empty() {
@@ -527,7 +732,7 @@ impl Loop {
                         let _ = s.set_nodelay(true);
                         self.next_id += 1;
                         log::trace!("ssh tunnel: local connection #{} accepted", self.next_id);
-                        self.forwards.push(Forward::new(self.next_id, s));
+                        self.waiting.push_back((self.next_id, s));
                         progress = true;
                     }
                 }
@@ -545,9 +750,8 @@ impl Loop {
         let mut forwards = std::mem::take(&mut self.forwards);
         let result = forwards
             .iter_mut()
-            .filter(|f| f.channel.is_some())
             .try_fold(false, |p, f| Ok::<_, String>(self.pump(f)? | p));
-        forwards.retain(|f| !f.closed && !f.failed);
+        forwards.retain(|f| f.state.channel != ChannelState::Closed);
         self.forwards = forwards;
         progress |= result?;
         if self.keepalive && Instant::now() >= self.next_keepalive {
@@ -581,21 +785,16 @@ impl Loop {
         }
     }
 
-    /// Opens the channel of the oldest connection that has none (one open at a time).
+    /// Opens the channel of the oldest waiting connection, which then becomes a `Forward`
+    /// (one open at a time: rule 2).
     fn open_one(&mut self) -> Result<bool, String> {
-        if self.closing {
+        if self.closing || self.waiting.is_empty() {
             return Ok(false);
         }
-        let Some(i) = self
-            .forwards
-            .iter()
-            .position(|f| f.channel.is_none() && !f.failed)
-        else {
-            return Ok(false);
-        };
         match self.sess.channel_direct_tcpip(&self.host, self.port, None) {
             Ok(ch) => {
-                self.forwards[i].channel = Some(ch);
+                let (id, local) = self.waiting.pop_front().expect("a connection is waiting");
+                self.forwards.push(Forward::new(id, local, ch));
                 Ok(true)
             }
             Err(e) if code(&e) == EAGAIN => {
@@ -632,8 +831,7 @@ impl Loop {
                 };
                 lock(&self.status).open_error = Some(SshError::new(kind, why));
                 // Dropping the local socket tells its client at once.
-                self.forwards[i].failed = true;
-                self.forwards[i].drop_local();
+                self.waiting.pop_front();
                 Ok(true)
             }
         }
@@ -662,54 +860,29 @@ impl Loop {
         }
     }
 
-    /// Moves what can move for one connection with an open channel (nothing without one).
+    /// Moves what can move for one connection, one step after the other; returns whether
+    /// anything moved. The steps on the channel are here, those on the local socket alone on
+    /// `Forward`.
     fn pump(&mut self, f: &mut Forward) -> Result<bool, String> {
-        let mut progress = false;
-        let Some(mut ch) = f.channel.take() else {
-            return Ok(false);
-        };
-        let result = self.pump_channel(f, &mut ch, &mut progress);
-        f.channel = Some(ch);
-        result.map(|()| progress)
+        let mut progress = f.read_local(&mut self.scratch);
+        progress |= self.write_channel(f)?;
+        progress |= self.send_eof(f)?;
+        progress |= self.read_channel(f)?;
+        progress |= f.write_local();
+        progress |= f.shut_local();
+        progress |= self.close_channel(f)?;
+        Ok(progress)
     }
 
-    fn pump_channel(
-        &mut self,
-        f: &mut Forward,
-        ch: &mut Channel,
-        progress: &mut bool,
-    ) -> Result<(), String> {
-        // Local -> buffer.
-        if !f.local_eof && !f.broken && f.local_readable {
-            while f.up.len() < BUF_CAP {
-                let Some(local) = f.local.as_mut() else { break };
-                let n = CHUNK.min(BUF_CAP - f.up.len());
-                match local.read(&mut self.scratch[..n]) {
-                    Ok(0) => {
-                        f.local_eof = true;
-                        *progress = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        f.up.extend(&self.scratch[..n]);
-                        *progress = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        f.local_readable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        f.local_failed(&e);
-                        *progress = true;
-                        break;
-                    }
-                }
-            }
-        }
-        // Buffer -> channel. A half-done write is retried even when the connection is broken:
-        // libssh2 accepts no other write on the session until it is out.
-        while !f.up.is_empty() && (!f.broken || f.write_blocked) {
+    /// Step 2, upward buffer -> channel, while the state allows it. EAGAIN leaves the write
+    /// pending: the same bytes, still at the front of the buffer, are offered again before
+    /// anything else happens on the channel, even after a failure, since libssh2 accepts no
+    /// other write on the session until that packet is out (rule 1). A write that takes
+    /// nothing started no packet: the server's window is full.
+    fn write_channel(&mut self, f: &mut Forward) -> Result<bool, String> {
+        let mut progress = false;
+        let ch = &mut f.channel;
+        while !f.up.is_empty() && f.state.writes_channel() {
             match ch.write(f.up.bytes()) {
                 Ok(0) => {
                     // No packet was started, so nothing must be retried with these bytes.
@@ -718,51 +891,68 @@ impl Loop {
                 }
                 Ok(n) => {
                     f.up.consume(n);
-                    f.write_blocked = false;
+                    f.state.write = ChannelWrite::Clear;
                     f.window_full = false;
-                    *progress = true;
+                    progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    f.write_blocked = true;
+                    f.state.write = ChannelWrite::Pending;
                     self.eagain();
                     break;
                 }
                 Err(e) => {
                     let why = self.channel_error(&e)?;
                     log::debug!("ssh tunnel: channel #{}: write failed: {why}", f.id);
-                    f.write_blocked = false;
-                    f.broken = true;
+                    f.state.write = ChannelWrite::Clear;
+                    f.state.fail();
                     f.up.clear();
-                    *progress = true;
+                    progress = true;
                     break;
                 }
             }
         }
-        // Local end of stream -> channel EOF.
-        if f.local_eof && f.up.is_empty() && !f.eof_sent && !f.broken {
+        Ok(progress)
+    }
+
+    /// Step 3, local end of stream -> channel EOF, once all the upward bytes are in the
+    /// channel. A failure other than the session's death counts as sent: the channel is
+    /// closed next anyway.
+    fn send_eof(&mut self, f: &mut Forward) -> Result<bool, String> {
+        let mut progress = false;
+        let ch = &mut f.channel;
+        if f.state.sends_eof(f.up.is_empty()) {
             match ch.send_eof() {
                 Ok(()) => {
-                    f.eof_sent = true;
-                    *progress = true;
+                    f.state.upward = Flow::Closed;
+                    progress = true;
                 }
                 Err(e) if code(&e) == EAGAIN => self.eagain(),
                 Err(e) if session_dead(code(&e)) => return Err(format!("SSH session failed: {e}")),
                 Err(e) => {
                     log::debug!("ssh tunnel: channel #{}: send_eof: {e}", f.id);
-                    f.eof_sent = true;
-                    *progress = true;
+                    f.state.upward = Flow::Closed;
+                    progress = true;
                 }
             }
         }
-        // Channel -> buffer.
-        if !f.remote_eof && !f.broken {
+        Ok(progress)
+    }
+
+    /// Step 4, channel -> downward buffer, while the state allows it: reads until EAGAIN (or
+    /// the buffer is full), since libssh2 may hold bytes for this channel that it read while
+    /// serving another (rule 3; the loop repeats turns while anything moves). The channel's
+    /// EOF starts draining the downward direction.
+    fn read_channel(&mut self, f: &mut Forward) -> Result<bool, String> {
+        let mut progress = false;
+        let ch = &mut f.channel;
+        if f.state.reads_channel() {
             while f.down.len() < BUF_CAP {
                 let n = CHUNK.min(BUF_CAP - f.down.len());
                 match ch.read(&mut self.scratch[..n]) {
                     Ok(0) => {
                         if ch.eof() {
-                            f.remote_eof = true;
-                            *progress = true;
+                            f.state.downward = Flow::Draining;
+                            progress = true;
                         }
                         break;
                     }
@@ -770,62 +960,42 @@ impl Loop {
                         if f.local.is_some() {
                             f.down.extend(&self.scratch[..n]);
                         }
-                        *progress = true;
+                        progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         let why = self.channel_error(&e)?;
                         log::debug!("ssh tunnel: channel #{}: read failed: {why}", f.id);
-                        f.broken = true;
-                        *progress = true;
+                        f.state.fail();
+                        progress = true;
                         break;
                     }
                 }
             }
         }
-        // Buffer -> local.
-        while !f.down.is_empty() {
-            let Some(local) = f.local.as_mut() else { break };
-            match local.write(f.down.bytes()) {
-                Ok(n) => {
-                    f.down.consume(n);
-                    *progress = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    f.local_failed(&e);
-                    *progress = true;
-                    break;
-                }
-            }
+        Ok(progress)
+    }
+
+    /// Step 7, both directions over (or broken) and no write pending: `close()`, then
+    /// `wait_close()` for the server's close, each retried after EAGAIN, and only then drops
+    /// the local socket; the channel is freed with the connection at the end of the turn
+    /// (rule 6: a channel dropped before it is closed can leak).
+    fn close_channel(&mut self, f: &mut Forward) -> Result<bool, String> {
+        let mut progress = false;
+        let ch = &mut f.channel;
+        if f.state.close_due() && self.channel_step(ch.close(), "close", f.id)? {
+            f.state.channel = ChannelState::Closing;
+            progress = true;
         }
-        // Channel end of stream -> local.
-        if f.remote_eof && f.down.is_empty() && !f.local_shut {
-            if let Some(local) = &f.local {
-                let _ = local.shutdown(Shutdown::Write);
-            }
-            f.local_shut = true;
-            *progress = true;
+        if f.state.channel == ChannelState::Closing
+            && self.channel_step(ch.wait_close(), "wait_close", f.id)?
+        {
+            f.state.channel = ChannelState::Closed;
+            progress = true;
+            log::trace!("ssh tunnel: local connection #{} closed", f.id);
+            f.local = None;
         }
-        // Both over: close the channel, then wait for the server's close.
-        if f.finished() && !f.closed {
-            if !f.close_sent && self.channel_step(ch.close(), "close", f.id)? {
-                f.close_sent = true;
-                *progress = true;
-            }
-            if f.close_sent {
-                if self.channel_step(ch.wait_close(), "wait_close", f.id)? {
-                    f.closed = true;
-                    *progress = true;
-                }
-                if f.closed {
-                    log::trace!("ssh tunnel: local connection #{} closed", f.id);
-                    f.local = None;
-                }
-            }
-        }
-        Ok(())
+        Ok(progress)
     }
 
     /// On close by the owner: drop the local sockets, close every channel and the session,
@@ -835,9 +1005,8 @@ impl Loop {
         self.closing = true;
         for f in &mut self.forwards {
             f.drop_local();
-            f.broken = true;
         }
-        self.forwards.retain(|f| f.channel.is_some());
+        self.waiting.clear();
         while !self.forwards.is_empty() && Instant::now() < deadline {
             self.want_ssh_out = false;
             self.retrying = false;
@@ -868,5 +1037,162 @@ impl Loop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state with every field given.
+    fn state(channel: ChannelState, upward: Flow, downward: Flow, write: ChannelWrite) -> State {
+        State {
+            channel,
+            upward,
+            downward,
+            write,
+        }
+    }
+
+    #[test]
+    fn a_new_connection_reads_both_sides_and_closes_nothing() {
+        let s = State::OPENED;
+        assert!(s.reads_local() && s.reads_channel() && s.writes_channel());
+        assert!(!s.sends_eof(true) && !s.shuts_local(true) && !s.close_due());
+    }
+
+    #[test]
+    fn the_channel_eof_goes_out_only_after_the_bytes_before_it() {
+        let mut s = State::OPENED;
+        s.upward = Flow::Draining; // the local socket ended
+        assert!(!s.reads_local());
+        assert!(s.writes_channel());
+        assert!(!s.sends_eof(false));
+        assert!(s.sends_eof(true));
+    }
+
+    #[test]
+    fn the_local_socket_is_shut_only_after_the_bytes_before_the_channel_eof() {
+        let mut s = State::OPENED;
+        s.downward = Flow::Draining; // the channel's EOF arrived
+        assert!(!s.reads_channel());
+        assert!(!s.shuts_local(false));
+        assert!(s.shuts_local(true));
+    }
+
+    #[test]
+    fn the_channel_closes_only_once_both_directions_are_closed() {
+        for upward_first in [true, false] {
+            let mut s = State::OPENED;
+            let mut steps = [
+                |s: &mut State| s.upward = Flow::Draining,
+                |s: &mut State| s.upward = Flow::Closed,
+                |s: &mut State| s.downward = Flow::Draining,
+                |s: &mut State| s.downward = Flow::Closed,
+            ];
+            if !upward_first {
+                steps.rotate_left(2);
+            }
+            for step in steps {
+                assert!(!s.close_due(), "{s:?}");
+                step(&mut s);
+            }
+            assert!(s.close_due());
+        }
+    }
+
+    #[test]
+    fn close_waits_for_a_pending_write() {
+        let over = state(
+            ChannelState::Open,
+            Flow::Closed,
+            Flow::Closed,
+            ChannelWrite::Pending,
+        );
+        assert!(!over.close_due());
+        let broken = state(
+            ChannelState::Broken,
+            Flow::Open,
+            Flow::Open,
+            ChannelWrite::Pending,
+        );
+        assert!(!broken.close_due());
+        assert!(State {
+            write: ChannelWrite::Clear,
+            ..broken
+        }
+        .close_due());
+    }
+
+    #[test]
+    fn after_a_failure_only_a_pending_write_goes_to_the_channel() {
+        let mut s = state(
+            ChannelState::Open,
+            Flow::Draining,
+            Flow::Open,
+            ChannelWrite::Pending,
+        );
+        s.fail();
+        assert_eq!(s.channel, ChannelState::Broken);
+        assert!(s.writes_channel());
+        assert!(!s.reads_local() && !s.reads_channel() && !s.sends_eof(true));
+        s.write = ChannelWrite::Clear; // the pending packet went out
+        assert!(!s.writes_channel());
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn a_failure_closes_the_channel_without_waiting_for_either_direction() {
+        let mut s = State::OPENED;
+        s.fail();
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn a_channel_eof_received_before_a_failure_still_reaches_the_local_socket() {
+        let mut s = State::OPENED;
+        s.downward = Flow::Draining;
+        s.fail();
+        assert!(s.shuts_local(true));
+    }
+
+    #[test]
+    fn a_failure_after_close_went_out_changes_nothing() {
+        for channel in [ChannelState::Closing, ChannelState::Closed] {
+            let mut s = state(channel, Flow::Closed, Flow::Closed, ChannelWrite::Clear);
+            s.fail();
+            s.local_dropped();
+            assert_eq!(s.channel, channel);
+            assert!(!s.close_due(), "close is sent once");
+        }
+    }
+
+    #[test]
+    fn a_dropped_local_socket_stops_both_directions_but_a_pending_write() {
+        let mut s = state(
+            ChannelState::Open,
+            Flow::Open,
+            Flow::Draining,
+            ChannelWrite::Pending,
+        );
+        s.local_dropped();
+        assert!(!s.reads_local() && !s.reads_channel() && !s.shuts_local(true));
+        assert!(s.writes_channel() && !s.close_due());
+        s.write = ChannelWrite::Clear;
+        assert!(s.close_due());
+    }
+
+    #[test]
+    fn bytes_added_behind_a_pending_write_leave_its_bytes_unchanged() {
+        let mut up = Buf::default();
+        up.extend(&(0..100).collect::<Vec<u8>>());
+        up.consume(60); // a write took 60 bytes
+        let offered = up.bytes().to_vec(); // the next write answers EAGAIN
+        up.extend(&[200; 10]); // the local socket gives more: the buffer compacts
+        assert_eq!(up.start, 0, "this test must cover compaction");
+        assert_eq!(&up.bytes()[..offered.len()], &offered[..]);
+        up.extend(&[201; 10]); // no compaction this time
+        assert_eq!(&up.bytes()[..offered.len()], &offered[..]);
+        assert_eq!(up.len(), 60);
     }
 }

@@ -6,21 +6,10 @@ mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
-use common::ssh_error;
-use rpyc::{Error, Service, SshContext, SshErrorKind};
+use common::{ssh_error, works_through};
+use rpyc::{Error, SshContext, SshErrorKind};
 use std::process::Command;
 use std::time::Duration;
-
-fn works(ctx: &SshContext) -> Result<(), Error> {
-    let server = common::serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
-    let conn = common::options()
-        .clone()
-        .ssh(ctx.clone())
-        .connect("127.0.0.1", server.port)?;
-    assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
-    conn.close();
-    Ok(())
-}
 
 /// A context with no credentials at all (no key file, no agent, no config).
 fn bare(d: &sshd::Sshd) -> SshContext {
@@ -36,13 +25,13 @@ fn bare(d: &sshd::Sshd) -> SshContext {
 #[test]
 fn key_file_authenticates() {
     let d = sshd::shared();
-    works(&bare(d).keyfile(&d.client_key)).unwrap();
+    works_through(&bare(d).keyfile(&d.client_key)).unwrap();
 }
 
 #[test]
 fn passphrase_protected_key_authenticates_with_its_passphrase() {
     let d = sshd::shared();
-    works(
+    works_through(
         &bare(d)
             .keyfile(&d.client_key_pass)
             .key_passphrase(sshd::PASSPHRASE),
@@ -53,7 +42,8 @@ fn passphrase_protected_key_authenticates_with_its_passphrase() {
 #[test]
 fn wrong_passphrase_is_a_configuration_error_with_a_hint() {
     let d = sshd::shared();
-    let err = works(&bare(d).keyfile(&d.client_key_pass).key_passphrase("wrong")).unwrap_err();
+    let err =
+        works_through(&bare(d).keyfile(&d.client_key_pass).key_passphrase("wrong")).unwrap_err();
     let e = ssh_error(&err);
     assert_eq!(e.kind(), SshErrorKind::Config, "{e}");
     let m = e.message();
@@ -84,7 +74,7 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
         );
     }
     // The key file given is refused: only the agent's second key can let us in.
-    works(&bare(d).keyfile(&d.stranger_key).identity_agent(&sock)).unwrap();
+    works_through(&bare(d).keyfile(&d.stranger_key).identity_agent(&sock)).unwrap();
     // The same through the client configuration's IdentityAgent.
     let cfg = d.path("agent_ssh_config");
     std::fs::write(
@@ -92,7 +82,7 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
         format!("Host *\n  IdentityAgent {}\n", sock.display()),
     )
     .unwrap();
-    works(
+    works_through(
         &bare(d)
             .keyfile(&d.stranger_key)
             .config_file(&cfg)
@@ -100,14 +90,14 @@ fn agent_identities_are_tried_one_by_one_before_key_files() {
     )
     .unwrap();
     // And with the agent switched off, the refused key file is all there is.
-    let err = works(&bare(d).keyfile(&d.stranger_key).config_file(&cfg)).unwrap_err();
+    let err = works_through(&bare(d).keyfile(&d.stranger_key).config_file(&cfg)).unwrap_err();
     let e = ssh_error(&err);
     assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
     let m = e.message();
     assert!(m.contains("id_stranger (refused)"), "{m}");
     assert!(!m.contains("agent"), "{m}");
     // When everything is refused, the message shows OpenSSH's order: agent, key files, password.
-    let err = works(
+    let err = works_through(
         &bare(d)
             .user("rpyc-no-such-user")
             .keyfile(&d.stranger_key)
@@ -163,8 +153,8 @@ fn password_authentication_comes_after_refused_keys() {
 
     // The stranger key is refused first; then the password gets in.
     let ctx = bare(d).user(user).keyfile(&d.stranger_key);
-    works(&ctx.clone().password(password)).unwrap();
-    let err = works(&ctx.password("not the password")).unwrap_err();
+    works_through(&ctx.clone().password(password)).unwrap();
+    let err = works_through(&ctx.password("not the password")).unwrap_err();
     let e = ssh_error(&err);
     assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
     let m = e.message();
@@ -190,7 +180,7 @@ fn client_config_supplies_host_port_user_key_and_known_hosts() {
     .unwrap();
     // "If the two machines are acquainted and your ssh config is set up, the context can be
     // pretty much empty."
-    works(
+    works_through(
         &SshContext::new("rpyc-test-alias")
             .config_file(&cfg)
             .agent(false),
@@ -202,7 +192,7 @@ fn client_config_supplies_host_port_user_key_and_known_hosts() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let err = works(
+    let err = works_through(
         &SshContext::new("rpyc-test-alias")
             .config_file(&cfg)
             .agent(false)
@@ -213,7 +203,7 @@ fn client_config_supplies_host_port_user_key_and_known_hosts() {
         matches!(&err, Error::Connect { addr, .. } if addr.contains(&closed_port.to_string())),
         "{err:?}"
     );
-    let err = works(
+    let err = works_through(
         &SshContext::new("rpyc-test-alias")
             .config_file(&cfg)
             .agent(false)

@@ -39,7 +39,6 @@ fn calls_go_through_the_tunnel() {
     let server = serve(service());
     let ctx = sshd::shared().context();
     let conn = common::options()
-        .clone()
         .ssh(ctx.clone())
         .connect("127.0.0.1", server.port)
         .unwrap();
@@ -56,7 +55,6 @@ fn calls_go_through_the_tunnel() {
 fn many_threads_share_one_tunneled_connection() {
     let server = serve(service());
     let conn = common::options()
-        .clone()
         .ssh(sshd::shared().context().clone())
         .connect("127.0.0.1", server.port)
         .unwrap();

@@ -53,7 +53,6 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     let fds_before = open_fds();
 
     let conn = common::options()
-        .clone()
         .ssh(d.context().clone())
         .connect("127.0.0.1", server.port)
         .unwrap();
@@ -119,7 +118,6 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
 
     // Dropping the last handle, without close(), stops the tunnel too.
     let conn = common::options()
-        .clone()
         .ssh(d.context().clone())
         .connect("127.0.0.1", server.port)
         .unwrap();

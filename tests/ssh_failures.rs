@@ -110,7 +110,6 @@ fn nothing_listening_on_the_remote_port_is_reported_as_such() {
     };
     let t = Instant::now();
     let err = common::options()
-        .clone()
         .ssh(sshd::shared().context().clone())
         .connect("127.0.0.1", port)
         .unwrap_err();
@@ -137,7 +136,6 @@ fn forwarding_refused_by_the_server_is_reported_as_such() {
     let server = common::serve(rpyc::Service::new("svc").method("add", |a: i64, b: i64| a + b));
     let t = Instant::now();
     let err = common::options()
-        .clone()
         .ssh(d.context().clone())
         .connect("127.0.0.1", server.port)
         .unwrap_err();

@@ -7,9 +7,9 @@ mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
-use common::ssh_error;
+use common::{ssh_error, works_through};
 use rpyc::ssh::HostKeyPolicy;
-use rpyc::{Error, Service, SshErrorKind};
+use rpyc::SshErrorKind;
 use std::process::Command;
 
 /// `SHA256:...` of a public key line, as ssh-keygen prints it.
@@ -20,23 +20,12 @@ fn fingerprint(pub_line: &str, dir: &std::path::Path, name: &str) -> String {
     out.split_whitespace().nth(1).unwrap().to_string()
 }
 
-fn works(ctx: &rpyc::SshContext) -> Result<(), Error> {
-    let server = common::serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
-    let conn = common::options()
-        .clone()
-        .ssh(ctx.clone())
-        .connect("127.0.0.1", server.port)?;
-    assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
-    conn.close();
-    Ok(())
-}
-
 #[test]
 fn unknown_host_is_refused_by_default_naming_fingerprint_and_file() {
     let d = sshd::shared();
     let kh = d.path("empty_known_hosts");
     std::fs::write(&kh, "# nothing yet\n").unwrap();
-    let err = works(&d.context().known_hosts(&kh)).unwrap_err();
+    let err = works_through(&d.context().known_hosts(&kh)).unwrap_err();
     let e = ssh_error(&err);
     assert_eq!(e.kind(), SshErrorKind::HostKeyUnknown, "{e}");
     let m = e.message();
@@ -57,7 +46,7 @@ fn unknown_host_is_refused_by_default_naming_fingerprint_and_file() {
 fn accept_new_adds_the_key_and_later_connections_trust_it() {
     let d = sshd::shared();
     let kh = d.path("accept_new/sub/known_hosts");
-    works(
+    works_through(
         &d.context()
             .known_hosts(&kh)
             .host_key_policy(HostKeyPolicy::AcceptNew),
@@ -70,7 +59,7 @@ fn accept_new_adds_the_key_and_later_connections_trust_it() {
     );
     assert_eq!(text.lines().count(), 1);
     // Now known: the strict default accepts it, and nothing more is added.
-    works(&d.context().known_hosts(&kh)).unwrap();
+    works_through(&d.context().known_hosts(&kh)).unwrap();
     assert_eq!(std::fs::read_to_string(&kh).unwrap(), text);
 }
 
@@ -86,7 +75,7 @@ fn changed_key_is_refused_even_under_accept_new() {
     )
     .unwrap();
     for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
-        let err = works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
+        let err = works_through(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
         let e = ssh_error(&err);
         assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
         let m = e.message();
@@ -96,7 +85,7 @@ fn changed_key_is_refused_even_under_accept_new() {
     // The file is untouched.
     assert_eq!(std::fs::read_to_string(&kh).unwrap().lines().count(), 2);
     // Only the visibly dangerous policy lets it through.
-    works(
+    works_through(
         &d.context()
             .known_hosts(&kh)
             .host_key_policy(HostKeyPolicy::DangerousAcceptAnyKey),
@@ -122,7 +111,7 @@ fn hashed_entries_among_bad_lines_are_understood() {
     std::fs::write(&kh, &text).unwrap();
     assert!(text.contains("|1|"), "ssh-keygen -H did not hash: {text}");
     assert!(!text.contains("127.0.0.1"), "{text}");
-    works(&d.context().known_hosts(&kh)).unwrap();
+    works_through(&d.context().known_hosts(&kh)).unwrap();
 }
 
 #[test]
@@ -130,7 +119,7 @@ fn host_known_only_by_its_rsa_key_is_asked_for_that_key() {
     let d = sshd::shared();
     let kh = d.path("rsa_known_hosts");
     std::fs::write(&kh, format!("[127.0.0.1]:{} {}\n", d.port, d.host_key_rsa)).unwrap();
-    works(&d.context().known_hosts(&kh)).unwrap();
+    works_through(&d.context().known_hosts(&kh)).unwrap();
 }
 
 #[test]
@@ -138,7 +127,7 @@ fn port_22_entries_do_not_vouch_for_other_ports() {
     let d = sshd::shared();
     let kh = d.path("port22_known_hosts");
     std::fs::write(&kh, format!("127.0.0.1 {}\n", d.host_key_ed25519)).unwrap();
-    let err = works(&d.context().known_hosts(&kh)).unwrap_err();
+    let err = works_through(&d.context().known_hosts(&kh)).unwrap_err();
     assert_eq!(
         common::ssh_kind(&err),
         SshErrorKind::HostKeyUnknown,
@@ -160,7 +149,7 @@ fn revoked_host_keys_are_refused_even_under_accept_new() {
     )
     .unwrap();
     for policy in [HostKeyPolicy::Strict, HostKeyPolicy::AcceptNew] {
-        let err = works(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
+        let err = works_through(&d.context().known_hosts(&kh).host_key_policy(policy)).unwrap_err();
         assert_eq!(
             common::ssh_kind(&err),
             SshErrorKind::HostKeyRevoked,

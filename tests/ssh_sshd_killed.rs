@@ -32,7 +32,6 @@ fn killing_sshd_fails_the_waiting_call_and_later_calls_fast() {
             }),
     );
     let conn = common::options()
-        .clone()
         .ssh(d.context().clone())
         .connect("127.0.0.1", server.port)
         .unwrap();

@@ -95,6 +95,17 @@ pub fn expect_within(what: &str, timeout: Duration, cond: impl FnMut() -> bool) 
     );
 }
 
+/// Checks that a connection through SSH as `ctx` says carries a call to a fresh server.
+pub fn works_through(ctx: &rpyc::SshContext) -> Result<(), rpyc::Error> {
+    let server = serve(Service::new("svc").method("add", |a: i64, b: i64| a + b));
+    let conn = options()
+        .ssh(ctx.clone())
+        .connect("127.0.0.1", server.port)?;
+    assert_eq!(conn.root().call::<i64, _>("add", (2, 3))?, 5);
+    conn.close();
+    Ok(())
+}
+
 /// Checks that `conn` still carries a call (`add(20, 22)` on a service that has it).
 pub fn works(conn: &Connection) {
     assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::raw::{cbor_head, uint};
+use common::raw::{cbor_head, frame, uint};
 use rpyc::{Error, HandshakeError, HandshakeErrorKind, ServerHandle, Service, ThreadedServer};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -62,27 +62,16 @@ fn hello(version: u16) -> [u8; 16] {
     b
 }
 
-/// A body `[kind, id, parent, target, method]` followed by `payload` (one CBOR item).
+/// A body `[kind, id, parent, target, method]` followed by `payload` (one CBOR item), without
+/// its length.
 fn body(kind: u64, id: u64, parent: u64, target: u64, method: &str, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    cbor_head(&mut b, 4, 5);
-    for v in [kind, id, parent, target] {
-        cbor_head(&mut b, 0, v);
-    }
-    cbor_head(&mut b, 3, method.len() as u64);
-    b.extend_from_slice(method.as_bytes());
-    b.extend_from_slice(payload);
-    b
+    frame(kind, id, parent, target, method, payload).split_off(4)
 }
 
 fn framed(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(body);
     f
-}
-
-fn frame(kind: u64, id: u64, parent: u64, target: u64, method: &str, payload: &[u8]) -> Vec<u8> {
-    framed(&body(kind, id, parent, target, method, payload))
 }
 
 /// `add(1, 2)` on the root service.

@@ -252,19 +252,7 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "tcp peer".into());
-    Ok(Transport {
-        reader: Box::new(s.try_clone()?),
-        control: Arc::new(s.try_clone()?),
-        // A peer that stops reading must not block a writer forever: a frame that makes no
-        // progress for this long fails and closes the connection.
-        writer: Box::new(SocketSink {
-            socket: s,
-            stall: Stall::new(write_timeout),
-        }),
-        peer,
-        credentials: None,
-        started: Instant::now(),
-    })
+    socket(s, TcpStream::try_clone, peer, write_timeout)
 }
 
 /// Wraps a connected Unix socket.
@@ -274,9 +262,30 @@ pub(crate) fn unix(
     peer: String,
     write_timeout: Duration,
 ) -> io::Result<Transport> {
+    socket(
+        s,
+        std::os::unix::net::UnixStream::try_clone,
+        peer,
+        write_timeout,
+    )
+}
+
+/// A connected socket as a transport: one handle reads, one shuts down, the socket itself
+/// writes.
+fn socket<S>(
+    s: S,
+    try_clone: fn(&S) -> io::Result<S>,
+    peer: String,
+    write_timeout: Duration,
+) -> io::Result<Transport>
+where
+    S: Read + Control + AsRawFd + Send + 'static,
+{
     Ok(Transport {
-        reader: Box::new(s.try_clone()?),
-        control: Arc::new(s.try_clone()?),
+        reader: Box::new(try_clone(&s)?),
+        control: Arc::new(try_clone(&s)?),
+        // A peer that stops reading must not block a writer forever: a frame that makes no
+        // progress for this long fails and closes the connection.
         writer: Box::new(SocketSink {
             socket: s,
             stall: Stall::new(write_timeout),

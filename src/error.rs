@@ -18,7 +18,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
-    /// Could not reach the peer: resolving, connecting or binding failed.
+    /// Could not reach the peer, or a server could not listen: resolving, connecting or
+    /// binding an address failed (for binding, `addr` ends in `(bind)`).
     Connect {
         /// What we tried to reach, e.g. `127.0.0.1:18861` or a socket path.
         addr: String,
@@ -58,7 +59,8 @@ pub enum Error {
     /// An SSH failure: the session, authentication, the host key, or a forwarded channel;
     /// [`SshError::kind`] says which.
     Ssh(SshError),
-    /// A local I/O failure outside a connection (spawning a process, binding a server, ...).
+    /// A local I/O failure outside a connection: spawning a process or a thread, writing a file,
+    /// ... (a server that cannot bind its address fails with [`Error::Connect`]).
     Io(Arc<io::Error>),
     /// The API was used in a way that cannot work (settings that do not go together, such as
     /// TLS for a Unix socket); the message says what to change. Nothing was sent.

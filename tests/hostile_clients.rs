@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -457,7 +457,10 @@ fn megabytes_of_tiny_arguments_cost_the_server_a_small_multiple_of_them() {
 }
 
 /// Floods `s` with `count` calls of `nothing` carrying `size` bytes each, until the server
-/// hangs up; returns how many bytes went out.
+/// hangs up; returns how many bytes went out. A server that closed the connection but still
+/// holds its socket (a handler of it is running) leaves its receive window full, so a watcher
+/// stops the flood as soon as the server's end of the stream arrives, instead of the write
+/// waiting out its timeout.
 fn flood(s: &mut TcpStream, count: usize, size: usize) -> u64 {
     let mut payload = Vec::new();
     raw::cbor_head(&mut payload, 4, 1);
@@ -465,6 +468,28 @@ fn flood(s: &mut TcpStream, count: usize, size: usize) -> u64 {
     payload.resize(payload.len() + size, 0xab);
     let frame = raw::frame(raw::CALL, 1_000, 0, 0, "nothing", &payload);
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut watched = s.try_clone().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let flooding = done.clone();
+    let watcher = std::thread::spawn(move || {
+        // The server sends nothing before it hangs up (the blocked call never returns). Our
+        // writing side is shut only once the server's end arrived, never before: the caller
+        // then sees that end again and knows it came from the server.
+        watched
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        while !flooding.load(Ordering::SeqCst) {
+            match watched.read(&mut [0u8; 1024]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Ok(n) if n > 0 => {}
+                _ => {
+                    let _ = watched.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+            }
+        }
+    });
     let mut sent = 0;
     for _ in 0..count {
         if s.write_all(&frame).is_err() {
@@ -472,6 +497,8 @@ fn flood(s: &mut TcpStream, count: usize, size: usize) -> u64 {
         }
         sent += frame.len() as u64;
     }
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
     sent
 }
 

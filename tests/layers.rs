@@ -32,35 +32,74 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The top-level modules a line of code names through `crate::` (comments are skipped).
-fn uses(line: &str) -> Vec<String> {
-    let code = line.trim_start();
-    if code.starts_with("//") {
-        return Vec::new();
-    }
+/// The top-level modules that code names through `crate::`, each with the line it is named on
+/// (1-based). Comments are skipped; a group `crate::{a::X, b::{Y, Z}}` names `a` and `b`, also
+/// when rustfmt spreads it over several lines.
+fn uses(code: &str) -> Vec<(String, usize)> {
+    let code: String = code
+        .lines()
+        .map(|l| match l.find("//") {
+            Some(at) => &l[..at],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let line_at = |at: usize| code[..at].matches('\n').count() + 1;
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut found = Vec::new();
-    let mut rest = code;
-    while let Some(at) = rest.find("crate::") {
-        rest = &rest[at + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                let name: String = item
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                found.push(name);
+    let mut from = 0;
+    while let Some(at) = code[from..].find("crate::") {
+        let start = from + at + "crate::".len();
+        from = start;
+        let rest = &code[start..];
+        let Some(group) = rest.strip_prefix('{') else {
+            found.push((ident(rest), line_at(start)));
+            continue;
+        };
+        // Items of the group at its top level: split at commas outside inner braces.
+        let (mut depth, mut item_start) = (0usize, 0usize);
+        for (i, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth > 0 => depth -= 1,
+                ',' | '}' if depth == 0 => {
+                    let at = start + 1 + item_start;
+                    let name = ident(&group[item_start..i]);
+                    let lead = group[item_start..i].len() - group[item_start..i].trim_start().len();
+                    if !name.is_empty() {
+                        found.push((name, line_at(at + lead)));
+                    }
+                    item_start = i + 1;
+                    if c == '}' {
+                        break;
+                    }
+                }
+                _ => {}
             }
-        } else {
-            found.push(
-                rest.chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect(),
-            );
         }
     }
     found
+}
+
+#[test]
+fn the_import_scan_finds_paths_groups_and_groups_over_several_lines() {
+    let code = "use crate::base::lock; // crate::ssh in a comment\n\
+                let x = crate::wire::Frame::new();\n\
+                use crate::{\n    transport::{Transport, Sink},\n    core::Config,\n};\n";
+    assert_eq!(
+        uses(code),
+        [
+            ("base".to_string(), 1),
+            ("wire".to_string(), 2),
+            ("transport".to_string(), 4),
+            ("core".to_string(), 5),
+        ]
+    );
 }
 
 #[test]
@@ -87,27 +126,23 @@ fn imports_between_the_layers_of_src_run_one_way() {
         let text = std::fs::read_to_string(file).unwrap();
         // Unit tests at the end of a file may use anything.
         let code = text.split("#[cfg(test)]\nmod tests {").next().unwrap_or("");
-        for (n, line) in code.lines().enumerate() {
-            for used in uses(line) {
-                if used == module || used.is_empty() {
-                    continue;
-                }
-                // Items the crate root re-exports are named by their own module instead.
-                let Some(theirs) = layer_of(&used) else {
-                    wrong.push(format!(
-                        "src/{}:{}: `crate::{used}` is not a layer's module",
-                        rel.display(),
-                        n + 1
-                    ));
-                    continue;
-                };
-                if theirs >= own {
-                    wrong.push(format!(
-                        "src/{}:{}: {module} (layer {own}) uses {used} (layer {theirs})",
-                        rel.display(),
-                        n + 1
-                    ));
-                }
+        for (used, line) in uses(code) {
+            if used == module {
+                continue;
+            }
+            // Items the crate root re-exports are named by their own module instead.
+            let Some(theirs) = layer_of(&used) else {
+                wrong.push(format!(
+                    "src/{}:{line}: `crate::{used}` is not a layer's module",
+                    rel.display(),
+                ));
+                continue;
+            };
+            if theirs >= own {
+                wrong.push(format!(
+                    "src/{}:{line}: {module} (layer {own}) uses {used} (layer {theirs})",
+                    rel.display(),
+                ));
             }
         }
     }

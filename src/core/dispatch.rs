@@ -428,12 +428,10 @@ fn worker(shared: Arc<Shared>) {
             Task::Job(job) => Some(job),
         };
         fresh = match job {
-            // Counted as running when it was handed to this thread.
+            // Counted as running when it was handed to this thread; `next_task` counts it
+            // done.
             Some(job) => {
                 shared.serve(job);
-                let mut st = lock(&shared.pool.state);
-                st.running -= 1;
-                st.check(&shared.pool);
                 true
             }
             None => false,
@@ -441,9 +439,15 @@ fn worker(shared: Arc<Shared>) {
     }
 }
 
+/// The next thing for a pool thread to do. `fresh`: the thread has just run a request, which
+/// stops counting as running here (under the same lock as the next choice).
 fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
+    if fresh {
+        st.running -= 1;
+        st.check(pool);
+    }
     let mut fresh = fresh;
     let mut seen = st.releases;
     let mut active_until = Instant::now() + LINGER;

@@ -44,7 +44,7 @@ fn assert_no_panics() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The wire format, by hand (see src/wire.rs and PROTOCOL.md).
+// The wire format, by hand (see src/wire/mod.rs and PROTOCOL.md).
 
 const CALL: u64 = 0;
 const ONEWAY: u64 = 1;

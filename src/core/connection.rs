@@ -227,9 +227,9 @@ enum Stopped {
 /// * A callback the peer makes while serving your synchronous call runs on your calling thread
 ///   (it is blocked anyway), so nested call chains of any depth need no extra threads.
 /// * Frames sent by one thread are sent in the order that thread sent them.
-/// * Requests from the peer start in arrival order but run concurrently, on up to
-///   [`Options::max_workers`](crate::Options::max_workers) threads: a slow handler delays no
-///   other call. Calls from different threads, async calls and oneway calls may therefore
+/// * Requests from the peer are handed to threads in arrival order and run concurrently, on
+///   up to [`Options::max_workers`](crate::Options::max_workers) threads (so a later handler may
+///   begin a moment before an earlier one): a slow handler delays no other call. Calls from different threads, async calls and oneway calls may therefore
 ///   complete in any order; calls made one after another by one thread, each waiting for its
 ///   reply, run in that order. A synchronous call's nested requests run one at a time, in
 ///   arrival order.

@@ -230,7 +230,7 @@ impl Options {
 
     /// Authenticates connections made with [`connect`](Self::connect) with your own scheme,
     /// before the rpyc handshake (a pre-shared token, say; see
-    /// [`ClientAuthenticator`](crate::auth::ClientAuthenticator)). [`tls`](Self::tls) is the
+    /// [`ClientAuthenticator`]). [`tls`](Self::tls) is the
     /// same slot, for TLS: the last one given is used.
     ///
     /// ```

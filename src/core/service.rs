@@ -105,7 +105,7 @@ impl Service {
 
     /// Adds a method. `f` takes up to eight arguments, each any serde type, and returns any
     /// serde type; returning `Result<T, E>` makes `Err` reach the caller as
-    /// [`Error::Remote`](crate::Error::Remote) with `E` as the message (`E` must be
+    /// [`Error::Remote`] with `E` as the message (`E` must be
     /// `Serialize`: `String`, `&str` and [`Error`] are). A panic in `f` is caught and reported
     /// the same way.
     ///

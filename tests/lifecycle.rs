@@ -493,3 +493,14 @@ fn on_disconnect_runs_even_when_the_peer_leaves_during_on_connect() {
     assert_eq!(connects.load(Ordering::SeqCst), 3);
     assert_eq!(disconnects.load(Ordering::SeqCst), 3);
 }
+
+#[test]
+fn close_timeout_of_duration_max_means_no_limit() {
+    // `Duration::MAX` is "no limit" wherever a timeout is taken: it must wait, not overflow
+    // the clock. With no handler running there is nothing to wait for.
+    let server = common::serve(Service::new("s").method("nothing", || ()));
+    let conn = common::connect(&server);
+    conn.root().call::<(), _>("nothing", ()).unwrap();
+    conn.close();
+    assert!(server.handle.close_timeout(Duration::MAX));
+}

@@ -55,8 +55,7 @@ impl Pool {
     }
 
     fn lock(&self) -> MutexGuard<'_, Free> {
-        // Nothing panics while holding this lock; a poisoned list is still a valid list.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
+        crate::base::lock(&self.free)
     }
 
     /// The smallest cached buffer with a capacity of at least `capacity`, if any.

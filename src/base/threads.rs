@@ -1,6 +1,7 @@
 //! Every thread this crate starts belongs to a [`ThreadSet`], so whoever started it can wait for
 //! it to end: a client connection's set is its own, a server's connections share the server's.
 
+use crate::base::{deadline, lock};
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,13 +21,9 @@ struct Member(Arc<ThreadSet>);
 impl Drop for Member {
     fn drop(&mut self) {
         let me = thread::current().id();
-        let mut live = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = lock(&self.0.state);
         if let Some(Some(h)) = live.remove(&me) {
-            self.0
-                .finished
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(h);
+            lock(&self.0.finished).push(h);
         }
         self.0.cv.notify_all();
     }
@@ -45,7 +42,7 @@ impl ThreadSet {
     ) -> io::Result<()> {
         let set = self.clone();
         // Hold the lock across spawn so the thread cannot finish before its handle is recorded.
-        let mut live = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = lock(&self.state);
         let handle = thread::Builder::new().name(name.into()).spawn(move || {
             let _member = Member(set);
             f()
@@ -58,7 +55,7 @@ impl ThreadSet {
 
     /// Joins threads that have already ended, so handles do not pile up on long connections.
     fn reap(&self) {
-        let done = std::mem::take(&mut *self.finished.lock().unwrap_or_else(|e| e.into_inner()));
+        let done = std::mem::take(&mut *lock(&self.finished));
         for h in done {
             let _ = h.join();
         }
@@ -68,8 +65,8 @@ impl ThreadSet {
     /// Returns false if some were still running after `grace`.
     pub(crate) fn join(&self, grace: Duration) -> bool {
         let me = thread::current().id();
-        let deadline = Instant::now() + grace;
-        let mut live = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = deadline(grace);
+        let mut live = lock(&self.state);
         loop {
             let others = live.keys().filter(|id| **id != me).count();
             if others == 0 {

@@ -285,11 +285,10 @@ impl FrameReader {
                     )))
                 }
                 Ok(n) => {
-                    if *got == 0 {
-                        self.progress_at = Instant::now();
-                    }
                     *got += n;
-                    self.moved();
+                    if !self.arrived(*got < 4, deadline) {
+                        return Ok(false);
+                    }
                 }
                 Err(e) => {
                     if !self.waited(e, *got > 0, *got, 4, deadline).map_err(Some)? {
@@ -335,8 +334,9 @@ impl FrameReader {
                 }
                 Ok(n) => {
                     *got += n;
-                    self.progress_at = Instant::now();
-                    self.moved();
+                    if !self.arrived(*got < len, deadline) {
+                        return Ok(false);
+                    }
                 }
                 Err(e) => {
                     if !self.waited(e, true, at + *got, frame_len, deadline)? {
@@ -348,10 +348,16 @@ impl FrameReader {
         Ok(true)
     }
 
-    fn moved(&self) {
+    /// Bytes arrived: the frame made progress. Returns false when more of it is due but the
+    /// caller's deadline has passed, so a caller whose reads never time out (a peer sending
+    /// another thread's large frame steadily) still gets its timeout on time.
+    fn arrived(&mut self, more: bool, deadline: Option<Instant>) -> bool {
+        let now = Instant::now();
+        self.progress_at = now;
         if let Some(a) = &self.activity {
             a.touch();
         }
+        !(more && deadline.is_some_and(|d| now >= d))
     }
 
     /// Decides what a failed read means: `Ok(true)` retry, `Ok(false)` give the thread back

@@ -115,6 +115,7 @@ fn more_than_max_queued_requests_read_by_the_pool_close_the_connection_naming_th
 fn caller_reading(
     conn: &Connection,
     peer: &Peer,
+    timeout: Duration,
 ) -> (
     ThreadId,
     u64,
@@ -123,7 +124,7 @@ fn caller_reading(
     let (tx, rx) = crossbeam_channel::bounded(1);
     let root = conn.root();
     let handle = thread::spawn(move || {
-        let _ = tx.send(root.call_timeout::<(), _>("outer", (), LONG));
+        let _ = tx.send(root.call_timeout::<(), _>("outer", (), timeout));
     });
     let caller = handle.thread().id();
     let call_id = peer.recv_call("outer").header.id;
@@ -135,7 +136,7 @@ fn caller_reading(
 fn more_than_max_queued_requests_read_by_a_calling_thread_close_the_connection_naming_the_limit() {
     let (svc, events) = service();
     let (conn, peer) = connect(&one_worker(2), svc, Timeouts::Yes);
-    let (caller, _, result) = caller_reading(&conn, &peer);
+    let (caller, _, result) = caller_reading(&conn, &peer, LONG);
     assert_eq!(peer.reading_thread(), caller);
     // One running and two waiting is the limit. Five overflow it whatever the timing, and the
     // caller reads them all: it holds the reader until its own reply comes.
@@ -161,7 +162,7 @@ fn a_burst_that_free_workers_take_does_not_overflow_the_queue_when_a_calling_thr
     config.set_max_queued(1);
     let (svc, events) = service();
     let (conn, peer) = connect(&config, svc, Timeouts::Yes);
-    let (caller, call_id, result) = caller_reading(&conn, &peer);
+    let (caller, call_id, result) = caller_reading(&conn, &peer, LONG);
     let (call, probe_id) = probe(&conn, &peer);
     assert_eq!(peer.reading_thread(), caller);
     // 64 workers are free: three requests need no queue at all. One write, so that the caller
@@ -189,7 +190,7 @@ fn a_burst_that_free_workers_take_does_not_overflow_the_queue_when_a_calling_thr
 fn while_a_calling_thread_reads_at_most_max_workers_handlers_run() {
     let (svc, events) = service();
     let (conn, peer) = connect(&one_worker(100), svc, Timeouts::Yes);
-    let (caller, call_id, result) = caller_reading(&conn, &peer);
+    let (caller, call_id, result) = caller_reading(&conn, &peer, LONG);
     let (call, probe_id) = probe(&conn, &peer);
     assert_eq!(peer.reading_thread(), caller);
     peer.call(1, 0, "block", &(1,));
@@ -211,5 +212,53 @@ fn while_a_calling_thread_reads_at_most_max_workers_handlers_run() {
     drop(events);
     peer.reply(call_id, &());
     result.recv_timeout(LONG).unwrap().unwrap();
+    finish(conn);
+}
+
+#[test]
+fn a_calling_thread_reading_another_s_large_frame_still_returns_at_its_deadline() {
+    // The peer sends a 3 MiB request steadily, a little every few milliseconds, so the
+    // caller's reads never time out; its deadline must still end its call on time, with the
+    // rest of the frame left to the pool.
+    let (svc, events) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    let timeout = Duration::from_secs(1);
+    let start = std::time::Instant::now();
+    let (caller, _, result) = caller_reading(&conn, &peer, timeout);
+    assert!(
+        start.elapsed() < timeout / 2,
+        "handing the reader to the caller took {:?}: the call would time out before the \
+         frame starts, proving nothing",
+        start.elapsed()
+    );
+    let big = frame_bytes(Kind::Call, 99, 0, "noop", &vec![0u8; 3 << 20]);
+    let mut outcome = None;
+    for chunk in big.chunks(2048) {
+        peer.to_conn.write_all(chunk).unwrap();
+        if let Ok(r) = result.try_recv() {
+            outcome = Some((r, start.elapsed()));
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let (r, took) = match outcome {
+        Some(o) => o,
+        None => (result.recv_timeout(LONG).unwrap(), start.elapsed()),
+    };
+    assert!(
+        matches!(r, Err(Error::Timeout(crate::error::Timeout::Call { .. }))),
+        "{r:?}"
+    );
+    assert!(
+        took < timeout.mul_f64(1.5),
+        "a call with a timeout of {timeout:?} returned after {took:?}, while another \
+         thread's frame was arriving"
+    );
+    assert_ne!(
+        peer.reading_thread(),
+        caller,
+        "the pool did not take the reader"
+    );
+    drop(events);
     finish(conn);
 }

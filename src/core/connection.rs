@@ -431,7 +431,7 @@ impl Connection {
             .shared
             .send_request(0, "", &(), Kind::Ping, true, deadline, timeout)?;
         let p = p.expect("a ping expects a reply");
-        let frame = self.shared.wait(&p, deadline, "ping", timeout)?;
+        let frame = self.shared.wait(&p, deadline, &|| "ping".into(), timeout)?;
         self.shared.decode_reply::<()>(frame, "ping")
     }
 
@@ -800,19 +800,20 @@ impl Shared {
             .is_some()
     }
 
-    /// Waits for the reply to `p` until `deadline`, running nested requests meanwhile.
+    /// Waits for the reply to `p` until `deadline`, running nested requests meanwhile. `name`
+    /// names the call in a timeout (built only then: the call path formats nothing).
     pub(crate) fn wait(
         self: &Arc<Self>,
         p: &Pending,
         deadline: Instant,
-        method: &str,
+        name: &dyn Fn() -> String,
         timeout: Duration,
     ) -> Result<Frame, Error> {
         use crate::core::dispatch::{self, CallerRead};
         let timed_out = |this: &Arc<Self>| match this.abandon(p) {
             Some(f) => Ok(f),
             None => Err(Error::Timeout(Timeout::Call {
-                method: method.to_string(),
+                method: name(),
                 after: timeout,
             })),
         };
@@ -851,18 +852,24 @@ impl Shared {
     /// handed to it go to the pool; a reply that slipped in is returned.
     pub(crate) fn abandon(self: &Arc<Self>, p: &Pending) -> Option<Frame> {
         let mut reply = None;
-        if !self.forget(p.id) {
-            // The reading thread took our entry (or the connection closed): the reply is in
-            // our channel or about to be (it is sent right after the entry is removed, with
-            // nothing in between that can wait), so take it rather than lose it.
-            if let Ok(Delivery::Reply(f)) = p.rx.recv() {
-                reply = Some(f);
-            }
-        }
-        while let Ok(d) = p.rx.try_recv() {
+        // If the reading thread took our entry (or the connection closed), the reply is in our
+        // channel or about to be (it is sent right after the entry is removed, with nothing in
+        // between that can wait): wait for it rather than lose it. Nested requests before it
+        // go to the pool, never dropped.
+        let mut expecting = !self.forget(p.id);
+        loop {
+            let d = if expecting {
+                p.rx.recv().ok()
+            } else {
+                p.rx.try_recv().ok()
+            };
             match d {
-                Delivery::Reply(f) => reply = Some(f),
-                Delivery::Nested(f) => crate::core::dispatch::submit(self, f),
+                Some(Delivery::Reply(f)) => {
+                    reply = Some(f);
+                    expecting = false;
+                }
+                Some(Delivery::Nested(f)) => crate::core::dispatch::submit(self, f),
+                None => break,
             }
         }
         reply
@@ -1364,7 +1371,7 @@ pub(crate) fn call_until<R: serde::de::DeserializeOwned>(
     let p = shared
         .send_request(target, method, args, Kind::Call, true, deadline, timeout)?
         .expect("a call expects a reply");
-    let frame = shared.wait(&p, deadline, &call_name(target, method), timeout)?;
+    let frame = shared.wait(&p, deadline, &|| call_name(target, method), timeout)?;
     shared.decode_reply(frame, method)
 }
 

@@ -196,7 +196,7 @@ fn a_reply_routed_before_the_caller_gives_up_is_returned_not_lost() {
         Routed::ToCaller
     ));
     let f = s
-        .wait(&p, Instant::now(), "root.m", Duration::ZERO)
+        .wait(&p, Instant::now(), &|| "root.m".into(), Duration::ZERO)
         .expect("the reply that was already routed");
     assert_eq!(decode::<String>(&f), "mine");
 
@@ -221,6 +221,28 @@ fn requests_nested_in_a_call_that_gives_up_are_served_by_the_pool() {
     assert!(matches!(s.route(nested).unwrap(), Routed::ToCaller));
     assert!(s.abandon(&p).is_none());
     // A pool thread runs it and replies.
+    peer.recv_call("m");
+    let me = format!("{:?}", std::thread::current().id());
+    assert_ne!(peer.recv_reply::<String>(500), me);
+    finish(conn);
+}
+
+#[test]
+fn a_nested_request_routed_before_the_reply_of_a_call_that_gives_up_is_served_not_dropped() {
+    // The caller's deadline passed while a nested request and then the reply were routed to
+    // it: `abandon` returns the reply and the pool serves the request.
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    let s = &conn.shared;
+    let p = register(s, "m", true);
+    let nested = frame(Kind::Call, 500, p.id, "whoami", &());
+    assert!(matches!(s.route(nested).unwrap(), Routed::ToCaller));
+    assert!(matches!(
+        s.route(reply_to(p.id, "mine")).unwrap(),
+        Routed::ToCaller
+    ));
+    let f = s.abandon(&p).expect("the reply that was already routed");
+    assert_eq!(decode::<String>(&f), "mine");
     peer.recv_call("m");
     let me = format!("{:?}", std::thread::current().id());
     assert_ne!(peer.recv_reply::<String>(500), me);

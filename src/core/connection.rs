@@ -972,9 +972,19 @@ impl Shared {
     }
 
     /// Runs one incoming request (or ping or release) and sends its reply.
+    ///
+    /// Handlers' panics are caught where they run and become error replies; user code can still
+    /// panic in a `Drop` here (an object the peer released, the last handle of a service). That
+    /// is caught too, so the thread and the counts of the pool and of the server stay true.
     pub(crate) fn serve(self: &Arc<Self>, frame: Frame) {
         self.serving.fetch_add(1, Ordering::AcqRel);
-        self.serve_frame(frame);
+        if catch_unwind(AssertUnwindSafe(|| self.serve_frame(frame))).is_err() {
+            log::error!(
+                "{}: user code panicked while a request was served (in a Drop?); the \
+                 connection carries on",
+                self.peer
+            );
+        }
         self.serving.fetch_sub(1, Ordering::AcqRel);
     }
 

@@ -7,6 +7,7 @@ use super::{service, Event};
 use crate::core::config::Config;
 use crate::core::connection::Connection;
 use crate::core::dispatch;
+use crate::core::service::Service;
 use crate::error::Error;
 use crate::wire::Kind;
 use std::thread::{self, ThreadId};
@@ -260,5 +261,35 @@ fn a_calling_thread_reading_another_s_large_frame_still_returns_at_its_deadline(
         "the pool did not take the reader"
     );
     drop(events);
+    finish(conn);
+}
+
+#[test]
+fn a_panic_in_the_drop_of_an_object_the_peer_releases_costs_the_connection_no_worker() {
+    // With one worker, a pool thread that died in user Drop code without counting its request
+    // done would leave every later request waiting for a worker forever.
+    struct Boom;
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            panic!("a user Drop that panics (expected by this test)");
+        }
+    }
+    let svc = Service::new("s").method("noop", || {}).method("make", || {
+        let boom = Boom;
+        Service::new("obj").method("touch", move || {
+            let _ = &boom;
+        })
+    });
+    let (conn, peer) = connect(&one_worker(10), svc, Timeouts::No);
+    peer.call(1, 0, "make", &());
+    let reply: std::collections::BTreeMap<String, u64> = peer.recv_reply(1);
+    let id = *reply.values().next().expect("an object reference");
+    peer.send(Kind::Release, 2, 0, "", &vec![(id, 1u64)])
+        .unwrap();
+    for n in 3..6 {
+        peer.call(n, 0, "noop", &());
+        peer.recv_reply::<()>(n);
+    }
+    assert!(!conn.is_closed());
     finish(conn);
 }

@@ -293,12 +293,26 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
 /// Queues a request that a calling thread read (the leader queues its own in [`lead`]): the
 /// same limit as for the leader, `max_queued`, applies; a peer over it is closed.
 fn enqueue(shared: &Arc<Shared>, job: Frame) -> Result<(), Error> {
+    queue(shared, job, true)
+}
+
+/// Hands a request that was already accepted to the pool from a thread that is not the pool's
+/// leader (a caller that gave up on the call the request was nested in): not counted against
+/// `max_queued` again.
+pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
+    // Never over the limit: the check is skipped.
+    let _ = queue(shared, job, false);
+}
+
+/// Queues `job` (checking the queue's limit if `counted`) and wakes or starts a thread for it
+/// if a worker is free.
+fn queue(shared: &Arc<Shared>, job: Frame, counted: bool) -> Result<(), Error> {
     let pool = &shared.pool;
     let mut st = lock(&pool.state);
     if st.stopping {
         return Ok(());
     }
-    if !st.queue_has_room(pool) {
+    if counted && !st.queue_has_room(pool) {
         return Err(over_queue(pool));
     }
     st.jobs.push_back(job);
@@ -330,23 +344,6 @@ fn over_queue(pool: &Pool) -> Error {
 /// Whether requests wait in the queue.
 pub(crate) fn has_queued(shared: &Shared) -> bool {
     !lock(&shared.pool.state).jobs.is_empty()
-}
-
-/// Hands a request that was already accepted to the pool from a thread that is not the pool's
-/// leader (a caller that gave up on the call the request was nested in): not counted against
-/// `max_queued` again.
-pub(crate) fn submit(shared: &Arc<Shared>, job: Frame) {
-    let pool = &shared.pool;
-    let mut st = lock(&pool.state);
-    if st.stopping {
-        return;
-    }
-    st.jobs.push_back(job);
-    let spawn = st.ready && wake_or_reserve(pool, &mut st);
-    drop(st);
-    if spawn {
-        spawn_reserved(shared);
-    }
 }
 
 /// Stops the pool: waiting workers end, queued requests are dropped.

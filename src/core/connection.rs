@@ -155,6 +155,9 @@ pub(crate) struct Shared {
     pub(crate) objects: Mutex<ObjectTable>,
     pub(crate) remotes: Mutex<HashMap<u64, Weak<RemoteInner>>>,
     releases: Mutex<Vec<(u64, u64)>>,
+    /// Most releases that may wait to be sent (16 bytes each, within the connection's
+    /// memory bound): more means the peer reads nothing of what it makes us release.
+    max_releases: usize,
     pub(crate) pool: Pool,
     pub(crate) threads: Arc<ThreadSet>,
     user_handles: AtomicUsize,
@@ -334,6 +337,7 @@ impl Connection {
             objects: Mutex::new(ObjectTable::default()),
             remotes: Mutex::new(HashMap::new()),
             releases: Mutex::new(Vec::new()),
+            max_releases: (opts.buffered_limit() / 16).max(1024),
             pool: Pool::new(
                 opts.max_workers,
                 opts.max_queued,
@@ -1139,12 +1143,34 @@ impl Shared {
     /// Queues the release of a remote object reference; sent without blocking the caller
     /// (it may be a `Drop` running in the middle of anything).
     pub(crate) fn queue_release(self: &Arc<Self>, id: u64, count: u64) {
+        self.queue_releases([(id, count)]);
+    }
+
+    /// Queues releases of the peer's objects and sends what the transport takes now (a `Drop`
+    /// must not wait); the rest goes out with the next frame anyone writes. A queue over
+    /// `max_releases` ends the connection: the peer makes us release objects and reads nothing.
+    pub(crate) fn queue_releases(self: &Arc<Self>, releases: impl IntoIterator<Item = (u64, u64)>) {
         if self.is_closed() {
             return;
         }
-        lock(&self.releases).push((id, count));
-        // Only what the transport takes now: a `Drop` must not wait. What is left goes out
-        // with the next frame anyone writes.
+        let waiting = {
+            let mut queued = lock(&self.releases);
+            queued.extend(releases);
+            queued.len()
+        };
+        if waiting > self.max_releases {
+            log::warn!(
+                "{}: closing the connection: {waiting} object releases wait to be sent and the \
+                 peer reads nothing",
+                self.peer
+            );
+            self.terminate(format!(
+                "the peer read nothing while {waiting} object releases waited to be sent (at \
+                 most {} may wait)",
+                self.max_releases
+            ));
+            return;
+        }
         self.flush_releases(Some(Instant::now()));
     }
 

@@ -36,22 +36,21 @@ const MAX_EXPORTED: usize = 1 << 20;
 /// Releases the object references in a payload that will never be decoded (a call to an
 /// unknown method or object, a late or abandoned reply), so their owner can drop them.
 pub(crate) fn release_unread(shared: &Arc<Shared>, payload: &[u8]) {
-    for (id, count) in crate::wire::codec::object_refs(payload, OBJ_KEY) {
-        shared.queue_release(id, count);
-    }
+    shared.queue_releases(crate::wire::codec::object_refs(payload, OBJ_KEY));
 }
 
 /// Releases the object references in a payload whose decode failed, except those the decode
 /// turned into handles (`imported`): those handles were dropped and released themselves.
 pub(crate) fn release_unread_except(shared: &Arc<Shared>, payload: &[u8], mut imported: Vec<u64>) {
     imported.sort_unstable();
-    for (id, count) in crate::wire::codec::object_refs(payload, OBJ_KEY) {
-        let from = imported.partition_point(|&i| i < id);
-        let handled = imported[from..].iter().take_while(|&&i| i == id).count() as u64;
-        if count > handled {
-            shared.queue_release(id, count - handled);
-        }
-    }
+    let unread = crate::wire::codec::object_refs(payload, OBJ_KEY)
+        .into_iter()
+        .filter_map(|(id, count)| {
+            let from = imported.partition_point(|&i| i < id);
+            let handled = imported[from..].iter().take_while(|&&i| i == id).count() as u64;
+            (count > handled).then(|| (id, count - handled))
+        });
+    shared.queue_releases(unread);
 }
 
 /// Objects this side exported on one connection, with the number of references sent.

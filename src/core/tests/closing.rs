@@ -82,3 +82,41 @@ fn terminate_fails_every_waiting_caller_at_once_and_runs_on_disconnect_once() {
         assert_eq!(disconnects.load(Ordering::SeqCst), 1, "{how}");
     }
 }
+
+#[test]
+fn a_peer_that_makes_us_release_its_objects_and_reads_nothing_is_closed_within_the_memory_bound() {
+    // Oneways to a method that does not exist, each carrying a thousand object references:
+    // every reference must be released, and releases wait for a peer that reads nothing. The
+    // queue of releases is bounded by the connection's memory bound (16 bytes each).
+    let mut config = Config::default();
+    config.set_max_frame(64 << 10);
+    config.max_buffered = Some(64 << 10);
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&config, svc, Timeouts::Yes);
+    peer.from_conn.set_capacity(0);
+    let limit = config.buffered_limit() / 16;
+    let mut sent = 0u64;
+    for frame in 0..20u64 {
+        let refs: Vec<_> = (0..1000)
+            .map(|i| super::peer::object_ref(frame * 1000 + i + 1))
+            .collect();
+        if peer
+            .send(crate::wire::Kind::Oneway, 0, 0, "no_such_method", &refs)
+            .is_err()
+        {
+            break;
+        }
+        sent += 1000;
+    }
+    assert!(
+        conn.wait_closed_timeout(LONG),
+        "still open after making us queue {sent} releases (at most {limit} may wait)"
+    );
+    let reason = conn.close_reason().unwrap();
+    assert!(
+        reason.contains("object releases waited to be sent"),
+        "{reason}"
+    );
+    assert!(reason.contains(&format!("at most {limit}")), "{reason}");
+    finish(conn);
+}

@@ -168,6 +168,13 @@ pub(crate) fn take_sized(len: usize) -> Option<Vec<u8>> {
     Some(b)
 }
 
+/// A buffer to read `len` bytes into: a cached one of exactly `len` bytes, or else a new one of
+/// at most 1 MiB, for the reader to grow as bytes come (a peer's announced length never buys
+/// more memory than it sends).
+pub(crate) fn for_reading(len: usize) -> Vec<u8> {
+    take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)])
+}
+
 /// Returns a buffer to the pool if it is worth keeping; otherwise frees it. No lock is taken
 /// for a buffer below [`MIN_POOLED`].
 pub(crate) fn give(buf: Vec<u8>) {

@@ -22,6 +22,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The largest char boundary of `s` at or before byte `i` (`str::floor_char_boundary`, which
+/// is not stable yet).
+pub(crate) fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 /// The instant `timeout` from now. A timeout too large to add to the clock (`Duration::MAX`,
 /// the usual way to say "no limit") waits about a century instead of panicking.
 pub(crate) fn deadline(timeout: Duration) -> Instant {

@@ -257,13 +257,11 @@ impl FrameReader {
                 got: 0,
             });
         }
-        // A large body goes into a cached buffer when there is one. Otherwise reserve at most
-        // 1 MiB up front: a peer that announces a large frame and sends nothing must not make
-        // us allocate it. Larger bodies grow as their bytes arrive.
+        // A peer that announces a large frame and sends nothing must not make us allocate it.
         Ok(Partial::Body {
             len,
             charge,
-            body: buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]),
+            body: buffers::for_reading(len),
             got: 0,
         })
     }
@@ -397,8 +395,7 @@ impl FrameReader {
 fn after_peek(len: usize, charge: Option<Charge>, pre: Vec<u8>) -> Partial {
     if let Some((at, data_at)) = detachable(&pre, len) {
         let n = len - data_at;
-        // As for a body: a cached buffer, or at most 1 MiB up front, grown as bytes come.
-        let mut tail = buffers::take_sized(n).unwrap_or_else(|| vec![0; n.min(1 << 20)]);
+        let mut tail = buffers::for_reading(n);
         let early = PEEK - data_at;
         tail[..early].copy_from_slice(&pre[data_at..]);
         let mut body = Vec::with_capacity(at + 1);
@@ -414,7 +411,7 @@ fn after_peek(len: usize, charge: Option<Charge>, pre: Vec<u8>) -> Partial {
             got: early,
         };
     }
-    let mut body = buffers::take_sized(len).unwrap_or_else(|| vec![0; len.min(1 << 20)]);
+    let mut body = buffers::for_reading(len);
     body[..PEEK].copy_from_slice(&pre);
     Partial::Body {
         len,

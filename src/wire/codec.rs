@@ -41,7 +41,7 @@ use std::fmt;
 #[cfg(test)]
 mod properties;
 mod render;
-mod walk;
+pub(crate) mod walk;
 
 /// Appends the CBOR encoding of `value` to `buf`. A large encoding grows `buf` through
 /// [`crate::base::buffers`], into memory that is already mapped, rather than through fresh
@@ -533,9 +533,7 @@ fn fit(s: &str, budget: usize) -> std::borrow::Cow<'_, str> {
     if cbor_text_size(n + MARK.len()) > budget {
         return "".into();
     }
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
+    let n = crate::base::floor_char_boundary(s, n);
     format!("{}{MARK}", &s[..n]).into()
 }
 
@@ -545,10 +543,7 @@ fn bounded(e: String) -> String {
     if e.len() <= QUOTE_MAX {
         return e;
     }
-    let mut head = QUOTE_MAX * 3 / 4;
-    while !e.is_char_boundary(head) {
-        head -= 1;
-    }
+    let head = crate::base::floor_char_boundary(&e, QUOTE_MAX * 3 / 4);
     let mut tail = e.len() - QUOTE_MAX / 4;
     while !e.is_char_boundary(tail) {
         tail += 1;

@@ -198,25 +198,12 @@ impl Drop for Frame {
 }
 
 fn head(b: &[u8], pos: &mut usize) -> Result<(u8, u64), Error> {
-    let bad = || Error::Protocol("truncated or malformed frame header".into());
-    let ib = *b.get(*pos).ok_or_else(bad)?;
-    *pos += 1;
-    let (major, ai) = (ib >> 5, ib & 0x1f);
-    let n = match ai {
-        0..=23 => return Ok((major, ai as u64)),
-        24 => 1,
-        25 => 2,
-        26 => 4,
-        27 => 8,
-        _ => {
-            return Err(Error::Protocol(format!(
-                "frame header uses an unsupported CBOR encoding (initial byte {ib:#04x})"
-            )))
-        }
-    };
-    let bytes = b.get(*pos..*pos + n).ok_or_else(bad)?;
-    *pos += n;
-    Ok((major, bytes.iter().fold(0u64, |v, &x| (v << 8) | x as u64)))
+    codec::walk::head(b, pos).ok_or_else(|| match b.get(*pos) {
+        Some(&ib) if ib & 0x1f > 27 => Error::Protocol(format!(
+            "frame header uses an unsupported CBOR encoding (initial byte {ib:#04x})"
+        )),
+        _ => Error::Protocol("truncated or malformed frame header".into()),
+    })
 }
 
 fn uint(b: &[u8], pos: &mut usize, field: &str) -> Result<u64, Error> {
@@ -369,7 +356,7 @@ impl OutFrame {
             return Err(Error::Encode(format!(
                 "the method name `{}…` has {} bytes, over the protocol's limit of \
                  {MAX_METHOD_LEN}; nothing was sent",
-                &method[..method.floor_char_boundary_compat(40)],
+                &method[..crate::base::floor_char_boundary(method, 40)],
                 method.len()
             )));
         }
@@ -418,21 +405,6 @@ pub(crate) fn frame_length(len: usize) -> Result<u32, Error> {
     })
 }
 
-/// `str::floor_char_boundary` for the stable toolchain: the largest char boundary `<= i`.
-trait FloorCharBoundary {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize;
-}
-
-impl FloorCharBoundary for str {
-    fn floor_char_boundary_compat(&self, i: usize) -> usize {
-        let mut i = i.min(self.len());
-        while !self.is_char_boundary(i) {
-            i -= 1;
-        }
-        i
-    }
-}
-
 impl Drop for OutFrame {
     fn drop(&mut self) {
         buffers::give(std::mem::take(&mut self.buf));
@@ -471,6 +443,27 @@ mod tests {
             assert_eq!(frame.header.target, v);
             assert_eq!(frame.method(), "add");
             assert_eq!(frame.payload(), &[0xf6]);
+        }
+    }
+
+    #[test]
+    fn header_heads_cut_short_or_not_definite_are_named() {
+        let message = |b: &[u8]| match parse_header(b) {
+            Err(Error::Protocol(m)) => m,
+            other => panic!("{b:02x?}: expected a protocol violation, got {other:?}"),
+        };
+        // A 5-array, then a kind announced as a 2-byte integer with one byte.
+        assert_eq!(
+            message(&[0x85, 0x19, 0x01]),
+            "truncated or malformed frame header"
+        );
+        assert_eq!(message(&[]), "truncated or malformed frame header");
+        // An indefinite-length array, and a reserved additional information value.
+        for ib in [0x9f, 0x9c] {
+            assert_eq!(
+                message(&[ib]),
+                format!("frame header uses an unsupported CBOR encoding (initial byte {ib:#04x})")
+            );
         }
     }
 

@@ -46,10 +46,7 @@ impl Write for Out {
             self.s.push_str(t);
             return Ok(());
         }
-        let mut n = self.room();
-        while !t.is_char_boundary(n) {
-            n -= 1;
-        }
+        let n = crate::base::floor_char_boundary(t, self.room());
         self.s.push_str(&t[..n]);
         self.cut = true;
         Err(fmt::Error)

@@ -189,25 +189,23 @@ impl<'a> Walker<'a> {
                 return Err(self.fail(at, "a chunk of another kind in an indefinite string"));
             }
         }
-        let value = match ai {
-            0..=23 => Some(ai as u64),
-            24..=27 => {
-                let n = 1usize << (ai - 24);
-                let Some(bytes) = b.get(at + 1..at + 1 + n) else {
-                    return Err(self.fail(at, "unexpected end"));
-                };
-                Some(bytes.iter().fold(0u64, |v, &x| (v << 8) | x as u64))
-            }
-            31 if matches!(major, 2..=5) => None,
-            _ => return Err(self.fail(at, "a reserved additional information value")),
-        };
-        self.pos = at
-            + 1
-            + if (24..=27).contains(&ai) {
-                1 << (ai - 24)
-            } else {
-                0
+        let value = if ai == 31 && matches!(major, 2..=5) {
+            self.pos = at + 1;
+            None
+        } else {
+            let mut p = at;
+            let Some((_, v)) = head(b, &mut p) else {
+                return Err(self.fail(
+                    at,
+                    match ai {
+                        28.. => "a reserved additional information value",
+                        _ => "unexpected end",
+                    },
+                ));
             };
+            self.pos = p;
+            Some(v)
+        };
         let item = match (major, value) {
             (0, Some(v)) => Item::Uint(v),
             (1, Some(v)) => Item::Neg(v),
@@ -394,8 +392,9 @@ fn text_is(b: &[u8], p: &mut usize, want: &[u8]) -> bool {
     }
 }
 
-/// Reads a definite head at `*p`: its major type and value.
-fn head(b: &[u8], p: &mut usize) -> Option<(u8, u64)> {
+/// Reads a definite head at `*p`: its major type and value, `*p` moved past it; `None` (and
+/// `*p` unmoved) if it is cut short or not definite.
+pub(crate) fn head(b: &[u8], p: &mut usize) -> Option<(u8, u64)> {
     let ib = *b.get(*p)?;
     let (major, ai) = (ib >> 5, ib & 0x1f);
     let v = match ai {

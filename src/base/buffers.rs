@@ -203,7 +203,7 @@ pub(crate) fn copy_of(data: &[u8]) -> Vec<u8> {
 /// Makes room in `v` for `needed` bytes in all, moving its contents into a cached buffer when
 /// one is large enough (the old buffer goes to the pool). Without one, `v` is left alone and
 /// grows as a `Vec` does.
-pub(crate) fn reserve(v: &mut Vec<u8>, needed: usize) {
+fn reserve(v: &mut Vec<u8>, needed: usize) {
     if needed <= v.capacity() {
         return;
     }

@@ -422,7 +422,7 @@ fn after_peek(len: usize, charge: Option<Charge>, pre: Vec<u8>) -> Partial {
 }
 
 /// A read error means the transport is gone: the connection closes with this reason.
-pub(crate) fn closed_by_io(e: io::Error) -> Error {
+fn closed_by_io(e: io::Error) -> Error {
     Error::Closed {
         reason: format!("I/O error: {e}"),
     }

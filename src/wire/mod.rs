@@ -35,7 +35,7 @@ pub(crate) const FLAG_REFUSED: u16 = 1;
 /// port).
 pub(crate) const FLAG_TLS_REQUIRED: u16 = 2;
 /// Longest method name accepted in a header.
-pub(crate) const MAX_METHOD_LEN: usize = 1024;
+const MAX_METHOD_LEN: usize = 1024;
 
 /// Message kinds (the first header field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +216,7 @@ fn uint(b: &[u8], pos: &mut usize, field: &str) -> Result<u64, Error> {
 }
 
 /// Parses `[kind, id, parent, target, method]` and returns the header and the payload offset.
-pub(crate) fn parse_header(b: &[u8]) -> Result<(Header, usize), Error> {
+fn parse_header(b: &[u8]) -> Result<(Header, usize), Error> {
     let mut pos = 0;
     match head(b, &mut pos)? {
         (4, 5) => {}

@@ -324,19 +324,8 @@ impl RemoteObject {
         method: &str,
         args: A,
     ) -> Result<AsyncResult<R>, Error> {
-        let shared = self.shared();
-        let timeout = shared.call_timeout;
-        let deadline = crate::base::deadline(timeout);
-        let p = shared
-            .send_request(
-                self.inner.id,
-                method,
-                &args,
-                Kind::Call,
-                false,
-                deadline,
-                timeout,
-            )?
+        let p = self
+            .send_unwaited(method, &args, Kind::Call)?
             .expect("a call expects a reply");
         Ok(AsyncResult {
             conn: self.inner.conn.clone(),
@@ -359,20 +348,21 @@ impl RemoteObject {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn call_oneway<A: Args>(&self, method: &str, args: A) -> Result<(), Error> {
+        self.send_unwaited(method, &args, Kind::Oneway).map(|_| ())
+    }
+
+    /// Sends a call nobody waits for now (async or oneway), within the connection's call
+    /// timeout; its pending entry, for a call.
+    fn send_unwaited<A: Args>(
+        &self,
+        method: &str,
+        args: &A,
+        kind: Kind,
+    ) -> Result<Option<Pending>, Error> {
         let shared = self.shared();
         let timeout = shared.call_timeout;
         let deadline = crate::base::deadline(timeout);
-        shared
-            .send_request(
-                self.inner.id,
-                method,
-                &args,
-                Kind::Oneway,
-                false,
-                deadline,
-                timeout,
-            )
-            .map(|_| ())
+        shared.send_request(self.inner.id, method, args, kind, false, deadline, timeout)
     }
 
     /// Calls a callback object (one made with [`crate::callback`]).

@@ -300,6 +300,44 @@ impl serde::Serialize for Error {
 // The kinds of TLS, SSH and handshake failures: a program matches on `kind()`, a person reads
 // the message (which says what to do about it).
 
+/// The shared part of [`TlsError`], [`SshError`] and [`HandshakeError`]: built from a kind and
+/// a message, read back with `kind()` and `message()`, shown as the message, and carried by
+/// the [`Error`] variant of the same name.
+macro_rules! kinded_error {
+    ($error:ident, $kind:ident, $variant:ident) => {
+        impl $error {
+            pub(crate) fn new(kind: $kind, message: impl Into<String>) -> $error {
+                $error {
+                    kind,
+                    message: message.into(),
+                }
+            }
+            /// What kind of failure this is.
+            pub fn kind(&self) -> $kind {
+                self.kind
+            }
+            /// What failed, and what to do about it (the text of `Display`).
+            pub fn message(&self) -> &str {
+                &self.message
+            }
+        }
+
+        impl fmt::Display for $error {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.message)
+            }
+        }
+
+        impl std::error::Error for $error {}
+
+        impl From<$error> for Error {
+            fn from(e: $error) -> Error {
+                Error::$variant(e)
+            }
+        }
+    };
+}
+
 /// What kind of failure a [`TlsError`] reports.
 ///
 /// ```
@@ -374,36 +412,7 @@ pub struct TlsError {
     message: String,
 }
 
-impl TlsError {
-    pub(crate) fn new(kind: TlsErrorKind, message: impl Into<String>) -> TlsError {
-        TlsError {
-            kind,
-            message: message.into(),
-        }
-    }
-    /// What kind of failure this is.
-    pub fn kind(&self) -> TlsErrorKind {
-        self.kind
-    }
-    /// What failed where, and what to do about it (the text of `Display`).
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for TlsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for TlsError {}
-
-impl From<TlsError> for Error {
-    fn from(e: TlsError) -> Error {
-        Error::Tls(e)
-    }
-}
+kinded_error!(TlsError, TlsErrorKind, Tls);
 
 /// What kind of failure an [`SshError`] reports.
 ///
@@ -481,36 +490,7 @@ pub struct SshError {
     message: String,
 }
 
-impl SshError {
-    pub(crate) fn new(kind: SshErrorKind, message: impl Into<String>) -> SshError {
-        SshError {
-            kind,
-            message: message.into(),
-        }
-    }
-    /// What kind of failure this is.
-    pub fn kind(&self) -> SshErrorKind {
-        self.kind
-    }
-    /// What failed, and what to do about it (the text of `Display`).
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for SshError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for SshError {}
-
-impl From<SshError> for Error {
-    fn from(e: SshError) -> Error {
-        Error::Ssh(e)
-    }
-}
+kinded_error!(SshError, SshErrorKind, Ssh);
 
 /// What kind of failure a [`HandshakeError`] reports.
 ///
@@ -584,13 +564,9 @@ pub struct HandshakeError {
     message: String,
 }
 
+kinded_error!(HandshakeError, HandshakeErrorKind, Handshake);
+
 impl HandshakeError {
-    pub(crate) fn new(kind: HandshakeErrorKind, message: impl Into<String>) -> HandshakeError {
-        HandshakeError {
-            kind,
-            message: message.into(),
-        }
-    }
     /// The error an [`Authenticator`](crate::auth::Authenticator) or
     /// [`ClientAuthenticator`](crate::auth::ClientAuthenticator) returns to refuse its peer
     /// ([`HandshakeErrorKind::Rejected`]); `message` says why.
@@ -601,27 +577,5 @@ impl HandshakeError {
     /// ```
     pub fn rejected(message: impl Into<String>) -> HandshakeError {
         HandshakeError::new(HandshakeErrorKind::Rejected, message)
-    }
-    /// What kind of failure this is.
-    pub fn kind(&self) -> HandshakeErrorKind {
-        self.kind
-    }
-    /// What went wrong, and what to do about it (the text of `Display`).
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for HandshakeError {}
-
-impl From<HandshakeError> for Error {
-    fn from(e: HandshakeError) -> Error {
-        Error::Handshake(e)
     }
 }

@@ -416,6 +416,29 @@ fn custom_authenticators_work_on_both_sides_and_pass_credentials() {
     assert!(again.ping().is_ok());
 }
 
+/// A client authenticator that refuses every server.
+struct DistrustServer;
+
+impl ClientAuthenticator for DistrustServer {
+    fn authenticate(&self, _: TcpStream, host: &str, _: Duration) -> Result<Authenticated, Error> {
+        Err(HandshakeError::rejected(format!("{host} is not on our list")).into())
+    }
+}
+
+#[test]
+fn an_authenticator_s_refusal_reaches_the_program_as_rejected_with_its_reason() {
+    let server = serve_auth(whoami(), Token(b"s3cr3t!!"), server_options);
+    let err = Options::new()
+        .authenticator(DistrustServer)
+        .connect("127.0.0.1", server.port)
+        .unwrap_err();
+    assert_eq!(handshake_kind(&err), HandshakeErrorKind::Rejected, "{err}");
+    assert_eq!(
+        err.to_string(),
+        "handshake failed: 127.0.0.1 is not on our list"
+    );
+}
+
 /// Admits clients from listed addresses only, then hands over to TLS.
 struct AllowList(Vec<std::net::IpAddr>, SslAuthenticator);
 

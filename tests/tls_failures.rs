@@ -371,6 +371,95 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
     assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
 }
 
+/// A raw OpenSSL server limited to TLS 1.2 (with `ciphers`, when given) that requires a client
+/// certificate, for one client; returns its port and what its handshake failure said.
+fn tls_1_2_server_requiring_certificates(
+    p: &Pki,
+    ciphers: Option<&str>,
+) -> (u16, std::thread::JoinHandle<String>) {
+    let mut b =
+        openssl::ssl::SslAcceptor::mozilla_intermediate_v5(openssl::ssl::SslMethod::tls_server())
+            .unwrap();
+    b.set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
+        .unwrap();
+    if let Some(c) = ciphers {
+        b.set_cipher_list(c).unwrap();
+    }
+    b.set_private_key_file(&p.server.key, openssl::ssl::SslFiletype::PEM)
+        .unwrap();
+    b.set_certificate_chain_file(&p.server.cert).unwrap();
+    b.set_ca_file(p.ca.ca_cert()).unwrap();
+    b.set_verify(
+        openssl::ssl::SslVerifyMode::PEER | openssl::ssl::SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+    );
+    let acceptor = b.build();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let e = acceptor.accept(s).map(|_| ()).unwrap_err();
+        let why = format!("{e:?}");
+        // Read until the client hangs up, so it reads the alert rather than a reset.
+        if let openssl::ssl::HandshakeError::Failure(mid) = e {
+            let _ = std::io::copy(&mut mid.get_ref(), &mut std::io::sink());
+        }
+        why
+    });
+    (port, t)
+}
+
+#[test]
+fn no_client_certificate_under_tls_1_2_says_to_pass_one() {
+    // Under TLS 1.2 there is no "certificate required" alert: an OpenSSL server requiring a
+    // client certificate answers its absence with "handshake failure", the alert it also sends
+    // when no cipher is in common. The client saw the server ask for a certificate, so it must
+    // say so rather than blame the ciphers.
+    let p = pki();
+    let (port, t) = tls_1_2_server_requiring_certificates(&p, None);
+    let e = tls_error(
+        rpyc::Options::new()
+            .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
+            .connect("localhost", port),
+    );
+    let server_saw = t.join().unwrap();
+    assert!(
+        server_saw.contains("peer did not return a certificate"),
+        "{server_saw}"
+    );
+    assert!(e.message().contains("handshake failure"), "{e}");
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
+    assert!(
+        e.message().contains("requires a client certificate")
+            && e.message().contains("pass keyfile and certfile"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_cipher_in_common_under_tls_1_2_is_still_blamed_on_the_ciphers() {
+    // The same alert before the server asked for a certificate: the ciphers are to blame.
+    let p = pki();
+    let (port, t) = tls_1_2_server_requiring_certificates(&p, Some("ECDHE+AESGCM"));
+    let e = tls_error(
+        rpyc::Options::new()
+            .tls(
+                SslClient::new()
+                    .ca_certs(p.ca.ca_cert())
+                    .ciphers("ECDHE+CHACHA20"),
+            )
+            .connect("localhost", port),
+    );
+    let server_saw = t.join().unwrap();
+    assert!(server_saw.contains("no shared cipher"), "{server_saw}");
+    assert_eq!(e.kind(), TlsErrorKind::NoCommonParameters, "{e}");
+    assert!(
+        e.message()
+            .contains("no cipher or signature algorithm in common"),
+        "{e}"
+    );
+}
+
 #[test]
 fn closing_the_server_ends_tls_handshakes_in_progress_at_once() {
     let p = pki();

@@ -76,7 +76,7 @@
 //! channels politely (bounded to half a second), disconnects the session and ends; `close`
 //! joins it, so after it returns no thread, socket or channel of the tunnel is left.
 
-use super::{code, open_session, SshContext, EAGAIN};
+use super::{code, open_session, session_dead, SshContext, EAGAIN};
 use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::{Error, SshError, SshErrorKind};
@@ -100,14 +100,6 @@ const RETRY_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// How long a polite close of the channels and the session may take.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
-
-/// libssh2 errors after which the session is unusable (transport, protocol, crypto).
-fn session_dead(code: i32) -> bool {
-    matches!(
-        code,
-        -1 | -2 | -3 | -4 | -5 | -7 | -8 | -9 | -12 | -13 | -14 | -30 | -43 | -44 | -45 | -52
-    )
-}
 
 /// A local TCP port forwarded through an SSH session to a host and port reachable from the SSH
 /// server (like `ssh -L`).

@@ -267,6 +267,28 @@ fn tls_client_against_a_plain_port_is_told_to_connect_without_tls() {
 }
 
 #[test]
+fn a_client_that_resets_before_sending_anything_is_reported_as_closed() {
+    // A reset while the server looks for a plain rpyc hello is the same as during the
+    // handshake: the client went away.
+    use rpyc::auth::Authenticator;
+    let p = pki();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    // Bytes the client never reads make its close a reset.
+    s.write_all(b"x").unwrap();
+    client.peek(&mut [0u8; 1]).unwrap();
+    drop(client);
+    let e = match p.authenticator().authenticate(s, Duration::from_secs(5)) {
+        Err(Error::Tls(e)) => e,
+        Err(other) => panic!("expected Error::Tls, got {other:?}"),
+        Ok(_) => panic!("expected the handshake to fail"),
+    };
+    assert_eq!(e.kind(), TlsErrorKind::Closed, "{e}");
+    assert!(e.message().contains("closed the connection"), "{e}");
+}
+
+#[test]
 fn a_server_that_hangs_up_half_way_through_the_handshake_is_reported_as_closed() {
     // A "server" that reads the client's hello and hangs up.
     let p = pki();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 // The handshake and its failures
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub(super) enum Side {
     Client,
     Server,
 }
@@ -72,7 +72,7 @@ pub(super) fn handshake(
 /// Ends our side of a failed connection politely: signals the end of our data, then reads and
 /// discards what the peer still sends, for at most a quarter of a second, so the peer reads
 /// everything we sent (a TLS alert) instead of a reset.
-pub(super) fn linger_close(tcp: &TcpStream) {
+fn linger_close(tcp: &TcpStream) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(250);
     let mut buf = [0u8; 4096];
@@ -97,7 +97,7 @@ pub(super) fn linger_close(tcp: &TcpStream) {
 }
 
 /// What check failed on which side: its kind, and words a user can act on.
-pub(super) fn describe(
+fn describe(
     e: &ssl::Error,
     ssl: &SslRef,
     sock: &Sock,
@@ -215,7 +215,7 @@ pub(super) fn describe(
 }
 
 /// OpenSSL's X509_V_ERR_* codes this module explains (stable across OpenSSL versions).
-pub(super) mod verify_code {
+mod verify_code {
     pub const UNABLE_TO_GET_ISSUER_CERT: i32 = 2;
     pub const CERT_NOT_YET_VALID: i32 = 9;
     pub const CERT_HAS_EXPIRED: i32 = 10;
@@ -234,7 +234,7 @@ pub(super) fn side_name(side: Side) -> &'static str {
     }
 }
 
-pub(super) fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> String {
+fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> String {
     match v.as_raw() {
         verify_code::HOSTNAME_MISMATCH | verify_code::IP_ADDRESS_MISMATCH => format!(
             " (it is not issued for {:?}; connect with a name it carries, or set \
@@ -263,7 +263,7 @@ pub(super) fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> Strin
     }
 }
 
-pub(super) fn client_cert_hint(v: X509VerifyResult) -> String {
+fn client_cert_hint(v: X509VerifyResult) -> String {
     match v.as_raw() {
         verify_code::CERT_HAS_EXPIRED => " (the client's certificate has expired)".into(),
         verify_code::CERT_NOT_YET_VALID => " (the client's certificate is not valid yet)".into(),

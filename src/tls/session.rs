@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 /// header and body separately), which the connection's reader also fills by waiting on the
 /// socket *outside* the SSL lock (see [`TlsConn::fill`]). It also remembers the first bytes
 /// read, so a failed handshake can tell a plain rpyc server from a broken TLS one.
-pub(crate) struct Sock {
+pub(super) struct Sock {
     pub(super) tcp: TcpStream,
     rbuf: Arc<Mutex<RecvBuf>>,
 }
 
 /// Bytes read from the socket and not yet taken by OpenSSL.
-pub(crate) struct RecvBuf {
+struct RecvBuf {
     buf: Box<[u8]>,
     pos: usize,
     end: usize,
@@ -136,7 +136,7 @@ impl Write for Sock {
 
 /// A TLS session shared by the connection's read half, write half and control (see the
 /// module docs for the locking rules).
-pub(crate) struct TlsConn {
+pub(super) struct TlsConn {
     ssl: Mutex<SslStream<Sock>>,
     /// The SSL object's receive buffer, which the reader fills without the SSL lock.
     rbuf: Arc<Mutex<RecvBuf>>,
@@ -185,7 +185,7 @@ impl TlsConn {
         Authenticated::made(move |stall| TlsConn::transport(self, stall), credentials)
     }
 
-    pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
+    fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
         Transport {
             reader: Box::new(TlsReader(conn.clone())),
             writer: Box::new(TlsWriter {

@@ -90,7 +90,6 @@ fn linger_close(tcp: &TcpStream) {
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }

@@ -119,11 +119,11 @@ pub trait ClientAuthenticator: Send + Sync + 'static {
 /// # }
 /// ```
 pub struct Authenticated {
-    pub(crate) stream: Stream,
+    stream: Stream,
     pub(crate) credentials: Option<Credentials>,
 }
 
-pub(crate) enum Stream {
+enum Stream {
     Tcp(TcpStream),
     /// A stream of a layer above (TLS), which makes its transport once the connection's
     /// stall timeout is known.

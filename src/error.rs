@@ -437,7 +437,8 @@ pub enum SshErrorKind {
     HostKeyChanged,
     /// The server's host key is marked `@revoked` in known_hosts.
     HostKeyRevoked,
-    /// The server refused every credential tried (agent keys, key files, password).
+    /// The server refused every credential tried (agent keys, key files, password), or ended
+    /// the login otherwise (e.g. the password has expired).
     AuthenticationFailed,
     /// The server refuses to forward TCP connections (administratively prohibited).
     ForwardingRefused,

@@ -267,6 +267,28 @@ fn tls_client_against_a_plain_port_is_told_to_connect_without_tls() {
 }
 
 #[test]
+fn a_client_that_resets_before_sending_anything_is_reported_as_closed() {
+    // A reset while the server looks for a plain rpyc hello is the same as during the
+    // handshake: the client went away.
+    use rpyc::auth::Authenticator;
+    let p = pki();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    // Bytes the client never reads make its close a reset.
+    s.write_all(b"x").unwrap();
+    client.peek(&mut [0u8; 1]).unwrap();
+    drop(client);
+    let e = match p.authenticator().authenticate(s, Duration::from_secs(5)) {
+        Err(Error::Tls(e)) => e,
+        Err(other) => panic!("expected Error::Tls, got {other:?}"),
+        Ok(_) => panic!("expected the handshake to fail"),
+    };
+    assert_eq!(e.kind(), TlsErrorKind::Closed, "{e}");
+    assert!(e.message().contains("closed the connection"), "{e}");
+}
+
+#[test]
 fn a_server_that_hangs_up_half_way_through_the_handshake_is_reported_as_closed() {
     // A "server" that reads the client's hello and hangs up.
     let p = pki();
@@ -369,6 +391,95 @@ fn a_server_that_resets_right_after_its_alert_is_still_explained() {
     );
     t.join().unwrap();
     assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
+}
+
+/// A raw OpenSSL server limited to TLS 1.2 (with `ciphers`, when given) that requires a client
+/// certificate, for one client; returns its port and what its handshake failure said.
+fn tls_1_2_server_requiring_certificates(
+    p: &Pki,
+    ciphers: Option<&str>,
+) -> (u16, std::thread::JoinHandle<String>) {
+    let mut b =
+        openssl::ssl::SslAcceptor::mozilla_intermediate_v5(openssl::ssl::SslMethod::tls_server())
+            .unwrap();
+    b.set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
+        .unwrap();
+    if let Some(c) = ciphers {
+        b.set_cipher_list(c).unwrap();
+    }
+    b.set_private_key_file(&p.server.key, openssl::ssl::SslFiletype::PEM)
+        .unwrap();
+    b.set_certificate_chain_file(&p.server.cert).unwrap();
+    b.set_ca_file(p.ca.ca_cert()).unwrap();
+    b.set_verify(
+        openssl::ssl::SslVerifyMode::PEER | openssl::ssl::SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+    );
+    let acceptor = b.build();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let e = acceptor.accept(s).map(|_| ()).unwrap_err();
+        let why = format!("{e:?}");
+        // Read until the client hangs up, so it reads the alert rather than a reset.
+        if let openssl::ssl::HandshakeError::Failure(mid) = e {
+            let _ = std::io::copy(&mut mid.get_ref(), &mut std::io::sink());
+        }
+        why
+    });
+    (port, t)
+}
+
+#[test]
+fn no_client_certificate_under_tls_1_2_says_to_pass_one() {
+    // Under TLS 1.2 there is no "certificate required" alert: an OpenSSL server requiring a
+    // client certificate answers its absence with "handshake failure", the alert it also sends
+    // when no cipher is in common. The client saw the server ask for a certificate, so it must
+    // say so rather than blame the ciphers.
+    let p = pki();
+    let (port, t) = tls_1_2_server_requiring_certificates(&p, None);
+    let e = tls_error(
+        rpyc::Options::new()
+            .tls(SslClient::new().ca_certs(p.ca.ca_cert()))
+            .connect("localhost", port),
+    );
+    let server_saw = t.join().unwrap();
+    assert!(
+        server_saw.contains("peer did not return a certificate"),
+        "{server_saw}"
+    );
+    assert!(e.message().contains("handshake failure"), "{e}");
+    assert_eq!(e.kind(), TlsErrorKind::CertificateRequired, "{e}");
+    assert!(
+        e.message().contains("requires a client certificate")
+            && e.message().contains("pass keyfile and certfile"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_cipher_in_common_under_tls_1_2_is_still_blamed_on_the_ciphers() {
+    // The same alert before the server asked for a certificate: the ciphers are to blame.
+    let p = pki();
+    let (port, t) = tls_1_2_server_requiring_certificates(&p, Some("ECDHE+AESGCM"));
+    let e = tls_error(
+        rpyc::Options::new()
+            .tls(
+                SslClient::new()
+                    .ca_certs(p.ca.ca_cert())
+                    .ciphers("ECDHE+CHACHA20"),
+            )
+            .connect("localhost", port),
+    );
+    let server_saw = t.join().unwrap();
+    assert!(server_saw.contains("no shared cipher"), "{server_saw}");
+    assert_eq!(e.kind(), TlsErrorKind::NoCommonParameters, "{e}");
+    assert!(
+        e.message()
+            .contains("no cipher or signature algorithm in common"),
+        "{e}"
+    );
 }
 
 #[test]

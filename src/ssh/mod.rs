@@ -54,6 +54,14 @@ const EAUTH: [i32; 5] = [-16, -17, -18, -19, -48];
 /// Key exchange failed (no common algorithm, among others).
 const EKEX: i32 = -5;
 
+/// libssh2 errors after which the session is unusable (transport, protocol, crypto).
+fn session_dead(code: i32) -> bool {
+    matches!(
+        code,
+        -1 | -2 | -3 | -4 | -5 | -7 | -8 | -9 | -12 | -13 | -14 | -30 | -43 | -44 | -45 | -52
+    )
+}
+
 /// What to do with a server whose host key is not in known_hosts.
 ///
 /// A key that is in known_hosts for the host but differs from the server's is refused under
@@ -583,15 +591,7 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
 fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
     let user = &r.user;
     let addr = r.addr();
-    // A transport failure: out of time (the session's timeout is what is left of the connect
-    // timeout), or the session broke.
-    let lost = |e: ssh2::Error, what: String| {
-        if code(&e) == ETIMEOUT {
-            Error::Timeout(Timeout::Connect(r.connect_timeout))
-        } else {
-            ssh_error(SshErrorKind::SessionLost, what)
-        }
-    };
+    let failed = |e: ssh2::Error, what: String| auth_error(&e, what, r.connect_timeout);
     let methods = match sess.auth_methods(user) {
         Ok(m) => m.to_string(),
         Err(e) if sess.authenticated() => {
@@ -600,7 +600,7 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
         }
         Err(e) => {
             let what = format!("asking {addr} how to log in failed: {e}");
-            return Err(lost(e, what));
+            return Err(failed(e, what));
         }
     };
     let mut tried: Vec<String> = Vec::new();
@@ -610,7 +610,7 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
     let refused = |e: &ssh2::Error| EAUTH.contains(&code(e));
     let fatal = |e: ssh2::Error| {
         let what = format!("authentication with {addr} failed: {e}");
-        lost(e, what)
+        failed(e, what)
     };
     if methods.contains("publickey") {
         if let Some(sock) = &r.agent {
@@ -674,6 +674,17 @@ fn authenticate(sess: &Session, r: &Resolved) -> Result<(), Error> {
     ))
 }
 
+/// A failure during authentication that is not a refusal: out of time (the session's timeout
+/// is what is left of the connect timeout, `timeout`), the session broke, or the server's answer
+/// ends the attempt (e.g. the password has expired).
+fn auth_error(e: &ssh2::Error, what: String, timeout: Duration) -> Error {
+    match code(e) {
+        ETIMEOUT => Error::Timeout(Timeout::Connect(timeout)),
+        c if session_dead(c) => ssh_error(SshErrorKind::SessionLost, what),
+        _ => ssh_error(SshErrorKind::AuthenticationFailed, what),
+    }
+}
+
 /// Tries each of the agent's keys (libssh2's `userauth_agent` tries only the first).
 /// `Ok(false)`: every key was refused.
 fn agent_auth(sess: &Session, user: &str, sock: &Path) -> Result<bool, ssh2::Error> {
@@ -693,4 +704,27 @@ fn agent_auth(sess: &Session, user: &str, sock: &Path) -> Result<bool, ssh2::Err
     })();
     let _ = agent.disconnect();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(code: i32) -> Option<SshErrorKind> {
+        let e = ssh2::Error::new(ErrorCode::Session(code), "test");
+        match auth_error(&e, "authentication failed".into(), Duration::from_secs(1)) {
+            Error::Ssh(e) => Some(e.kind()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_a_broken_session_is_reported_lost_during_authentication() {
+        assert_eq!(kind(ETIMEOUT), None, "a time-out is Error::Timeout");
+        // LIBSSH2_ERROR_SOCKET_DISCONNECT, LIBSSH2_ERROR_SOCKET_RECV.
+        assert_eq!(kind(-13), Some(SshErrorKind::SessionLost));
+        assert_eq!(kind(-43), Some(SshErrorKind::SessionLost));
+        // LIBSSH2_ERROR_PASSWORD_EXPIRED: the session is fine, the login is not.
+        assert_eq!(kind(-15), Some(SshErrorKind::AuthenticationFailed));
+    }
 }

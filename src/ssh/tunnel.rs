@@ -76,7 +76,7 @@
 //! channels politely (bounded to half a second), disconnects the session and ends; `close`
 //! joins it, so after it returns no thread, socket or channel of the tunnel is left.
 
-use super::{code, open_session, SshContext, EAGAIN};
+use super::{code, open_session, session_dead, SshContext, EAGAIN};
 use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::{Error, SshError, SshErrorKind};
@@ -100,14 +100,6 @@ const RETRY_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// How long a polite close of the channels and the session may take.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
-
-/// libssh2 errors after which the session is unusable (transport, protocol, crypto).
-fn session_dead(code: i32) -> bool {
-    matches!(
-        code,
-        -1 | -2 | -3 | -4 | -5 | -7 | -8 | -9 | -12 | -13 | -14 | -30 | -43 | -44 | -45 | -52
-    )
-}
 
 /// A local TCP port forwarded through an SSH session to a host and port reachable from the SSH
 /// server (like `ssh -L`).
@@ -151,8 +143,8 @@ pub struct SshTunnel {
 /// What the thread reports to its owner.
 #[derive(Default)]
 struct Status {
-    /// Why the session ended, if it died.
-    dead: Option<String>,
+    /// Why the tunnel ended, if not closed by its owner.
+    failed: Option<SshError>,
     /// Why the last channel could not be opened.
     open_error: Option<SshError>,
     /// The thread has ended.
@@ -242,15 +234,13 @@ impl SshTunnel {
     }
 
     /// Why the tunnel failed, if it did: the SSH session died
-    /// ([`SshErrorKind::SessionLost`]), or the server refused to open the last forwarded
-    /// connection (nothing listening there: [`SshErrorKind::TargetUnreachable`]; forwarding
-    /// prohibited: [`SshErrorKind::ForwardingRefused`]).
+    /// ([`SshErrorKind::SessionLost`]), the tunnel's own wait for its sockets failed
+    /// ([`SshErrorKind::Other`]), or the server refused to open the last forwarded connection
+    /// (nothing listening there: [`SshErrorKind::TargetUnreachable`]; forwarding prohibited:
+    /// [`SshErrorKind::ForwardingRefused`]).
     pub fn failure(&self) -> Option<SshError> {
         let s = lock(&self.status);
-        s.dead
-            .clone()
-            .map(|why| SshError::new(SshErrorKind::SessionLost, why))
-            .or_else(|| s.open_error.clone())
+        s.failed.clone().or_else(|| s.open_error.clone())
     }
 
     /// Stops forwarding: closes every forwarded connection, the listener and the SSH session,
@@ -493,11 +483,11 @@ impl Forward {
         let mut progress = false;
         if self.state.reads_local() && self.local_readable {
             while self.up.len() < BUF_CAP {
-                let Some(local) = self.local.as_mut() else {
+                let Some(local) = &self.local else {
                     break;
                 };
                 let n = CHUNK.min(BUF_CAP - self.up.len());
-                match local.read(&mut scratch[..n]) {
+                match sys::recv_nowait(local.as_raw_fd(), &mut scratch[..n]) {
                     Ok(0) => {
                         self.state.upward = Flow::Draining;
                         progress = true;
@@ -511,7 +501,6 @@ impl Forward {
                         self.local_readable = false;
                         break;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         self.local_failed(&e);
                         progress = true;
@@ -529,16 +518,15 @@ impl Forward {
     fn write_local(&mut self) -> bool {
         let mut progress = false;
         while !self.down.is_empty() {
-            let Some(local) = self.local.as_mut() else {
+            let Some(local) = &self.local else {
                 break;
             };
-            match local.write(self.down.bytes()) {
+            match sys::send_nowait(local.as_raw_fd(), self.down.bytes()) {
                 Ok(n) => {
                     self.down.consume(n);
                     progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.local_failed(&e);
                     progress = true;
@@ -568,8 +556,15 @@ impl Forward {
 enum Stop {
     /// Closed by the owner.
     Closed,
+    /// The session died, or the loop cannot go on; why.
+    Failed(SshError),
+}
+
+impl Stop {
     /// The session died; why.
-    Dead(String),
+    fn lost(why: String) -> Stop {
+        Stop::Failed(SshError::new(SshErrorKind::SessionLost, why))
+    }
 }
 
 struct Loop {
@@ -607,7 +602,7 @@ impl Loop {
         let stop = self.serve();
         match stop {
             Stop::Closed => self.close_politely(),
-            Stop::Dead(ref why) => {
+            Stop::Failed(ref why) => {
                 log::warn!("ssh tunnel via {}: {why}", self.sshd);
                 for f in &mut self.forwards {
                     f.drop_local();
@@ -621,8 +616,8 @@ impl Loop {
         self.sess.set_blocking(true);
         self.forwards.clear();
         let mut s = lock(&self.status);
-        if let Stop::Dead(why) = stop {
-            s.dead = Some(why);
+        if let Stop::Failed(why) = stop {
+            s.failed = Some(why);
         }
         s.ended = true;
     }
@@ -635,7 +630,7 @@ impl Loop {
                 self.want_ssh_out = false;
                 self.retrying = false;
                 match self.turn() {
-                    Err(why) => return Stop::Dead(why),
+                    Err(why) => return Stop::lost(why),
                     Ok(false) => break,
                     Ok(true) => {}
                 }
@@ -693,7 +688,11 @@ impl Loop {
             // packet waits for our delayed ACK, up to 40 ms. Acknowledge before sleeping.
             let _ = sys::tcp_quickack(self.ssh_fd);
             if let Err(e) = sys::poll(&mut fds, Some(timeout)) {
-                return Stop::Dead(format!("poll failed: {e}"));
+                // A local failure (no memory, too many descriptors), not the session's.
+                return Stop::Failed(SshError::new(
+                    SshErrorKind::Other,
+                    format!("the tunnel's poll(2) failed: {e}"),
+                ));
             }
             if fds[0].revents != 0 {
                 return Stop::Closed;
@@ -713,7 +712,7 @@ impl Loop {
                         _ => break,
                     }
                 }
-                return Stop::Dead(format!(
+                return Stop::lost(format!(
                     "the SSH connection to {} was closed by the other side",
                     self.sshd
                 ));
@@ -804,31 +803,29 @@ impl Loop {
             Err(e) if session_dead(code(&e)) => Err(format!("SSH session failed: {e}")),
             Err(e) => {
                 let msg = e.message();
-                let hint = if msg.contains("connect failed") {
-                    format!(
-                        "is anything listening on {}:{} as seen from {}?",
-                        self.host, self.port, self.sshd
+                let (kind, hint) = if msg.contains("connect failed") {
+                    (
+                        SshErrorKind::TargetUnreachable,
+                        format!(
+                            "is anything listening on {}:{} as seen from {}?",
+                            self.host, self.port, self.sshd
+                        ),
                     )
                 } else if msg.contains("prohibited") {
-                    "the server refuses TCP forwarding (AllowTcpForwarding or PermitOpen in its \
-                     sshd_config, or a restriction on the key)"
-                        .to_string()
+                    (
+                        SshErrorKind::ForwardingRefused,
+                        "the server refuses TCP forwarding (AllowTcpForwarding or PermitOpen in \
+                         its sshd_config, or a restriction on the key)"
+                            .to_string(),
+                    )
                 } else {
-                    "see the server's log".to_string()
+                    (SshErrorKind::Other, "see the server's log".to_string())
                 };
                 let why = format!(
                     "{} could not open a forward to {}:{}: {msg}; {hint}",
                     self.sshd, self.host, self.port
                 );
                 log::warn!("ssh tunnel: {why}");
-                // The same cases as the hint.
-                let kind = if msg.contains("connect failed") {
-                    SshErrorKind::TargetUnreachable
-                } else if msg.contains("prohibited") {
-                    SshErrorKind::ForwardingRefused
-                } else {
-                    SshErrorKind::Other
-                };
                 lock(&self.status).open_error = Some(SshError::new(kind, why));
                 // Dropping the local socket tells its client at once.
                 self.waiting.pop_front();
@@ -837,9 +834,9 @@ impl Loop {
         }
     }
 
-    /// The outcome of one non-blocking step of closing a channel: `Ok(true)` when it is done
-    /// (or failed in a way that leaves nothing to wait for), `Ok(false)` to retry later, an
-    /// error when the whole session is dead.
+    /// The outcome of one non-blocking step that ends a channel or its upward direction (EOF,
+    /// close, wait for the close): `Ok(true)` when it is done (or failed in a way that leaves
+    /// nothing to wait for), `Ok(false)` to retry later, an error when the whole session is dead.
     fn channel_step(
         &mut self,
         r: Result<(), ssh2::Error>,
@@ -918,30 +915,20 @@ impl Loop {
     /// channel. A failure other than the session's death counts as sent: the channel is
     /// closed next anyway.
     fn send_eof(&mut self, f: &mut Forward) -> Result<bool, String> {
-        let mut progress = false;
-        let ch = &mut f.channel;
-        if f.state.sends_eof(f.up.is_empty()) {
-            match ch.send_eof() {
-                Ok(()) => {
-                    f.state.upward = Flow::Closed;
-                    progress = true;
-                }
-                Err(e) if code(&e) == EAGAIN => self.eagain(),
-                Err(e) if session_dead(code(&e)) => return Err(format!("SSH session failed: {e}")),
-                Err(e) => {
-                    log::debug!("ssh tunnel: channel #{}: send_eof: {e}", f.id);
-                    f.state.upward = Flow::Closed;
-                    progress = true;
-                }
-            }
+        if f.state.sends_eof(f.up.is_empty())
+            && self.channel_step(f.channel.send_eof(), "send_eof", f.id)?
+        {
+            f.state.upward = Flow::Closed;
+            return Ok(true);
         }
-        Ok(progress)
+        Ok(false)
     }
 
     /// Step 4, channel -> downward buffer, while the state allows it: reads until EAGAIN (or
     /// the buffer is full), since libssh2 may hold bytes for this channel that it read while
     /// serving another (rule 3; the loop repeats turns while anything moves). The channel's
-    /// EOF starts draining the downward direction.
+    /// EOF starts draining the downward direction. (The state allows it only while the local
+    /// socket is there: dropping it closes both directions.)
     fn read_channel(&mut self, f: &mut Forward) -> Result<bool, String> {
         let mut progress = false;
         let ch = &mut f.channel;
@@ -957,9 +944,7 @@ impl Loop {
                         break;
                     }
                     Ok(n) => {
-                        if f.local.is_some() {
-                            f.down.extend(&self.scratch[..n]);
-                        }
+                        f.down.extend(&self.scratch[..n]);
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -60,7 +60,7 @@ pub enum ClientCert {
 
 // Loading keys and certificates
 
-pub(super) fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| {
         config_error(format!(
             "cannot read the {what} file {}: {e}; check the path and its permissions",
@@ -74,7 +74,7 @@ pub(super) fn tls_error(kind: TlsErrorKind, message: impl Into<String>) -> Error
 }
 
 /// A key, certificate or setting that does not work ([`TlsErrorKind::Config`]).
-pub(super) fn config_error(message: impl Into<String>) -> Error {
+fn config_error(message: impl Into<String>) -> Error {
     tls_error(TlsErrorKind::Config, message)
 }
 
@@ -89,7 +89,7 @@ pub(super) fn reasons(e: &ErrorStack) -> String {
 
 /// Loads a PEM private key: PKCS#1, SEC1, PKCS#8, or encrypted PKCS#8 / legacy PEM with
 /// `passphrase`. Never prompts on a terminal.
-pub(super) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Private>, Error> {
+fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Private>, Error> {
     let pem = read_file(path, "key")?;
     let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
     // PKCS#8 encrypted, or a legacy PEM header `Proc-Type: 4,ENCRYPTED`.
@@ -122,7 +122,7 @@ pub(super) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PKey<Pri
 }
 
 /// Loads every certificate of a PEM file (a leaf and its chain, or a CA bundle).
-pub(super) fn load_certs(path: &Path, what: &str) -> Result<Vec<X509>, Error> {
+fn load_certs(path: &Path, what: &str) -> Result<Vec<X509>, Error> {
     let pem = read_file(path, what)?;
     let certs = X509::stack_from_pem(&pem).map_err(|e| {
         config_error(format!(
@@ -142,7 +142,7 @@ pub(super) fn load_certs(path: &Path, what: &str) -> Result<Vec<X509>, Error> {
 
 /// Warns about a certificate this side presents that is outside its validity period (the peer
 /// will refuse it; the tests use such certificates on purpose, so it is not refused here).
-pub(super) fn warn_validity(cert: &X509Ref, path: &Path) {
+fn warn_validity(cert: &X509Ref, path: &Path) {
     let Ok(now) = openssl::asn1::Asn1Time::days_from_now(0) else {
         return;
     };
@@ -166,8 +166,8 @@ pub(super) fn warn_validity(cert: &X509Ref, path: &Path) {
 pub(super) struct Identity {
     key: PKey<Private>,
     chain: Vec<X509>,
-    pub(super) keyfile: PathBuf,
-    pub(super) certfile: PathBuf,
+    keyfile: PathBuf,
+    certfile: PathBuf,
 }
 
 impl Identity {

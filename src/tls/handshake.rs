@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 // The handshake and its failures
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub(super) enum Side {
     Client,
     Server,
 }
@@ -72,7 +72,7 @@ pub(super) fn handshake(
 /// Ends our side of a failed connection politely: signals the end of our data, then reads and
 /// discards what the peer still sends, for at most a quarter of a second, so the peer reads
 /// everything we sent (a TLS alert) instead of a reset.
-pub(super) fn linger_close(tcp: &TcpStream) {
+fn linger_close(tcp: &TcpStream) {
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + Duration::from_millis(250);
     let mut buf = [0u8; 4096];
@@ -90,14 +90,13 @@ pub(super) fn linger_close(tcp: &TcpStream) {
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
 }
 
 /// What check failed on which side: its kind, and words a user can act on.
-pub(super) fn describe(
+fn describe(
     e: &ssl::Error,
     ssl: &SslRef,
     sock: &Sock,
@@ -138,13 +137,14 @@ pub(super) fn describe(
     }
     if let Some(alert) = reasons.iter().find(|r| r.contains("alert")) {
         return match side {
-            Side::Client => TlsError::new(
-                alert_kind(alert),
-                format!(
-                    "the server refused the handshake ({alert}){}",
-                    alert_hint_client(alert)
-                ),
-            ),
+            Side::Client => {
+                let wanted = sock.certificate_requested() && ssl.certificate().is_none();
+                let (kind, hint) = server_alert(alert, wanted);
+                TlsError::new(
+                    kind,
+                    format!("the server refused the handshake ({alert}){hint}"),
+                )
+            }
             Side::Server => TlsError::new(
                 RejectedByPeer,
                 format!("the client refused the handshake ({alert}): it does not accept this server's certificate or settings"),
@@ -214,7 +214,7 @@ pub(super) fn describe(
 }
 
 /// OpenSSL's X509_V_ERR_* codes this module explains (stable across OpenSSL versions).
-pub(super) mod verify_code {
+mod verify_code {
     pub const UNABLE_TO_GET_ISSUER_CERT: i32 = 2;
     pub const CERT_NOT_YET_VALID: i32 = 9;
     pub const CERT_HAS_EXPIRED: i32 = 10;
@@ -233,7 +233,7 @@ pub(super) fn side_name(side: Side) -> &'static str {
     }
 }
 
-pub(super) fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> String {
+fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> String {
     match v.as_raw() {
         verify_code::HOSTNAME_MISMATCH | verify_code::IP_ADDRESS_MISMATCH => format!(
             " (it is not issued for {:?}; connect with a name it carries, or set \
@@ -262,7 +262,7 @@ pub(super) fn server_cert_hint(v: X509VerifyResult, name: Option<&str>) -> Strin
     }
 }
 
-pub(super) fn client_cert_hint(v: X509VerifyResult) -> String {
+fn client_cert_hint(v: X509VerifyResult) -> String {
     match v.as_raw() {
         verify_code::CERT_HAS_EXPIRED => " (the client's certificate has expired)".into(),
         verify_code::CERT_NOT_YET_VALID => " (the client's certificate is not valid yet)".into(),
@@ -277,32 +277,179 @@ pub(super) fn client_cert_hint(v: X509VerifyResult) -> String {
     }
 }
 
-/// What a TLS alert from the server says, as a kind (the same cases as [`alert_hint_client`]).
-pub(super) fn alert_kind(alert: &str) -> TlsErrorKind {
-    if alert.contains("certificate required") {
-        TlsErrorKind::CertificateRequired
-    } else if alert.contains("protocol version") || alert.contains("handshake failure") {
-        TlsErrorKind::NoCommonParameters
+/// What a TLS alert from the server means for this client: its kind, and a hint for the
+/// message. `certificate_wanted`: the server asked for a client certificate and this client has
+/// none. A TLS 1.2 server that requires one answers its absence with "handshake failure" (the
+/// "certificate required" alert is TLS 1.3's), the alert it also sends when no cipher is in
+/// common.
+pub(super) fn server_alert(alert: &str, certificate_wanted: bool) -> (TlsErrorKind, &'static str) {
+    use TlsErrorKind::*;
+    let handshake_failure = alert.contains("handshake failure");
+    if alert.contains("certificate required") || (handshake_failure && certificate_wanted) {
+        (
+            CertificateRequired,
+            ": it requires a client certificate; pass keyfile and certfile to ssl_connect, or \
+             to SslClient::keyfile and SslClient::certfile",
+        )
+    } else if alert.contains("unknown ca") {
+        (
+            RejectedByPeer,
+            ": it does not trust the CA that signed our client certificate",
+        )
+    } else if alert.contains("certificate expired") {
+        (RejectedByPeer, ": our client certificate has expired")
+    } else if alert.contains("bad certificate") || alert.contains("certificate unknown") {
+        (
+            RejectedByPeer,
+            ": it rejected our client certificate (expired, not yet valid, or from another CA)",
+        )
+    } else if alert.contains("protocol version") {
+        (
+            NoCommonParameters,
+            ": no TLS version in common; the server needs a newer TLS version",
+        )
+    } else if handshake_failure {
+        (
+            NoCommonParameters,
+            ": no cipher or signature algorithm in common",
+        )
     } else {
-        TlsErrorKind::RejectedByPeer
+        (RejectedByPeer, "")
     }
 }
 
-pub(super) fn alert_hint_client(alert: &str) -> &'static str {
-    if alert.contains("certificate required") {
-        ": it requires a client certificate; pass keyfile and certfile to ssl_connect, or to \
-         SslClient::keyfile and SslClient::certfile"
-    } else if alert.contains("unknown ca") {
-        ": it does not trust the CA that signed our client certificate"
-    } else if alert.contains("certificate expired") {
-        ": our client certificate has expired"
-    } else if alert.contains("bad certificate") || alert.contains("certificate unknown") {
-        ": it rejected our client certificate (expired, not yet valid, or from another CA)"
-    } else if alert.contains("protocol version") {
-        ": no TLS version in common; the server needs a newer TLS version"
-    } else if alert.contains("handshake failure") {
-        ": no cipher or signature algorithm in common"
-    } else {
-        ""
+/// Follows the handshake messages a peer sends in the clear (all of TLS 1.2's before its
+/// ChangeCipherSpec; TLS 1.3 encrypts all but the ServerHello), to learn whether a server asked
+/// for a client certificate (see [`server_alert`]). Stops at the first record that is not a
+/// handshake record, or at the end of the server's first flight.
+#[derive(Default)]
+pub(super) struct ClearHandshake {
+    record_head: [u8; 5],
+    record_got: usize,
+    /// What is left of the current record's body.
+    record_left: usize,
+    message_head: [u8; 4],
+    message_got: usize,
+    /// What is left of the current message's body.
+    message_left: usize,
+    done: bool,
+    certificate_requested: bool,
+}
+
+impl ClearHandshake {
+    const HANDSHAKE_RECORD: u8 = 22;
+    const CERTIFICATE_REQUEST: u8 = 13;
+    const SERVER_HELLO_DONE: u8 = 14;
+
+    /// Whether the peer sent a CertificateRequest.
+    pub(super) fn certificate_requested(&self) -> bool {
+        self.certificate_requested
+    }
+
+    /// Takes the next bytes the peer sent.
+    pub(super) fn feed(&mut self, mut bytes: &[u8]) {
+        while !self.done && !bytes.is_empty() {
+            if self.record_left == 0 {
+                if fill(&mut self.record_head, &mut self.record_got, &mut bytes) {
+                    let h = self.record_head;
+                    self.record_got = 0;
+                    self.record_left = usize::from(u16::from_be_bytes([h[3], h[4]]));
+                    self.done = h[0] != Self::HANDSHAKE_RECORD;
+                }
+            } else {
+                let (body, rest) = bytes.split_at(self.record_left.min(bytes.len()));
+                self.record_left -= body.len();
+                bytes = rest;
+                self.messages(body);
+            }
+        }
+    }
+
+    /// Follows the handshake messages in (part of) a record's body.
+    fn messages(&mut self, mut body: &[u8]) {
+        while !self.done && !body.is_empty() {
+            if self.message_left == 0 {
+                if fill(&mut self.message_head, &mut self.message_got, &mut body) {
+                    let h = self.message_head;
+                    self.message_got = 0;
+                    self.message_left = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+                    self.certificate_requested |= h[0] == Self::CERTIFICATE_REQUEST;
+                    self.done = self.certificate_requested || h[0] == Self::SERVER_HELLO_DONE;
+                }
+            } else {
+                let n = self.message_left.min(body.len());
+                self.message_left -= n;
+                body = &body[n..];
+            }
+        }
+    }
+}
+
+/// Moves bytes from the front of `src` into `head` (of which `got` are in); returns whether it
+/// is full.
+fn fill<const N: usize>(head: &mut [u8; N], got: &mut usize, src: &mut &[u8]) -> bool {
+    let k = (N - *got).min(src.len());
+    head[*got..*got + k].copy_from_slice(&src[..k]);
+    *got += k;
+    *src = &src[k..];
+    *got == N
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClearHandshake;
+
+    fn record(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut r = vec![kind, 3, 3];
+        r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn message(kind: u8, len: usize) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+        m.extend(std::iter::repeat(0xee).take(len));
+        m
+    }
+
+    /// A TLS 1.2 server's first flight, with or without a CertificateRequest, its messages
+    /// split across records (one starts in a record and ends in the next).
+    fn flight(request: bool) -> Vec<u8> {
+        let mut msgs = [message(2, 70), message(11, 900), message(12, 300)].concat();
+        if request {
+            msgs.extend(message(13, 40));
+        }
+        msgs.extend(message(14, 0));
+        let mut bytes = record(22, &msgs[..500]);
+        bytes.extend(record(22, &msgs[500..]));
+        bytes
+    }
+
+    fn scan(bytes: &[u8], chunk: usize) -> bool {
+        let mut c = ClearHandshake::default();
+        for part in bytes.chunks(chunk) {
+            c.feed(part);
+        }
+        c.certificate_requested()
+    }
+
+    #[test]
+    fn sees_a_certificate_request_however_the_bytes_arrive() {
+        for chunk in [1, 3, 4, 5, 7, 500, 4096] {
+            assert!(scan(&flight(true), chunk), "chunk {chunk}");
+            assert!(!scan(&flight(false), chunk), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn stops_at_the_first_record_that_is_not_a_handshake() {
+        // A CertificateRequest after the ChangeCipherSpec would be encrypted: never read.
+        let mut bytes = record(22, &message(2, 70));
+        bytes.extend(record(20, &[1]));
+        bytes.extend(record(22, &message(13, 40)));
+        assert!(!scan(&bytes, 4096));
+        // A plain rpyc hello is no TLS at all.
+        assert!(!scan(b"RPYC\0\x01\0\0\0\x10\0\0\0\0\x10\0", 4096));
     }
 }

@@ -281,6 +281,14 @@ fn plain_rpyc_client(
         sys::wait_fd(s.as_raw_fd(), POLLIN, Some(left))?;
         Ok(())
     };
+    // A reset is the peer going away, as during the handshake.
+    let failed = |e: io::Error| match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => tls_error(
+            TlsErrorKind::Closed,
+            format!("{peer} closed the connection before the TLS handshake ({e})"),
+        ),
+        _ => tls_error(TlsErrorKind::Other, format!("{peer}: {e}")),
+    };
     let mut first = [0u8; 1];
     loop {
         match s.peek(&mut first) {
@@ -294,7 +302,7 @@ fn plain_rpyc_client(
             Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(tls_error(TlsErrorKind::Other, format!("{peer}: {e}"))),
+            Err(e) => return Err(failed(e)),
         }
     }
     let mut head = [0u8; HELLO_LEN];
@@ -326,7 +334,7 @@ fn plain_rpyc_client(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait()?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(tls_error(TlsErrorKind::Other, format!("{peer}: {e}"))),
+            Err(e) => return Err(failed(e)),
         }
     }
     // The whole hello is read (closing with unread data would reset the connection before the

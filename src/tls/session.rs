@@ -3,7 +3,7 @@
 //! for the network (see the module docs of [`crate::tls`]).
 
 use super::cert::PeerCertificate;
-use super::handshake::{alert_hint_client, alert_kind, peer_of, side_name, Side};
+use super::handshake::{peer_of, server_alert, side_name, ClearHandshake, Side};
 use crate::auth::Authenticated;
 use crate::base::lock;
 use crate::base::sys::{self, POLLIN, POLLOUT};
@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 /// header and body separately), which the connection's reader also fills by waiting on the
 /// socket *outside* the SSL lock (see [`TlsConn::fill`]). It also remembers the first bytes
 /// read, so a failed handshake can tell a plain rpyc server from a broken TLS one.
-pub(crate) struct Sock {
+pub(super) struct Sock {
     pub(super) tcp: TcpStream,
     rbuf: Arc<Mutex<RecvBuf>>,
 }
 
 /// Bytes read from the socket and not yet taken by OpenSSL.
-pub(crate) struct RecvBuf {
+struct RecvBuf {
     buf: Box<[u8]>,
     pos: usize,
     end: usize,
@@ -38,6 +38,8 @@ pub(crate) struct RecvBuf {
     eof: bool,
     first: [u8; 4],
     seen: usize,
+    /// The handshake messages the peer sent in the clear.
+    clear: ClearHandshake,
 }
 
 /// How much one read from the socket may take: four full TLS records.
@@ -56,6 +58,7 @@ impl RecvBuf {
             self.first[self.seen..self.seen + k].copy_from_slice(&self.buf[..k]);
             self.seen += k;
         }
+        self.clear.feed(&self.buf[..n]);
         self.pos = 0;
         self.end = n;
         self.eof = n == 0;
@@ -73,6 +76,7 @@ impl Sock {
                 eof: false,
                 first: [0; 4],
                 seen: 0,
+                clear: ClearHandshake::default(),
             })),
         }
     }
@@ -86,6 +90,11 @@ impl Sock {
     pub(super) fn saw_plain_rpyc(&self) -> bool {
         let rb = lock(&self.rbuf);
         rb.seen == 4 && rb.first == crate::wire::MAGIC
+    }
+
+    /// Whether the peer (a server) asked for a client certificate, in the clear (TLS 1.2).
+    pub(super) fn certificate_requested(&self) -> bool {
+        lock(&self.rbuf).clear.certificate_requested()
     }
 }
 
@@ -127,7 +136,7 @@ impl Write for Sock {
 
 /// A TLS session shared by the connection's read half, write half and control (see the
 /// module docs for the locking rules).
-pub(crate) struct TlsConn {
+pub(super) struct TlsConn {
     ssl: Mutex<SslStream<Sock>>,
     /// The SSL object's receive buffer, which the reader fills without the SSL lock.
     rbuf: Arc<Mutex<RecvBuf>>,
@@ -141,6 +150,8 @@ pub(crate) struct TlsConn {
     /// "certificate required" alert), for the connection's error message.
     failure: Mutex<Option<TlsError>>,
     side: Side,
+    /// A client without a certificate, asked for one by the server (see [`server_alert`]).
+    certificate_wanted: bool,
 }
 
 impl TlsConn {
@@ -151,6 +162,9 @@ impl TlsConn {
         sock.set_nonblocking(false)?;
         let fd = s.get_ref().tcp.as_raw_fd();
         let peer = peer_of(&s.get_ref().tcp);
+        let certificate_wanted = side == Side::Client
+            && s.get_ref().certificate_requested()
+            && s.ssl().certificate().is_none();
         Ok(Arc::new(TlsConn {
             rbuf: s.get_ref().rbuf.clone(),
             fd,
@@ -161,6 +175,7 @@ impl TlsConn {
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             side,
+            certificate_wanted,
         }))
     }
 
@@ -170,7 +185,7 @@ impl TlsConn {
         Authenticated::made(move |stall| TlsConn::transport(self, stall), credentials)
     }
 
-    pub(crate) fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
+    fn transport(conn: Arc<TlsConn>, write_timeout: Duration) -> Transport {
         Transport {
             reader: Box::new(TlsReader(conn.clone())),
             writer: Box::new(TlsWriter {
@@ -218,33 +233,41 @@ impl TlsConn {
                 side_name(self.side)
             )
         };
-        let kind = match reasons.iter().find(|r| r.contains("alert")) {
-            _ if renegotiation => TlsErrorKind::Renegotiation,
-            Some(alert) if self.side == Side::Client => alert_kind(alert),
-            _ => TlsErrorKind::Other,
-        };
-        let msg = match reasons.iter().find(|r| r.contains("alert")) {
-            Some(alert) if self.side == Side::Client => format!(
-                "the server refused the connection after the handshake ({alert}){}",
+        let (kind, msg) = match reasons.iter().find(|r| r.contains("alert")) {
+            Some(alert) if self.side == Side::Client => {
+                let (kind, hint) = if renegotiation {
+                    (TlsErrorKind::Renegotiation, refused_renegotiation("server"))
+                } else {
+                    let (kind, hint) = server_alert(alert, self.certificate_wanted);
+                    (kind, hint.to_string())
+                };
+                (
+                    kind,
+                    format!(
+                        "the server refused the connection after the handshake ({alert}){hint}"
+                    ),
+                )
+            }
+            _ => (
                 if renegotiation {
-                    refused_renegotiation("server")
+                    TlsErrorKind::Renegotiation
                 } else {
-                    alert_hint_client(alert).to_string()
-                }
-            ),
-            _ => format!(
-                "TLS error while {doing} ({} side): {}{}",
-                side_name(self.side),
-                if reasons.is_empty() {
-                    e.to_string()
-                } else {
-                    reasons.join(", ")
+                    TlsErrorKind::Other
                 },
-                if renegotiation {
-                    refused_renegotiation("client")
-                } else {
-                    String::new()
-                }
+                format!(
+                    "TLS error while {doing} ({} side): {}{}",
+                    side_name(self.side),
+                    if reasons.is_empty() {
+                        e.to_string()
+                    } else {
+                        reasons.join(", ")
+                    },
+                    if renegotiation {
+                        refused_renegotiation("client")
+                    } else {
+                        String::new()
+                    }
+                ),
             ),
         };
         log::debug!("{}: {msg}", self.peer);

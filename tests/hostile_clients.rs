@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::procfs::tasks;
 use common::tls::{
     capture_logs, logged, pki, serve_tls, server_options, still_serves, whoami, Pki,
 };
@@ -142,26 +143,26 @@ struct CpuWatch {
 
 impl CpuWatch {
     fn start(name: &'static str) -> CpuWatch {
-        // Per thread: its CPU ticks now (0 for threads that start later), and when last seen.
-        let mut seen: HashMap<u64, (u64, u64)> = threads_cpu_ticks(name)
-            .into_iter()
-            .map(|(tid, ticks)| (tid, (ticks, ticks)))
-            .collect();
+        let named = move || tasks().into_iter().filter(move |t| t.name == name);
+        // Per thread: its CPU time now (none for threads that start later), and when last seen.
+        let mut seen: HashMap<u64, (Duration, Duration)> =
+            named().map(|t| (t.tid, (t.cpu, t.cpu))).collect();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let sampler = std::thread::spawn(move || {
             loop {
                 let done = flag.load(Ordering::SeqCst);
-                for (tid, ticks) in threads_cpu_ticks(name) {
-                    seen.entry(tid).or_insert((0, ticks)).1 = ticks;
+                for t in named() {
+                    seen.entry(t.tid).or_insert((Duration::ZERO, t.cpu)).1 = t.cpu;
                 }
                 if done {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let ticks: u64 = seen.values().map(|(first, last)| last - first).sum();
-            Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+            seen.values()
+                .map(|(first, last)| last.saturating_sub(*first))
+                .sum()
         });
         CpuWatch {
             stop,
@@ -180,42 +181,6 @@ impl Drop for CpuWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-/// utime + stime, in clock ticks, of each live thread of this process named `name`.
-fn threads_cpu_ticks(name: &str) -> Vec<(u64, u64)> {
-    let mut found = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return found;
-    };
-    for task in tasks.flatten() {
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<u64>() else {
-            continue;
-        };
-        // A thread that ended since the listing has no stat any more.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != name {
-            continue;
-        }
-        // After the name: state is field 3 of the full line, utime and stime fields 14 and 15.
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        found.push((tid, ticks));
-    }
-    found
-}
-
-/// The kernel's USER_HZ (what /proc counts CPU time in).
-fn clock_ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Tests that measure the CPU time of the server's handshake threads run one at a time, so one

@@ -5,7 +5,7 @@ mod common;
 
 use common::procfs::tasks;
 use common::tls::{
-    capture_logs, logged, pki, serve_tls, server_options, still_serves, whoami, Pki,
+    capture_logs, pki, serve_tls, server_options, still_serves, wait_logged, whoami, Pki,
 };
 use common::{handshake_kind, TestServer};
 use rpyc::HandshakeErrorKind;
@@ -119,11 +119,11 @@ fn tls_client_asking_for_a_renegotiation_is_refused_and_the_next_client_is_serve
         client.output()
     );
     assert!(
-        common::wait_until(Duration::from_secs(5), || logged(&[
+        wait_logged(&[
             "127.0.0.1:",
             "connection failed",
             "the client wanted to renegotiate the TLS 1.2 session, which this server refuses"
-        ])),
+        ]),
         "not logged"
     );
     assert!(common::wait_until(Duration::from_secs(5), || server
@@ -237,11 +237,7 @@ fn hit_and_run_plain_hellos_on_a_tls_port_cost_no_cpu_and_end_at_once() {
         "the handshake threads used {used:?} of CPU in {waited:?}"
     );
     assert!(
-        common::wait_until(Duration::from_secs(5), || logged(&[
-            "127.0.0.1:",
-            "closed the connection",
-            "plain rpyc hello"
-        ])),
+        wait_logged(&["127.0.0.1:", "closed the connection", "plain rpyc hello"]),
         "not logged"
     );
     served_within(&server, &p, handshake_timeout / 3);
@@ -274,18 +270,21 @@ fn silent_clients_that_sent_part_of_a_plain_hello_are_dropped_at_the_handshake_t
     let used = cpu.stop();
     eprintln!("3 silent clients: dropped after {waited:?}, {used:?} of CPU");
     assert!(
-        waited >= handshake_timeout - Duration::from_millis(50)
-            && waited < handshake_timeout * 3 / 2,
+        waited >= handshake_timeout.mul_f64(0.9) && waited < handshake_timeout * 3 / 2,
         "dropped after {waited:?}, the handshake timeout is {handshake_timeout:?}"
     );
     assert!(
         used < waited / 10,
         "the handshake threads used {used:?} of CPU in {waited:?}"
     );
-    assert!(common::wait_until(Duration::from_secs(5), || logged(&[
-        "127.0.0.1:",
-        "handshake timed out"
-    ])));
+    // Each was logged, under its own address (other tests time out handshakes too).
+    for s in &silent {
+        let parts = [
+            &format!("{}: ", s.local_addr().unwrap()),
+            "handshake timed out after 2s",
+        ];
+        assert!(wait_logged(&parts), "not logged: {parts:?}");
+    }
     served_within(&server, &p, handshake_timeout / 3);
 }
 
@@ -306,10 +305,11 @@ fn a_client_whose_first_bytes_only_look_like_a_plain_hello_is_dropped_at_once() 
         "dropped after {:?}",
         started.elapsed()
     );
-    assert!(common::wait_until(Duration::from_secs(5), || logged(&[
-        "127.0.0.1:",
-        "does not speak TLS"
-    ])));
+    let parts = [
+        &format!("{}: ", s.local_addr().unwrap()),
+        "does not speak TLS",
+    ];
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
     still_serves(&server, &p);
 }
 
@@ -544,15 +544,16 @@ fn a_server_runs_a_bounded_number_of_threads_however_busy_its_clients_keep_it() 
             })
         })
         .collect();
+    // Sampled until every call has returned: the ones beyond the budget wait their turn.
     let mut most = 0;
-    let until = Instant::now() + Duration::from_millis(250);
-    while Instant::now() < until {
+    let until = Instant::now() + Duration::from_secs(30);
+    while pending.iter().any(|p| !p.is_ready()) && Instant::now() < until {
         most = most.max(c.status("Threads"));
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Every call still completes, the ones beyond the budget after waiting their turn.
+    // Every call still completes.
     for p in pending {
-        p.value_timeout(Duration::from_secs(30)).unwrap();
+        p.value_timeout(Duration::from_secs(1)).unwrap();
     }
     let bound = idle + 2 * 4 + 8;
     eprintln!("server threads: {idle} idle, at most {most} under load (bound {bound})");
@@ -649,7 +650,7 @@ fn silent_connections_give_their_slots_to_new_clients_once_idle_long_enough() {
     conn.root().call::<(), _>("nothing", ()).unwrap();
     let hung_up = silent
         .iter_mut()
-        .map(|s| raw::hangs_up_within(s, Duration::from_millis(100)))
+        .map(|s| raw::hangs_up_within(s, idle / 2))
         .filter(|&h| h)
         .count();
     assert_eq!(hung_up, 1, "exactly one idle connection makes room");
@@ -775,8 +776,13 @@ fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() 
     capture_logs();
     let stall = Duration::from_secs(1);
     let server = quick_server(|b| b.call_timeout(stall));
-    assert_dropped_for_not_reading(&server, raw::client(server.port), stall);
-    assert!(logged(&["127.0.0.1:", "read nothing for 1s"]));
+    let s = raw::client(server.port);
+    let parts = [
+        &format!("{}: ", s.local_addr().unwrap()),
+        "read nothing for 1s",
+    ];
+    assert_dropped_for_not_reading(&server, s, stall);
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
 }
 
 #[cfg(unix)]

@@ -706,6 +706,20 @@ impl ServerHandle {
         inner.cleanup(grace)
     }
 
+    /// Like [`close_timeout`](ServerHandle::close_timeout), waiting for handlers still running
+    /// until `deadline` (a deadline already past closes without waiting for them); returns
+    /// whether every thread of the server ended in time.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// let handle = rpyc::ThreadedServer::new(rpyc::Service::new("s")).build()?.spawn()?;
+    /// assert!(handle.close_deadline(Instant::now() + Duration::from_secs(1)));
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn close_deadline(&self, deadline: Instant) -> bool {
+        self.close_timeout(deadline.saturating_duration_since(Instant::now()))
+    }
+
     /// Whether [`close`](ServerHandle::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)

@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::raw::{cbor_head, frame, uint};
+use common::raw::{self, cbor_head, frame, CALL, ERROR, ONEWAY, PING, RELEASE, REPLY};
 use rpyc::{Error, HandshakeError, HandshakeErrorKind, ServerHandle, Service, ThreadedServer};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::Once;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,23 +44,7 @@ fn assert_no_panics() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The wire format, by hand (see src/wire/mod.rs and PROTOCOL.md).
-
-const CALL: u64 = 0;
-const ONEWAY: u64 = 1;
-const REPLY: u64 = 2;
-const ERROR: u64 = 3;
-const RELEASE: u64 = 4;
-const PING: u64 = 5;
-
-fn hello(version: u16) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..4].copy_from_slice(b"RPYC");
-    b[4..6].copy_from_slice(&version.to_be_bytes());
-    b[8..12].copy_from_slice(&(1u32 << 20).to_be_bytes());
-    b[12..16].copy_from_slice(&1024u32.to_be_bytes());
-    b
-}
+// The wire format, by hand (common/raw.rs; see src/wire/mod.rs and PROTOCOL.md).
 
 /// A body `[kind, id, parent, target, method]` followed by `payload` (one CBOR item), without
 /// its length.
@@ -81,30 +65,18 @@ fn add_call(id: u64) -> Vec<u8> {
 
 /// Reads one frame the server sent: (kind, id, payload).
 fn read_frame(s: &mut TcpStream) -> (u64, u64, Vec<u8>) {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("a frame from the server");
-    let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut b).expect("the rest of the frame");
-    assert_eq!(b[0], 0x85, "header is a 5-array: {b:02x?}");
-    let mut pos = 1;
-    let kind = uint(&b, &mut pos);
-    let id = uint(&b, &mut pos);
-    let _parent = uint(&b, &mut pos);
-    let _target = uint(&b, &mut pos);
-    let method_len = (b[pos] & 0x1f) as usize; // replies carry short (empty) names
-    pos += 1 + method_len;
-    (kind, id, b[pos..].to_vec())
+    let f = raw::read_frame(s)
+        .expect("a frame from the server")
+        .expect("a frame, not the end of the stream");
+    (f.kind, f.id, f.payload)
 }
 
-/// Reads until the server hangs up; fails if it keeps the connection open.
+/// Reads until the server hangs up; fails if it keeps the connection open for 5 s.
 fn expect_hangup(s: &mut TcpStream, what: &str) {
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut sink = Vec::new();
-    match s.read_to_end(&mut sink) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("the server did not hang up after {what}: {e}"),
-    }
+    assert!(
+        raw::hangs_up_within(s, Duration::from_secs(5)),
+        "the server did not hang up after {what}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,18 +93,6 @@ fn server() -> (ServerHandle, u16) {
     (server.spawn().unwrap(), port)
 }
 
-/// A TCP connection to `port` that has completed the handshake by hand.
-fn raw_client(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&hello(1)).unwrap();
-    let mut theirs = [0u8; 16];
-    s.read_exact(&mut theirs).unwrap();
-    assert_eq!(&theirs[..4], b"RPYC");
-    s
-}
-
 /// The server still serves a well-behaved client, and nothing panicked.
 fn still_serves(port: u16) {
     let conn = rpyc::connect("127.0.0.1", port).expect("a good client can still connect");
@@ -142,21 +102,17 @@ fn still_serves(port: u16) {
 }
 
 fn wait_for_no_connections(handle: &ServerHandle) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while handle.connections() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} connection(s) still held by the server",
-            handle.connections()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    common::expect_within(
+        "the server held no connection",
+        Duration::from_secs(5),
+        || handle.connections() == 0,
+    );
 }
 
 /// Sends `bytes` after a valid handshake and checks that the server hangs up and still serves
 /// others.
 fn hostile(port: u16, what: &str, bytes: &[u8]) {
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     let _ = s.write_all(bytes);
     expect_hangup(&mut s, what);
     still_serves(port);
@@ -217,9 +173,7 @@ fn ssh_server_is_named_in_the_handshake_error() {
 
 #[test]
 fn peer_speaking_another_protocol_version_is_refused_by_version() {
-    let mut other = hello(99);
-    other[6..8].copy_from_slice(&0u16.to_be_bytes());
-    let banner: &'static [u8] = Box::leak(Box::new(other));
+    let banner: &'static [u8] = Box::leak(Box::new(raw::hello_version(99)));
     let port = fake_server(banner, false);
     let e = handshake_error(port);
     assert_eq!(e.kind(), HandshakeErrorKind::VersionMismatch, "{e}");
@@ -231,9 +185,7 @@ fn peer_speaking_another_protocol_version_is_refused_by_version() {
 
 #[test]
 fn peer_announcing_an_unusable_frame_limit_is_refused() {
-    let mut tiny = hello(1);
-    tiny[8..12].copy_from_slice(&10u32.to_be_bytes());
-    let banner: &'static [u8] = Box::leak(Box::new(tiny));
+    let banner: &'static [u8] = Box::leak(Box::new(raw::hello_with(10, 1024)));
     let e = handshake_error(fake_server(banner, false));
     assert_eq!(e.kind(), HandshakeErrorKind::BadHello, "{e}");
     assert!(
@@ -264,12 +216,11 @@ fn server_hangs_up_on_clients_with_a_bad_hello() {
             b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
         ),
         ("an SSH banner", b"SSH-2.0-OpenSSH_9.2\r\n".to_vec()),
-        ("a hello of version 99", hello(99).to_vec()),
-        ("a hello announcing a 0-byte frame limit", {
-            let mut h = hello(1);
-            h[8..12].copy_from_slice(&[0; 4]);
-            h.to_vec()
-        }),
+        ("a hello of version 99", raw::hello_version(99).to_vec()),
+        (
+            "a hello announcing a 0-byte frame limit",
+            raw::hello_with(0, 1024).to_vec(),
+        ),
     ];
     for (what, bytes) in cases {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -308,13 +259,13 @@ fn garbage_after_the_handshake_closes_only_that_connection() {
 #[test]
 fn truncated_frame_then_close_is_survived() {
     let (handle, port) = server();
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     let f = add_call(1);
     s.write_all(&f[..f.len() - 3]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     expect_hangup(&mut s, "a truncated frame");
     // Cut inside the length prefix too.
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     s.write_all(&[0, 0]).unwrap();
     drop(s);
     still_serves(port);
@@ -405,7 +356,7 @@ fn unknown_message_kind_is_a_protocol_violation() {
 #[test]
 fn call_to_an_unknown_object_gets_an_error_reply_and_the_connection_stays_open() {
     let (handle, port) = server();
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     s.write_all(&frame(CALL, 7, 0, 999, "add", &[0x82, 0x01, 0x02]))
         .unwrap();
     let (kind, id, payload) = read_frame(&mut s);
@@ -450,7 +401,7 @@ fn call_to_an_unknown_object_gets_an_error_reply_and_the_connection_stays_open()
 #[test]
 fn deeply_nested_arguments_get_an_error_reply_without_overflowing_the_stack() {
     let (handle, port) = server();
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     let nests: [(&str, Vec<u8>); 5] = [
         ("arrays", [vec![0x81; 10_000], vec![0x00]].concat()),
         (
@@ -500,7 +451,7 @@ fn deeply_nested_arguments_get_an_error_reply_without_overflowing_the_stack() {
 #[test]
 fn large_bad_arguments_get_error_replies_that_quote_only_a_prefix() {
     let (handle, port) = server();
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     // Many tiny items for a method without parameters.
     let mut zeros = Vec::new();
     cbor_head(&mut zeros, 4, 500_000);
@@ -560,7 +511,7 @@ fn reply_to_a_request_never_sent_is_a_protocol_violation() {
 #[test]
 fn nested_request_naming_a_parent_that_does_not_exist_is_served_normally() {
     let (handle, port) = server();
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     s.write_all(&frame(CALL, 3, 12345, 0, "add", &[0x82, 0x01, 0x02]))
         .unwrap();
     assert_eq!(read_frame(&mut s), (REPLY, 3, vec![0x03]));
@@ -640,7 +591,7 @@ fn fuzz_input(rng: &mut XorShift) -> (Vec<u8>, bool) {
         4 => (valid_frames(rng), true),
         _ => {
             // A damaged hello, then anything.
-            let mut h = hello(1).to_vec();
+            let mut h = raw::hello().to_vec();
             let at = rng.below(16) as usize;
             h[at] = rng.next() as u8;
             let n = rng.below(64) as usize;
@@ -663,7 +614,7 @@ fn random_and_mutated_traffic_never_breaks_the_server() {
     for i in 0..iterations {
         let (bytes, with_hello) = fuzz_input(&mut rng);
         let mut s = if with_hello {
-            raw_client(port)
+            raw::client(port)
         } else {
             let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -688,16 +639,11 @@ fn random_and_mutated_traffic_never_breaks_the_server() {
 #[test]
 fn request_flood_beyond_the_queue_limit_closes_that_connection() {
     watch_for_panics();
-    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let gate = common::Gate::default();
     let g = gate.clone();
     let service = Service::new("target")
         .method("add", |a: i64, b: i64| a + b)
-        .method("blocked", move || {
-            let open = g.0.lock().unwrap();
-            let _ =
-                g.1.wait_timeout_while(open, Duration::from_secs(10), |o| !*o)
-                    .unwrap();
-        });
+        .method("blocked", move || g.wait());
     let server = ThreadedServer::new(service)
         .max_workers(1)
         .max_queued(4)
@@ -707,7 +653,7 @@ fn request_flood_beyond_the_queue_limit_closes_that_connection() {
     let handle = server.spawn().unwrap();
 
     // The one worker is busy; four requests may wait; the fifth is one too many.
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     s.write_all(&frame(CALL, 1, 0, 0, "blocked", &[0x80]))
         .unwrap();
     for id in 2..=6 {
@@ -716,15 +662,14 @@ fn request_flood_beyond_the_queue_limit_closes_that_connection() {
     expect_hangup(&mut s, "overflowing the request queue");
 
     // Within the limits, queued requests are served once the worker is free.
-    let mut s = raw_client(port);
+    let mut s = raw::client(port);
     s.write_all(&frame(CALL, 1, 0, 0, "blocked", &[0x80]))
         .unwrap();
     for id in 2..=5 {
         s.write_all(&add_call(id)).unwrap();
     }
     thread::sleep(Duration::from_millis(100));
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    gate.open();
     let mut ids: Vec<u64> = (0..5)
         .map(|_| {
             let (kind, id, _) = read_frame(&mut s);

@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::procfs::tasks;
 use common::tls::{
-    capture_logs, logged, pki, serve_tls, server_options, still_serves, whoami, Pki,
+    capture_logs, pki, serve_tls, server_options, still_serves, wait_logged, whoami, Pki,
 };
 use common::{handshake_kind, TestServer};
 use rpyc::HandshakeErrorKind;
@@ -118,11 +119,11 @@ fn tls_client_asking_for_a_renegotiation_is_refused_and_the_next_client_is_serve
         client.output()
     );
     assert!(
-        common::wait_until(Duration::from_secs(5), || logged(&[
+        wait_logged(&[
             "127.0.0.1:",
             "connection failed",
             "the client wanted to renegotiate the TLS 1.2 session, which this server refuses"
-        ])),
+        ]),
         "not logged"
     );
     assert!(common::wait_until(Duration::from_secs(5), || server
@@ -142,26 +143,26 @@ struct CpuWatch {
 
 impl CpuWatch {
     fn start(name: &'static str) -> CpuWatch {
-        // Per thread: its CPU ticks now (0 for threads that start later), and when last seen.
-        let mut seen: HashMap<u64, (u64, u64)> = threads_cpu_ticks(name)
-            .into_iter()
-            .map(|(tid, ticks)| (tid, (ticks, ticks)))
-            .collect();
+        let named = move || tasks().into_iter().filter(move |t| t.name == name);
+        // Per thread: its CPU time now (none for threads that start later), and when last seen.
+        let mut seen: HashMap<u64, (Duration, Duration)> =
+            named().map(|t| (t.tid, (t.cpu, t.cpu))).collect();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let sampler = std::thread::spawn(move || {
             loop {
                 let done = flag.load(Ordering::SeqCst);
-                for (tid, ticks) in threads_cpu_ticks(name) {
-                    seen.entry(tid).or_insert((0, ticks)).1 = ticks;
+                for t in named() {
+                    seen.entry(t.tid).or_insert((Duration::ZERO, t.cpu)).1 = t.cpu;
                 }
                 if done {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let ticks: u64 = seen.values().map(|(first, last)| last - first).sum();
-            Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+            seen.values()
+                .map(|(first, last)| last.saturating_sub(*first))
+                .sum()
         });
         CpuWatch {
             stop,
@@ -180,42 +181,6 @@ impl Drop for CpuWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-/// utime + stime, in clock ticks, of each live thread of this process named `name`.
-fn threads_cpu_ticks(name: &str) -> Vec<(u64, u64)> {
-    let mut found = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return found;
-    };
-    for task in tasks.flatten() {
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<u64>() else {
-            continue;
-        };
-        // A thread that ended since the listing has no stat any more.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != name {
-            continue;
-        }
-        // After the name: state is field 3 of the full line, utime and stime fields 14 and 15.
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        found.push((tid, ticks));
-    }
-    found
-}
-
-/// The kernel's USER_HZ (what /proc counts CPU time in).
-fn clock_ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Tests that measure the CPU time of the server's handshake threads run one at a time, so one
@@ -272,11 +237,7 @@ fn hit_and_run_plain_hellos_on_a_tls_port_cost_no_cpu_and_end_at_once() {
         "the handshake threads used {used:?} of CPU in {waited:?}"
     );
     assert!(
-        common::wait_until(Duration::from_secs(5), || logged(&[
-            "127.0.0.1:",
-            "closed the connection",
-            "plain rpyc hello"
-        ])),
+        wait_logged(&["127.0.0.1:", "closed the connection", "plain rpyc hello"]),
         "not logged"
     );
     served_within(&server, &p, handshake_timeout / 3);
@@ -309,18 +270,21 @@ fn silent_clients_that_sent_part_of_a_plain_hello_are_dropped_at_the_handshake_t
     let used = cpu.stop();
     eprintln!("3 silent clients: dropped after {waited:?}, {used:?} of CPU");
     assert!(
-        waited >= handshake_timeout - Duration::from_millis(50)
-            && waited < handshake_timeout * 3 / 2,
+        waited >= handshake_timeout.mul_f64(0.9) && waited < handshake_timeout * 3 / 2,
         "dropped after {waited:?}, the handshake timeout is {handshake_timeout:?}"
     );
     assert!(
         used < waited / 10,
         "the handshake threads used {used:?} of CPU in {waited:?}"
     );
-    assert!(common::wait_until(Duration::from_secs(5), || logged(&[
-        "127.0.0.1:",
-        "handshake timed out"
-    ])));
+    // Each was logged, under its own address (other tests time out handshakes too).
+    for s in &silent {
+        let parts = [
+            &format!("{}: ", s.local_addr().unwrap()),
+            "handshake timed out after 2s",
+        ];
+        assert!(wait_logged(&parts), "not logged: {parts:?}");
+    }
     served_within(&server, &p, handshake_timeout / 3);
 }
 
@@ -341,10 +305,11 @@ fn a_client_whose_first_bytes_only_look_like_a_plain_hello_is_dropped_at_once() 
         "dropped after {:?}",
         started.elapsed()
     );
-    assert!(common::wait_until(Duration::from_secs(5), || logged(&[
-        "127.0.0.1:",
-        "does not speak TLS"
-    ])));
+    let parts = [
+        &format!("{}: ", s.local_addr().unwrap()),
+        "does not speak TLS",
+    ];
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
     still_serves(&server, &p);
 }
 
@@ -355,7 +320,7 @@ use common::raw;
 use rpyc::{Bytes, Error, Service, ThreadedServer};
 
 /// The server the memory tests attack, in a child process: `role` is `server` followed by
-/// settings (`max_workers=1 max_buffered=64 total=96 max_queued=100 max_threads=8`, sizes in
+/// settings (`max_workers=1 max_buffered=64 total=32 max_queued=100 max_threads=8`, sizes in
 /// MiB). Methods: `nothing()`, `block()` (sleeps until the process ends), `sleep_ms(n)`,
 /// `echo(Bytes)`, `call_back(cb)`.
 #[test]
@@ -526,11 +491,12 @@ fn requests_queued_behind_a_busy_worker_are_bounded_in_bytes_per_connection() {
 
 #[test]
 fn connections_together_cannot_hold_more_than_the_server_total() {
-    let (c, port) = child_server_with("max_workers=1 max_buffered=64 total=96");
+    const MIB: u64 = 1 << 20;
+    let (c, port) = child_server_with("max_workers=1 max_buffered=64 total=32");
     let before = c.rss();
     c.reset_peak();
     // Three clients each try to queue up to 100 MiB behind a blocked worker: 64 MiB each
-    // would be allowed per connection, 192 MiB together, but the server holds at most 96 MiB
+    // would be allowed per connection, 192 MiB together, but the server holds at most 32 MiB
     // beyond 1 MiB per connection.
     let floods: Vec<_> = (0..3)
         .map(|_| {
@@ -538,17 +504,23 @@ fn connections_together_cannot_hold_more_than_the_server_total() {
                 let mut s = raw::client(port);
                 s.write_all(&raw::frame(raw::CALL, 1, 0, 0, "block", &[0x80]))
                     .unwrap();
-                let sent = flood(&mut s, 100, 1 << 20);
+                let sent = flood(&mut s, 100, MIB as usize);
                 (sent, raw::hangs_up_within(&mut s, Duration::from_secs(10)))
             })
         })
         .collect();
     let results: Vec<(u64, bool)> = floods.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("(bytes sent, hung up on): {results:?}");
+    // The total, not the per-connection limit, cut a client off: the server closed it before
+    // it had sent its 64 MiB (the sockets hold a few MiB on the way, far fewer than the 32 MiB
+    // between the two limits).
     assert!(
-        results.iter().filter(|(_, closed)| *closed).count() >= 1,
-        "no client was closed: {results:?}"
+        results
+            .iter()
+            .any(|&(sent, closed)| closed && sent < 64 * MIB),
+        "no client was closed before its per-connection limit of 64 MiB: {results:?}"
     );
-    c.assert_peak_grew_at_most(before, (96 + 3) << 20, 1.5, "three clients queueing");
+    c.assert_peak_grew_at_most(before, (32 + 3) * MIB, 1.5, "three clients queueing");
     // A client making small calls still gets in: its first MiB is its own.
     let conn = rpyc::connect("127.0.0.1", port).unwrap();
     assert_eq!(
@@ -579,15 +551,16 @@ fn a_server_runs_a_bounded_number_of_threads_however_busy_its_clients_keep_it() 
             })
         })
         .collect();
+    // Sampled until every call has returned: the ones beyond the budget wait their turn.
     let mut most = 0;
-    let until = Instant::now() + Duration::from_millis(250);
-    while Instant::now() < until {
+    let until = Instant::now() + Duration::from_secs(30);
+    while pending.iter().any(|p| !p.is_ready()) && Instant::now() < until {
         most = most.max(c.status("Threads"));
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Every call still completes, the ones beyond the budget after waiting their turn.
+    // Every call still completes.
     for p in pending {
-        p.value_timeout(Duration::from_secs(30)).unwrap();
+        p.value_timeout(Duration::from_secs(1)).unwrap();
     }
     let bound = idle + 2 * 4 + 8;
     eprintln!("server threads: {idle} idle, at most {most} under load (bound {bound})");
@@ -684,7 +657,7 @@ fn silent_connections_give_their_slots_to_new_clients_once_idle_long_enough() {
     conn.root().call::<(), _>("nothing", ()).unwrap();
     let hung_up = silent
         .iter_mut()
-        .map(|s| raw::hangs_up_within(s, Duration::from_millis(100)))
+        .map(|s| raw::hangs_up_within(s, idle / 2))
         .filter(|&h| h)
         .count();
     assert_eq!(hung_up, 1, "exactly one idle connection makes room");
@@ -810,8 +783,13 @@ fn a_client_that_stops_reading_is_dropped_at_the_stall_timeout_with_a_warning() 
     capture_logs();
     let stall = Duration::from_secs(1);
     let server = quick_server(|b| b.call_timeout(stall));
-    assert_dropped_for_not_reading(&server, raw::client(server.port), stall);
-    assert!(logged(&["127.0.0.1:", "read nothing for 1s"]));
+    let s = raw::client(server.port);
+    let parts = [
+        &format!("{}: ", s.local_addr().unwrap()),
+        "read nothing for 1s",
+    ];
+    assert_dropped_for_not_reading(&server, s, stall);
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
 }
 
 #[cfg(unix)]

@@ -4,23 +4,12 @@
 
 mod common;
 
+use common::procfs::thread_names;
 use rpyc::{Options, RemoteObject, Service, ThreadedServer};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-fn thread_names() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task is readable on Linux")
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "?".into())
-        })
-        .collect()
-}
 
 #[test]
 fn closing_clients_and_server_leaves_no_threads_behind() {

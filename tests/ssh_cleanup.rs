@@ -7,22 +7,11 @@ mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
+use common::procfs::thread_names;
 use rpyc::Service;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
-
-fn thread_names() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            std::fs::read_to_string(e.path().join("comm"))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default()
-        })
-        .collect()
-}
 
 fn open_fds() -> Vec<String> {
     std::fs::read_dir("/proc/self/fd")
@@ -89,16 +78,10 @@ fn closing_the_connection_stops_the_tunnel_and_frees_its_threads_and_sockets() {
     tunnel.close();
     assert!(tunnel.is_closed());
     // The tunnel's local ends are closed: our raw sockets see the end of their streams.
+    // (The server may have sent its handshake first; a socket closed with unread input is
+    // reset rather than ended.)
     for s in &mut raw {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        // (The server may have sent its handshake first; a socket closed with unread input
-        // is reset rather than ended.)
-        let mut rest = Vec::new();
-        match s.read_to_end(&mut rest) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("expected the end of the stream, got {e}"),
-        }
+        common::wait_for_hang_up(s);
     }
     drop(raw);
     drop(tunnel);

@@ -428,11 +428,19 @@ fn calls_sharing_one_deadline_end_at_it() {
         other => panic!("expected a call timeout, got {other:?}"),
     }
     assert!(over < budget / 2, "returned {over:?} after the deadline");
-    // An async result waits until a deadline too.
+    // An async result waits until a deadline too: then it is a call timeout, the call still
+    // pending.
     let pending = conn.root().call_async::<String, _>("blocked", ()).unwrap();
-    assert!(pending
-        .wait_deadline(Instant::now() + Duration::from_millis(50))
-        .is_err());
+    let wait = Duration::from_millis(50);
+    let deadline = Instant::now() + wait;
+    match pending.wait_deadline(deadline) {
+        Err(Error::Timeout(Timeout::Call { method, after })) => {
+            assert_eq!(method, "root.blocked");
+            assert!(after <= wait, "{after:?}");
+        }
+        other => panic!("expected a call timeout, got {other:?}"),
+    }
+    assert!(Instant::now() >= deadline, "gave up before the deadline");
     gate.open();
     assert_eq!(
         pending
@@ -441,4 +449,105 @@ fn calls_sharing_one_deadline_end_at_it() {
         "late"
     );
     handle.close();
+}
+
+// ---- The other `_deadline` forms ----
+
+/// A peer that completes the handshake and then reads whatever comes, answering nothing, until
+/// the client hangs up (at most 10 s).
+fn peer_that_never_answers() -> (u16, thread::JoinHandle<()>) {
+    let (l, port) = common::raw::listener();
+    let peer = thread::spawn(move || {
+        let mut s = common::raw::accept(&l);
+        common::raw::hangs_up_within(&mut s, Duration::from_secs(10));
+    });
+    (port, peer)
+}
+
+#[test]
+fn ping_deadline_gives_up_at_the_deadline_on_a_peer_that_never_answers() {
+    let (port, peer) = peer_that_never_answers();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    let budget = Duration::from_millis(500);
+    let start = Instant::now();
+    let r = conn.ping_deadline(start + budget);
+    let took = start.elapsed();
+    match r {
+        Err(Error::Timeout(Timeout::Call { method, after })) => {
+            assert_eq!(method, "ping");
+            assert!(after <= budget, "{after:?}");
+        }
+        other => panic!("expected a ping timeout, got {other:?}"),
+    }
+    assert!(
+        took >= budget.mul_f64(0.9) && took < budget * 3 / 2,
+        "gave up after {took:?}, the deadline being {budget:?} away"
+    );
+    conn.close();
+    peer.join().unwrap();
+}
+
+#[test]
+fn wait_closed_deadline_is_false_at_the_deadline_while_open_and_true_once_closed() {
+    let (handle, port, _gate) = slow_server();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    let budget = Duration::from_millis(300);
+    // Open: false, at the deadline.
+    let start = Instant::now();
+    assert!(!conn.wait_closed_deadline(start + budget));
+    let took = start.elapsed();
+    assert!(
+        took >= budget.mul_f64(0.9) && took < budget * 3 / 2,
+        "returned after {took:?}, the deadline being {budget:?} away"
+    );
+    // Closed meanwhile (by another thread): true, as soon as it closes.
+    let closer = conn.clone();
+    let start = Instant::now();
+    let closing = thread::spawn(move || {
+        thread::sleep(budget);
+        closer.close();
+    });
+    assert!(conn.wait_closed_deadline(start + budget * 10));
+    let took = start.elapsed();
+    assert!(
+        took >= budget.mul_f64(0.9) && took < budget * 3,
+        "returned after {took:?}, closed after {budget:?}, the deadline {:?} away",
+        budget * 10
+    );
+    closing.join().unwrap();
+    // Closed already: true, even for a deadline already past.
+    assert!(conn.wait_closed_deadline(Instant::now()));
+    handle.close();
+}
+
+#[test]
+fn close_deadline_waits_for_running_handlers_until_the_deadline_only() {
+    let (handle, port, gate) = slow_server();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    let _stuck = conn.root().call_async::<String, _>("blocked", ()).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    // A handler still runs at the deadline: false, at the deadline.
+    let grace = Duration::from_millis(300);
+    let start = Instant::now();
+    assert!(
+        !handle.close_deadline(start + grace),
+        "a handler was still running"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= grace.mul_f64(0.9) && took < grace * 3,
+        "close_deadline returned after {took:?}, the deadline being {grace:?} away"
+    );
+    assert!(handle.is_closed());
+    gate.open();
+    // Nothing running: true, at once, however far the deadline.
+    let (handle, _port, _gate) = slow_server();
+    let far = Duration::from_secs(10);
+    let start = Instant::now();
+    assert!(handle.close_deadline(start + far));
+    assert!(
+        start.elapsed() < far / 10,
+        "an idle server took {:?} to close",
+        start.elapsed()
+    );
 }

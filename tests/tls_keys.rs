@@ -169,13 +169,35 @@ fn missing_files_are_named_in_the_error() {
     assert!(err.to_string().contains("/nonexistent/server.pem"), "{err}");
 }
 
+/// Checks that `err` is a configuration error whose message holds each of `parts` (file paths
+/// among them).
+fn config_error_saying(err: &Error, parts: &[&str]) {
+    assert_eq!(tls_kind(err), TlsErrorKind::Config, "{err}");
+    let msg = tls_error(err).message();
+    for part in parts {
+        assert!(msg.contains(part), "{part:?} is not in: {msg}");
+    }
+}
+
+/// The full path of the testdata file `name`, as an error message names it.
+fn path_of(name: &str) -> String {
+    testdata(name).display().to_string()
+}
+
 #[test]
 fn a_key_that_does_not_match_the_certificate_is_refused() {
     let err = build_error(SslAuthenticator::new(
         testdata("server-p384.key"),
         testdata("server-p256.pem"),
     ));
-    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
+    config_error_saying(
+        &err,
+        &[
+            &path_of("server-p384.key"),
+            &path_of("server-p256.pem"),
+            "does not belong to the certificate",
+        ],
+    );
 }
 
 #[test]
@@ -184,18 +206,47 @@ fn files_that_are_not_pem_are_configuration_errors() {
         testdata("README.md"),
         testdata("server-p256.pem"),
     ));
-    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
+    config_error_saying(&err, &[&format!("key file {}", path_of("README.md"))]);
     let err = build_error(SslAuthenticator::new(
         testdata("server-p256.key"),
         testdata("README.md"),
     ));
-    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
-    // A certificate given as a key and a key as a certificate.
+    config_error_saying(
+        &err,
+        &[&format!("certificate file {}", path_of("README.md"))],
+    );
+    // A certificate given as a key and a key as a certificate: the key file is read first.
     let err = build_error(SslAuthenticator::new(
         testdata("server-p256.pem"),
         testdata("server-p256.key"),
     ));
-    assert_eq!(tls_kind(&err), TlsErrorKind::Config, "{err}");
+    config_error_saying(&err, &[&format!("key file {}", path_of("server-p256.pem"))]);
+}
+
+#[test]
+fn a_missing_client_key_or_certificate_file_is_named_at_the_first_connect() {
+    // A server that would accept the client: only the client's own files can fail.
+    let server = serve_tls(whoami(), server_key("server-p256"), server_options);
+    let (key, cert) = (testdata("client-p256.key"), testdata("client-p256.pem"));
+    let (no_key, no_cert) = (
+        "/nonexistent/client.key".into(),
+        "/nonexistent/client.pem".into(),
+    );
+    for (key, cert, named) in [
+        (&no_key, &cert, "key file /nonexistent/client.key"),
+        (&key, &no_cert, "certificate file /nonexistent/client.pem"),
+    ] {
+        let err = Options::new()
+            .tls(
+                SslClient::new()
+                    .ca_certs(testdata("ca.pem"))
+                    .keyfile(key)
+                    .certfile(cert),
+            )
+            .connect("localhost", server.port)
+            .unwrap_err();
+        config_error_saying(&err, &[named]);
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tls::{capture_logs, logged, pki, serve_tls, server_options, whoami};
+use common::tls::{capture_logs, pki, serve_tls, server_options, wait_logged, whoami};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -97,10 +97,7 @@ fn openssl_s_client_without_a_client_certificate_is_refused() {
         "no rpyc byte may reach an unauthenticated client: {out:?}"
     );
     assert!(err.contains("certificate required"), "s_client said: {err}");
-    assert!(common::wait_until(Duration::from_secs(5), || logged(&[
-        "127.0.0.1:",
-        "sent no certificate"
-    ])));
+    assert!(wait_logged(&["127.0.0.1:", "sent no certificate"]));
 }
 
 #[test]

@@ -154,6 +154,52 @@ fn an_authenticator_on_a_unix_socket_is_misuse() {
     assert!(!path.exists());
 }
 
+#[test]
+fn tls_or_ssh_options_for_a_unix_socket_a_stream_or_a_child_process_are_misuse() {
+    let path = socket_path("misuse");
+    let handle = ThreadedServer::new(service())
+        .unix_path(&path)
+        .build()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let marker = std::env::temp_dir().join(format!("rpyc-misuse-{}", std::process::id()));
+    // Were a setting ignored instead, each would connect, or fail otherwise, at once: the
+    // server answers, the stream's peer is gone, `touch` exits.
+    let options = Options::new().handshake_timeout(Duration::from_secs(2));
+    for (setting, options) in [
+        (
+            "Options::tls/authenticator",
+            options.clone().tls(rpyc::tls::SslClient::new()),
+        ),
+        (
+            "Options::ssh",
+            options.ssh(rpyc::SshContext::new("localhost")),
+        ),
+    ] {
+        let (peer, (read, write)) = pipes();
+        drop(peer);
+        let mut touch = Command::new("touch");
+        touch.arg(&marker);
+        for (what, r) in [
+            ("Unix sockets", options.unix_connect(&path)),
+            ("streams", options.connect_stream(read, write)),
+            ("child processes", options.connect_subprocess(touch)),
+        ] {
+            match r {
+                Err(Error::Misuse(why)) => assert!(
+                    why.contains(setting) && why.contains(what) && why.contains("Options::connect"),
+                    "{setting} for {what}: {why}"
+                ),
+                other => panic!("{setting} for {what}: expected Error::Misuse, got {other:?}"),
+            }
+        }
+    }
+    // Refused before anything was started.
+    assert!(!marker.exists(), "the child process ran");
+    handle.close();
+}
+
 /// Two socket pairs, each carrying one direction, like a pair of pipes: dropping a writer
 /// ends the peer's reader.
 fn pipes() -> ((UnixStream, UnixStream), (UnixStream, UnixStream)) {

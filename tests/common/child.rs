@@ -1,7 +1,8 @@
-//! Child processes for tests that measure what a hostile peer costs (memory, threads, CPU) on
-//! a process of its own: the test binary runs itself again, running only an ignored test that
+//! Child processes for tests that measure what a hostile peer costs (memory, threads) on a
+//! process of its own: the test binary runs itself again, running only an ignored test that
 //! plays the role asked for in an environment variable. The parent reads the child's
-//! `/proc/PID/status` and `/proc/PID/stat`, and talks to it through its stdin and stdout.
+//! `/proc/PID/status` and hears what it says on its stdout; the child exits when the parent
+//! closes its stdin.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -72,13 +73,6 @@ impl Child {
             .unwrap_or_else(|| panic!("expected `port N` from the child, got {line:?}"))
     }
 
-    /// Sends a line to the child (read with [`hear`]).
-    pub fn tell(&mut self, line: &str) {
-        let stdin = self.proc.stdin.as_mut().expect("piped");
-        writeln!(stdin, "{line}").expect("the child reads its stdin");
-        stdin.flush().unwrap();
-    }
-
     /// A field of `/proc/PID/status` (`VmHWM`, `VmRSS`: KiB; `Threads`: a count).
     pub fn status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
@@ -124,20 +118,6 @@ impl Child {
             "{what}: the child grew by {grew} bytes, {times:.1}x {basis} (over {ratio}x)"
         );
     }
-
-    /// CPU time used so far (user + system).
-    pub fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        // The command name may hold spaces: fields are counted after its closing parenthesis.
-        let after = &stat[stat.rfind(')').expect("comm") + 2..];
-        let f: Vec<u64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; in
-        // clock ticks of 1/100 s (USER_HZ on Linux).
-        Duration::from_millis((f[11] + f[12]) * 10)
-    }
 }
 
 impl Drop for Child {
@@ -159,18 +139,11 @@ pub fn say(line: impl std::fmt::Display) {
     out.flush().unwrap();
 }
 
-/// In a child: the next line from the parent; the child exits when the parent is gone.
-pub fn hear() -> String {
-    let mut line = String::new();
-    if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
-        std::process::exit(0);
-    }
-    line.trim_end().to_string()
-}
-
-/// In a child: serves until the parent closes its stdin (or kills it).
+/// In a child: serves until the parent closes its stdin (or kills it), then exits.
 pub fn serve_until_parent_leaves() -> ! {
-    loop {
-        hear();
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {
+        line.clear();
     }
+    std::process::exit(0);
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod child;
+pub mod procfs;
 pub mod raw;
 pub mod tls;
 
@@ -202,26 +203,11 @@ impl Gate {
     }
 }
 
-/// Reads and discards what `s` receives until the peer hangs up (end of stream or a reset);
-/// fails if the peer keeps it open for 5 s.
+/// Reads and discards what `s` receives until the peer hangs up (end of stream or a reset,
+/// as [`raw::hangs_up_within`] counts them); fails if the peer keeps it open for 5 s.
 pub fn wait_for_hang_up(s: &mut std::net::TcpStream) {
-    use std::io::Read;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 256];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                assert!(
-                    !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ),
-                    "the peer kept the connection open for 5 s"
-                );
-                return;
-            }
-        }
-    }
+    assert!(
+        raw::hangs_up_within(s, Duration::from_secs(5)),
+        "the peer kept the connection open for 5 s"
+    );
 }

@@ -3,27 +3,38 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const CALL: u64 = 0;
 pub const ONEWAY: u64 = 1;
 pub const REPLY: u64 = 2;
 pub const ERROR: u64 = 3;
 pub const RELEASE: u64 = 4;
+pub const PING: u64 = 5;
 
-/// A version-1 hello announcing `max_frame` and `max_queued`.
-pub fn hello_with(max_frame: u32, max_queued: u32) -> [u8; 16] {
+/// A hello of protocol `version` announcing `max_frame` and `max_queued`.
+fn hello_of(version: u16, max_frame: u32, max_queued: u32) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(b"RPYC");
-    b[4..6].copy_from_slice(&1u16.to_be_bytes());
+    b[4..6].copy_from_slice(&version.to_be_bytes());
     b[8..12].copy_from_slice(&max_frame.to_be_bytes());
     b[12..16].copy_from_slice(&max_queued.to_be_bytes());
     b
 }
 
+/// A version-1 hello announcing `max_frame` and `max_queued`.
+pub fn hello_with(max_frame: u32, max_queued: u32) -> [u8; 16] {
+    hello_of(1, max_frame, max_queued)
+}
+
+/// The default [`hello`] with another protocol version number.
+pub fn hello_version(version: u16) -> [u8; 16] {
+    hello_of(version, 64 << 20, 65_536)
+}
+
 /// A hello announcing 64 MiB frames and 65,536 queued requests.
 pub fn hello() -> [u8; 16] {
-    hello_with(64 << 20, 65_536)
+    hello_version(1)
 }
 
 /// Appends a CBOR head (`major` type, argument `v`).
@@ -202,16 +213,29 @@ pub fn accept(l: &TcpListener) -> TcpStream {
     s
 }
 
-/// Reads and discards until the peer hangs up; `true` if it did within `within`.
+/// Reads and discards what the peer sends until it hangs up; `true` if it did within `within`
+/// (in all, however much it sent meanwhile).
+///
+/// A hang-up is the end of the stream, or a reset (a peer that closes with input of ours
+/// unread resets the connection instead of ending it). A read that times out is no hang-up;
+/// any other error fails the test.
 pub fn hangs_up_within(s: &mut TcpStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
+    let deadline = Instant::now() + within;
     let mut buf = vec![0u8; 1 << 16];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
+            Err(e) => match e.kind() {
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => return true,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => return false,
+                _ => panic!("reading until the peer hangs up: {e}"),
+            },
         }
     }
 }

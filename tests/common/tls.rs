@@ -144,9 +144,17 @@ pub fn capture_logs() {
 }
 
 /// Whether a warning containing every one of `parts` was logged.
+///
+/// The log is shared by every test of the binary: to check what one connection caused, include
+/// its address as the server names it (`format!("{}: ", socket.local_addr()?)`).
 pub fn logged(parts: &[&str]) -> bool {
     LOGS.lock()
         .unwrap()
         .iter()
         .any(|(level, line)| *level <= log::Level::Warn && parts.iter().all(|p| line.contains(p)))
+}
+
+/// Whether a warning containing every one of `parts` is logged within 5 s.
+pub fn wait_logged(parts: &[&str]) -> bool {
+    super::wait_until(Duration::from_secs(5), || logged(parts))
 }

@@ -276,15 +276,50 @@ impl Options {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect(&self, host: &str, port: u16) -> Result<Connection, Error> {
+        self.open(
+            host,
+            port,
+            |t| self.establish(t),
+            |conn, tunnel| conn.on_close(tunnel),
+        )
+    }
+
+    /// Opens the transport to `host:port` these options describe (TCP, through SSH if set,
+    /// with TLS or another authenticator if set) and runs `establish` on it. A connection
+    /// through SSH keeps its tunnel until it closes: `keep` hands it the tunnel's drop.
+    pub(crate) fn open<C>(
+        &self,
+        host: &str,
+        port: u16,
+        establish: impl FnOnce(Transport) -> Result<C, Error>,
+        keep: impl FnOnce(&C, Box<dyn FnOnce() + Send>),
+    ) -> Result<C, Error> {
         #[cfg(unix)]
         if let Some(ctx) = &self.ssh {
-            return self.connect_through(ctx, host, port);
+            let tunnel = SshTunnel::open(ctx, host, port)?;
+            let opened = self
+                .open_tcp(host, "127.0.0.1", tunnel.local_port())
+                .and_then(establish);
+            return match opened {
+                Ok(conn) => {
+                    keep(&conn, Box::new(move || drop(tunnel)));
+                    Ok(conn)
+                }
+                Err(e) => {
+                    // The tunnel knows better why the connection failed (the remote port
+                    // refused, forwarding prohibited, the session died).
+                    let why = tunnel.failure();
+                    drop(tunnel);
+                    Err(why.map(Error::Ssh).unwrap_or(e))
+                }
+            };
         }
-        self.connect_tcp(host, host, port)
+        let _ = keep;
+        self.open_tcp(host, host, port).and_then(establish)
     }
 
     /// Connects to `dial:port`, authenticating the peer as `host`.
-    fn connect_tcp(&self, host: &str, dial: &str, port: u16) -> Result<Connection, Error> {
+    fn open_tcp(&self, host: &str, dial: &str, port: u16) -> Result<Transport, Error> {
         let s = transport::tcp_connect(dial, port, self.connect_timeout)?;
         let started = Instant::now();
         let write_timeout = self.config.write_timeout();
@@ -295,30 +330,7 @@ impl Options {
                 .into_transport(write_timeout)?,
         };
         t.started = started;
-        self.establish(t)
-    }
-
-    #[cfg(unix)]
-    fn connect_through(
-        &self,
-        ctx: &SshContext,
-        host: &str,
-        port: u16,
-    ) -> Result<Connection, Error> {
-        let tunnel = SshTunnel::open(ctx, host, port)?;
-        match self.connect_tcp(host, "127.0.0.1", tunnel.local_port()) {
-            Ok(conn) => {
-                conn.on_close(move || drop(tunnel));
-                Ok(conn)
-            }
-            Err(e) => {
-                // The tunnel knows better why the connection failed (the remote port refused,
-                // forwarding prohibited, the session died).
-                let why = tunnel.failure();
-                drop(tunnel);
-                Err(why.map(Error::Ssh).unwrap_or(e))
-            }
-        }
+        Ok(t)
     }
 
     fn establish(&self, t: Transport) -> Result<Connection, Error> {
@@ -354,14 +366,22 @@ impl Options {
     /// ```
     #[cfg(unix)]
     pub fn unix_connect(&self, path: impl AsRef<Path>) -> Result<Connection, Error> {
+        self.establish(self.open_unix(path.as_ref())?)
+    }
+
+    /// The transport to a Unix socket (these options may not ask for TLS or SSH).
+    #[cfg(unix)]
+    pub(crate) fn open_unix(&self, path: &Path) -> Result<Transport, Error> {
         self.tcp_only("Unix sockets")?;
-        let path = path.as_ref();
         let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| Error::Connect {
             addr: path.display().to_string(),
             source: e.into(),
         })?;
-        let t = transport::unix(s, path.display().to_string(), self.config.write_timeout())?;
-        self.establish(t)
+        Ok(transport::unix(
+            s,
+            path.display().to_string(),
+            self.config.write_timeout(),
+        )?)
     }
 
     /// Runs the protocol over any byte stream: `reader` carries the peer's bytes to us,
@@ -383,8 +403,17 @@ impl Options {
         R: Read + Send + 'static,
         W: Write + Send + 'static,
     {
+        self.establish(self.open_stream(reader, writer)?)
+    }
+
+    /// A transport over a byte stream (these options may not ask for TLS or SSH).
+    pub(crate) fn open_stream<R, W>(&self, reader: R, writer: W) -> Result<Transport, Error>
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
         self.tcp_only("streams")?;
-        self.establish(transport::stream(reader, writer, "stream".into()))
+        Ok(transport::stream(reader, writer, "stream".into()))
     }
 
     /// Starts `cmd` with its stdin and stdout piped and connects to the rpyc peer it runs
@@ -397,8 +426,14 @@ impl Options {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn connect_subprocess(&self, cmd: Command) -> Result<Connection, Error> {
+        self.establish(self.open_subprocess(cmd)?)
+    }
+
+    /// A transport to a child process's stdin and stdout (these options may not ask for TLS or
+    /// SSH).
+    pub(crate) fn open_subprocess(&self, cmd: Command) -> Result<Transport, Error> {
         self.tcp_only("child processes")?;
-        self.establish(transport::subprocess(cmd, self.config.write_timeout())?)
+        transport::subprocess(cmd, self.config.write_timeout())
     }
 }
 

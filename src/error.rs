@@ -65,6 +65,9 @@ pub enum Error {
     /// The API was used in a way that cannot work (settings that do not go together, such as
     /// TLS for a Unix socket); the message says what to change. Nothing was sent.
     Misuse(String),
+    /// A Python RPyC peer raised an exception (see [`crate::python`]); the connection stays
+    /// usable.
+    Python(PythonError),
 }
 
 /// Which operation timed out (see [`Error::Timeout`]).
@@ -266,6 +269,7 @@ impl fmt::Display for Error {
             Error::Ssh(e) => write!(f, "SSH: {e}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::Misuse(why) => write!(f, "misuse of rpyc: {why}"),
+            Error::Python(e) => write!(f, "Python raised {e}"),
         }
     }
 }
@@ -276,12 +280,85 @@ impl std::error::Error for Error {
             Error::Connect { source, .. } => Some(&**source),
             Error::Io(e) => Some(&**e),
             Error::Remote(e) => Some(e),
+            Error::Python(e) => Some(e),
             _ => None,
         }
     }
 }
 
 impl std::error::Error for RemoteError {}
+
+/// An exception a Python RPyC peer raised ([`Error::Python`]), or one a Rust handler raises
+/// for a Python caller: its class (`builtins.ValueError`, `__main__.DemoError`), its arguments,
+/// its public attributes and the traceback text of where it was raised. The arguments and
+/// attributes are [`python::Value`](crate::python::Value)s, read with `args()` and `attrs()`.
+///
+/// ```
+/// let e = rpyc::PythonError::new("ValueError", ("bad value: 42",));
+/// assert_eq!(e.qualified_name(), "builtins.ValueError");
+/// assert_eq!(e.message(), "bad value: 42");
+/// assert_eq!(e.to_string(), "builtins.ValueError: bad value: 42");
+/// ```
+#[derive(Clone)]
+pub struct PythonError {
+    pub(crate) module: String,
+    pub(crate) class: String,
+    pub(crate) message: String,
+    pub(crate) traceback: String,
+    /// The arguments and attributes, as the python layer's values (kept opaque here so this
+    /// module stays at the bottom of the crate).
+    pub(crate) data: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl PythonError {
+    /// The module of the exception's class: `builtins` for Python's own exceptions.
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+    /// The class name: `ValueError`, `KeyError`, ...
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+    /// `module.Class`, as Python names it in a traceback.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.module, self.class)
+    }
+    /// What Python's `str()` of the exception gives: its one argument, or the tuple of them.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    /// The traceback text of where the exception was raised (Python's "Remote Traceback"), or
+    /// `<traceback denied>` if the peer hides it.
+    pub fn traceback(&self) -> &str {
+        &self.traceback
+    }
+    /// Whether this is `builtins.<class>` (Python's own exception of that name).
+    pub fn is(&self, class: &str) -> bool {
+        self.module == "builtins" && self.class == class
+    }
+}
+
+impl fmt::Debug for PythonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PythonError")
+            .field("class", &self.qualified_name())
+            .field("message", &self.message)
+            .field("traceback", &self.traceback)
+            .finish()
+    }
+}
+
+impl fmt::Display for PythonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.module, self.class)?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PythonError {}
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Error {

@@ -66,6 +66,7 @@ mod base;
 mod client;
 mod core;
 mod error;
+pub mod python;
 mod server;
 #[cfg(unix)]
 pub mod ssh;
@@ -81,7 +82,7 @@ pub use client::{connect, connect_stream, connect_subprocess, ssl_connect, Optio
 #[cfg(unix)]
 pub use client::{ssh_connect, unix_connect};
 pub use error::{
-    Error, HandshakeError, HandshakeErrorKind, RemoteError, RemoteErrorKind, SshError,
+    Error, HandshakeError, HandshakeErrorKind, PythonError, RemoteError, RemoteErrorKind, SshError,
     SshErrorKind, Timeout, TlsError, TlsErrorKind,
 };
 pub use server::{OneShotServer, Server, ServerBuilder, ServerHandle, ThreadedServer};

@@ -28,6 +28,83 @@ use std::time::{Duration, Instant};
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
+/// What a server runs on each accepted transport: this crate's native protocol with a
+/// [`Service`], or another (Python RPyC's, from the `python` layer above).
+pub(crate) trait Protocol: Send + Sync {
+    /// Starts a connection on a fresh (authenticated) transport.
+    fn establish(
+        &self,
+        t: Transport,
+        config: &Config,
+        threads: Arc<ThreadSet>,
+    ) -> Result<Arc<dyn Served>, Error>;
+    /// Whether a refused client is told so with a native hello (a client of another protocol
+    /// could not read one: it is just hung up on).
+    fn tells_refusals(&self) -> bool;
+    /// What is served, for `Debug`.
+    fn describe(&self) -> String;
+}
+
+/// A live connection as its server manages it.
+pub(crate) trait Served: Send + Sync {
+    fn peer(&self) -> String;
+    fn is_closed(&self) -> bool;
+    fn close(&self);
+    /// Closes it, telling waiting calls `reason`.
+    fn terminate(&self, reason: String);
+    /// How long it has been idle, if the protocol tracks it.
+    fn idle_for(&self) -> Option<Duration>;
+    /// Runs `closed` once the connection has closed, then `stopped` once its handlers have
+    /// all returned.
+    fn on_ended(&self, closed: Box<dyn FnOnce() + Send>, stopped: Box<dyn FnOnce() + Send>);
+}
+
+/// The native protocol, serving a [`Service`].
+struct Native(Service);
+
+impl Protocol for Native {
+    fn establish(
+        &self,
+        t: Transport,
+        config: &Config,
+        threads: Arc<ThreadSet>,
+    ) -> Result<Arc<dyn Served>, Error> {
+        let conn = Connection::establish(t, config, self.0.clone(), threads)?;
+        Ok(Arc::new(conn))
+    }
+    fn tells_refusals(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+impl Served for Connection {
+    fn peer(&self) -> String {
+        Connection::peer(self).to_string()
+    }
+    fn is_closed(&self) -> bool {
+        Connection::is_closed(self)
+    }
+    fn close(&self) {
+        Connection::close(self)
+    }
+    fn terminate(&self, reason: String) {
+        self.shared.terminate(reason)
+    }
+    fn idle_for(&self) -> Option<Duration> {
+        self.shared.idle_for()
+    }
+    fn on_ended(&self, closed: Box<dyn FnOnce() + Send>, stopped: Box<dyn FnOnce() + Send>) {
+        let shared = self.shared.clone();
+        self.on_close(move || {
+            closed();
+            crate::core::dispatch::when_stopped(&shared, stopped);
+        });
+    }
+}
+
 /// A server with a thread per connection (and more per connection while its handlers run
 /// concurrently). Start one with [`ThreadedServer::new`].
 ///
@@ -97,7 +174,7 @@ impl OneShotServer {
 #[derive(Clone)]
 pub struct ServerBuilder {
     config: Config,
-    service: Service,
+    protocol: Arc<dyn Protocol>,
     authenticator: Option<Arc<dyn Authenticator>>,
     host: String,
     port: u16,
@@ -113,7 +190,7 @@ pub struct ServerBuilder {
 impl std::fmt::Debug for ServerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerBuilder")
-            .field("service", &self.service)
+            .field("serves", &self.protocol.describe())
             .field("config", &self.config)
             .field("authenticator", &self.authenticator.is_some())
             .field("host", &self.host)
@@ -131,9 +208,14 @@ impl std::fmt::Debug for ServerBuilder {
 
 impl ServerBuilder {
     fn new(service: Service, one_shot: bool) -> ServerBuilder {
+        ServerBuilder::serving(Arc::new(Native(service)), one_shot)
+    }
+
+    /// A builder for a server running `protocol` on each connection.
+    pub(crate) fn serving(protocol: Arc<dyn Protocol>, one_shot: bool) -> ServerBuilder {
         ServerBuilder {
             config: Config::default(),
-            service,
+            protocol,
             authenticator: None,
             host: "127.0.0.1".into(),
             port: 0,
@@ -401,7 +483,7 @@ impl ServerBuilder {
             listener,
             inner: Arc::new(ServerInner {
                 config,
-                service: self.service,
+                protocol: self.protocol,
                 authenticator: self.authenticator,
                 max_connections: self.max_connections,
                 max_handshakes: self.max_handshakes,
@@ -532,7 +614,7 @@ impl Listener {
 
 struct ServerInner {
     config: Config,
-    service: Service,
+    protocol: Arc<dyn Protocol>,
     authenticator: Option<Arc<dyn Authenticator>>,
     max_connections: usize,
     max_handshakes: usize,
@@ -542,7 +624,7 @@ struct ServerInner {
     one_shot: bool,
     local: Local,
     closed: AtomicBool,
-    conns: Mutex<HashMap<u64, Connection>>,
+    conns: Mutex<HashMap<u64, Arc<dyn Served>>>,
     next_conn: AtomicU64,
     /// Connections accepted and not yet ended, handshakes included.
     active: AtomicUsize,
@@ -759,7 +841,7 @@ impl ServerInner {
         for (_, stop) in handshaking {
             stop();
         }
-        let conns: Vec<Connection> = lock(&self.conns).drain().map(|(_, c)| c).collect();
+        let conns: Vec<Arc<dyn Served>> = lock(&self.conns).drain().map(|(_, c)| c).collect();
         for c in &conns {
             c.close();
         }
@@ -803,7 +885,7 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         if let Err(why) = inner.admit() {
             log::warn!("{}: refused: {why}", a.peer());
             // An authenticating client cannot read a plain refusal: just hang up.
-            let tell = inner.authenticator.is_none();
+            let tell = inner.authenticator.is_none() && inner.protocol.tells_refusals();
             refusals.refuse(inner, a, tell);
             continue;
         }
@@ -858,12 +940,9 @@ fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Trans
 fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
     let peer = a.peer().to_string();
     let established = open_transport(inner, a, at).and_then(|t| {
-        Connection::establish(
-            t,
-            &inner.config,
-            inner.service.clone(),
-            inner.threads.clone(),
-        )
+        inner
+            .protocol
+            .establish(t, &inner.config, inner.threads.clone())
     });
     inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
     match established {
@@ -871,18 +950,16 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             lock(&inner.conns).insert(id, conn.clone());
             let me = inner.clone();
-            let shared = conn.shared.clone();
-            conn.on_close(move || {
-                let c = lock(&me.conns).remove(&id);
-                lock(&me.evicting).remove(&id);
+            let slot = inner.clone();
+            conn.on_ended(
+                Box::new(move || {
+                    let c = lock(&me.conns).remove(&id);
+                    lock(&me.evicting).remove(&id);
+                    drop(c);
+                }),
                 // The slot is free once the connection's handlers have all returned.
-                let slot = me.clone();
-                crate::core::dispatch::when_stopped(
-                    &shared,
-                    Box::new(move || slot.connection_ended()),
-                );
-                drop(c);
-            });
+                Box::new(move || slot.connection_ended()),
+            );
             if inner.closed.load(Ordering::Acquire) {
                 conn.close();
             }
@@ -921,7 +998,7 @@ impl ServerInner {
     /// one was. The connection is closed on a thread of its own (its service's `on_disconnect`
     /// and the drops of its objects are user code, which must not hold up accepting).
     fn evict_idlest(&self) -> bool {
-        let conns: Vec<(u64, Connection)> = lock(&self.conns)
+        let conns: Vec<(u64, Arc<dyn Served>)> = lock(&self.conns)
             .iter()
             .map(|(id, c)| (*id, c.clone()))
             .collect();
@@ -929,7 +1006,7 @@ impl ServerInner {
         let victim = conns
             .into_iter()
             .filter(|(id, c)| !evicting.contains(id) && !c.is_closed())
-            .filter_map(|(id, c)| Some((c.shared.idle_for()?, id, c)))
+            .filter_map(|(id, c)| Some((c.idle_for()?, id, c)))
             .filter(|(idle, _, _)| *idle >= self.evict_idle_after)
             .max_by_key(|(idle, _, _)| *idle);
         let Some((idle, id, conn)) = victim else {
@@ -950,9 +1027,7 @@ impl ServerInner {
         let closing = conn.clone();
         if self
             .threads
-            .spawn("rpyc-evict", move || {
-                closing.shared.terminate(reason.clone())
-            })
+            .spawn("rpyc-evict", move || closing.terminate(reason.clone()))
             .is_err()
         {
             conn.close();

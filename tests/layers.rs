@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["tls", "ssh"],
     &["core"],
     &["client", "server"],
+    &["python"],
     &["testing"],
 ];
 

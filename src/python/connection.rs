@@ -1,0 +1,1263 @@
+//! One connection to a Python RPyC 6 peer: who owns what, which thread does what, and how a
+//! reply finds its caller.
+//!
+//! # Threads and ownership
+//!
+//! * **The reader thread** (`rpyc-py-reader`) owns the transport's read half. It is the only
+//!   thread that reads; it never runs user code and never writes to the transport, so nothing
+//!   the peer or a handler does can stop it from reading. For each frame it:
+//!   - a **reply or exception**: unboxes it and hands it to the caller waiting on that sequence
+//!     number (a one-slot channel in `pending`); a reply nobody waits for any more (its caller
+//!     timed out) is dropped, which releases the objects it referred to;
+//!   - a **request**: `DEL` and `PING` are answered at once (table bookkeeping only), `CLOSE`
+//!     ends the connection, everything else goes to a worker.
+//! * **Workers** (`rpyc-py-worker`) run requests: our services' methods, callbacks, and the
+//!   bookkeeping handlers. A worker is started when a request arrives and none is idle, and
+//!   ends after 2 s idle; at most `max_workers` run at once, and a request beyond that is
+//!   answered at once with a Python `RuntimeError` saying so (never queued without bound).
+//!   A handler may call the peer back: its call waits for its own reply like any other, while
+//!   the reader goes on reading, so callbacks nest to any depth the worker limit allows and
+//!   cannot deadlock.
+//! * **The writer thread** (`rpyc-py-writer`) owns the write half. Every frame, from any
+//!   thread, goes into the outbox, and the writer sends them whole, in order, several per
+//!   write when they queue up. A frame is never interleaved with another. The outbox holds at
+//!   most `max_buffered` bytes (at least one frame): a caller waits for room until its deadline;
+//!   the reader's own answers (to `DEL` and `PING`) never wait, and if the peer sends requests
+//!   but does not read their answers until they exceed twice that bound, the connection is
+//!   closed. A write that makes no progress for the stall timeout also closes it.
+//!
+//! # Calls
+//!
+//! A call takes the next sequence number, registers a one-slot channel under it in `pending`,
+//! queues its frame, and waits on the channel until its deadline. On timeout it removes its
+//! entry (a late reply is then dropped). When the connection ends, for whatever reason, every
+//! entry of `pending` gets the same error at once, and later calls fail fast with it.
+//!
+//! # Objects
+//!
+//! * `locals`: our objects the peer holds (services, callbacks, bound methods minted for a
+//!   `GETATTR`), with RPyC's count of how many times each was sent; the peer's `DEL(obj, n)`
+//!   takes `n` off, and the entry goes at zero. At most `max_objects` entries: beyond, sending
+//!   another object fails (the peer is told with a `MemoryError`).
+//! * `proxies`: the peer's objects we hold, one [`PyObject`](crate::python::PyObject) per id
+//!   pack (weakly held here), counting how many times the peer sent it. When the last handle
+//!   drops, one `DEL(obj, count)` is queued (fire and forget: its reply is ignored).
+//! * When the connection ends both tables are emptied, which also breaks reference cycles
+//!   between our objects and the connection.
+
+use crate::base::lock;
+use crate::base::threads::ThreadSet;
+use crate::error::{Error, HandshakeError, HandshakeErrorKind, PythonError, Timeout};
+use crate::python::brine;
+use crate::python::frame::{self, FrameReader, ReadError};
+use crate::python::object::{ProxyInner, PyObject};
+use crate::python::protocol::{self as proto, Handler, IdPack};
+use crate::python::service::{Call, Service};
+use crate::python::value::Value;
+use crate::transport::{Control, Credentials, Sink, Transport};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker waits for another request before it ends.
+const WORKER_IDLE: Duration = Duration::from_secs(2);
+/// How often the reader wakes while the peer is quiet (to notice a close, and stalls).
+const READ_TICK: Duration = Duration::from_millis(500);
+
+/// The settings of one connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub call_timeout: Duration,
+    pub max_frame: usize,
+    pub max_buffered: usize,
+    pub max_workers: usize,
+    pub max_objects: usize,
+    pub stall: Duration,
+}
+
+/// A request's outcome as its caller receives it.
+type Outcome = Result<Value, Error>;
+
+/// Our object the peer holds, and how many times we sent it.
+struct LocalEntry {
+    obj: Service,
+    count: u64,
+    pack: IdPack,
+}
+
+#[derive(Default)]
+struct Locals {
+    entries: HashMap<i128, LocalEntry>,
+    /// Handle of each exported object (by identity), so it keeps one id pack.
+    by_object: HashMap<usize, i128>,
+    next: i128,
+}
+
+/// Frames waiting for the writer thread.
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
+    done: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) peer: String,
+    pub(crate) credentials: Option<Credentials>,
+    pub(crate) settings: Settings,
+    control: Arc<dyn Control>,
+    seq: AtomicU64,
+    pending: Mutex<HashMap<u64, Sender<Outcome>>>,
+    /// Why the connection ended, once it has.
+    ended: Mutex<Option<Error>>,
+    is_closed: AtomicBool,
+    ended_cv: Condvar,
+    outbox: Mutex<Outbox>,
+    out_cv: Condvar,
+    locals: Mutex<Locals>,
+    proxies: Mutex<HashMap<IdPack, Weak<ProxyInner>>>,
+    /// What `GETROOT` gives the peer.
+    root: Service,
+    /// The peer's root, once asked for.
+    peer_root: Mutex<Option<PyObject>>,
+    workers: Workers,
+    threads: Arc<ThreadSet>,
+    on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    /// When the last frame arrived or left (for a server's idle eviction).
+    last_activity: Mutex<Instant>,
+}
+
+/// Requests waiting for a worker, and the workers' count.
+struct Workers {
+    tx: Sender<Job>,
+    rx: Receiver<Job>,
+    state: Mutex<WorkerCount>,
+}
+
+#[derive(Default)]
+struct WorkerCount {
+    running: usize,
+    idle: usize,
+    /// Run when the connection has ended and no request runs any more.
+    stopped: Vec<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl Shared {
+    /// Starts the reader and writer threads on a fresh transport.
+    pub(crate) fn start(
+        t: Transport,
+        settings: Settings,
+        root: Service,
+        threads: Arc<ThreadSet>,
+    ) -> Result<Arc<Shared>, Error> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            peer: t.peer.clone(),
+            credentials: t.credentials.clone(),
+            settings: settings.clone(),
+            control: t.control.clone(),
+            seq: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            ended: Mutex::new(None),
+            is_closed: AtomicBool::new(false),
+            ended_cv: Condvar::new(),
+            outbox: Mutex::new(Outbox::default()),
+            out_cv: Condvar::new(),
+            locals: Mutex::new(Locals {
+                next: 1,
+                ..Default::default()
+            }),
+            proxies: Mutex::new(HashMap::new()),
+            root,
+            peer_root: Mutex::new(None),
+            workers: Workers {
+                tx,
+                rx,
+                state: Mutex::new(WorkerCount::default()),
+            },
+            threads: threads.clone(),
+            on_close: Mutex::new(Vec::new()),
+            last_activity: Mutex::new(Instant::now()),
+        });
+        // Reads time out every tick where the transport allows it (TCP, Unix sockets, TLS), so
+        // the reader notices a stall inside a frame; a pipe's reads end when it closes.
+        let _ = t.control.set_read_timeout(Some(READ_TICK));
+        let writer = t.writer;
+        let me = shared.clone();
+        threads.spawn("rpyc-py-writer", move || me.write_loop(writer))?;
+        let me = shared.clone();
+        let reader = t.reader;
+        if let Err(e) = threads.spawn("rpyc-py-reader", move || me.read_loop(reader)) {
+            shared.terminate(Error::Io(Arc::new(e)));
+            return Err(Error::Closed {
+                reason: "cannot start the reading thread".into(),
+            });
+        }
+        Ok(shared)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.is_closed.load(Ordering::Acquire)
+    }
+
+    /// The error every call gets once the connection has ended.
+    pub(crate) fn ended_error(&self) -> Error {
+        lock(&self.ended).clone().unwrap_or_else(|| Error::Closed {
+            reason: "closed".into(),
+        })
+    }
+
+    /// Ends the connection: every waiting call fails with `why`, the transport is shut down,
+    /// both object tables are emptied, the close hooks run. Only the first call does anything.
+    pub(crate) fn terminate(&self, why: Error) {
+        {
+            let mut ended = lock(&self.ended);
+            if ended.is_some() {
+                return;
+            }
+            *ended = Some(why.clone());
+            self.is_closed.store(true, Ordering::Release);
+        }
+        match &why {
+            Error::Closed { reason } => {
+                log::debug!("{}: Python RPyC connection closed: {reason}", self.peer)
+            }
+            other => log::warn!("{}: Python RPyC connection closed: {other}", self.peer),
+        }
+        let pending: Vec<_> = lock(&self.pending).drain().collect();
+        for (_, tx) in pending {
+            let _ = tx.send(Err(why.clone()));
+        }
+        {
+            let mut out = lock(&self.outbox);
+            out.done = true;
+            self.out_cv.notify_all();
+        }
+        self.control.shutdown();
+        // Drop user objects outside the locks (their drops may be user code).
+        let locals = std::mem::take(&mut *lock(&self.locals));
+        drop(locals);
+        lock(&self.proxies).clear();
+        let root = lock(&self.peer_root).take();
+        drop(root);
+        self.ended_cv.notify_all();
+        let hooks = std::mem::take(&mut *lock(&self.on_close));
+        for hook in hooks {
+            hook();
+        }
+    }
+
+    /// Runs `f` once the connection has ended (at once if it has).
+    pub(crate) fn on_close(&self, f: Box<dyn FnOnce() + Send>) {
+        let mut hooks = lock(&self.on_close);
+        if self.is_closed() && lock(&self.ended).is_some() {
+            drop(hooks);
+            f();
+        } else {
+            hooks.push(f);
+        }
+    }
+
+    pub(crate) fn wait_closed(&self, deadline: Option<Instant>) -> bool {
+        let mut ended = lock(&self.ended);
+        while ended.is_none() {
+            match deadline {
+                None => ended = self.ended_cv.wait(ended).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    ended = self
+                        .ended_cv
+                        .wait_timeout(ended, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+
+    pub(crate) fn idle_for(&self) -> Duration {
+        lock(&self.last_activity).elapsed()
+    }
+
+    /// Runs `f` once no request runs any more (call it once the connection has ended).
+    pub(crate) fn when_stopped(&self, f: Job) {
+        let mut st = lock(&self.workers.state);
+        if st.running == 0 {
+            drop(st);
+            f();
+        } else {
+            st.stopped.push(f);
+        }
+    }
+
+    /// How many of our objects the peer holds (the root included once it asked for it).
+    pub(crate) fn local_count(&self) -> usize {
+        lock(&self.locals).entries.len()
+    }
+
+    /// How many of the peer's objects we hold handles to.
+    pub(crate) fn proxy_count(&self) -> usize {
+        lock(&self.proxies)
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+
+    // ---- calls ----
+
+    /// Sends request `h` with `args` and waits for its outcome until `deadline`. `what` names
+    /// the call in a timeout error.
+    pub(crate) fn request(
+        self: &Arc<Self>,
+        h: Handler,
+        args: Vec<Value>,
+        deadline: Instant,
+        what: &dyn Fn() -> String,
+    ) -> Result<Value, Error> {
+        if self.is_closed() {
+            return Err(self.ended_error());
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut sent = Vec::new();
+        let payload = self
+            .request_payload(seq, h, args, &mut sent)
+            .map_err(Error::Encode)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        lock(&self.pending).insert(seq, tx);
+        if self.is_closed() {
+            lock(&self.pending).remove(&seq);
+            self.unsend(sent);
+            return Err(self.ended_error());
+        }
+        let timeout = self.settings.call_timeout;
+        if let Err(e) = self.queue(&payload, Some(deadline), false) {
+            lock(&self.pending).remove(&seq);
+            self.unsend(sent);
+            return Err(match e {
+                Queue::Timeout => Error::Timeout(Timeout::Send {
+                    method: what(),
+                    after: timeout,
+                    partly: false,
+                }),
+                Queue::Closed => self.ended_error(),
+                Queue::TooLarge(size) => Error::TooLarge {
+                    size,
+                    limit: self.settings.max_frame,
+                },
+            });
+        }
+        match rx.recv_deadline(deadline) {
+            Ok(outcome) => outcome,
+            Err(RecvTimeoutError::Timeout) => {
+                lock(&self.pending).remove(&seq);
+                // The reply may have slipped in meanwhile.
+                if let Ok(outcome) = rx.try_recv() {
+                    return outcome;
+                }
+                Err(Error::Timeout(Timeout::Call {
+                    method: what(),
+                    after: timeout,
+                }))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.ended_error()),
+        }
+    }
+
+    /// Sends `DEL(obj, count)` without waiting (from a `Drop`).
+    pub(crate) fn release(self: &Arc<Self>, pack: &IdPack, count: u64) {
+        if self.is_closed() {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let body = Value::Tuple(vec![
+            Value::Int(Handler::Del as i64),
+            Value::Tuple(vec![
+                Value::Int(proto::LABEL_TUPLE),
+                Value::Tuple(vec![
+                    Value::Tuple(vec![Value::Int(proto::LABEL_LOCAL_REF), pack.to_value()]),
+                    Value::Tuple(vec![Value::Int(proto::LABEL_VALUE), Value::from(count)]),
+                ]),
+            ]),
+        ]);
+        if let Ok(p) = proto::message(proto::MSG_REQUEST, seq, body) {
+            let _ = self.queue(&p, None, true);
+        }
+    }
+
+    fn request_payload(
+        &self,
+        seq: u64,
+        h: Handler,
+        args: Vec<Value>,
+        sent: &mut Vec<i128>,
+    ) -> Result<Vec<u8>, String> {
+        let boxed = self.box_value(&Value::Tuple(args), sent)?;
+        proto::message(
+            proto::MSG_REQUEST,
+            seq,
+            Value::Tuple(vec![Value::Int(h as i64), boxed]),
+        )
+    }
+
+    /// Takes back the counts of objects boxed for a message that was never sent.
+    fn unsend(&self, sent: Vec<i128>) {
+        let mut dropped = Vec::new();
+        {
+            let mut locals = lock(&self.locals);
+            for h in sent {
+                if let Some(e) = locals.entries.get_mut(&h) {
+                    e.count -= 1;
+                    if e.count == 0 {
+                        dropped.push(Self::forget(&mut locals, h));
+                    }
+                }
+            }
+        }
+        drop(dropped);
+    }
+
+    // ---- boxing ----
+
+    /// RPyC's box of `v`: `(1, value)` for plain values, `(2, boxes)` for a tuple holding
+    /// references, `(3, id pack)` for an object of the peer's, `(4, id pack)` for one of ours
+    /// (recorded in `locals`; its handle is pushed on `sent`).
+    pub(crate) fn box_value(&self, v: &Value, sent: &mut Vec<i128>) -> Result<Value, String> {
+        let label = |l: i64, payload: Value| Value::Tuple(vec![Value::Int(l), payload]);
+        Ok(match v {
+            v if brine::dumpable(v) => label(proto::LABEL_VALUE, v.clone()),
+            Value::Tuple(items) => {
+                let boxes = items
+                    .iter()
+                    .map(|i| self.box_value(i, sent))
+                    .collect::<Result<Vec<_>, _>>()?;
+                label(proto::LABEL_TUPLE, Value::Tuple(boxes))
+            }
+            Value::Remote(o) => {
+                if !o.belongs_to(self) {
+                    return Err(format!(
+                        "{o:?} belongs to another connection: an object can only be sent back \
+                         to the peer it came from"
+                    ));
+                }
+                label(proto::LABEL_LOCAL_REF, o.id_pack().to_value())
+            }
+            Value::Local(obj) => {
+                let pack = self.export(obj.clone())?;
+                sent.push(pack.instance);
+                label(proto::LABEL_REMOTE_REF, pack.to_value())
+            }
+            Value::FrozenSet(_) | Value::Slice(_) => {
+                return Err(format!(
+                    "{v:?}: a frozenset or slice can only hold plain values, not object references"
+                ))
+            }
+            _ => unreachable!("every other value is dumpable"),
+        })
+    }
+
+    /// Records one more sending of `obj` and returns its id pack.
+    pub(crate) fn export(&self, obj: Service) -> Result<IdPack, String> {
+        let mut locals = lock(&self.locals);
+        // A service keeps one id pack; each bound method handed out is an object of its own.
+        let key = (!obj.is_bound()).then(|| obj.identity());
+        if let Some(h) = key.and_then(|k| locals.by_object.get(&k).copied()) {
+            let e = locals.entries.get_mut(&h).expect("indexed entry");
+            e.count += 1;
+            return Ok(e.pack.clone());
+        }
+        if locals.entries.len() >= self.settings.max_objects {
+            return Err(format!(
+                "the peer holds {} of our objects already (the limit; it must release some)",
+                self.settings.max_objects
+            ));
+        }
+        let handle = locals.next;
+        locals.next += 1;
+        let name = obj.name_pack();
+        let pack = IdPack {
+            name,
+            type_id: 1,
+            instance: handle,
+        };
+        if let Some(k) = key {
+            locals.by_object.insert(k, handle);
+        }
+        locals.entries.insert(
+            handle,
+            LocalEntry {
+                obj,
+                count: 1,
+                pack: pack.clone(),
+            },
+        );
+        Ok(pack)
+    }
+
+    fn forget(locals: &mut Locals, handle: i128) -> Option<Service> {
+        let e = locals.entries.remove(&handle)?;
+        if !e.obj.is_bound() {
+            locals.by_object.remove(&e.obj.identity());
+        }
+        Some(e.obj)
+    }
+
+    /// The object of ours with this handle.
+    fn local(&self, pack: &IdPack) -> Result<Service, PythonError> {
+        lock(&self.locals)
+            .entries
+            .get(&pack.instance)
+            .map(|e| e.obj.clone())
+            .ok_or_else(|| {
+                PythonError::new(
+                    "KeyError",
+                    (Value::Tuple(vec![
+                        pack.name.clone().into(),
+                        Value::from(pack.type_id as i64),
+                        Value::from(pack.instance as i64),
+                    ]),),
+                )
+            })
+    }
+
+    /// Turns a box the peer sent into a value.
+    pub(crate) fn unbox(self: &Arc<Self>, b: Value) -> Result<Value, String> {
+        let Value::Tuple(mut parts) = b else {
+            return Err(format!(
+                "not an RPyC box: {}",
+                crate::python::short(&format!("{b:?}"))
+            ));
+        };
+        if parts.len() != 2 {
+            return Err("an RPyC box that is not (label, payload)".into());
+        }
+        let payload = parts.pop().expect("2 parts");
+        match parts[0] {
+            Value::Int(proto::LABEL_VALUE) => Ok(payload),
+            Value::Int(proto::LABEL_TUPLE) => match payload {
+                Value::Tuple(items) => Ok(Value::Tuple(
+                    items
+                        .into_iter()
+                        .map(|i| self.unbox(i))
+                        .collect::<Result<_, _>>()?,
+                )),
+                _ => Err("an RPyC tuple box without a tuple".into()),
+            },
+            Value::Int(proto::LABEL_LOCAL_REF) => {
+                let pack = IdPack::from_value(&payload)?;
+                match self.local(&pack) {
+                    Ok(o) => Ok(Value::Local(o)),
+                    Err(_) => Err(format!(
+                        "the peer referred to an object of ours it does not hold: {}",
+                        pack.name
+                    )),
+                }
+            }
+            Value::Int(proto::LABEL_REMOTE_REF) => {
+                let pack = IdPack::from_value(&payload)?;
+                Ok(Value::Remote(self.proxy(pack)))
+            }
+            _ => Err("an RPyC box with an unknown label".into()),
+        }
+    }
+
+    /// The handle for the peer's object `pack`, counting one more sending of it.
+    fn proxy(self: &Arc<Self>, pack: IdPack) -> PyObject {
+        let mut proxies = lock(&self.proxies);
+        if let Some(p) = proxies.get(&pack).and_then(Weak::upgrade) {
+            p.received();
+            return PyObject::from_inner(p);
+        }
+        let p = ProxyInner::new(self.clone(), pack.clone());
+        proxies.insert(pack, Arc::downgrade(&p));
+        PyObject::from_inner(p)
+    }
+
+    /// Called by the last handle's drop: forgets the entry if it is still this one.
+    pub(crate) fn forget_proxy(&self, pack: &IdPack, dying: *const ProxyInner) {
+        let mut proxies = lock(&self.proxies);
+        if proxies.get(pack).is_some_and(|w| w.as_ptr() == dying) {
+            proxies.remove(pack);
+        }
+    }
+
+    pub(crate) fn peer_root(self: &Arc<Self>, deadline: Instant) -> Result<PyObject, Error> {
+        if let Some(r) = lock(&self.peer_root).as_ref() {
+            return Ok(r.clone());
+        }
+        let v = self.request(Handler::GetRoot, Vec::new(), deadline, &|| "GETROOT".into())?;
+        let root = match v {
+            Value::Remote(o) => o,
+            other => {
+                return Err(Error::Protocol(format!(
+                    "the peer's root is not an object but {}",
+                    crate::python::short(&format!("{other:?}"))
+                )))
+            }
+        };
+        let mut cached = lock(&self.peer_root);
+        Ok(cached.get_or_insert(root).clone())
+    }
+
+    // ---- the outbox and the writer ----
+
+    fn queue(&self, payload: &[u8], deadline: Option<Instant>, urgent: bool) -> Result<(), Queue> {
+        let mut f = Vec::with_capacity(payload.len().min(frame::COMPRESSION_THRESHOLD) + 6);
+        frame::encode(payload, &mut f);
+        if f.len() - frame::HEADER - 1 > self.settings.max_frame {
+            return Err(Queue::TooLarge(f.len()));
+        }
+        let limit = self.settings.max_buffered;
+        let mut out = lock(&self.outbox);
+        loop {
+            if out.done {
+                return Err(Queue::Closed);
+            }
+            let fits = out.bytes == 0 || out.bytes + f.len() <= limit;
+            if fits {
+                break;
+            }
+            if urgent {
+                if out.bytes + f.len() > 2 * limit {
+                    drop(out);
+                    self.terminate(Error::Closed {
+                        reason: format!(
+                            "the peer sends requests but does not read our replies ({} bytes \
+                             waiting)",
+                            2 * limit
+                        ),
+                    });
+                    return Err(Queue::Closed);
+                }
+                break;
+            }
+            let Some(d) = deadline else {
+                out = self.out_cv.wait(out).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Queue::Timeout);
+            }
+            out = self
+                .out_cv
+                .wait_timeout(out, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        out.bytes += f.len();
+        out.frames.push_back(f);
+        self.out_cv.notify_all();
+        Ok(())
+    }
+
+    fn write_loop(self: Arc<Self>, mut sink: Box<dyn Sink>) {
+        let mut batch: Vec<u8> = Vec::new();
+        loop {
+            let frames: Vec<Vec<u8>> = {
+                let mut out = lock(&self.outbox);
+                while out.frames.is_empty() && !out.done {
+                    out = self.out_cv.wait(out).unwrap_or_else(|e| e.into_inner());
+                }
+                if out.frames.is_empty() {
+                    return;
+                }
+                let frames: Vec<_> = out.frames.drain(..).collect();
+                out.bytes = 0;
+                self.out_cv.notify_all();
+                frames
+            };
+            *lock(&self.last_activity) = Instant::now();
+            // Small frames go out together; a large one on its own, without a copy.
+            let mut result = Ok(());
+            for f in frames {
+                if f.len() >= 64 << 10 {
+                    result = result.and_then(|_| send_all(&mut *sink, &batch));
+                    batch.clear();
+                    result = result.and_then(|_| send_all(&mut *sink, &f));
+                } else {
+                    batch.extend_from_slice(&f);
+                }
+            }
+            result = result.and_then(|_| send_all(&mut *sink, &batch));
+            batch.clear();
+            if batch.capacity() > 1 << 20 {
+                batch = Vec::new();
+            }
+            if let Err(e) = result {
+                let reason = if e.kind() == io::ErrorKind::TimedOut {
+                    format!("the peer read nothing for {:?}", self.settings.stall)
+                } else {
+                    format!("writing to the peer failed: {e}")
+                };
+                self.terminate(Error::Closed { reason });
+                return;
+            }
+        }
+    }
+
+    // ---- the reader ----
+
+    fn read_loop(self: Arc<Self>, reader: Box<dyn io::Read + Send>) {
+        let mut frames = FrameReader::new(reader, self.settings.max_frame, self.settings.stall);
+        let mut first = true;
+        let why = loop {
+            let me = &self;
+            let got = frames.read(&mut || !me.is_closed());
+            let payload = match got {
+                Ok(p) => p,
+                Err(ReadError::End) => {
+                    break Error::Closed {
+                        reason: if self.is_closed() {
+                            "closed".into()
+                        } else {
+                            "the peer closed the connection".into()
+                        },
+                    }
+                }
+                Err(ReadError::Io(e)) => {
+                    break Error::Closed {
+                        reason: format!("reading from the peer failed: {e}"),
+                    }
+                }
+                Err(ReadError::Stalled(d)) => {
+                    break Error::Closed {
+                        reason: format!("the peer stopped for {d:?} in the middle of a frame"),
+                    }
+                }
+                Err(ReadError::Bad(why)) => break self.protocol_error(why, first),
+            };
+            *lock(&self.last_activity) = Instant::now();
+            if let Err(why) = self.dispatch(&payload, first) {
+                break why;
+            }
+            first = false;
+        };
+        self.terminate(why);
+    }
+
+    fn protocol_error(&self, why: String, first: bool) -> Error {
+        if first
+            && (why.contains("RPyC 4.1-5.x")
+                || why.contains("RPYC_BIND_THREADS")
+                || why.contains("native protocol"))
+        {
+            Error::Handshake(HandshakeError::new(
+                HandshakeErrorKind::VersionMismatch,
+                why,
+            ))
+        } else {
+            Error::Protocol(why)
+        }
+    }
+
+    /// Handles one payload; an error ends the connection.
+    fn dispatch(self: &Arc<Self>, payload: &[u8], first: bool) -> Result<(), Error> {
+        let (kind, seq, body) =
+            proto::parse(payload).map_err(|why| self.protocol_error(why, first))?;
+        match kind {
+            proto::MSG_REPLY => {
+                let v = self.unbox(body).map_err(Error::Protocol)?;
+                if let Some(tx) = lock(&self.pending).remove(&seq) {
+                    let _ = tx.send(Ok(v));
+                }
+                Ok(())
+            }
+            proto::MSG_EXCEPTION => {
+                let e = proto::exception_from(body).map_err(Error::Protocol)?;
+                if let Some(tx) = lock(&self.pending).remove(&seq) {
+                    let _ = tx.send(Err(Error::Python(e)));
+                }
+                Ok(())
+            }
+            _ => self.request_arrived(seq, body),
+        }
+    }
+
+    fn request_arrived(self: &Arc<Self>, seq: u64, body: Value) -> Result<(), Error> {
+        let bad = || Error::Protocol("an RPyC request that is not (handler, args)".into());
+        let Value::Tuple(mut parts) = body else {
+            return Err(bad());
+        };
+        if parts.len() != 2 {
+            return Err(bad());
+        }
+        let args = parts.pop().expect("2 parts");
+        let Value::Int(id) = parts[0] else {
+            return Err(bad());
+        };
+        let Some(h) = Handler::from_id(id) else {
+            self.reply(seq, Err(PythonError::new("KeyError", (id,))), true);
+            return Ok(());
+        };
+        if h == Handler::Del {
+            self.peer_released(&args);
+            self.reply(seq, Ok(Value::None), true);
+            return Ok(());
+        }
+        let args = match self.unbox(args) {
+            Ok(Value::Tuple(a)) => a,
+            Ok(_) => return Err(bad()),
+            Err(why) => {
+                self.reply(seq, Err(PythonError::new("KeyError", (why,))), true);
+                return Ok(());
+            }
+        };
+        match h {
+            Handler::Close => {
+                return Err(Error::Closed {
+                    reason: "closed by the peer".into(),
+                })
+            }
+            Handler::Ping => {
+                let data = args.into_iter().next().unwrap_or(Value::None);
+                self.reply(seq, Ok(data), true);
+            }
+            _ => {
+                let me = self.clone();
+                if !self.submit(Box::new(move || {
+                    let outcome = me.serve(h, args);
+                    me.reply(seq, outcome, false);
+                })) {
+                    let max = self.settings.max_workers;
+                    self.reply(
+                        seq,
+                        Err(PythonError::new(
+                            "RuntimeError",
+                            (format!(
+                                "rpyc (Rust): {max} requests of this connection are running \
+                                 already (the max_workers limit); retry later"
+                            ),),
+                        )),
+                        true,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `DEL(obj, count)`: the peer dropped `count` sendings of one of our objects. Read from
+    /// the box itself (`(2, ((3, id pack), (1, count)))`): the id pack says which sending of
+    /// a bound method it was. A malformed or unknown one is ignored, as RPyC does.
+    fn peer_released(&self, args: &Value) {
+        let Some((pack, n)) = del_args(args) else {
+            log::debug!("{}: ignoring a malformed DEL", self.peer);
+            return;
+        };
+        let mut locals = lock(&self.locals);
+        let dropped = match locals.entries.get_mut(&pack.instance) {
+            Some(e) if e.count <= n => Self::forget(&mut locals, pack.instance),
+            Some(e) => {
+                e.count -= n;
+                None
+            }
+            None => None,
+        };
+        drop(locals);
+        drop(dropped);
+    }
+
+    /// Sends a reply or an exception for request `seq`.
+    fn reply(&self, seq: u64, outcome: Result<Value, PythonError>, urgent: bool) {
+        let mut sent = Vec::new();
+        let payload = match outcome {
+            Ok(v) => match self.box_value(&v, &mut sent) {
+                Ok(b) => proto::message(proto::MSG_REPLY, seq, b),
+                Err(why) => proto::message(
+                    proto::MSG_EXCEPTION,
+                    seq,
+                    proto::exception_body(&PythonError::new("TypeError", (why,))),
+                ),
+            },
+            Err(e) => proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(&e)),
+        };
+        let payload = match payload {
+            Ok(p) => p,
+            Err(why) => {
+                log::warn!("{}: cannot encode a reply: {why}", self.peer);
+                return;
+            }
+        };
+        let deadline = Instant::now() + self.settings.call_timeout;
+        match self.queue(&payload, Some(deadline), urgent) {
+            Ok(()) => {}
+            Err(Queue::TooLarge(size)) => {
+                self.unsend(sent);
+                let e = PythonError::new(
+                    "MemoryError",
+                    (format!(
+                        "the reply is {size} bytes, over the limit of {} (max_frame_size)",
+                        self.settings.max_frame
+                    ),),
+                );
+                if let Ok(p) = proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(&e))
+                {
+                    let _ = self.queue(&p, Some(deadline), urgent);
+                }
+            }
+            Err(_) => self.unsend(sent),
+        }
+    }
+
+    /// Runs a request on a worker: at most `max_workers` at once.
+    fn submit(self: &Arc<Self>, job: Job) -> bool {
+        let mut st = lock(&self.workers.state);
+        if st.running >= self.settings.max_workers || self.is_closed() {
+            return false;
+        }
+        st.running += 1;
+        if st.idle > 0 {
+            st.idle -= 1;
+            let _ = self.workers.tx.send(job);
+            return true;
+        }
+        let me = self.clone();
+        let rx = self.workers.rx.clone();
+        let started = self.threads.spawn("rpyc-py-worker", move || {
+            let mut job = Some(job);
+            loop {
+                if let Some(j) = job.take() {
+                    j();
+                    let mut st = lock(&me.workers.state);
+                    st.running -= 1;
+                    st.idle += 1;
+                    if st.running == 0 && me.is_closed() {
+                        let hooks = std::mem::take(&mut st.stopped);
+                        drop(st);
+                        for hook in hooks {
+                            hook();
+                        }
+                    }
+                }
+                match rx.recv_timeout(WORKER_IDLE) {
+                    Ok(j) => job = Some(j),
+                    Err(_) => {
+                        let mut st = lock(&me.workers.state);
+                        // A job may have been handed to us just now.
+                        if let Ok(j) = rx.try_recv() {
+                            drop(st);
+                            job = Some(j);
+                            continue;
+                        }
+                        st.idle -= 1;
+                        return;
+                    }
+                }
+            }
+        });
+        if started.is_err() {
+            st.running -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// What a request from the peer gets.
+    fn serve(self: &Arc<Self>, h: Handler, args: Vec<Value>) -> Result<Value, PythonError> {
+        let call = |args: Vec<Value>, kwargs: Vec<Value>| Call::new(self.clone(), args, kwargs);
+        match (h, &args[..]) {
+            (Handler::GetRoot, _) => Ok(Value::Local(self.root.clone())),
+            (Handler::GetAttr, [Value::Local(obj), Value::Str(name)]) => obj.getattr(name),
+            (Handler::Call, [Value::Local(obj), Value::Tuple(a), Value::Tuple(kw)]) => {
+                obj.call(call(a.clone(), kw.clone()))
+            }
+            (
+                Handler::CallAttr,
+                [Value::Local(obj), Value::Str(name), Value::Tuple(a), Value::Tuple(kw)],
+            ) => obj.call_attr(name, call(a.clone(), kw.clone())),
+            (Handler::Repr, [Value::Local(obj)]) => obj.repr(call(vec![], vec![])),
+            (Handler::Str, [Value::Local(obj)]) => obj.str(call(vec![], vec![])),
+            (Handler::Hash, [Value::Local(obj)]) => Ok(Value::from(obj.identity() as u64 >> 3)),
+            (Handler::Dir, [Value::Local(obj)]) => Ok(Value::Tuple(
+                obj.attribute_names().into_iter().map(Value::Str).collect(),
+            )),
+            (Handler::Cmp, [Value::Local(obj), other, Value::Str(op)]) => {
+                let same = matches!(other, Value::Local(o) if o.same(obj));
+                match op.as_str() {
+                    "__eq__" => Ok(Value::Bool(same)),
+                    "__ne__" => Ok(Value::Bool(!same)),
+                    _ => Ok(Value::NotImplemented),
+                }
+            }
+            (Handler::Inspect, [pack]) => {
+                let pack =
+                    IdPack::from_value(pack).map_err(|e| PythonError::new("TypeError", (e,)))?;
+                Ok(self.local(&pack)?.inspect())
+            }
+            (Handler::SetAttr | Handler::DelAttr, [Value::Local(obj), Value::Str(name), ..]) => {
+                Err(PythonError::new(
+                    "AttributeError",
+                    (format!(
+                        "cannot set or delete '{name}' of {}: Rust objects are read-only",
+                        obj.class_name()
+                    ),),
+                ))
+            }
+            (Handler::Pickle, _) => Err(PythonError::new("ValueError", ("pickling is disabled",))),
+            _ => Err(PythonError::new(
+                "TypeError",
+                (format!(
+                    "rpyc (Rust) does not serve {} with these arguments",
+                    h.name()
+                ),),
+            )),
+        }
+    }
+}
+
+enum Queue {
+    Timeout,
+    Closed,
+    TooLarge(usize),
+}
+
+/// The id pack and count of a `DEL` request's boxed arguments.
+fn del_args(args: &Value) -> Option<(IdPack, u64)> {
+    let Value::Tuple(b) = args else { return None };
+    let [Value::Int(proto::LABEL_TUPLE), Value::Tuple(items)] = &b[..] else {
+        return None;
+    };
+    let [Value::Tuple(obj), Value::Tuple(count)] = &items[..] else {
+        return None;
+    };
+    let [Value::Int(proto::LABEL_LOCAL_REF), pack] = &obj[..] else {
+        return None;
+    };
+    let [Value::Int(proto::LABEL_VALUE), Value::Int(n)] = &count[..] else {
+        return None;
+    };
+    Some((IdPack::from_value(pack).ok()?, (*n).max(1) as u64))
+}
+
+fn send_all(sink: &mut dyn Sink, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match sink.send(buf, None)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// A connection to a Python RPyC 6 peer (see [`crate::python`]).
+///
+/// Any number of threads may share it (clones are the same connection): each call waits for
+/// its own reply, with its own deadline. The connection closes with [`close`](Self::close), when
+/// the peer goes away (every waiting call then fails at once with the reason), or when the
+/// last handle the connecting code got is dropped. Handles given to handlers
+/// ([`Call::connection`](crate::python::Call::connection)) and [`PyObject`]s do not keep it open.
+///
+/// ```no_run
+/// let py = rpyc::python::connect("127.0.0.1", 18861)?;
+/// let sum: i64 = py.root()?.call_method("add", (1, 2))?;
+/// py.close();
+/// # Ok::<(), rpyc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    _owner: Option<Arc<Owner>>,
+}
+
+/// Closes the connection when the last owning handle drops.
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        close(&self.0);
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("python::Connection")
+            .field("peer", &self.shared.peer)
+            .field("closed", &self.shared.is_closed())
+            .finish()
+    }
+}
+
+/// Tells the peer (RPyC's `CLOSE`) and waits a moment for it to hang up, then ends the
+/// connection.
+fn close(shared: &Arc<Shared>) {
+    if shared.is_closed() {
+        return;
+    }
+    let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+    let body = Value::Tuple(vec![
+        Value::Int(Handler::Close as i64),
+        Value::Tuple(vec![Value::Int(proto::LABEL_VALUE), Value::Tuple(vec![])]),
+    ]);
+    if let Ok(p) = proto::message(proto::MSG_REQUEST, seq, body) {
+        if shared.queue(&p, None, true).is_ok() {
+            let grace = shared.settings.call_timeout.min(Duration::from_secs(1));
+            shared.wait_closed(Some(Instant::now() + grace));
+        }
+    }
+    shared.terminate(Error::Closed {
+        reason: "closed by this side".into(),
+    });
+}
+
+impl Connection {
+    pub(crate) fn owned(shared: Arc<Shared>) -> Connection {
+        Connection {
+            _owner: Some(Arc::new(Owner(shared.clone()))),
+            shared,
+        }
+    }
+
+    pub(crate) fn borrowed(shared: Arc<Shared>) -> Connection {
+        Connection {
+            shared,
+            _owner: None,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The peer's root object: its service (`conn.root` in Python). Asked for once, then
+    /// cached.
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18861)?;
+    /// let v: i64 = py.root()?.call_method("add", (1, 2))?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn root(&self) -> Result<PyObject, Error> {
+        self.shared
+            .peer_root(crate::base::deadline(self.shared.settings.call_timeout))
+    }
+
+    /// Classic mode (a `rpyc_classic` or `SlaveService` server): the module `name`, imported
+    /// on the peer (`conn.modules.os` in Python).
+    ///
+    /// ```no_run
+    /// let py = rpyc::python::connect("127.0.0.1", 18812)?;
+    /// let pid: i64 = py.modules("os")?.call_method("getpid", ())?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn modules(&self, name: &str) -> Result<PyObject, Error> {
+        self.root()?.call_method("getmodule", (name,))
+    }
+
+    /// Classic mode: Python's `builtins` module of the peer.
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18812)?;
+    /// let n: i64 = py.builtins()?.call_method("len", ((1, 2, 3),))?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn builtins(&self) -> Result<PyObject, Error> {
+        self.modules("builtins")
+    }
+
+    /// Classic mode: evaluates a Python expression on the peer (`conn.eval`).
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18812)?;
+    /// let six: i64 = py.eval("6 * 7")?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn eval<R: crate::python::FromValue>(&self, expression: &str) -> Result<R, Error> {
+        self.root()?.call_method("eval", (expression,))
+    }
+
+    /// Classic mode: runs Python statements on the peer (`conn.execute`).
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18812)?;
+    /// py.execute("import math\nx = math.pi")?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn execute(&self, code: &str) -> Result<(), Error> {
+        let _: Value = self.root()?.call_method("execute", (code,))?;
+        Ok(())
+    }
+
+    /// Sends data to the peer and checks that it comes back (`conn.ping()`).
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18861)?;
+    /// py.ping()?;
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn ping(&self) -> Result<(), Error> {
+        let data: String = "abcdefghijklmnopqrstuvwxyz".repeat(20);
+        let until = crate::base::deadline(self.shared.settings.call_timeout);
+        let v = self
+            .shared
+            .request(Handler::Ping, vec![data.clone().into()], until, &|| {
+                "PING".into()
+            })?;
+        if v != Value::Str(data) {
+            return Err(Error::Protocol(
+                "the peer answered a PING with other data".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Closes the connection: tells the peer, waits up to a second (at most the call timeout)
+    /// for it to hang up, then fails every waiting call. Idempotent.
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18861)?;
+    /// py.close();
+    /// assert!(py.is_closed());
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn close(&self) {
+        close(&self.shared);
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+
+    /// Waits until the connection ends (the peer hangs up, or another thread closes it).
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18861)?;
+    /// py.wait_closed_timeout(std::time::Duration::from_millis(10));
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn wait_closed_timeout(&self, timeout: Duration) -> bool {
+        self.shared
+            .wait_closed(Some(crate::base::deadline(timeout)))
+    }
+
+    /// Why the connection ended (the error waiting calls got), once it has.
+    pub fn close_reason(&self) -> Option<Error> {
+        lock(&self.shared.ended).clone()
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// How many objects of this side the peer holds references to (the root, callbacks,
+    /// returned objects, bound methods not yet released): back to what it was once the peer
+    /// has released everything.
+    pub fn exported_count(&self) -> usize {
+        self.shared.local_count()
+    }
+
+    /// How many of the peer's objects this side holds handles to.
+    pub fn remote_count(&self) -> usize {
+        self.shared.proxy_count()
+    }
+}

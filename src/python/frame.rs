@@ -1,0 +1,245 @@
+//! RPyC 6's framing: `length: u32 BE | compressed: u8 | data[length] | b'\n'`, where a payload
+//! over 3,000 bytes is sent as a zlib stream (level 1, as RPyC does) and the flag says so.
+//! The trailing newline is not counted in `length` and is not checked on receipt (RPyC does
+//! not check it either).
+//!
+//! Reading is bounded twice: a frame longer than the limit is refused from its header, before
+//! anything is allocated for it, and a compressed one is inflated only up to the same limit
+//! (a zlib bomb stops there).
+
+use flate2::{write::ZlibEncoder, Compression, Decompress, FlushDecompress, Status};
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// Header bytes before the data.
+pub const HEADER: usize = 5;
+/// Payloads longer than this are compressed (RPyC's `COMPRESSION_THRESHOLD`).
+pub const COMPRESSION_THRESHOLD: usize = 3000;
+
+/// Appends the frame for `payload` to `out`.
+pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    let compressed = payload.len() > COMPRESSION_THRESHOLD;
+    if compressed {
+        let mut z = ZlibEncoder::new(std::mem::take(out), Compression::new(1));
+        z.write_all(payload).expect("writing to a Vec");
+        *out = z.finish().expect("writing to a Vec");
+    } else {
+        out.extend_from_slice(payload);
+    }
+    let len = (out.len() - start - HEADER) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    out[start + 4] = compressed as u8;
+    out.push(b'\n');
+}
+
+/// Why reading a frame failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The stream ended between frames.
+    End,
+    /// The transport failed, or the stream ended inside a frame.
+    Io(io::Error),
+    /// The peer sent something that is not an RPyC 6 frame, or one over the limit; says what.
+    Bad(String),
+    /// The peer stopped in the middle of a frame for the stall timeout.
+    Stalled(Duration),
+}
+
+/// Reads frames from a blocking reader whose reads may time out (a tick), so the reading
+/// thread can give up on a peer that stalls inside a frame and notice a closed connection.
+pub struct FrameReader<R> {
+    r: R,
+    max: usize,
+    stall: Duration,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader refusing frames (compressed or not) over `max` bytes, and dropping a peer that
+    /// sends nothing for `stall` in the middle of one.
+    pub fn new(r: R, max: usize, stall: Duration) -> Self {
+        FrameReader { r, max, stall }
+    }
+
+    /// The next frame's payload (inflated). `quiet` is called each time a read times out
+    /// between frames; it returns false to stop reading (the connection was closed).
+    pub fn read(&mut self, quiet: &mut dyn FnMut() -> bool) -> Result<Vec<u8>, ReadError> {
+        let mut head = [0u8; HEADER];
+        if !self.fill(&mut head, true, quiet)? {
+            return Err(ReadError::End);
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if &head[0..4] == b"RPYC" {
+            return Err(ReadError::Bad(
+                "the peer speaks rpyc's native protocol, not Python RPyC's: connect with \
+                 rpyc::connect (or serve with ThreadedServer) instead of rpyc::python"
+                    .into(),
+            ));
+        }
+        if len > self.max {
+            return Err(ReadError::Bad(format!(
+                "a frame of {len} bytes is over this side's limit of {} (Options::max_frame_size); \
+                 is the peer an RPyC 6 peer?",
+                self.max
+            )));
+        }
+        // Length plus the trailing newline.
+        let mut data = vec![0u8; len + 1];
+        self.fill(&mut data, false, quiet)?;
+        data.pop();
+        match head[4] {
+            0 => Ok(data),
+            _ => inflate(&data, self.max).map_err(ReadError::Bad),
+        }
+    }
+
+    /// Fills `buf`; returns false if the stream ended before its first byte and `may_end`.
+    fn fill(
+        &mut self,
+        buf: &mut [u8],
+        may_end: bool,
+        quiet: &mut dyn FnMut() -> bool,
+    ) -> Result<bool, ReadError> {
+        let mut got = 0;
+        let mut last = Instant::now();
+        while got < buf.len() {
+            match self.r.read(&mut buf[got..]) {
+                Ok(0) if got == 0 && may_end => return Ok(false),
+                Ok(0) => {
+                    return Err(ReadError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection in the middle of a frame",
+                    )))
+                }
+                Ok(n) => {
+                    got += n;
+                    last = Instant::now();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if !quiet() {
+                        return Err(ReadError::End);
+                    }
+                    let inside = got > 0 || !may_end;
+                    if inside && last.elapsed() >= self.stall {
+                        return Err(ReadError::Stalled(self.stall));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Inflates a zlib stream, refusing to produce more than `max` bytes.
+pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, String> {
+    let bomb = || {
+        format!(
+            "a compressed frame inflates to more than this side's limit of {max} bytes \
+             (Options::max_frame_size)"
+        )
+    };
+    let mut z = Decompress::new(true);
+    // Grow as the output does, never past `max + 1`: a small frame never reserves `max`.
+    let mut out: Vec<u8> = Vec::with_capacity((data.len() * 4).min(max) + 1);
+    loop {
+        if out.len() == out.capacity() {
+            let room = (max + 1).saturating_sub(out.len());
+            if room == 0 {
+                return Err(bomb());
+            }
+            out.reserve_exact(out.capacity().max(4096).min(room));
+        }
+        let (in_before, out_before) = (z.total_in() as usize, out.len());
+        let status = z
+            .decompress_vec(&data[in_before..], &mut out, FlushDecompress::Finish)
+            .map_err(|e| format!("a compressed frame does not inflate: {e}"))?;
+        if out.len() > max {
+            return Err(bomb());
+        }
+        if status == Status::StreamEnd {
+            if z.total_in() as usize != data.len() {
+                return Err("bytes after the end of a compressed frame's zlib stream".into());
+            }
+            return Ok(out);
+        }
+        let stuck = z.total_in() as usize == in_before && out.len() == out_before;
+        if stuck && out.len() < out.capacity() {
+            return Err("a compressed frame's zlib stream is truncated".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(payload, &mut out);
+        out
+    }
+
+    fn read_one(bytes: &[u8], max: usize) -> Result<Vec<u8>, ReadError> {
+        FrameReader::new(bytes, max, Duration::from_secs(1)).read(&mut || true)
+    }
+
+    #[test]
+    fn the_getroot_frame_is_byte_identical_to_rpyc() {
+        let payload = [0x01, 0x11, 0x50, 0x11, 0x53, 0x11, 0x51, 0x02];
+        let hex: String = frames(&payload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, "000000080001115011531151020a");
+    }
+
+    #[test]
+    fn payloads_over_3000_bytes_are_compressed_and_come_back() {
+        let at = vec![7u8; COMPRESSION_THRESHOLD];
+        let over = vec![7u8; COMPRESSION_THRESHOLD + 1];
+        assert_eq!(frames(&at)[4], 0);
+        let f = frames(&over);
+        assert_eq!(f[4], 1);
+        assert!(f.len() < 100);
+        assert_eq!(read_one(&f, 1 << 20).unwrap(), over);
+    }
+
+    #[test]
+    fn a_zlib_bomb_stops_at_the_limit() {
+        let big = vec![0u8; 50 << 20];
+        let f = frames(&big);
+        assert!(f.len() < 100 << 10);
+        match read_one(&f, 1 << 20) {
+            Err(ReadError::Bad(m)) => assert!(m.contains("more than"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_and_native_headers_are_refused_before_allocating() {
+        match read_one(&[0xff, 0xff, 0xff, 0xff, 0], 1 << 20) {
+            Err(ReadError::Bad(m)) => assert!(m.contains("over this side's limit"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match read_one(b"RPYC\x00\x01", 1 << 20) {
+            Err(ReadError::Bad(m)) => assert!(m.contains("native protocol"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            read_one(&[0, 0, 0, 9, 0, 1], 100),
+            Err(ReadError::Io(_))
+        ));
+        assert!(matches!(read_one(&[], 100), Err(ReadError::End)));
+        let mut bad = frames(&[1u8; 4000]);
+        bad[8] ^= 0xff;
+        assert!(matches!(read_one(&bad, 1 << 20), Err(ReadError::Bad(_))));
+    }
+}

@@ -38,5 +38,33 @@ if [ "$(id -u)" != 0 ]; then
     echo "===       (useradd/chpasswd) and will FAIL; CI runs as root." >&2
 fi
 
+# The Python interoperability tests drive the real RPyC package (pinned) from a virtual
+# environment of their own, target/pyenv; they fail, never skip, without it.
+PYENV="$PWD/target/pyenv"
+PYTHON="$PYENV/bin/python"
+py_ready() {
+    [ -x "$PYTHON" ] && "$PYTHON" -c 'import rpyc, plumbum; assert rpyc.__version__ == "6.0.2"; assert plumbum.__version__ == "2.0.2"' >/dev/null 2>&1
+}
+py_missing() {
+    echo "=== MISSING: $1" >&2
+    echo "===   the Python interoperability tests need python3 with venv and pip:" >&2
+    echo "===   apt-get install -y python3-venv python3-pip" >&2
+    exit 1
+}
+if py_ready; then
+    echo "=== Python: $PYENV already has rpyc 6.0.2 and plumbum 2.0.2"
+else
+    command -v python3 >/dev/null 2>&1 || py_missing "python3"
+    echo "=== Python: creating $PYENV (python3 -m venv) for the interoperability tests"
+    python3 -m venv --clear "$PYENV" || py_missing "python3 -m venv failed"
+    echo "=== Python: pip install rpyc==6.0.2 plumbum==2.0.2 into $PYENV (from PyPI)"
+    "$PYTHON" -m pip install --disable-pip-version-check rpyc==6.0.2 plumbum==2.0.2 \
+        || py_missing "pip install rpyc==6.0.2 plumbum==2.0.2 failed (is PyPI reachable?)"
+    py_ready || py_missing "$PYENV still lacks rpyc 6.0.2 / plumbum 2.0.2 after pip install"
+    echo "=== Python: $PYENV is ready (rpyc 6.0.2, plumbum 2.0.2)"
+fi
+export RPYC_TEST_PYTHON="$PYTHON"
+echo "=== Python: RPYC_TEST_PYTHON=$RPYC_TEST_PYTHON"
+
 echo "=== rpyc test suite: cargo test (unit, integration, doc tests; builds examples)"
 cargo test --locked "$@"

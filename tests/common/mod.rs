@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod procfs;
+pub mod python;
 pub mod raw;
 pub mod tls;
 

@@ -160,6 +160,15 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// What decoding `data` (one value) will allocate, in bytes, computed without allocating:
+/// every value's own size, and the heap it points to (a tuple's items, a string's bytes). The
+/// connection charges it to its memory budget before decoding. Fails as [`load`] would.
+pub fn cost(data: &[u8]) -> Result<usize, String> {
+    let mut r = Reader { data, at: 0 };
+    let c = r.measure(0)?;
+    Ok(c + std::mem::size_of::<Value>())
+}
+
 struct Reader<'a> {
     data: &'a [u8],
     at: usize,
@@ -265,6 +274,67 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// The heap bytes the value at the cursor will own (its own size is its parent's), and
+    /// skips it.
+    fn measure(&mut self, depth: usize) -> Result<usize, String> {
+        const VALUE: usize = std::mem::size_of::<Value>();
+        if depth > MAX_DEPTH {
+            return Err(format!("brine value nested deeper than {MAX_DEPTH} levels"));
+        }
+        let tag = self.byte()?;
+        let counted = |n: usize, r: &mut Self| -> Result<usize, String> {
+            if n > r.data.len() - r.at {
+                return Err(format!(
+                    "brine tuple of {n} items at offset {} but only {} bytes left",
+                    r.at,
+                    r.data.len() - r.at
+                ));
+            }
+            let mut total = n * VALUE;
+            for _ in 0..n {
+                total += r.measure(depth + 1)?;
+            }
+            Ok(total)
+        };
+        Ok(match tag {
+            BYTES1..=0x0d => self.take((tag - BYTES1 + 1) as usize)?.len(),
+            BYTES_L1 => {
+                let n = self.byte()? as usize;
+                self.take(n)?.len()
+            }
+            BYTES_L4 => {
+                let n = self.u32()?;
+                self.take(n)?.len()
+            }
+            STR | SLICE | FSET => self.measure(depth + 1)? + 3 * VALUE,
+            TUP1..=0x13 => counted((tag - TUP1 + 1) as usize, self)?,
+            TUP_L1 => {
+                let n = self.byte()? as usize;
+                counted(n, self)?
+            }
+            TUP_L4 => {
+                let n = self.u32()?;
+                counted(n, self)?
+            }
+            INT_L1 => {
+                let n = self.byte()? as usize;
+                self.take(n)?.len()
+            }
+            INT_L4 => {
+                let n = self.u32()?;
+                if n > MAX_INT_DIGITS + 1 {
+                    return Err(format!(
+                        "brine int of {n} digits: more than Python's {MAX_INT_DIGITS}"
+                    ));
+                }
+                self.take(n)?.len()
+            }
+            FLOAT => self.take(8)?.len() - 8,
+            COMPLEX => self.take(16)?.len() - 16,
+            _ => 0,
+        })
+    }
+
     fn items(&mut self, n: usize, depth: usize) -> Result<Vec<Value>, String> {
         // Each item takes at least one byte: a length the input cannot back is refused
         // before anything is allocated for it.
@@ -365,6 +435,24 @@ mod tests {
             dump(&v, &mut out).unwrap();
             assert_eq!(load(&out).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn cost_covers_what_decoding_allocates() {
+        const VALUE: usize = std::mem::size_of::<Value>();
+        let mut out = Vec::new();
+        // 1,000 one-byte ints: 32 times their wire size once decoded.
+        dump(
+            &Value::Tuple((0..1000).map(|_| Value::Int(1)).collect()),
+            &mut out,
+        )
+        .unwrap();
+        assert!(cost(&out).unwrap() >= 1000 * VALUE);
+        out.clear();
+        dump(&Value::Bytes(vec![0; 1 << 20]), &mut out).unwrap();
+        let c = cost(&out).unwrap();
+        assert!((1 << 20..(1 << 20) + 4 * VALUE).contains(&c), "{c}");
+        assert!(cost(&[TUP_L4, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]

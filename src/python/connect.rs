@@ -1,6 +1,7 @@
 //! Connecting to Python RPyC servers: [`Client`] (any [`Options`]) and the RPyC-named
 //! shorthands [`connect`], [`ssl_connect`], [`ssh_connect`] and [`unix_connect`].
 
+use crate::base::limits::{Budget, FRAME_OVERHEAD};
 use crate::base::threads::ThreadSet;
 use crate::client::Options;
 use crate::core::config::Config;
@@ -27,6 +28,12 @@ pub(crate) fn settings(config: &Config) -> Settings {
         max_workers: config.max_workers,
         max_objects: MAX_OBJECTS,
         stall: config.write_timeout(),
+        // Decoded values up to `max_buffered`, plus the one frame being decoded.
+        budget: Budget::new(
+            config.buffered_limit() + config.max_frame + FRAME_OVERHEAD,
+            config.server_budget.clone(),
+        ),
+        threads: config.thread_budget.clone(),
     }
 }
 

@@ -45,6 +45,7 @@
 //! * When the connection ends both tables are emptied, which also breaks reference cycles
 //!   between our objects and the connection.
 
+use crate::base::limits::{Budget, Charge, ThreadBudget};
 use crate::base::lock;
 use crate::base::threads::ThreadSet;
 use crate::error::{Error, HandshakeError, HandshakeErrorKind, PythonError, Timeout};
@@ -76,6 +77,10 @@ pub(crate) struct Settings {
     pub max_workers: usize,
     pub max_objects: usize,
     pub stall: Duration,
+    /// What the peer's frames and the values decoded from them may hold in memory.
+    pub budget: Arc<Budget>,
+    /// A server's shared budget of worker threads beyond each connection's first.
+    pub threads: Option<Arc<ThreadBudget>>,
 }
 
 /// A request's outcome as its caller receives it.
@@ -132,20 +137,27 @@ pub(crate) struct Shared {
 
 /// Requests waiting for a worker, and the workers' count.
 struct Workers {
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
+    tx: Sender<Task>,
+    rx: Receiver<Task>,
     state: Mutex<WorkerCount>,
 }
 
 #[derive(Default)]
 struct WorkerCount {
+    /// Requests running or handed to a worker.
     running: usize,
+    /// Workers waiting for a request.
     idle: usize,
+    /// Worker threads alive.
+    threads: usize,
     /// Run when the connection has ended and no request runs any more.
     stopped: Vec<Job>,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// What an idle worker receives: a request to run, or `None` to end (the connection ended).
+type Task = Option<Job>;
 
 impl Shared {
     /// Starts the reader and writer threads on a fresh transport.
@@ -237,6 +249,14 @@ impl Shared {
             let mut out = lock(&self.outbox);
             out.done = true;
             self.out_cv.notify_all();
+        }
+        {
+            // Idle workers end now rather than after their idle time.
+            let mut st = lock(&self.workers.state);
+            for _ in 0..st.idle {
+                let _ = self.workers.tx.send(None);
+            }
+            st.idle = 0;
         }
         self.control.shutdown();
         // Drop user objects outside the locks (their drops may be user code).
@@ -707,12 +727,17 @@ impl Shared {
     // ---- the reader ----
 
     fn read_loop(self: Arc<Self>, reader: Box<dyn io::Read + Send>) {
-        let mut frames = FrameReader::new(reader, self.settings.max_frame, self.settings.stall);
+        let mut frames = FrameReader::new(
+            reader,
+            self.settings.max_frame,
+            self.settings.stall,
+            self.settings.budget.clone(),
+        );
         let mut first = true;
         let why = loop {
             let me = &self;
             let got = frames.read(&mut || !me.is_closed());
-            let payload = match got {
+            let (payload, charge) = match got {
                 Ok(p) => p,
                 Err(ReadError::End) => {
                     break Error::Closed {
@@ -734,9 +759,10 @@ impl Shared {
                     }
                 }
                 Err(ReadError::Bad(why)) => break self.protocol_error(why, first),
+                Err(ReadError::Over(why)) => break Error::Closed { reason: why },
             };
             *lock(&self.last_activity) = Instant::now();
-            if let Err(why) = self.dispatch(&payload, first) {
+            if let Err(why) = self.dispatch(payload, charge, first) {
                 break why;
             }
             first = false;
@@ -759,10 +785,32 @@ impl Shared {
         }
     }
 
-    /// Handles one payload; an error ends the connection.
-    fn dispatch(self: &Arc<Self>, payload: &[u8], first: bool) -> Result<(), Error> {
+    /// Handles one payload; an error ends the connection. What decoding it allocates is
+    /// charged to the budget first, and the charge goes with the message until it is handled.
+    fn dispatch(
+        self: &Arc<Self>,
+        payload: Vec<u8>,
+        charge: Charge,
+        first: bool,
+    ) -> Result<(), Error> {
+        if let Some(why) = proto::foreign_envelope(&payload) {
+            return Err(self.protocol_error(why, first));
+        }
+        let cost = brine::cost(&payload[1..]).map_err(|why| self.protocol_error(why, first))?;
+        let charge = (
+            charge,
+            self.settings
+                .budget
+                .charge(cost)
+                .map_err(|over| Error::Closed {
+                    reason: over.to_string(),
+                })?,
+        );
         let (kind, seq, body) =
-            proto::parse(payload).map_err(|why| self.protocol_error(why, first))?;
+            proto::parse(&payload).map_err(|why| self.protocol_error(why, first))?;
+        drop(payload);
+        drop(charge.0);
+        let charge = charge.1;
         match kind {
             proto::MSG_REPLY => {
                 let v = self.unbox(body).map_err(Error::Protocol)?;
@@ -778,11 +826,16 @@ impl Shared {
                 }
                 Ok(())
             }
-            _ => self.request_arrived(seq, body),
+            _ => self.request_arrived(seq, body, charge),
         }
     }
 
-    fn request_arrived(self: &Arc<Self>, seq: u64, body: Value) -> Result<(), Error> {
+    fn request_arrived(
+        self: &Arc<Self>,
+        seq: u64,
+        body: Value,
+        charge: Charge,
+    ) -> Result<(), Error> {
         let bad = || Error::Protocol("an RPyC request that is not (handler, args)".into());
         let Value::Tuple(mut parts) = body else {
             return Err(bad());
@@ -825,6 +878,7 @@ impl Shared {
                 let me = self.clone();
                 if !self.submit(Box::new(move || {
                     let outcome = me.serve(h, args);
+                    drop(charge);
                     me.reply(seq, outcome, false);
                 })) {
                     let max = self.settings.max_workers;
@@ -917,48 +971,86 @@ impl Shared {
         st.running += 1;
         if st.idle > 0 {
             st.idle -= 1;
-            let _ = self.workers.tx.send(job);
+            let _ = self.workers.tx.send(Some(job));
             return true;
         }
+        // A connection's first worker is its own; a server's further ones come out of its
+        // shared thread budget.
+        let budgeted = st.threads > 0 && self.settings.threads.is_some();
+        if budgeted && !self.settings.threads.as_ref().is_some_and(|b| b.try_take()) {
+            st.running -= 1;
+            return false;
+        }
+        st.threads += 1;
         let me = self.clone();
         let rx = self.workers.rx.clone();
         let started = self.threads.spawn("rpyc-py-worker", move || {
-            let mut job = Some(job);
-            loop {
-                if let Some(j) = job.take() {
-                    j();
-                    let mut st = lock(&me.workers.state);
-                    st.running -= 1;
-                    st.idle += 1;
-                    if st.running == 0 && me.is_closed() {
-                        let hooks = std::mem::take(&mut st.stopped);
-                        drop(st);
-                        for hook in hooks {
-                            hook();
-                        }
-                    }
-                }
-                match rx.recv_timeout(WORKER_IDLE) {
-                    Ok(j) => job = Some(j),
-                    Err(_) => {
-                        let mut st = lock(&me.workers.state);
-                        // A job may have been handed to us just now.
-                        if let Ok(j) = rx.try_recv() {
-                            drop(st);
-                            job = Some(j);
-                            continue;
-                        }
-                        st.idle -= 1;
-                        return;
-                    }
+            me.work(job, rx);
+            let mut st = lock(&me.workers.state);
+            st.threads -= 1;
+            if budgeted {
+                if let Some(b) = &me.settings.threads {
+                    b.give();
                 }
             }
         });
         if started.is_err() {
             st.running -= 1;
+            st.threads -= 1;
+            if budgeted {
+                if let Some(b) = &self.settings.threads {
+                    b.give();
+                }
+            }
             return false;
         }
         true
+    }
+
+    /// A worker's life: runs `job`, then whatever it is handed, until it has been idle for
+    /// [`WORKER_IDLE`] or the connection ends.
+    fn work(&self, job: Job, rx: Receiver<Task>) {
+        let mut job = Some(job);
+        loop {
+            if let Some(j) = job.take() {
+                j();
+                let mut st = lock(&self.workers.state);
+                st.running -= 1;
+                let closed = self.is_closed();
+                let hooks = if closed && st.running == 0 {
+                    std::mem::take(&mut st.stopped)
+                } else {
+                    Vec::new()
+                };
+                if !closed {
+                    st.idle += 1;
+                }
+                drop(st);
+                for hook in hooks {
+                    hook();
+                }
+                if closed {
+                    return;
+                }
+            }
+            match rx.recv_timeout(WORKER_IDLE) {
+                Ok(Some(j)) => job = Some(j),
+                // `terminate` counted us out of the idle ones.
+                Ok(None) => return,
+                Err(_) => {
+                    let mut st = lock(&self.workers.state);
+                    // A job may have been handed to us just now.
+                    match rx.try_recv() {
+                        Ok(Some(j)) => job = Some(j),
+                        Ok(None) => return,
+                        Err(_) => {
+                            st.idle -= 1;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// What a request from the peer gets.

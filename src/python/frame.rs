@@ -7,8 +7,10 @@
 //! anything is allocated for it, and a compressed one is inflated only up to the same limit
 //! (a zlib bomb stops there).
 
+use crate::base::limits::{Budget, Charge, FRAME_OVERHEAD};
 use flate2::{write::ZlibEncoder, Compression, Decompress, FlushDecompress, Status};
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Header bytes before the data.
@@ -45,6 +47,8 @@ pub enum ReadError {
     Bad(String),
     /// The peer stopped in the middle of a frame for the stall timeout.
     Stalled(Duration),
+    /// The frame would take this side over its memory budget; says which.
+    Over(String),
 }
 
 /// Reads frames from a blocking reader whose reads may time out (a tick), so the reading
@@ -53,18 +57,29 @@ pub struct FrameReader<R> {
     r: R,
     max: usize,
     stall: Duration,
+    budget: Arc<Budget>,
 }
 
 impl<R: Read> FrameReader<R> {
-    /// A reader refusing frames (compressed or not) over `max` bytes, and dropping a peer that
-    /// sends nothing for `stall` in the middle of one.
-    pub fn new(r: R, max: usize, stall: Duration) -> Self {
-        FrameReader { r, max, stall }
+    /// A reader refusing frames (compressed or not) over `max` bytes, dropping a peer that
+    /// sends nothing for `stall` in the middle of one, and charging each frame to `budget`
+    /// before allocating it.
+    pub fn new(r: R, max: usize, stall: Duration, budget: Arc<Budget>) -> Self {
+        FrameReader {
+            r,
+            max,
+            stall,
+            budget,
+        }
     }
 
-    /// The next frame's payload (inflated). `quiet` is called each time a read times out
-    /// between frames; it returns false to stop reading (the connection was closed).
-    pub fn read(&mut self, quiet: &mut dyn FnMut() -> bool) -> Result<Vec<u8>, ReadError> {
+    /// The next frame's payload (inflated), with its charge to the budget. `quiet` is called
+    /// each time a read times out between frames; it returns false to stop reading (the
+    /// connection was closed).
+    pub fn read(
+        &mut self,
+        quiet: &mut dyn FnMut() -> bool,
+    ) -> Result<(Vec<u8>, Charge), ReadError> {
         let mut head = [0u8; HEADER];
         if !self.fill(&mut head, true, quiet)? {
             return Err(ReadError::End);
@@ -84,14 +99,37 @@ impl<R: Read> FrameReader<R> {
                 self.max
             )));
         }
+        let charge = self.charge(len)?;
         // Length plus the trailing newline.
         let mut data = vec![0u8; len + 1];
         self.fill(&mut data, false, quiet)?;
         data.pop();
-        match head[4] {
-            0 => Ok(data),
-            _ => inflate(&data, self.max).map_err(ReadError::Bad),
+        if head[4] == 0 {
+            return Ok((data, charge));
         }
+        // Inflated into at most `max` bytes, each step of growth charged before it is
+        // allocated; then the charges are merged into one for the payload's length.
+        let mut steps = Vec::new();
+        let budget = &self.budget;
+        let payload = inflate(&data, self.max, &mut |bytes| {
+            steps.push(
+                budget
+                    .charge(bytes)
+                    .map_err(|over| ReadError::Over(over.to_string()))?,
+            );
+            Ok(())
+        })?;
+        drop(data);
+        drop(charge);
+        let inflated = self.charge(payload.len())?;
+        drop(steps);
+        Ok((payload, inflated))
+    }
+
+    fn charge(&self, len: usize) -> Result<Charge, ReadError> {
+        self.budget
+            .charge(len + FRAME_OVERHEAD)
+            .map_err(|over| ReadError::Over(over.to_string()))
     }
 
     /// Fills `buf`; returns false if the stream ended before its first byte and `may_end`.
@@ -138,41 +176,54 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Inflates a zlib stream, refusing to produce more than `max` bytes.
-pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, String> {
+/// Inflates a zlib stream, refusing to produce more than `max` bytes; `grow` is told (and may
+/// refuse) each growth of the output before it is allocated.
+pub fn inflate(
+    data: &[u8],
+    max: usize,
+    grow: &mut dyn FnMut(usize) -> Result<(), ReadError>,
+) -> Result<Vec<u8>, ReadError> {
     let bomb = || {
-        format!(
+        ReadError::Bad(format!(
             "a compressed frame inflates to more than this side's limit of {max} bytes \
              (Options::max_frame_size)"
-        )
+        ))
     };
     let mut z = Decompress::new(true);
     // Grow as the output does, never past `max + 1`: a small frame never reserves `max`.
-    let mut out: Vec<u8> = Vec::with_capacity((data.len() * 4).min(max) + 1);
+    let first = (data.len() * 4).min(max) + 1;
+    grow(first)?;
+    let mut out: Vec<u8> = Vec::with_capacity(first);
     loop {
         if out.len() == out.capacity() {
             let room = (max + 1).saturating_sub(out.len());
             if room == 0 {
                 return Err(bomb());
             }
-            out.reserve_exact(out.capacity().max(4096).min(room));
+            let more = out.capacity().max(4096).min(room);
+            grow(more)?;
+            out.reserve_exact(more);
         }
         let (in_before, out_before) = (z.total_in() as usize, out.len());
         let status = z
             .decompress_vec(&data[in_before..], &mut out, FlushDecompress::Finish)
-            .map_err(|e| format!("a compressed frame does not inflate: {e}"))?;
+            .map_err(|e| ReadError::Bad(format!("a compressed frame does not inflate: {e}")))?;
         if out.len() > max {
             return Err(bomb());
         }
         if status == Status::StreamEnd {
             if z.total_in() as usize != data.len() {
-                return Err("bytes after the end of a compressed frame's zlib stream".into());
+                return Err(ReadError::Bad(
+                    "bytes after the end of a compressed frame's zlib stream".into(),
+                ));
             }
             return Ok(out);
         }
         let stuck = z.total_in() as usize == in_before && out.len() == out_before;
         if stuck && out.len() < out.capacity() {
-            return Err("a compressed frame's zlib stream is truncated".into());
+            return Err(ReadError::Bad(
+                "a compressed frame's zlib stream is truncated".into(),
+            ));
         }
     }
 }
@@ -188,7 +239,10 @@ mod tests {
     }
 
     fn read_one(bytes: &[u8], max: usize) -> Result<Vec<u8>, ReadError> {
-        FrameReader::new(bytes, max, Duration::from_secs(1)).read(&mut || true)
+        let budget = Budget::new(4 * max + 4 * FRAME_OVERHEAD, None);
+        FrameReader::new(bytes, max, Duration::from_secs(1), budget)
+            .read(&mut || true)
+            .map(|(payload, _charge)| payload)
     }
 
     #[test]
@@ -216,7 +270,7 @@ mod tests {
     fn a_zlib_bomb_stops_at_the_limit() {
         let big = vec![0u8; 50 << 20];
         let f = frames(&big);
-        assert!(f.len() < 100 << 10);
+        assert!(f.len() < 1 << 20, "{} bytes", f.len());
         match read_one(&f, 1 << 20) {
             Err(ReadError::Bad(m)) => assert!(m.contains("more than"), "{m}"),
             other => panic!("expected a refusal, got {other:?}"),

@@ -56,6 +56,12 @@
 //!
 //! A server bound to localhost only is reached through SSH with [`ssh_connect`] and an
 //! [`SshContext`] (see [`ssh::SshTunnel`] for how the tunnel works).
+//!
+//! # Python RPyC
+//!
+//! The native protocol above is this crate's own. To call Python RPyC 6 services, or to serve
+//! Python RPyC clients, use [`python`]: the same transports, TLS, SSH, limits and threading
+//! promises, speaking RPyC 6's wire protocol.
 
 // Unsafe code is denied everywhere but `sys`, the one thin wrapper around poll(2).
 #![deny(unsafe_code)]

@@ -75,7 +75,7 @@ mod value;
 pub use connect::ssh_connect;
 pub use connect::{connect, ssl_connect, unix_connect, Client};
 pub use connection::Connection;
-pub use object::PyObject;
+pub use object::{PyIter, PyObject};
 pub use serve::serve;
 pub use service::{callback, Call, Handler, Reply, Service};
 pub use value::{FromValue, IntoValue, PyArgs, Value};

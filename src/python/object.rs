@@ -367,6 +367,26 @@ impl PyObject {
         }
     }
 
+    /// Iterates a remote iterable lazily: Python's `iter(obj)`, fetching 1,000 items per
+    /// round trip (RPyC's `BUFFITER`) as they are consumed.
+    ///
+    /// ```no_run
+    /// # let py = rpyc::python::connect("127.0.0.1", 18861)?;
+    /// # let list: rpyc::python::PyObject = py.root()?.call_method("range_list", (10_000,))?;
+    /// for item in list.iter()? {
+    ///     let n: i64 = item?.get()?;
+    ///     if n > 10 { break; }
+    /// }
+    /// # Ok::<(), rpyc::Error>(())
+    /// ```
+    pub fn iter(&self) -> Result<PyIter, Error> {
+        Ok(PyIter {
+            it: self.call_method("__iter__", ())?,
+            batch: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+
     /// Every item of a remote iterable (a `list`, `tuple`, `set`, generator; a `dict` gives
     /// its keys), converted to `T`, in batches of 1,000 per round trip.
     ///
@@ -377,17 +397,9 @@ impl PyObject {
     /// # Ok::<(), rpyc::Error>(())
     /// ```
     pub fn to_vec<T: FromValue>(&self) -> Result<Vec<T>, Error> {
-        let it: PyObject = self.call_method("__iter__", ())?;
-        let mut out = Vec::new();
-        loop {
-            let batch = it.next_batch(BATCH)?;
-            if batch.is_empty() {
-                return Ok(out);
-            }
-            for v in batch {
-                out.push(T::from_value(v)?);
-            }
-        }
+        self.iter()?
+            .map(|item| item.and_then(T::from_value))
+            .collect()
     }
 
     /// A remote mapping (a `dict`) as a `HashMap`: its keys in batches, then one round trip
@@ -411,6 +423,41 @@ impl PyObject {
             out.insert(K::from_value(k)?, v);
         }
         Ok(out)
+    }
+}
+
+/// A remote iterator ([`PyObject::iter`]): items in batches, each an `Err` if fetching it
+/// failed (then the iteration ends).
+pub struct PyIter {
+    it: PyObject,
+    batch: std::vec::IntoIter<Value>,
+    done: bool,
+}
+
+impl Iterator for PyIter {
+    type Item = Result<Value, Error>;
+
+    fn next(&mut self) -> Option<Result<Value, Error>> {
+        if let Some(v) = self.batch.next() {
+            return Some(Ok(v));
+        }
+        if self.done {
+            return None;
+        }
+        match self.it.next_batch(BATCH) {
+            Ok(items) if items.is_empty() => {
+                self.done = true;
+                None
+            }
+            Ok(items) => {
+                self.batch = items.into_iter();
+                self.batch.next().map(Ok)
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
     }
 }
 

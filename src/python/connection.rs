@@ -857,7 +857,15 @@ impl Shared {
             return Ok(());
         }
         let args = match self.unbox(args) {
-            Ok(Value::Tuple(a)) => a,
+            // RPyC accepts an attribute name as bytes too (decoded as UTF-8).
+            Ok(Value::Tuple(mut a)) => {
+                if let [_, name @ Value::Bytes(_), ..] = &mut a[..] {
+                    if let Value::Bytes(b) = std::mem::replace(name, Value::None) {
+                        *name = Value::Str(String::from_utf8_lossy(&b).into_owned());
+                    }
+                }
+                a
+            }
             Ok(_) => return Err(bad()),
             Err(why) => {
                 self.reply(seq, Err(PythonError::new("KeyError", (why,))), true);

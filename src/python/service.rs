@@ -232,6 +232,14 @@ impl Service {
             Some(m) => {
                 let m = m.clone();
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m(call))) {
+                    // Python shows the traceback under "Remote Traceback": say where it came from.
+                    Ok(Err(e)) if e.traceback().is_empty() => {
+                        let tb = format!(
+                            "raised by the Rust handler {}.{name} (rpyc for Rust)\n{e}",
+                            self.inner.class
+                        );
+                        Err(e.with_traceback(tb))
+                    }
                     Ok(outcome) => outcome,
                     Err(p) => {
                         let what = p

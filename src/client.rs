@@ -296,6 +296,19 @@ impl Options {
     ) -> Result<C, Error> {
         #[cfg(unix)]
         if let Some(ctx) = &self.ssh {
+            if ctx.uses_openssh() {
+                if self.authenticator.is_some() {
+                    return Err(Error::Misuse(
+                        "TLS (or another authenticator) through SshContext::use_openssh is not \
+                         supported: use the libssh2 transport (use_openssh(false)) or no TLS"
+                            .into(),
+                    ));
+                }
+                let cmd = crate::ssh::openssh::command(ctx, host, port)?;
+                let explain = crate::ssh::openssh::explain(ctx);
+                let t = transport::subprocess_explained(cmd, self.config.write_timeout(), explain)?;
+                return establish(t);
+            }
             let tunnel = SshTunnel::open(ctx, host, port)?;
             let opened = self
                 .open_tcp(host, "127.0.0.1", tunnel.local_port())

@@ -767,6 +767,11 @@ impl Shared {
             }
             first = false;
         };
+        // A transport that failed below RPyC (TLS, an `ssh` process) explains it better.
+        let why = match why {
+            Error::Closed { .. } if !self.is_closed() => self.control.failure().unwrap_or(why),
+            other => other,
+        };
         self.terminate(why);
     }
 

@@ -30,6 +30,10 @@ pub(crate) struct HostConfig {
     pub hash_known_hosts: bool,
     pub connect_timeout: Option<Duration>,
     pub server_alive_interval: Option<Duration>,
+    /// `ProxyJump` as written (`none` when unset in some versions).
+    pub proxy_jump: Option<String>,
+    /// `ProxyCommand` as written.
+    pub proxy_command: Option<String>,
 }
 
 /// Resolves `host` through `ssh -G`, reading `config_file` instead of `~/.ssh/config` when given
@@ -111,6 +115,8 @@ pub(crate) fn parse(text: &str) -> HostConfig {
             "hashknownhosts" => c.hash_known_hosts = value == "yes",
             "connecttimeout" => c.connect_timeout = secs(value),
             "serveraliveinterval" => c.server_alive_interval = secs(value),
+            "proxyjump" => c.proxy_jump = Some(value.to_string()),
+            "proxycommand" => c.proxy_command = Some(value.to_string()),
             _ => {}
         }
     }

@@ -3,8 +3,10 @@
 //! The files are read line by line here rather than by libssh2, whose reader stops at the
 //! first line it cannot parse and which cannot say on which line a changed key sits. Plain
 //! (`host`, `[host]:port`, `*` and `?` wildcards, `!` negation) and hashed (`|1|salt|hash`)
-//! host fields are understood; `@revoked` keys are refused; `@cert-authority` lines are
-//! skipped (host certificates are not supported). New keys are appended, never by rewriting
+//! host fields are understood; `@revoked` keys are refused; `@cert-authority` lines vouch
+//! for no plain key, but are remembered so that a host only they cover is refused with a
+//! message naming the line (libssh2 cannot verify host certificates; the OpenSSH transport
+//! can). New keys are appended, never by rewriting
 //! the file, so comments and unknown lines survive.
 
 use openssl::hash::MessageDigest;
@@ -20,6 +22,8 @@ struct Entry {
     file: PathBuf,
     line: usize,
     revoked: bool,
+    /// `@cert-authority`: the key signs host certificates; it is no host's key itself.
+    authority: bool,
     hosts: String,
     key_type: String,
     key: Vec<u8>,
@@ -34,8 +38,12 @@ pub(crate) enum Verdict {
     Changed { file: PathBuf, line: usize },
     /// The key is marked `@revoked` at `file:line`.
     Revoked { file: PathBuf, line: usize },
-    /// No key of this type is listed for the host; `other_types` are the types that are.
-    Unknown { other_types: Vec<String> },
+    /// No key of this type is listed for the host; `other_types` are the types that are, and
+    /// `authority` the first `@cert-authority` line that covers the host, if any.
+    Unknown {
+        other_types: Vec<String>,
+        authority: Option<(PathBuf, usize)>,
+    },
 }
 
 /// The known_hosts entries of some files, ready to check keys against.
@@ -74,7 +82,7 @@ impl KnownHosts {
         for e in self
             .entries
             .iter()
-            .filter(|e| !e.revoked && host_matches(&e.hosts, &name))
+            .filter(|e| !e.revoked && !e.authority && host_matches(&e.hosts, &name))
         {
             if !types.contains(&e.key_type) {
                 types.push(e.key_type.clone());
@@ -90,7 +98,14 @@ impl KnownHosts {
         let mut changed = None;
         let mut other_types = Vec::new();
         let mut known = false;
+        let mut authority = None;
         for e in &self.entries {
+            if e.authority {
+                if host_matches(&e.hosts, &name) {
+                    authority.get_or_insert((e.file.clone(), e.line));
+                }
+                continue;
+            }
             if e.revoked {
                 if e.key == blob {
                     return Verdict::Revoked {
@@ -114,7 +129,10 @@ impl KnownHosts {
         match (known, changed) {
             (true, _) => Verdict::Known,
             (false, Some((file, line))) => Verdict::Changed { file, line },
-            (false, None) => Verdict::Unknown { other_types },
+            (false, None) => Verdict::Unknown {
+                other_types,
+                authority,
+            },
         }
     }
 }
@@ -126,11 +144,11 @@ fn parse_line(file: &Path, line: usize, text: &str) -> Option<Entry> {
     }
     let mut fields = text.split_whitespace();
     let mut first = fields.next()?;
-    let mut revoked = false;
+    let (mut revoked, mut authority) = (false, false);
     if let Some(marker) = first.strip_prefix('@') {
         match marker {
             "revoked" => revoked = true,
-            // Host certificates are not supported: such a line vouches for no plain key.
+            "cert-authority" => authority = true,
             _ => return None,
         }
         first = fields.next()?;
@@ -148,6 +166,7 @@ fn parse_line(file: &Path, line: usize, text: &str) -> Option<Entry> {
         file: file.to_path_buf(),
         line,
         revoked,
+        authority,
         hosts: first.to_string(),
         key_type,
         key,

@@ -18,11 +18,32 @@
 //! context win. Authentication goes in OpenSSH's order: the agent's keys, then the identity
 //! files, then the password.
 //!
+//! # Routes: jump hosts and proxy commands
+//!
+//! A host behind a bastion is reached as OpenSSH reaches it, from the context
+//! ([`SshContext::proxy_jump`], [`SshContext::proxy_command`]) or the configuration
+//! (`ProxyJump`, `ProxyCommand`). Through jump hosts, each hop is an SSH session of its own
+//! (host key checked, authenticated) and the next session runs through a `direct-tcpip`
+//! channel of it: concretely, an [`SshTunnel`] to the next hop, whose loopback end the next
+//! session connects to, so that a dead hop ends every session behind it. Through a proxy
+//! command, the session runs over a socket pair whose other end two threads connect to the
+//! command's stdin and stdout; the command is killed when the session ends.
+//!
+//! # The OpenSSH transport
+//!
+//! [`SshContext::use_openssh`] replaces libssh2 with OpenSSH's own `ssh -W HOST:PORT`: the
+//! connection is that process's stdin and stdout, so certificates, `ControlMaster`, FIDO keys
+//! and every `ssh_config` option work unchanged, and what `ssh` writes to stderr explains a
+//! failure. The process ends with the connection (closed or dropped).
+//!
 //! # Host keys
 //!
 //! The server's key is checked against the known_hosts files before anything is sent to it
 //! (see [`HostKeyPolicy`]): unknown hosts are refused unless the policy says otherwise, and a
-//! changed key is always refused, naming the file and line to fix.
+//! changed key is always refused, naming the file and line to fix. `@revoked` keys are
+//! refused. libssh2 cannot verify host certificates: a host that known_hosts only vouches for
+//! through a `@cert-authority` line is refused with a message naming that line and pointing
+//! to the OpenSSH transport, which verifies them.
 //!
 //! # The tunnel
 //!
@@ -30,6 +51,7 @@
 
 mod config;
 mod known_hosts;
+pub(crate) mod openssh;
 mod tunnel;
 
 pub use tunnel::SshTunnel;
@@ -40,6 +62,9 @@ use ssh2::{ErrorCode, MethodType, Session};
 use std::fmt;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,6 +161,9 @@ pub struct SshContext {
     connect_timeout: Option<Duration>,
     keepalive: Option<Duration>,
     config_file: Option<PathBuf>,
+    proxy_jump: Option<String>,
+    proxy_command: Option<String>,
+    openssh: bool,
 }
 
 impl fmt::Debug for SshContext {
@@ -155,6 +183,9 @@ impl fmt::Debug for SshContext {
             .field("connect_timeout", &self.connect_timeout)
             .field("keepalive", &self.keepalive)
             .field("config_file", &self.config_file)
+            .field("proxy_jump", &self.proxy_jump)
+            .field("proxy_command", &self.proxy_command)
+            .field("openssh", &self.openssh)
             .finish()
     }
 }
@@ -251,6 +282,100 @@ impl SshContext {
         self
     }
 
+    /// Reach the host through jump hosts, as OpenSSH's `ProxyJump` (`ssh -J`):
+    /// `[user@]host[:port]`, several separated by commas, the first reached first (default:
+    /// the configuration's `ProxyJump`; `none` turns it off). Each hop is an SSH session
+    /// whose host key is checked and which authenticates as its own configuration says, with
+    /// this context's known_hosts file, host key policy, key file, agent, timeout and
+    /// configuration file; the next hop's session runs through a `direct-tcpip` channel of
+    /// the one before.
+    ///
+    /// ```
+    /// let ctx = rpyc::SshContext::new("lab-target").proxy_jump("me@bastion.example:2222");
+    /// # let _ = ctx;
+    /// ```
+    pub fn proxy_jump(mut self, hops: impl Into<String>) -> SshContext {
+        self.proxy_jump = Some(hops.into());
+        self
+    }
+
+    /// Reach the host through a command's stdin and stdout, as OpenSSH's `ProxyCommand`
+    /// (default: the configuration's). `%h`, `%p`, `%r`, `%n` and `%%` are expanded as
+    /// OpenSSH does (host name, port, user, the name as given, a `%`); the command runs under
+    /// `/bin/sh` and is ended when the session closes.
+    ///
+    /// ```
+    /// let ctx = rpyc::SshContext::new("lab-target").proxy_command("ssh -W %h:%p bastion");
+    /// # let _ = ctx;
+    /// ```
+    pub fn proxy_command(mut self, command: impl Into<String>) -> SshContext {
+        self.proxy_command = Some(command.into());
+        self
+    }
+
+    /// Run OpenSSH's own `ssh` instead of libssh2: the connection is `ssh -W HOST:PORT`'s
+    /// stdin and stdout, so everything OpenSSH supports works unchanged (host and user
+    /// certificates, `ControlMaster`, FIDO keys, GSSAPI, every `ssh_config` option). This
+    /// context's settings become `ssh` options; a password cannot be given this way (there is
+    /// no prompt), so a context with one is refused. What `ssh` writes to stderr explains a
+    /// failure. The `ssh` process ends with the connection.
+    ///
+    /// ```
+    /// let ctx = rpyc::SshContext::new("lab-target").use_openssh(true);
+    /// # let _ = ctx;
+    /// ```
+    pub fn use_openssh(mut self, enabled: bool) -> SshContext {
+        self.openssh = enabled;
+        self
+    }
+
+    /// Whether connections go through OpenSSH's `ssh` ([`use_openssh`](Self::use_openssh)).
+    pub(crate) fn uses_openssh(&self) -> bool {
+        self.openssh
+    }
+
+    /// The context for jump host `spec` (`[user@]host[:port]`) of this one, reached through
+    /// `before` (the hops before it).
+    fn jump_context(&self, spec: &str, before: Option<String>) -> SshContext {
+        let (user, rest) = match spec.rsplit_once('@') {
+            Some((u, r)) => (Some(u.to_string()), r),
+            None => (None, spec),
+        };
+        // `[v6::addr]:port`, `host:port` or `host`.
+        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+            match r.split_once(']') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.strip_prefix(':').and_then(|p| p.parse().ok()),
+                ),
+                None => (rest.to_string(), None),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
+                _ => (rest.to_string(), None),
+            }
+        };
+        SshContext {
+            host,
+            port,
+            user,
+            keyfile: self.keyfile.clone(),
+            passphrase: self.passphrase.clone(),
+            password: None,
+            agent: self.agent,
+            identity_agent: self.identity_agent.clone(),
+            known_hosts: self.known_hosts.clone(),
+            policy: self.policy,
+            connect_timeout: self.connect_timeout,
+            keepalive: self.keepalive,
+            config_file: self.config_file.clone(),
+            proxy_jump: Some(before.unwrap_or_else(|| "none".into())),
+            proxy_command: Some("none".into()),
+            openssh: false,
+        }
+    }
+
     /// The settings to use: this context's, then the client configuration's, then defaults.
     fn resolve(&self) -> Resolved {
         let cfg = config::resolve(&self.host, self.config_file.as_deref());
@@ -307,7 +432,21 @@ impl SshContext {
                 },
             }
         };
+        let set = |v: Option<String>| v.filter(|v| !v.is_empty() && v != "none");
+        let route = match (
+            set(self.proxy_jump.clone().or(cfg.proxy_jump.clone())),
+            set(self.proxy_command.clone().or(cfg.proxy_command.clone())),
+        ) {
+            // As in OpenSSH, the first one set wins; the context's own settings first.
+            (Some(j), _) if self.proxy_jump.is_some() || self.proxy_command.is_none() => {
+                Route::Jump(j)
+            }
+            (_, Some(c)) => Route::Command(c),
+            (Some(j), None) => Route::Jump(j),
+            (None, None) => Route::Direct,
+        };
         Resolved {
+            route,
             passphrase: self.passphrase.clone(),
             password: self.password.clone(),
             key_host: cfg
@@ -333,9 +472,21 @@ impl SshContext {
     }
 }
 
+/// How a session reaches sshd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Route {
+    /// A TCP connection.
+    Direct,
+    /// Through jump hosts (`ProxyJump`'s list).
+    Jump(String),
+    /// Through a command's stdin and stdout (`ProxyCommand`, not yet expanded).
+    Command(String),
+}
+
 /// An [`SshContext`] with every setting decided.
 #[derive(Clone)]
 struct Resolved {
+    route: Route,
     passphrase: Option<String>,
     password: Option<String>,
     hostname: String,
@@ -392,7 +543,7 @@ fn ssh_error(kind: SshErrorKind, message: impl Into<String>) -> Error {
 }
 
 /// Opens an authenticated SSH session (blocking mode) to the host `ctx` names.
-fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Error> {
+fn open_session(ctx: &SshContext) -> Result<(Session, Link, Resolved), Error> {
     let r = ctx.resolve();
     log::debug!("ssh: connecting to {} as {}", r.addr(), r.user);
     let timeout = r.connect_timeout;
@@ -400,43 +551,52 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     let left = || deadline.saturating_duration_since(Instant::now());
     let timed_out = || Error::Timeout(Timeout::Connect(timeout));
 
-    // TCP.
+    // Reach sshd: over TCP, through jump hosts, or through a command.
     let addr = r.addr();
-    let fail = |e: io::Error| Error::Connect {
-        addr: format!("{addr} (sshd)"),
-        source: Arc::new(e),
-    };
-    let addrs: Vec<_> = (r.hostname.as_str(), r.port)
-        .to_socket_addrs()
-        .map_err(fail)?
-        .collect();
-    let mut last = io::Error::new(
-        io::ErrorKind::NotFound,
-        "the host name resolved to no address",
-    );
-    let mut tcp = None;
-    for a in addrs {
-        let l = left();
-        if l.is_zero() {
-            return Err(timed_out());
-        }
-        match TcpStream::connect_timeout(&a, l) {
-            Ok(s) => {
-                tcp = Some(s);
-                break;
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(timed_out()),
-            Err(e) => last = e,
-        }
-    }
-    let tcp = tcp.ok_or_else(|| fail(last))?;
-    tcp.set_nodelay(true).map_err(fail)?;
-    let keep = tcp.try_clone().map_err(fail)?;
-
-    // SSH handshake, host key, authentication: blocking, bounded by what is left of the timeout.
     let mut sess = Session::new()
         .map_err(|e| ssh_error(SshErrorKind::Other, format!("cannot create a session: {e}")))?;
-    sess.set_tcp_stream(tcp);
+    let link = match &r.route {
+        Route::Direct => {
+            let tcp = tcp_connect(&r.hostname, r.port, &addr, deadline, timeout)?;
+            let link = Link::new(&tcp, Vec::new()).map_err(|e| tcp_error(&addr, e))?;
+            sess.set_tcp_stream(tcp);
+            link
+        }
+        Route::Jump(hops) => {
+            let hops: Vec<&str> = hops
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .collect();
+            let (last, before) = hops.split_last().expect("a jump route has hops");
+            let via = ctx.jump_context(last, (!before.is_empty()).then(|| before.join(",")));
+            let tunnel = SshTunnel::open(&via, &r.hostname, r.port).map_err(|e| match e {
+                Error::Ssh(e) => ssh_error(
+                    e.kind(),
+                    format!("jump host {last} (on the way to {addr}): {}", e.message()),
+                ),
+                other => other,
+            })?;
+            log::debug!("ssh: reaching {addr} through jump host {last}");
+            let local = format!(
+                "127.0.0.1:{} (jump host {last} to {addr})",
+                tunnel.local_port()
+            );
+            let tcp = tcp_connect("127.0.0.1", tunnel.local_port(), &local, deadline, timeout)?;
+            let link = Link::new(&tcp, vec![Box::new(tunnel)]).map_err(|e| tcp_error(&addr, e))?;
+            sess.set_tcp_stream(tcp);
+            link
+        }
+        Route::Command(command) => {
+            let (stream, child) = proxy_command(command, &r, &ctx.host)?;
+            let link =
+                Link::new(&stream, vec![Box::new(child)]).map_err(|e| tcp_error(&addr, e))?;
+            sess.set_tcp_stream(stream);
+            link
+        }
+    };
+
+    // SSH handshake, host key, authentication: blocking, bounded by what is left of the timeout.
     let set_timeout = |s: &Session| -> Result<(), Error> {
         let ms = left().as_millis();
         if ms == 0 {
@@ -497,7 +657,179 @@ fn open_session(ctx: &SshContext) -> Result<(Session, TcpStream, Resolved), Erro
     check_host_key(&sess, &r, &known)?;
     set_timeout(&sess)?;
     authenticate(&sess, &r)?;
-    Ok((sess, keep, r))
+    Ok((sess, link, r))
+}
+
+/// The socket a session runs over, and what must live as long as it does (the tunnel through a
+/// jump host, a proxy command's process).
+pub(crate) struct Link {
+    /// A second handle of the session's socket, so its descriptor stays valid while polled.
+    sock: OwnedFd,
+    _keep: Vec<Box<dyn Send>>,
+}
+
+impl Link {
+    fn new<S: AsFd>(s: &S, keep: Vec<Box<dyn Send>>) -> io::Result<Link> {
+        Ok(Link {
+            sock: s.as_fd().try_clone_to_owned()?,
+            _keep: keep,
+        })
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+fn tcp_error(addr: &str, e: io::Error) -> Error {
+    Error::Connect {
+        addr: format!("{addr} (sshd)"),
+        source: Arc::new(e),
+    }
+}
+
+/// Connects to `host:port` (sshd, or a jump tunnel's local end) before `deadline`.
+fn tcp_connect(
+    host: &str,
+    port: u16,
+    addr: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
+    let timed_out = || Error::Timeout(Timeout::Connect(timeout));
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| tcp_error(addr, e))?
+        .collect();
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        "the host name resolved to no address",
+    );
+    for a in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        match TcpStream::connect_timeout(&a, left) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(|e| tcp_error(addr, e))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(timed_out()),
+            Err(e) => last = e,
+        }
+    }
+    Err(tcp_error(addr, last))
+}
+
+/// A proxy command's process and the threads that carry bytes between its pipes and the
+/// session's socket; dropping it ends all of them.
+struct ProxyChild {
+    child: std::process::Child,
+    ours: UnixStream,
+    pumps: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ProxyChild {
+    fn drop(&mut self) {
+        let _ = self.ours.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for p in self.pumps.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
+
+/// OpenSSH's `%` tokens of `ProxyCommand`.
+fn expand_tokens(command: &str, r: &Resolved, alias: &str) -> String {
+    let mut out = String::new();
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(&r.hostname),
+            Some('p') => out.push_str(&r.port.to_string()),
+            Some('r') => out.push_str(&r.user),
+            Some('n') => out.push_str(alias),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Copies `from` to `to` until either ends. (Not `io::copy`, whose kernel-side copying
+/// between a socket and a pipe saw an early end of stream here.)
+fn pump(from: &mut impl io::Read, to: &mut impl io::Write) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Starts a proxy command; the session runs over the returned socket, whose other end two
+/// threads connect to the command's stdin and stdout.
+fn proxy_command(
+    command: &str,
+    r: &Resolved,
+    alias: &str,
+) -> Result<(UnixStream, ProxyChild), Error> {
+    use std::process::{Command, Stdio};
+    let expanded = expand_tokens(command, r, alias);
+    log::debug!("ssh: reaching {} through ProxyCommand {expanded}", r.addr());
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {expanded}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            ssh_error(
+                SshErrorKind::Config,
+                format!("cannot start ProxyCommand {expanded:?}: {e}"),
+            )
+        })?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let (ours, theirs) = UnixStream::pair()?;
+    let (mut up, mut down) = (ours.try_clone()?, ours.try_clone()?);
+    let mut pumps = Vec::new();
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new().name(name.into()).spawn(f)
+    };
+    // The command's output -> the session; its end ends the session's input.
+    pumps.push(spawn(
+        "rpyc-ssh-proxy-out",
+        Box::new(move || {
+            pump(&mut stdout, &mut down);
+            let _ = down.shutdown(std::net::Shutdown::Write);
+        }),
+    )?);
+    // The session's output -> the command; its end closes the command's stdin.
+    pumps.push(spawn(
+        "rpyc-ssh-proxy-in",
+        Box::new(move || {
+            pump(&mut up, &mut stdin);
+        }),
+    )?);
+    Ok((theirs, ProxyChild { child, ours, pumps }))
 }
 
 fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<(), Error> {
@@ -548,7 +880,20 @@ fn check_host_key(sess: &Session, r: &Resolved, known: &KnownHosts) -> Result<()
                 file.display()
             ),
         )),
-        Verdict::Unknown { other_types } => {
+        Verdict::Unknown {
+            authority: Some((file, line)),
+            ..
+        } => Err(ssh_error(
+            SshErrorKind::HostKeyUnknown,
+            format!(
+                "{name} is vouched for by a certificate authority ({}:{line}, @cert-authority), \
+                 but the libssh2 transport cannot verify host certificates: connect with \
+                 SshContext::use_openssh(true) (OpenSSH verifies them), or list the host's own \
+                 key ({what})",
+                file.display()
+            ),
+        )),
+        Verdict::Unknown { other_types, .. } => {
             let also = if other_types.is_empty() {
                 String::new()
             } else {

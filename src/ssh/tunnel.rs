@@ -76,7 +76,7 @@
 //! channels politely (bounded to half a second), disconnects the session and ends; `close`
 //! joins it, so after it returns no thread, socket or channel of the tunnel is left.
 
-use super::{code, open_session, session_dead, SshContext, EAGAIN};
+use super::{code, open_session, session_dead, Link, SshContext, EAGAIN};
 use crate::base::lock;
 use crate::base::sys::{self, PollFd, POLLHUP_OR_ERR, POLLIN, POLLOUT, POLLRDHUP};
 use crate::error::{Error, SshError, SshErrorKind};
@@ -188,7 +188,7 @@ impl SshTunnel {
         let status = Arc::new(Mutex::new(Status::default()));
         let mut tunnel_loop = Loop {
             sess,
-            ssh_fd: sock.as_raw_fd(),
+            ssh_fd: sock.fd(),
             _sock: sock,
             listener,
             wake: wake_rx,
@@ -570,8 +570,9 @@ impl Stop {
 struct Loop {
     sess: Session,
     ssh_fd: RawFd,
-    /// A second handle of the session's socket, kept so the fd stays valid as long as we poll it.
-    _sock: TcpStream,
+    /// The session's socket (a second handle, kept so the fd stays valid as long as we poll
+    /// it) and what it needs alive (a jump host's tunnel, a proxy command).
+    _sock: Link,
     listener: TcpListener,
     wake: UnixStream,
     sshd: String,

@@ -334,9 +334,81 @@ impl<W: Write> Write for ClosableWriter<W> {
 struct StreamControl<W> {
     writer: Arc<WriteHalf<W>>,
     child: Option<Mutex<Child>>,
+    /// What the child wrote to its stderr, when it is captured (see [`Stderr`]).
+    stderr: Option<Stderr>,
+}
+
+/// A child's stderr, kept (its last 8 KiB) to explain why the child failed.
+#[derive(Clone)]
+pub(crate) struct Stderr {
+    text: Arc<Mutex<String>>,
+    /// Set once the child closed its stderr (everything it wrote is in `text`).
+    done: Arc<AtomicBool>,
+    /// Turns the child's exit status and what it wrote into the error to report.
+    explain: Explain,
+}
+
+impl Stderr {
+    /// Keeps what `pipe` carries (on a thread of its own, until the child closes it).
+    fn collect(
+        pipe: std::process::ChildStderr,
+        explain: Explain,
+    ) -> Stderr {
+        const KEEP: usize = 8 << 10;
+        let text = Arc::new(Mutex::new(String::new()));
+        let done = Arc::new(AtomicBool::new(false));
+        let (sink, finished) = (text.clone(), done.clone());
+        let _ = std::thread::Builder::new()
+            .name("rpyc-stderr".into())
+            .spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut t = lock(&sink);
+                    t.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if t.len() > KEEP {
+                        let cut = crate::base::floor_char_boundary(&t, t.len() - KEEP);
+                        t.drain(..cut);
+                    }
+                }
+                finished.store(true, Ordering::Release);
+            });
+        Stderr {
+            text,
+            done,
+            explain,
+        }
+    }
 }
 
 impl<W: Send> Control for StreamControl<W> {
+    fn failure(&self) -> Option<Error> {
+        let stderr = self.stderr.as_ref()?;
+        let status = self.child.as_ref().and_then(|c| {
+            let mut c = lock(c);
+            // Give a failing child a moment to exit and say why.
+            for _ in 0..50 {
+                if let Ok(Some(s)) = c.try_wait() {
+                    return Some(s);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        });
+        // Everything it wrote, once the pipe is closed (a moment after the child exits).
+        for _ in 0..50 {
+            if stderr.done.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = lock(&stderr.text).clone();
+        (stderr.explain)(text.trim(), status)
+    }
+
     fn shutdown(&self) {
         self.writer.closing.store(true, Ordering::Release);
         // A short write or flush may hold the lock right now; a write blocked on a full pipe
@@ -430,6 +502,7 @@ where
         control: Arc::new(StreamControl {
             writer: w,
             child: None,
+            stderr: None,
         }),
         credentials: None,
         started: Instant::now(),
@@ -438,8 +511,33 @@ where
 
 /// Starts `cmd` with piped stdin and stdout and wraps them; a child that stops reading its
 /// stdin for `write_timeout` ends the connection.
-pub(crate) fn subprocess(mut cmd: Command, write_timeout: Duration) -> Result<Transport, Error> {
+pub(crate) fn subprocess(cmd: Command, write_timeout: Duration) -> Result<Transport, Error> {
+    spawn_child(cmd, write_timeout, None)
+}
+
+/// The explanation of a failed child, from what it wrote to stderr and its exit status.
+pub(crate) type Explain =
+    Arc<dyn Fn(&str, Option<std::process::ExitStatus>) -> Option<Error> + Send + Sync>;
+
+/// [`subprocess`], keeping what the child writes to stderr: when the connection fails,
+/// `explain` turns it (and the exit status) into the error reported instead of the I/O one.
+pub(crate) fn subprocess_explained(
+    cmd: Command,
+    write_timeout: Duration,
+    explain: Explain,
+) -> Result<Transport, Error> {
+    spawn_child(cmd, write_timeout, Some(explain))
+}
+
+fn spawn_child(
+    mut cmd: Command,
+    write_timeout: Duration,
+    explain: Option<Explain>,
+) -> Result<Transport, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    if explain.is_some() {
+        cmd.stderr(Stdio::piped());
+    }
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -448,6 +546,10 @@ pub(crate) fn subprocess(mut cmd: Command, write_timeout: Duration) -> Result<Tr
             addr: format!("subprocess {program}"),
             source: Arc::new(e),
         })?;
+    let stderr = match (explain, child.stderr.take()) {
+        (Some(explain), Some(pipe)) => Some(Stderr::collect(pipe, explain)),
+        _ => None,
+    };
     let stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
     let peer = format!("subprocess {program} (pid {})", child.id());
@@ -481,6 +583,7 @@ pub(crate) fn subprocess(mut cmd: Command, write_timeout: Duration) -> Result<Tr
         control: Arc::new(StreamControl {
             writer: w,
             child: Some(Mutex::new(child)),
+            stderr,
         }),
         credentials: None,
         started: Instant::now(),

@@ -31,6 +31,11 @@ pub fn require_sshd() {
 pub struct SshdConfig {
     pub allow_tcp_forwarding: bool,
     pub password_authentication: bool,
+    /// Also serve a host certificate for the ed25519 key, signed by a CA made for this sshd
+    /// (see [`Sshd::host_ca`]), for principals `127.0.0.1` and `localhost`.
+    pub host_certificate: bool,
+    /// sshd's `LogLevel` (default `VERBOSE`).
+    pub log_level: &'static str,
 }
 
 impl Default for SshdConfig {
@@ -38,6 +43,8 @@ impl Default for SshdConfig {
         SshdConfig {
             allow_tcp_forwarding: true,
             password_authentication: true,
+            host_certificate: false,
+            log_level: "VERBOSE",
         }
     }
 }
@@ -60,6 +67,9 @@ pub struct Sshd {
     pub host_key_ed25519: String,
     /// The server's RSA public key line.
     pub host_key_rsa: String,
+    /// With [`SshdConfig::host_certificate`]: the public key line of the CA that signed the
+    /// host certificate.
+    pub host_ca: Option<String>,
     pid: u32,
     control: Mutex<Option<ChildStdin>>,
     shell: Mutex<Child>,
@@ -154,6 +164,21 @@ impl Sshd {
         .unwrap();
         let host_key_ed25519 = read_pub(&host_ed);
         let host_key_rsa = read_pub(&host_rsa);
+        let mut cert_line = String::new();
+        let host_ca = config.host_certificate.then(|| {
+            let ca = dir.join("host_ca");
+            keygen(&ca, "ed25519", "");
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-s"])
+                .arg(&ca)
+                .args(["-I", "rpyc-test-host", "-h", "-n", "127.0.0.1,localhost"])
+                .arg(host_ed.with_extension("pub")));
+            cert_line = format!(
+                "HostCertificate {}\n",
+                dir.join("host_ed25519-cert.pub").display()
+            );
+            read_pub(&ca)
+        });
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         for attempt in 0..20 {
             let port = {
@@ -164,17 +189,18 @@ impl Sshd {
             std::fs::write(
                 &cfg,
                 format!(
-                    "ListenAddress 127.0.0.1:{port}\nHostKey {}\nHostKey {}\nPidFile {}\n\
+                    "{cert_line}ListenAddress 127.0.0.1:{port}\nHostKey {}\nHostKey {}\nPidFile {}\n\
                      AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPubkeyAuthentication yes\n\
                      PasswordAuthentication {}\nKbdInteractiveAuthentication no\n\
                      PermitRootLogin yes\nAllowTcpForwarding {}\nUseDNS no\nMaxStartups 100\n\
-                     MaxSessions 100\nLogLevel VERBOSE\n",
+                     MaxSessions 100\nLogLevel {}\n",
                     host_ed.display(),
                     host_rsa.display(),
                     dir.join("sshd.pid").display(),
                     authorized.display(),
                     yes_no(config.password_authentication),
                     yes_no(config.allow_tcp_forwarding),
+                    config.log_level,
                 ),
             )
             .unwrap();
@@ -204,6 +230,7 @@ impl Sshd {
                         known_hosts,
                         host_key_ed25519,
                         host_key_rsa,
+                        host_ca,
                         pid,
                         control: Mutex::new(control),
                         shell: Mutex::new(shell),

@@ -1,0 +1,543 @@
+//! SSH as users configure it, against real OpenSSH sshd processes on loopback: jump hosts
+//! (`ProxyJump`, one and two hops), `ProxyCommand`, the OpenSSH transport
+//! (`SshContext::use_openssh`), host certificates, and what happens when a hop dies.
+
+mod common;
+#[path = "common/sshd.rs"]
+mod sshd;
+
+use common::{expect_within, options, serve, CALL_TIMEOUT};
+use rpyc::ssh::HostKeyPolicy;
+use rpyc::{Error, Service, SshContext, SshErrorKind};
+use sshd::{Sshd, SshdConfig};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn adder() -> Service {
+    Service::new("svc")
+        .method("add", |a: i64, b: i64| a + b)
+        .method("sleep", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms))
+        })
+}
+
+/// A known_hosts file trusting every one of `hosts`.
+fn known_hosts_for(dir: &Sshd, hosts: &[&Sshd]) -> PathBuf {
+    let path = dir.path(&format!("known_hosts_{}", hosts.len()));
+    let text: String = hosts
+        .iter()
+        .map(|h| format!("[127.0.0.1]:{} {}\n", h.port, h.host_key_ed25519))
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Lets `key` (another sshd's client key) log in to `host` too, as one user's key would be
+/// authorized on every machine of a lab.
+fn authorize(host: &Sshd, key: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(host.path("authorized_keys"))
+        .unwrap();
+    writeln!(f, "{}", sshd::read_pub(key)).unwrap();
+}
+
+fn jump_spec(jump: &Sshd) -> String {
+    format!("{}@127.0.0.1:{}", jump.user, jump.port)
+}
+
+/// The ssh_error inside `e`, or a panic naming what came instead.
+fn ssh_err(e: Error) -> rpyc::SshError {
+    match e {
+        Error::Ssh(e) => e,
+        other => panic!("expected an SSH error, got {other:?}"),
+    }
+}
+
+/// Whether a live process of ours (a descendant of this test process) has `marker` in its
+/// command line.
+fn child_running(marker: &str) -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let p = e.path();
+        let Ok(cmdline) = std::fs::read(p.join("cmdline")) else {
+            return false;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            return false;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let mut f = after.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid = f.next().unwrap_or("");
+        cmdline.contains(marker) && state != "Z" && (ppid == me || descends_from(ppid, &me))
+    })
+}
+
+fn descends_from(pid: &str, ancestor: &str) -> bool {
+    let mut pid = pid.to_string();
+    for _ in 0..16 {
+        if pid == ancestor {
+            return true;
+        }
+        if pid == "0" || pid == "1" || pid.is_empty() {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        pid = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+    }
+    false
+}
+
+#[test]
+fn a_jump_host_carries_the_connection_and_its_death_fails_waiting_calls() {
+    let jump = Sshd::start(SshdConfig {
+        log_level: "DEBUG1",
+        ..Default::default()
+    });
+    let target = Sshd::start(SshdConfig::default());
+    authorize(&jump, &target.client_key);
+    let server = serve(adder());
+    let ctx = target
+        .context()
+        .known_hosts(known_hosts_for(&jump, &[&jump, &target]))
+        .proxy_jump(jump_spec(&jump));
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (2, 3)).unwrap(), 5);
+    // The jump host opened the channel to the target's sshd: the hop was used.
+    let opened = format!("target 127.0.0.1 port {}", target.port);
+    expect_within("the jump sshd logs the hop", Duration::from_secs(5), || {
+        jump.log()
+            .lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&opened))
+    });
+    // The jump host dies mid-call: the waiting call fails promptly.
+    let waiting = {
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let r = conn
+                .root()
+                .call::<(), _>("sleep", (CALL_TIMEOUT.as_millis() as u64,));
+            (r, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    jump.kill();
+    let (r, took) = waiting.join().unwrap();
+    assert!(r.is_err(), "the call survived the jump host's death");
+    assert!(took < CALL_TIMEOUT / 2, "failed only after {took:?}");
+}
+
+#[test]
+fn two_jump_hosts_in_a_chain() {
+    let first = Sshd::start(SshdConfig::default());
+    let second = Sshd::start(SshdConfig::default());
+    let target = Sshd::start(SshdConfig::default());
+    authorize(&first, &target.client_key);
+    authorize(&second, &target.client_key);
+    let server = serve(adder());
+    let ctx = target
+        .context()
+        .known_hosts(known_hosts_for(&first, &[&first, &second, &target]))
+        .proxy_jump(format!("{},{}", jump_spec(&first), jump_spec(&second)));
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (20, 22)).unwrap(), 42);
+}
+
+#[test]
+fn a_wrong_host_key_on_the_jump_host_or_the_target_is_refused_naming_which() {
+    let jump = Sshd::start(SshdConfig::default());
+    let target = Sshd::start(SshdConfig::default());
+    authorize(&jump, &target.client_key);
+    let server = serve(adder());
+    // The jump host's line holds the target's key, and the reverse.
+    let swapped = jump.path("known_hosts_swapped");
+    std::fs::write(
+        &swapped,
+        format!(
+            "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
+            jump.port, target.host_key_ed25519, target.port, target.host_key_ed25519
+        ),
+    )
+    .unwrap();
+    let e = ssh_err(
+        options()
+            .ssh(
+                target
+                    .context()
+                    .known_hosts(&swapped)
+                    .proxy_jump(jump_spec(&jump)),
+            )
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
+    assert!(e.message().starts_with("jump host"), "{e}");
+    assert!(
+        e.message().contains(&format!("127.0.0.1]:{}", jump.port)),
+        "{e}"
+    );
+
+    let wrong_target = jump.path("known_hosts_wrong_target");
+    std::fs::write(
+        &wrong_target,
+        format!(
+            "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
+            jump.port, jump.host_key_ed25519, target.port, jump.host_key_ed25519
+        ),
+    )
+    .unwrap();
+    let e = ssh_err(
+        options()
+            .ssh(
+                target
+                    .context()
+                    .known_hosts(&wrong_target)
+                    .proxy_jump(jump_spec(&jump)),
+            )
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
+    assert!(!e.message().starts_with("jump host"), "{e}");
+    assert!(
+        e.message().contains(&format!("127.0.0.1]:{}", target.port)),
+        "{e}"
+    );
+}
+
+/// A ProxyCommand that reaches `%h:%p` through `jump` with OpenSSH's `ssh -W`, tagged with
+/// `marker` so the test can find the process.
+fn proxy_command(jump: &Sshd, known_hosts: &std::path::Path, marker: &str) -> String {
+    format!(
+        "ssh -F /dev/null -o BatchMode=yes -o IdentityAgent=none -o UserKnownHostsFile={} \
+         -o SetEnv=RPYC_MARK={marker} -i {} -p {} -W %h:%p -l %r 127.0.0.1",
+        known_hosts.display(),
+        jump.client_key.display(),
+        jump.port
+    )
+}
+
+#[test]
+fn a_proxy_command_carries_the_session_and_is_gone_after_close() {
+    let jump = Sshd::start(SshdConfig::default());
+    let target = Sshd::start(SshdConfig::default());
+    let server = serve(adder());
+    let known = known_hosts_for(&jump, &[&jump, &target]);
+    let marker = "rpyc-proxy-close";
+    let ctx = target
+        .context()
+        .known_hosts(&known)
+        .proxy_command(proxy_command(&jump, &known, marker));
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
+    assert!(child_running(marker), "the proxy command should be running");
+    conn.close();
+    expect_within(
+        "the proxy command has ended",
+        Duration::from_secs(5),
+        || !child_running(marker),
+    );
+}
+
+#[test]
+fn a_dead_proxy_command_fails_waiting_calls_promptly() {
+    let jump = Sshd::start(SshdConfig::default());
+    let target = Sshd::start(SshdConfig::default());
+    let server = serve(adder());
+    let known = known_hosts_for(&jump, &[&jump, &target]);
+    let marker = "rpyc-proxy-dies";
+    let ctx = target
+        .context()
+        .known_hosts(&known)
+        .proxy_command(proxy_command(&jump, &known, marker));
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    let waiting = {
+        let conn = conn.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let r = conn
+                .root()
+                .call::<(), _>("sleep", (CALL_TIMEOUT.as_millis() as u64,));
+            (r, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("pkill").args(["-KILL", "-f", marker]).status();
+    let (r, took) = waiting.join().unwrap();
+    assert!(r.is_err(), "the call survived the proxy command's death");
+    assert!(took < CALL_TIMEOUT / 2, "failed only after {took:?}");
+}
+
+#[test]
+fn the_openssh_transport_connects_with_a_key_and_leaves_no_ssh_behind() {
+    let d = sshd::shared();
+    let server = serve(adder());
+    let ctx = d.context().use_openssh(true);
+    let conn = options()
+        .ssh(ctx.clone())
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (2, 2)).unwrap(), 4);
+    let marker = format!("127.0.0.1:{}", server.port);
+    assert!(child_running(&marker), "ssh -W should be running");
+    conn.close();
+    expect_within("ssh has ended after close", Duration::from_secs(5), || {
+        !child_running(&marker)
+    });
+    // Dropping the last handle ends it too.
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (3, 3)).unwrap(), 6);
+    drop(conn);
+    expect_within("ssh has ended after drop", Duration::from_secs(5), || {
+        !child_running(&marker)
+    });
+}
+
+#[test]
+fn the_openssh_transport_uses_an_agent() {
+    let d = sshd::shared();
+    let server = serve(adder());
+    let sock = d.path(&format!("agent-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let out = Command::new("ssh-agent")
+        .arg("-a")
+        .arg(&sock)
+        .output()
+        .expect("ssh-agent");
+    assert!(out.status.success());
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .split("SSH_AGENT_PID=")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.parse().ok())
+        .expect("agent pid");
+    struct Agent(u32);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.to_string()).status();
+        }
+    }
+    let _agent = Agent(pid);
+    let added = Command::new("ssh-add")
+        .arg(&d.client_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    // No key file: only the agent can authenticate.
+    let ctx = SshContext::new("127.0.0.1")
+        .port(d.port)
+        .user(&d.user)
+        .known_hosts(&d.known_hosts)
+        .config_file("/dev/null")
+        .identity_agent(&sock)
+        .use_openssh(true);
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (5, 5)).unwrap(), 10);
+}
+
+#[test]
+fn openssh_errors_reach_the_caller() {
+    let d = sshd::shared();
+    let server = serve(adder());
+    let ctx = d.context().keyfile(&d.stranger_key).use_openssh(true);
+    let started = Instant::now();
+    let e = ssh_err(
+        options()
+            .ssh(ctx)
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert_eq!(e.kind(), SshErrorKind::AuthenticationFailed, "{e}");
+    assert!(e.message().contains("Permission denied"), "{e}");
+    assert!(started.elapsed() < CALL_TIMEOUT);
+    // An unknown host under the strict policy.
+    let empty = d.path("known_hosts_empty_openssh");
+    std::fs::write(&empty, "").unwrap();
+    let ctx = d
+        .context()
+        .known_hosts(&empty)
+        .host_key_policy(HostKeyPolicy::Strict)
+        .use_openssh(true);
+    let e = ssh_err(
+        options()
+            .ssh(ctx)
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert_eq!(e.kind(), SshErrorKind::HostKeyUnknown, "{e}");
+}
+
+#[test]
+fn host_certificates_are_refused_by_libssh2_naming_the_line_and_verified_by_openssh() {
+    let d = Sshd::start(SshdConfig {
+        host_certificate: true,
+        ..Default::default()
+    });
+    let server = serve(adder());
+    let ca_only = d.path("known_hosts_ca");
+    std::fs::write(
+        &ca_only,
+        format!(
+            "# the lab's host CA\n@cert-authority [127.0.0.1]:{} {}\n",
+            d.port,
+            d.host_ca.as_ref().unwrap()
+        ),
+    )
+    .unwrap();
+    let e = ssh_err(
+        options()
+            .ssh(d.context().known_hosts(&ca_only))
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert_eq!(e.kind(), SshErrorKind::HostKeyUnknown, "{e}");
+    assert!(
+        e.message().contains(&format!("{}:2", ca_only.display())),
+        "{e}"
+    );
+    assert!(e.message().contains("use_openssh"), "{e}");
+    // OpenSSH verifies the certificate against the same line.
+    let conn = options()
+        .ssh(d.context().known_hosts(&ca_only).use_openssh(true))
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (4, 5)).unwrap(), 9);
+    conn.close();
+    // A CA that is not this host's: OpenSSH refuses.
+    let other_ca = d.path("other_ca");
+    sshd::keygen(&other_ca, "ed25519", "");
+    let wrong = d.path("known_hosts_wrong_ca");
+    std::fs::write(
+        &wrong,
+        format!(
+            "@cert-authority [127.0.0.1]:{} {}\n",
+            d.port,
+            sshd::read_pub(&other_ca)
+        ),
+    )
+    .unwrap();
+    let e = ssh_err(
+        options()
+            .ssh(
+                d.context()
+                    .known_hosts(&wrong)
+                    .host_key_policy(HostKeyPolicy::Strict)
+                    .use_openssh(true),
+            )
+            .connect("127.0.0.1", server.port)
+            .unwrap_err(),
+    );
+    assert!(
+        matches!(
+            e.kind(),
+            SshErrorKind::HostKeyUnknown | SshErrorKind::HostKeyChanged
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_revoked_host_key_is_refused_by_both_transports() {
+    let d = sshd::shared();
+    let server = serve(adder());
+    let revoked = d.path("known_hosts_revoked_routes");
+    std::fs::write(
+        &revoked,
+        format!(
+            "[127.0.0.1]:{} {}\n@revoked * {}\n",
+            d.port, d.host_key_ed25519, d.host_key_ed25519
+        ),
+    )
+    .unwrap();
+    for openssh in [false, true] {
+        let e = ssh_err(
+            options()
+                .ssh(d.context().known_hosts(&revoked).use_openssh(openssh))
+                .connect("127.0.0.1", server.port)
+                .unwrap_err(),
+        );
+        assert!(
+            matches!(
+                e.kind(),
+                SshErrorKind::HostKeyRevoked | SshErrorKind::HostKeyUnknown
+            ),
+            "openssh={openssh}: {e}"
+        );
+        if !openssh {
+            assert_eq!(e.kind(), SshErrorKind::HostKeyRevoked, "{e}");
+        }
+    }
+}
+
+#[test]
+fn proxy_jump_comes_from_the_ssh_config_as_users_write_it() {
+    let jump = Sshd::start(SshdConfig {
+        log_level: "DEBUG1",
+        ..Default::default()
+    });
+    let target = Sshd::start(SshdConfig::default());
+    authorize(&jump, &target.client_key);
+    let server = serve(adder());
+    let config = jump.path("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host lab-target\n  HostName 127.0.0.1\n  Port {}\n  User {}\n  ProxyJump {}\n",
+            target.port,
+            target.user,
+            jump_spec(&jump)
+        ),
+    )
+    .unwrap();
+    // Only the alias, the key and the known hosts: the route comes from the file.
+    let ctx = SshContext::new("lab-target")
+        .config_file(&config)
+        .keyfile(&target.client_key)
+        .known_hosts(known_hosts_for(&jump, &[&jump, &target]))
+        .agent(false);
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (6, 7)).unwrap(), 13);
+    let opened = format!("target 127.0.0.1 port {}", target.port);
+    expect_within("the jump sshd logs the hop", Duration::from_secs(5), || {
+        jump.log()
+            .lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&opened))
+    });
+}

@@ -628,13 +628,14 @@ impl Shared {
             if urgent {
                 if out.bytes + f.len() > 2 * limit {
                     drop(out);
-                    self.terminate(Error::Closed {
-                        reason: format!(
-                            "the peer sends requests but does not read our replies ({} bytes \
-                             waiting)",
-                            2 * limit
-                        ),
-                    });
+                    let reason = format!(
+                        "the peer sends requests but does not read our replies ({} bytes \
+                         waiting)",
+                        2 * limit
+                    );
+                    // A hostile or stuck peer: worth a warning, unlike an ordinary close.
+                    log::warn!("{}: closing the connection: {reason}", self.peer);
+                    self.terminate(Error::Closed { reason });
                     return Err(Queue::Closed);
                 }
                 break;
@@ -687,7 +688,10 @@ impl Shared {
             }
             if let Err(e) = result {
                 let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    format!("the peer read nothing for {:?}", self.settings.stall)
+                    let reason = format!("the peer read nothing for {:?}", self.settings.stall);
+                    // A peer that stopped reading: worth a warning, unlike an ordinary close.
+                    log::warn!("{}: closing the connection: {reason}", self.peer);
+                    reason
                 } else {
                     format!("writing to the peer failed: {e}")
                 };

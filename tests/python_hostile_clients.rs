@@ -378,18 +378,11 @@ fn an_oversized_length_header_is_refused_from_the_header_alone() {
 fn a_client_that_never_reads_its_replies_is_dropped_at_the_stall_timeout() {
     let server = server();
     let mut s = raw_client(server.port);
+    let me = format!("{}: ", s.local_addr().unwrap());
     let root = root_of(&mut s);
     // Replies of 1 MiB each that do not compress, never read: 64 MiB, more than the socket
     // buffers hold, so the server's writes stall.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let blob: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect();
+    let blob = noise(1 << 20);
     let call = callattr(1, &root, "echo", vec![Value::Bytes(blob)]);
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sent = 0;
@@ -412,8 +405,68 @@ fn a_client_that_never_reads_its_replies_is_dropped_at_the_stall_timeout() {
         took <= CALL * 3,
         "dropped {took:?} after the last request, the stall timeout being {CALL:?}"
     );
+    // Warned of, as native servers do.
+    let parts = [me.as_str(), "the peer read nothing for 1s"];
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
     still_serves(server.port);
     no_panics();
+}
+
+#[test]
+fn a_client_that_pings_and_never_reads_is_dropped_once_the_answers_exceed_the_buffer_bound() {
+    watch_panics();
+    capture_logs();
+    // Frames of 1 MiB: the connection buffers 2 MiB of replies (and urgent answers twice
+    // that); the stall timeout (the call timeout) is far off.
+    let stall = Duration::from_secs(60);
+    let server = pyservice::serve_with(pyservice::service(), |b| {
+        b.max_frame_size(1 << 20).call_timeout(stall)
+    });
+    let mut s = raw_client(server.port);
+    let me = format!("{}: ", s.local_addr().unwrap());
+    // PINGs of 512 KiB that do not compress: the server answers each with its data, at
+    // once, from its reading thread.
+    let ping = request(
+        1,
+        1,
+        tuple(vec![int(1), tuple(vec![Value::Bytes(noise(512 << 10))])]),
+    );
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut sent = 0;
+    for _ in 0..400 {
+        if s.write_all(&ping).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        common::wait_until(stall / 4, || server.handle.connections() == 0),
+        "a client that read none of {sent} PING answers is still connected"
+    );
+    let took = started.elapsed();
+    eprintln!("{sent} PINGs of 512 KiB unread: dropped after {took:?}");
+    assert!(
+        took < stall / 4,
+        "dropped after {took:?}, the stall timeout being {stall:?}"
+    );
+    let parts = [me.as_str(), "does not read our replies"];
+    assert!(wait_logged(&parts), "not logged: {parts:?}");
+    still_serves(server.port);
+    no_panics();
+}
+
+/// `n` bytes that do not compress.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
 }
 
 // ---- Other RPyC versions ----

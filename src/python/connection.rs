@@ -648,13 +648,14 @@ impl Shared {
             if urgent {
                 if out.bytes + f.len() > 2 * limit {
                     drop(out);
-                    self.terminate(Error::Closed {
-                        reason: format!(
-                            "the peer sends requests but does not read our replies ({} bytes \
-                             waiting)",
-                            2 * limit
-                        ),
-                    });
+                    let reason = format!(
+                        "the peer sends requests but does not read our replies ({} bytes \
+                         waiting)",
+                        2 * limit
+                    );
+                    // A hostile or stuck peer: worth a warning, unlike an ordinary close.
+                    log::warn!("{}: closing the connection: {reason}", self.peer);
+                    self.terminate(Error::Closed { reason });
                     return Err(Queue::Closed);
                 }
                 break;
@@ -680,7 +681,6 @@ impl Shared {
     }
 
     fn write_loop(self: Arc<Self>, mut sink: Box<dyn Sink>) {
-        let mut batch: Vec<u8> = Vec::new();
         loop {
             let frames: Vec<Vec<u8>> = {
                 let mut out = lock(&self.outbox);
@@ -696,25 +696,22 @@ impl Shared {
                 frames
             };
             *lock(&self.last_activity) = Instant::now();
-            // Small frames go out together; a large one on its own, without a copy.
+            // One write per frame, never several frames in one write: over TLS each write
+            // becomes records of its own, and a Python peer waits for its next frame with
+            // poll() on the raw socket (rpyc's SocketStream.poll), which does not see a frame
+            // already decrypted into its SSL buffer along with the previous one. Two frames
+            // in one record (e.g. a DEL and a reply queued together) left the second unseen
+            // until the peer's call timed out.
             let mut result = Ok(());
             for f in frames {
-                if f.len() >= 64 << 10 {
-                    result = result.and_then(|_| send_all(&mut *sink, &batch));
-                    batch.clear();
-                    result = result.and_then(|_| send_all(&mut *sink, &f));
-                } else {
-                    batch.extend_from_slice(&f);
-                }
-            }
-            result = result.and_then(|_| send_all(&mut *sink, &batch));
-            batch.clear();
-            if batch.capacity() > 1 << 20 {
-                batch = Vec::new();
+                result = result.and_then(|_| send_all(&mut *sink, &f));
             }
             if let Err(e) = result {
                 let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    format!("the peer read nothing for {:?}", self.settings.stall)
+                    let reason = format!("the peer read nothing for {:?}", self.settings.stall);
+                    // A peer that stopped reading: worth a warning, unlike an ordinary close.
+                    log::warn!("{}: closing the connection: {reason}", self.peer);
+                    reason
                 } else {
                     format!("writing to the peer failed: {e}")
                 };

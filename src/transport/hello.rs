@@ -65,7 +65,13 @@ pub(crate) fn exchange_hello(
                     "before sending its hello",
                 ))
             }
-            Ok(n) => got += n,
+            Ok(n) => {
+                got += n;
+                // A Python RPyC client sends a 14-byte frame and waits: tell it at once.
+                if let Some(e) = crate::wire::python_rpyc(&b[..got]) {
+                    return Err(e);
+                }
+            }
             Err(e)
                 if matches!(
                     e.kind(),

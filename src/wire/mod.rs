@@ -92,6 +92,9 @@ impl Hello {
 
     /// Parses a peer's hello, naming what the peer seems to be when it is not rpyc.
     pub(crate) fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, Error> {
+        if let Some(e) = python_rpyc(b) {
+            return Err(e);
+        }
         if b[0..4] != MAGIC {
             return Err(Error::Handshake(HandshakeError::new(
                 HandshakeErrorKind::NotRpyc,
@@ -129,6 +132,33 @@ impl Hello {
         }
         Ok(hello)
     }
+}
+
+/// The error for a peer whose first bytes (at least 6 of them) are a Python RPyC 6 frame
+/// rather than a hello: a length under 1 MiB, a compressed flag of 0 then a message type
+/// 1..=3, or a flag of 1 then a zlib header. A Python client's first frame (a `GETROOT`) has
+/// only 14 bytes, less than a hello: the handshake checks the bytes as they come.
+pub(crate) fn python_rpyc(b: &[u8]) -> Option<Error> {
+    if b.len() < 6 || b[0..4] == MAGIC {
+        return None;
+    }
+    let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let frame = match b[4] {
+        0 => (1..=3).contains(&b[5]),
+        1 => b[5] == 0x78,
+        _ => false,
+    };
+    (len > 0 && len < 1 << 20 && frame).then(|| {
+        Error::Handshake(HandshakeError::new(
+            HandshakeErrorKind::VersionMismatch,
+            format!(
+                "the peer speaks Python RPyC 6, not rpyc's protocol (its first bytes are an RPyC \
+                 frame: {:02x?}): this looks like a Python RPyC client: serve it with \
+                 rpyc::python::serve (and call Python RPyC servers with rpyc::python::connect)",
+                &b[..b.len().min(8)]
+            ),
+        ))
+    })
 }
 
 fn guess_protocol(b: &[u8]) -> &'static str {
@@ -503,6 +533,39 @@ mod tests {
         ok[5] = 9;
         let err = Hello::decode(&ok).unwrap_err().to_string();
         assert!(err.contains("version 9"), "{err}");
+    }
+
+    #[test]
+    fn a_python_rpyc_frame_is_named_from_its_first_six_bytes() {
+        // A Python client's first frame: GETROOT, 14 bytes.
+        let getroot = [
+            0, 0, 0, 8, 0, 1, 0x11, 0x50, 0x11, 0x53, 0x11, 0x51, 0x02, 0x0a,
+        ];
+        let e = python_rpyc(&getroot[..6]).expect("recognized");
+        assert!(
+            matches!(&e, Error::Handshake(h) if h.kind() == HandshakeErrorKind::VersionMismatch)
+        );
+        assert!(e.to_string().contains("rpyc::python::serve"), "{e}");
+        let mut b = [0u8; HELLO_LEN];
+        b[..14].copy_from_slice(&getroot);
+        assert!(Hello::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("Python RPyC client"));
+        // A compressed first frame; not a frame: another flag, a type beyond 3, a large length.
+        assert!(python_rpyc(&[0, 0, 0x0b, 0xb8, 1, 0x78]).is_some());
+        assert!(python_rpyc(&[0, 0, 0, 8, 2, 1]).is_none());
+        assert!(python_rpyc(&[0, 0, 0, 8, 0, 4]).is_none());
+        assert!(python_rpyc(&[0, 0x10, 0, 0, 0, 1]).is_none());
+        assert!(python_rpyc(&getroot[..5]).is_none());
+        let hello = Hello {
+            version: VERSION,
+            flags: 0,
+            max_frame: 1 << 20,
+            max_queued: 10,
+        }
+        .encode();
+        assert!(python_rpyc(&hello).is_none());
     }
 
     use crate::base::test_rng::XorShift;

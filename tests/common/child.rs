@@ -65,6 +65,19 @@ impl Child {
             .unwrap_or_else(|e| panic!("the child said nothing within {timeout:?}: {e}"))
     }
 
+    /// Sends the child `line` on its stdin (which [`serve_until_parent_leaves`] reads and
+    /// ignores; a child may answer with [`say`]).
+    pub fn tell(&mut self, line: &str) {
+        let stdin = self
+            .proc
+            .stdin
+            .as_mut()
+            .expect("the child's stdin is piped");
+        writeln!(stdin, "{line}")
+            .and_then(|_| stdin.flush())
+            .expect("the child reads its stdin");
+    }
+
     /// The port the child said it listens on (`port N`).
     pub fn port(&self) -> u16 {
         let line = self.heard(Duration::from_secs(30));

@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod procfs;
+pub mod pyservice;
 pub mod python;
 pub mod raw;
 pub mod tls;

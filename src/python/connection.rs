@@ -590,6 +590,11 @@ impl Shared {
     }
 
     pub(crate) fn peer_root(self: &Arc<Self>, deadline: Instant) -> Result<PyObject, Error> {
+        // `terminate` fails the waiting calls before it drops the cached root: without this
+        // check, a thread woken by that failure could still get the cached root for a moment.
+        if self.is_closed() {
+            return Err(self.ended_error());
+        }
         if let Some(r) = lock(&self.peer_root).as_ref() {
             return Ok(r.clone());
         }

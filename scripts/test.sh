@@ -66,5 +66,26 @@ fi
 export RPYC_TEST_PYTHON="$PYTHON"
 echo "=== Python: RPYC_TEST_PYTHON=$RPYC_TEST_PYTHON"
 
+# The version-mismatch tests also run a real RPyC 5.3.1 server (an older wire protocol): a
+# second environment, target/pyenv5. They fail, never skip, without it.
+PYENV5="$PWD/target/pyenv5"
+PYTHON5="$PYENV5/bin/python"
+py5_ready() {
+    [ -x "$PYTHON5" ] && "$PYTHON5" -c 'import rpyc, plumbum; assert rpyc.__version__ == "5.3.1"; assert plumbum.__version__ == "2.0.2"' >/dev/null 2>&1
+}
+if py5_ready; then
+    echo "=== Python: $PYENV5 already has rpyc 5.3.1 and plumbum 2.0.2"
+else
+    echo "=== Python: creating $PYENV5 (python3 -m venv) for the version-mismatch tests"
+    python3 -m venv --clear "$PYENV5" || py_missing "python3 -m venv failed"
+    echo "=== Python: pip install rpyc==5.3.1 plumbum==2.0.2 into $PYENV5 (from PyPI)"
+    "$PYTHON5" -m pip install --disable-pip-version-check rpyc==5.3.1 plumbum==2.0.2 \
+        || py_missing "pip install rpyc==5.3.1 plumbum==2.0.2 failed (is PyPI reachable?)"
+    py5_ready || py_missing "$PYENV5 still lacks rpyc 5.3.1 / plumbum 2.0.2 after pip install"
+    echo "=== Python: $PYENV5 is ready (rpyc 5.3.1, plumbum 2.0.2)"
+fi
+export RPYC_TEST_PYTHON5="$PYTHON5"
+echo "=== Python: RPYC_TEST_PYTHON5=$RPYC_TEST_PYTHON5"
+
 echo "=== rpyc test suite: cargo test (unit, integration, doc tests; builds examples)"
 cargo test --locked "$@"

@@ -610,6 +610,11 @@ impl Shared {
     }
 
     pub(crate) fn peer_root(self: &Arc<Self>, deadline: Instant) -> Result<PyObject, Error> {
+        // `terminate` fails the waiting calls before it drops the cached root: without this
+        // check, a thread woken by that failure could still get the cached root for a moment.
+        if self.is_closed() {
+            return Err(self.ended_error());
+        }
         if let Some(r) = lock(&self.peer_root).as_ref() {
             return Ok(r.clone());
         }
@@ -715,10 +720,17 @@ impl Shared {
                 } else {
                     format!("writing to the peer failed: {e}")
                 };
-                self.terminate(Error::Closed { reason });
+                self.terminate(self.transport_failure(Error::Closed { reason }));
                 return;
             }
         }
+    }
+
+    /// What ended the connection below RPyC, if the transport knows better than `fallback`
+    /// (TLS: an alert such as TLS 1.3's late "certificate required", which the reading or
+    /// the writing thread may meet first; the other one then only sees the end of the stream).
+    fn transport_failure(&self, fallback: Error) -> Error {
+        self.control.failure().unwrap_or(fallback)
     }
 
     // ---- the reader ----
@@ -736,19 +748,20 @@ impl Shared {
             let got = frames.read(&mut || !me.is_closed());
             let (payload, charge) = match got {
                 Ok(p) => p,
-                Err(ReadError::End) => {
+                Err(ReadError::End) if self.is_closed() => {
                     break Error::Closed {
-                        reason: if self.is_closed() {
-                            "closed".into()
-                        } else {
-                            "the peer closed the connection".into()
-                        },
+                        reason: "closed".into(),
                     }
                 }
+                Err(ReadError::End) => {
+                    break self.transport_failure(Error::Closed {
+                        reason: "the peer closed the connection".into(),
+                    })
+                }
                 Err(ReadError::Io(e)) => {
-                    break Error::Closed {
+                    break self.transport_failure(Error::Closed {
                         reason: format!("reading from the peer failed: {e}"),
-                    }
+                    })
                 }
                 Err(ReadError::Stalled(d)) => {
                     break Error::Closed {

@@ -12,7 +12,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
@@ -30,38 +30,78 @@ const NOT_FOUND: &str =
 pub fn python() -> PathBuf {
     static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     CHECKED
-        .get_or_init(find_python)
+        .get_or_init(|| find_python(&PYENV6))
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn find_python() -> Result<PathBuf, String> {
-    let path = match std::env::var_os("RPYC_TEST_PYTHON") {
+/// The Python interpreter with rpyc 5.3.1 (an older protocol, for the version-mismatch
+/// tests): `$RPYC_TEST_PYTHON5` if set, else `target/pyenv5/bin/python` of this package.
+/// Checked and panicking as [`python`] does.
+pub fn python5() -> PathBuf {
+    static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CHECKED
+        .get_or_init(|| find_python(&PYENV5))
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where one pinned Python environment is, and what it must hold.
+struct PyEnv {
+    var: &'static str,
+    dir: &'static str,
+    version: &'static str,
+    not_found: &'static str,
+}
+
+const PYENV6: PyEnv = PyEnv {
+    var: "RPYC_TEST_PYTHON",
+    dir: "target/pyenv",
+    version: "6.0.2",
+    not_found: NOT_FOUND,
+};
+
+const PYENV5: PyEnv = PyEnv {
+    var: "RPYC_TEST_PYTHON5",
+    dir: "target/pyenv5",
+    version: "5.3.1",
+    not_found: "Python with rpyc==5.3.1 not found: run scripts/test.sh (it creates target/pyenv5)",
+};
+
+fn find_python(env: &PyEnv) -> Result<PathBuf, String> {
+    let not_found = env.not_found;
+    let path = match std::env::var_os(env.var) {
         Some(p) => {
             let p = PathBuf::from(p);
             if !p.exists() {
                 return Err(format!(
-                    "{NOT_FOUND}\n(RPYC_TEST_PYTHON={} does not exist)",
+                    "{not_found}\n({}={} does not exist)",
+                    env.var,
                     p.display()
                 ));
             }
             p
         }
         None => {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(env.dir)
+                .join("bin/python");
             if !p.exists() {
-                return Err(format!("{NOT_FOUND}\n({} does not exist)", p.display()));
+                return Err(format!("{not_found}\n({} does not exist)", p.display()));
             }
             p
         }
     };
-    let check = "import rpyc, plumbum; assert rpyc.__version__ == '6.0.2', rpyc.__version__";
+    let check = format!(
+        "import rpyc, plumbum; assert rpyc.__version__ == '{}', rpyc.__version__",
+        env.version
+    );
     let mut cmd = Command::new(&path);
-    cmd.args(["-c", check]);
+    cmd.args(["-c", &check]);
     let out = run_command(cmd, "the rpyc version check", Duration::from_secs(30));
     if !out.success() {
         return Err(format!(
-            "{NOT_FOUND}\n({} fails `{check}`:\n{out})",
+            "{not_found}\n({} fails `{check}`:\n{out})",
             path.display()
         ));
     }
@@ -79,8 +119,8 @@ pub fn script(name: &str) -> PathBuf {
 
 /// `python -u testdata/python/<script> args...`, in a process group of its own, unbuffered and
 /// writing no bytecode next to the scripts.
-fn command(script_name: &str, args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(python());
+fn command(interpreter: &Path, script_name: &str, args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(interpreter);
     cmd.arg("-u")
         .arg(script(script_name))
         .args(args)
@@ -170,6 +210,21 @@ pub fn run_python(script_name: &str, args: &[&str], timeout: Duration) -> PyOutp
     run_python_env(script_name, args, &[], timeout)
 }
 
+/// [`run_python`] run by another interpreter (e.g. [`python5`]).
+pub fn run_python_with(
+    interpreter: &Path,
+    script_name: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> PyOutput {
+    let what = format!(
+        "{script_name} {} ({})",
+        args.join(" "),
+        interpreter.display()
+    );
+    run_command(command(interpreter, script_name, args, &[]), &what, timeout)
+}
+
 /// [`run_python`] with extra environment variables.
 pub fn run_python_env(
     script_name: &str,
@@ -178,7 +233,7 @@ pub fn run_python_env(
     timeout: Duration,
 ) -> PyOutput {
     let what = format!("{script_name} {}", args.join(" "));
-    run_command(command(script_name, args, envs), &what, timeout)
+    run_command(command(&python(), script_name, args, envs), &what, timeout)
 }
 
 fn run_command(mut cmd: Command, what: &str, timeout: Duration) -> PyOutput {
@@ -268,7 +323,17 @@ impl PyProcess {
 
     /// [`PyProcess::server`] with extra environment variables (e.g. `RPYC_BIND_THREADS`).
     pub fn server_env(script_name: &str, args: &[&str], envs: &[(&str, &str)]) -> PyProcess {
-        let mut p = PyProcess::spawn(script_name, args, envs, true);
+        PyProcess::server_with(&python(), script_name, args, envs)
+    }
+
+    /// [`PyProcess::server_env`] run by another interpreter (e.g. [`python5`]).
+    pub fn server_with(
+        interpreter: &Path,
+        script_name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> PyProcess {
+        let mut p = PyProcess::spawn(interpreter, script_name, args, envs, true);
         p.port = p.wait_port();
         p
     }
@@ -281,10 +346,16 @@ impl PyProcess {
 
     /// [`PyProcess::start`] with extra environment variables.
     pub fn start_env(script_name: &str, args: &[&str], envs: &[(&str, &str)]) -> PyProcess {
-        PyProcess::spawn(script_name, args, envs, false)
+        PyProcess::spawn(&python(), script_name, args, envs, false)
     }
 
-    fn spawn(script_name: &str, args: &[&str], envs: &[(&str, &str)], server: bool) -> PyProcess {
+    fn spawn(
+        interpreter: &Path,
+        script_name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        server: bool,
+    ) -> PyProcess {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let what = format!("{script_name} {}", args.join(" "));
         let stderr_path = std::env::temp_dir().join(format!(
@@ -295,7 +366,7 @@ impl PyProcess {
         ));
         let stderr_file = File::create(&stderr_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", stderr_path.display()));
-        let mut child = command(script_name, args, envs)
+        let mut child = command(interpreter, script_name, args, envs)
             .env("RPYC_TEST_WATCH_STDIN", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -764,23 +764,21 @@ impl Shared {
                     })
                 }
                 Err(ReadError::Stalled(d)) => {
-                    break Error::Closed {
-                        reason: format!("the peer stopped for {d:?} in the middle of a frame"),
-                    }
+                    let reason = format!("the peer stopped for {d:?} in the middle of a frame");
+                    log::warn!("{}: closing the connection: {reason}", self.peer);
+                    break Error::Closed { reason };
                 }
                 Err(ReadError::Bad(why)) => break self.protocol_error(why, first),
-                Err(ReadError::Over(why)) => break Error::Closed { reason: why },
+                Err(ReadError::Over(why)) => {
+                    log::warn!("{}: closing the connection: {why}", self.peer);
+                    break Error::Closed { reason: why };
+                }
             };
             *lock(&self.last_activity) = Instant::now();
             if let Err(why) = self.dispatch(payload, charge, first) {
                 break why;
             }
             first = false;
-        };
-        // A transport that failed below RPyC (TLS, an `ssh` process) explains it better.
-        let why = match why {
-            Error::Closed { .. } if !self.is_closed() => self.control.failure().unwrap_or(why),
-            other => other,
         };
         self.terminate(why);
     }

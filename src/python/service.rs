@@ -389,7 +389,8 @@ pub trait Handler<Args>: Send + Sync + 'static {
 }
 
 /// What a method returns: `Result<T, PythonError>` for any [`IntoValue`] `T` (`Err` raises
-/// the exception in the caller; a `String` or [`crate::Error`] error works too), or, for methods that cannot fail, a plain number, `bool`,
+/// the exception in the caller; a `String` or [`crate::Error`] error works too), or, for
+/// methods that cannot fail, a plain number, `bool`,
 /// string, `()`, [`Value`], [`Service`], [`PyObject`](crate::python::PyObject), `Vec`,
 /// `Option` or tuple of up to four serde values (other types: wrap them in `Ok`).
 pub trait Reply {
@@ -418,7 +419,7 @@ impl<T: IntoValue> Reply for Result<T, String> {
 
 /// An error of this crate's own calls (a call back into Python that failed) raises the Python
 /// exception itself, or a `RuntimeError` saying what failed.
-impl<T: IntoValue> Reply for Result<T, crate::Error> {
+impl<T: IntoValue> Reply for Result<T, crate::error::Error> {
     fn into_reply(self) -> Result<Value, PythonError> {
         self.map_err(PythonError::from).and_then(plain)
     }

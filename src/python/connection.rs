@@ -348,8 +348,11 @@ impl Shared {
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut sent = Vec::new();
+        // Held until the request is queued: dropping the last handle of a peer's object among
+        // the arguments queues its DEL, which must not reach the peer before the request.
+        let args = Value::Tuple(args);
         let payload = self
-            .request_payload(seq, h, args, &mut sent)
+            .request_payload(seq, h, &args, &mut sent)
             .map_err(Error::Encode)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         lock(&self.pending).insert(seq, tx);
@@ -359,7 +362,9 @@ impl Shared {
             return Err(self.ended_error());
         }
         let timeout = self.settings.call_timeout;
-        if let Err(e) = self.queue(&payload, Some(deadline), false) {
+        let queued = self.queue(&payload, Some(deadline), false);
+        drop(args);
+        if let Err(e) = queued {
             lock(&self.pending).remove(&seq);
             self.unsend(sent);
             return Err(match e {
@@ -417,10 +422,10 @@ impl Shared {
         &self,
         seq: u64,
         h: Handler,
-        args: Vec<Value>,
+        args: &Value,
         sent: &mut Vec<i128>,
     ) -> Result<Vec<u8>, String> {
-        let boxed = self.box_value(&Value::Tuple(args), sent)?;
+        let boxed = self.box_value(args, sent)?;
         proto::message(
             proto::MSG_REQUEST,
             seq,
@@ -944,8 +949,10 @@ impl Shared {
     /// Sends a reply or an exception for request `seq`.
     fn reply(&self, seq: u64, outcome: Result<Value, PythonError>, urgent: bool) {
         let mut sent = Vec::new();
-        let payload = match outcome {
-            Ok(v) => match self.box_value(&v, &mut sent) {
+        // `outcome` lives until the reply is queued: dropping the last handle of a peer's
+        // object in it queues its DEL, which must not reach the peer before the reply.
+        let payload = match &outcome {
+            Ok(v) => match self.box_value(v, &mut sent) {
                 Ok(b) => proto::message(proto::MSG_REPLY, seq, b),
                 Err(why) => proto::message(
                     proto::MSG_EXCEPTION,
@@ -953,7 +960,7 @@ impl Shared {
                     proto::exception_body(&PythonError::new("TypeError", (why,))),
                 ),
             },
-            Err(e) => proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(&e)),
+            Err(e) => proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(e)),
         };
         let payload = match payload {
             Ok(p) => p,

@@ -156,8 +156,12 @@ struct WorkerCount {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// A request for a worker: runs the handler and returns what sends its reply, which the worker
+/// runs only once it counts as free again (see [`Shared::work`]).
+type Request = Box<dyn FnOnce() -> Job + Send>;
+
 /// What an idle worker receives: a request to run, or `None` to end (the connection ended).
-type Task = Option<Job>;
+type Task = Option<Request>;
 
 impl Shared {
     /// Starts the reader and writer threads on a fresh transport.
@@ -905,7 +909,7 @@ impl Shared {
                 if !self.submit(Box::new(move || {
                     let outcome = me.serve(h, args);
                     drop(charge);
-                    me.reply(seq, outcome, false);
+                    Box::new(move || me.reply(seq, outcome, false))
                 })) {
                     let max = self.settings.max_workers;
                     self.reply(
@@ -991,7 +995,7 @@ impl Shared {
     }
 
     /// Runs a request on a worker: at most `max_workers` at once.
-    fn submit(self: &Arc<Self>, job: Job) -> bool {
+    fn submit(self: &Arc<Self>, job: Request) -> bool {
         let mut st = lock(&self.workers.state);
         if st.running >= self.settings.max_workers || self.is_closed() {
             return false;
@@ -1037,11 +1041,15 @@ impl Shared {
 
     /// A worker's life: runs `job`, then whatever it is handed, until it has been idle for
     /// [`WORKER_IDLE`] or the connection ends.
-    fn work(&self, job: Job, rx: Receiver<Task>) {
+    fn work(&self, job: Request, rx: Receiver<Task>) {
         let mut job = Some(job);
         loop {
             if let Some(j) = job.take() {
-                j();
+                let send_reply = j();
+                // Counted free before the reply goes out: the peer may send its next request
+                // as soon as it reads the reply, and that request must find this worker free,
+                // not start another thread (or, at max_workers, be refused: a strictly
+                // sequential client was, with max_workers 1).
                 let mut st = lock(&self.workers.state);
                 st.running -= 1;
                 let closed = self.is_closed();
@@ -1054,6 +1062,7 @@ impl Shared {
                     st.idle += 1;
                 }
                 drop(st);
+                send_reply();
                 for hook in hooks {
                     hook();
                 }

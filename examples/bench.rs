@@ -19,6 +19,14 @@
 //! with one `write_all`; the client writes a whole prebuilt frame, then reads the whole reply.
 //! The rpyc side calls `echo(Bytes) -> Bytes` on a `ThreadedServer`.
 //!
+//! The `py.*` cases compare this crate's RPyC 6 implementation (`rpyc::python`) with Python
+//! RPyC 6 itself (the interpreter of `RPYC_TEST_PYTHON`, else `target/pyenv/bin/python`, which
+//! `scripts/test.sh` makes; skipped, saying why, without it): `py.call.16B` is the Rust client
+//! against Python's own client, both calling `echo` of a Python `ThreadedServer`
+//! (testdata/python/demo_server.py); `py.serve.16B` is Python's client calling `echo` of a Rust
+//! `python::serve` server against the same client calling the Python server. The Python client
+//! is testdata/python/bench_client.py, running batches of calls the bench asks for on its stdin.
+//!
 //! Each case alternates batches of the floor and of rpyc (so background load hits both alike)
 //! and reports the median batch of each; `±` is half the min-max range of the batches, relative
 //! to the median.
@@ -406,7 +414,8 @@ fn main() -> Res<()> {
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
          targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70; ssh.* rows: floor = OpenSSH's \
-         `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8.",
+         `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8; \
+         py.* rows: floor = Python RPyC 6 (py.call: its client, py.serve: its server).",
         if quick { "quick" } else { "full" },
         plan.batches,
         thread::available_parallelism().map_or(0, |n| n.get()),
@@ -622,6 +631,10 @@ fn main() -> Res<()> {
     tls_cases(plan, quick, &wanted, &mut emit)?;
 
     for row in ssh_rows(plan, quick, &wanted, rpyc_port)? {
+        emit(row);
+    }
+
+    for row in py_rows(plan, &wanted)? {
         emit(row);
     }
 
@@ -1036,4 +1049,248 @@ fn tls_cases(
     conn.close();
     server.close();
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python RPyC 6: rpyc::python against Python's own client and server.
+
+/// How long a Python process may take to say it is ready (its port, `READY`), or to answer.
+const PY_WAIT: Duration = Duration::from_secs(20);
+
+/// A Python process with piped stdin and stdout, killed (its whole process group) when
+/// dropped. Its stdout is read line by line on a thread of its own, so every wait is bounded.
+struct PyChild {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    what: String,
+}
+
+impl PyChild {
+    fn spawn(python: &std::path::Path, args: &[&str]) -> Res<PyChild> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let what = format!("python {}", args.join(" "));
+        let mut child = Command::new(python)
+            .arg("-u")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            // demo_server.py exits when its stdin closes: it never outlives the bench.
+            .env("RPYC_TEST_WATCH_STDIN", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        thread::Builder::new()
+            .name("py-stdout".into())
+            .spawn(move || {
+                for line in io::BufRead::lines(BufReader::new(stdout)) {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(PyChild {
+            child,
+            stdin,
+            lines,
+            what,
+        })
+    }
+
+    /// The next line it prints, within `PY_WAIT`.
+    fn line(&self) -> Res<String> {
+        self.lines.recv_timeout(PY_WAIT).map_err(|e| {
+            let why = match e {
+                mpsc::RecvTimeoutError::Timeout => format!("said nothing for {PY_WAIT:?}"),
+                mpsc::RecvTimeoutError::Disconnected => "ended".to_string(),
+            };
+            format!("{} {why}", self.what).into()
+        })
+    }
+
+    /// Skips lines until one starts with `prefix`; returns the rest of it.
+    fn wait_for(&self, prefix: &str) -> Res<String> {
+        loop {
+            if let Some(rest) = self.line()?.strip_prefix(prefix) {
+                return Ok(rest.trim().to_string());
+            }
+        }
+    }
+
+    /// A Python RPyC server script that prints `PORT <n>`: the process and the port.
+    fn server(python: &std::path::Path, args: &[&str]) -> Res<(PyChild, u16)> {
+        let p = PyChild::spawn(python, args)?;
+        let port = p.wait_for("PORT ")?.parse()?;
+        Ok((p, port))
+    }
+
+    /// bench_client.py in batch mode, connected to `port`, warmed up: each call is one CALLATTR
+    /// `echo(payload)` request, the very request `PyObject::call_method("echo", ..)` sends.
+    fn client(python: &std::path::Path, port: u16) -> Res<PyChild> {
+        let port = port.to_string();
+        let p = PyChild::spawn(
+            python,
+            &[
+                "testdata/python/bench_client.py",
+                "--port",
+                &port,
+                "--batches",
+            ],
+        )?;
+        p.wait_for("READY")?;
+        Ok(p)
+    }
+
+    /// Has bench_client.py make `n` calls; returns when they are done.
+    fn calls(&mut self, n: u64) -> Res<()> {
+        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
+        writeln!(stdin, "{n}")?;
+        stdin.flush()?;
+        let secs: f64 = self.line()?.trim().parse()?;
+        black_box(secs);
+        Ok(())
+    }
+}
+
+impl Drop for PyChild {
+    fn drop(&mut self) {
+        self.stdin = None;
+        // SAFETY: plain syscall; the group is our own unreaped child's, so its id is not reused.
+        unsafe {
+            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python interpreter with rpyc 6: `RPYC_TEST_PYTHON`, else `target/pyenv/bin/python`.
+fn find_python() -> Result<std::path::PathBuf, String> {
+    let (path, from) = match std::env::var_os("RPYC_TEST_PYTHON") {
+        Some(p) => (std::path::PathBuf::from(p), "RPYC_TEST_PYTHON"),
+        None => (
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"),
+            "the default",
+        ),
+    };
+    if !path.exists() {
+        return Err(format!("{} ({from}) does not exist", path.display()));
+    }
+    let check = "import rpyc; print('RPYC', rpyc.__version__)";
+    let version = PyChild::spawn(&path, &["-c", check])
+        .and_then(|p| p.wait_for("RPYC "))
+        .map_err(|e| format!("{} cannot import rpyc: {e}", path.display()))?;
+    if !version.starts_with("6.") {
+        return Err(format!("{} has rpyc {version}, not 6.x", path.display()));
+    }
+    Ok(path)
+}
+
+/// Calls per Python batch request: about a quarter of a measured batch, so that the pipe round
+/// trip to bench_client.py (tens of µs) stays under a percent of what it times.
+fn py_calls_per_op(plan: &Plan, per_call: f64) -> u64 {
+    ((plan.batch.as_secs_f64() / 4.0 / per_call) as u64).max(20)
+}
+
+fn py_rows(plan: Plan, wanted: &dyn Fn(&str) -> bool) -> Res<Vec<Row>> {
+    use rpyc::python::{self, Value};
+    let names = ["py.call.16B", "py.serve.16B"];
+    if !names.iter().any(|n| wanted(n)) {
+        return Ok(Vec::new());
+    }
+    let python = match find_python() {
+        Ok(p) => p,
+        Err(why) => {
+            println!(
+                "py.* rows skipped: Python with rpyc 6 not found: {why} \
+                 (run scripts/test.sh first; it creates target/pyenv)"
+            );
+            return Ok(Vec::new());
+        }
+    };
+    let (_py_server, py_port) = PyChild::server(&python, &["testdata/python/demo_server.py"])?;
+    let payload = Value::Bytes((0..16).map(|i| (i * 7 + 1) as u8).collect());
+    let want = Value::Tuple(vec![payload.clone()]);
+    let mut rows = Vec::new();
+
+    // Seconds per call of one Python batch, to size the batch requests.
+    let per_call = |c: &mut PyChild| -> Res<f64> {
+        let start = Instant::now();
+        c.calls(200)?;
+        Ok(start.elapsed().as_secs_f64() / 200.0)
+    };
+
+    // py.call.16B: the Rust client and Python's client, the same CALLATTR `echo(payload)` to
+    // the same Python server.
+    if wanted("py.call.16B") {
+        let conn = python::connect(HOST, py_port)?;
+        let root = conn.root()?;
+        let got: Value = root.call_method("echo", (&payload,))?;
+        assert_eq!(got, want, "echo returned something else");
+        let mut py = PyChild::client(&python, py_port)?;
+        let n = py_calls_per_op(&plan, per_call(&mut py)?);
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                py.calls(n)?;
+                Ok(n)
+            },
+            &mut || {
+                for _ in 0..n {
+                    let r: Value = root.call_method("echo", (&payload,))?;
+                    black_box(r);
+                }
+                Ok(n)
+            },
+        )?;
+        rows.push(Row {
+            name: "py.call.16B",
+            unit: Unit::Micros("call"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+        conn.close();
+    }
+
+    // py.serve.16B: Python's client making the same CALLATTR `echo(payload)` to a Rust server
+    // and to the Python server.
+    if wanted("py.serve.16B") {
+        let service = python::Service::new("Bench")
+            .method_with_call("echo", |call| Ok(Value::Tuple(call.args().to_vec())));
+        let server = python::serve(service).hostname(HOST).port(0).build()?;
+        let rust_port = server.port();
+        let server = server.spawn()?;
+        let mut to_rust = PyChild::client(&python, rust_port)?;
+        let mut to_py = PyChild::client(&python, py_port)?;
+        let n = py_calls_per_op(&plan, per_call(&mut to_py)?);
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                to_py.calls(n)?;
+                Ok(n)
+            },
+            &mut || {
+                to_rust.calls(n)?;
+                Ok(n)
+            },
+        )?;
+        rows.push(Row {
+            name: "py.serve.16B",
+            unit: Unit::Micros("call"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+        drop(to_rust);
+        server.close();
+    }
+    Ok(rows)
 }

@@ -350,10 +350,7 @@ pub(crate) struct Stderr {
 
 impl Stderr {
     /// Keeps what `pipe` carries (on a thread of its own, until the child closes it).
-    fn collect(
-        pipe: std::process::ChildStderr,
-        explain: Explain,
-    ) -> Stderr {
+    fn collect(pipe: std::process::ChildStderr, explain: Explain) -> Stderr {
         const KEEP: usize = 8 << 10;
         let text = Arc::new(Mutex::new(String::new()));
         let done = Arc::new(AtomicBool::new(false));

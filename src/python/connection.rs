@@ -18,13 +18,18 @@
 //!   A handler may call the peer back: its call waits for its own reply like any other, while
 //!   the reader goes on reading, so callbacks nest to any depth the worker limit allows and
 //!   cannot deadlock.
-//! * **The writer thread** (`rpyc-py-writer`) owns the write half. Every frame, from any
-//!   thread, goes into the outbox, and the writer sends them whole, in order, several per
-//!   write when they queue up. A frame is never interleaved with another. The outbox holds at
-//!   most `max_buffered` bytes (at least one frame): a caller waits for room until its deadline;
-//!   the reader's own answers (to `DEL` and `PING`) never wait, and if the peer sends requests
-//!   but does not read their answers until they exceed twice that bound, the connection is
-//!   closed. A write that makes no progress for the stall timeout also closes it.
+//! * **Writing**: every frame goes into the outbox, and one thread at a time (the one that
+//!   sets `Outbox::writing`) takes the write half and sends the queued frames whole, in order,
+//!   one write per frame. A caller or a worker that queues a frame writes it itself when
+//!   nobody else is writing (no hand-off to another thread), until its own deadline: the rest
+//!   of a frame cut there goes back to the front of the queue, so frames stay whole and in
+//!   order. The reader thread and `Drop`s never write: they queue, and **the writer thread**
+//!   (`rpyc-py-writer`) sends what they queue, and what a caller left unfinished, whenever no
+//!   one else is writing. The outbox holds at most `max_buffered` bytes (at least one frame):
+//!   a caller waits for room until its deadline; the reader's own answers (to `DEL` and
+//!   `PING`) never wait, and if the peer sends requests but does not read their answers until
+//!   they exceed twice that bound, the connection is closed. A write that makes no progress
+//!   for the stall timeout also closes it.
 //!
 //! # Calls
 //!
@@ -101,12 +106,14 @@ struct Locals {
     next: i128,
 }
 
-/// Frames waiting for the writer thread.
+/// Frames waiting to be written, and whether a thread is writing.
 #[derive(Default)]
 struct Outbox {
     frames: VecDeque<Vec<u8>>,
     bytes: usize,
     done: bool,
+    /// A thread holds the write half and writes the queue's frames in order: others only queue.
+    writing: bool,
 }
 
 pub(crate) struct Shared {
@@ -121,7 +128,12 @@ pub(crate) struct Shared {
     is_closed: AtomicBool,
     ended_cv: Condvar,
     outbox: Mutex<Outbox>,
-    out_cv: Condvar,
+    /// Callers waiting for room in the outbox.
+    room_cv: Condvar,
+    /// The writer thread waiting for frames nobody else writes.
+    writer_cv: Condvar,
+    /// The write half; only the thread that set `Outbox::writing` touches it.
+    sink: Mutex<Box<dyn Sink>>,
     locals: Mutex<Locals>,
     proxies: Mutex<HashMap<IdPack, Weak<ProxyInner>>>,
     /// What `GETROOT` gives the peer.
@@ -183,7 +195,9 @@ impl Shared {
             is_closed: AtomicBool::new(false),
             ended_cv: Condvar::new(),
             outbox: Mutex::new(Outbox::default()),
-            out_cv: Condvar::new(),
+            room_cv: Condvar::new(),
+            writer_cv: Condvar::new(),
+            sink: Mutex::new(t.writer),
             locals: Mutex::new(Locals {
                 next: 1,
                 ..Default::default()
@@ -203,9 +217,8 @@ impl Shared {
         // Reads time out every tick where the transport allows it (TCP, Unix sockets, TLS), so
         // the reader notices a stall inside a frame; a pipe's reads end when it closes.
         let _ = t.control.set_read_timeout(Some(READ_TICK));
-        let writer = t.writer;
         let me = shared.clone();
-        threads.spawn("rpyc-py-writer", move || me.write_loop(writer))?;
+        threads.spawn("rpyc-py-writer", move || me.write_loop())?;
         let me = shared.clone();
         let reader = t.reader;
         if let Err(e) = threads.spawn("rpyc-py-reader", move || me.read_loop(reader)) {
@@ -252,7 +265,8 @@ impl Shared {
         {
             let mut out = lock(&self.outbox);
             out.done = true;
-            self.out_cv.notify_all();
+            self.room_cv.notify_all();
+            self.writer_cv.notify_all();
         }
         {
             // Idle workers end now rather than after their idle time.
@@ -675,7 +689,7 @@ impl Shared {
                 break;
             }
             let Some(d) = deadline else {
-                out = self.out_cv.wait(out).unwrap_or_else(|e| e.into_inner());
+                out = self.room_cv.wait(out).unwrap_or_else(|e| e.into_inner());
                 continue;
             };
             let left = d.saturating_duration_since(Instant::now());
@@ -683,63 +697,107 @@ impl Shared {
                 return Err(Queue::Timeout);
             }
             out = self
-                .out_cv
+                .room_cv
                 .wait_timeout(out, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
         out.bytes += f.len();
         out.frames.push_back(f);
-        self.out_cv.notify_all();
+        if urgent && !out.writing {
+            self.writer_cv.notify_one();
+        }
+        drop(out);
+        // The calling thread writes itself when nobody else is (no hand-off to the writer
+        // thread), until its deadline; the reader thread and drops never write (`urgent`).
+        if !urgent {
+            self.flush(deadline);
+        }
         Ok(())
     }
 
-    fn write_loop(self: Arc<Self>, mut sink: Box<dyn Sink>) {
-        loop {
-            let frames: Vec<Vec<u8>> = {
-                let mut out = lock(&self.outbox);
-                while out.frames.is_empty() && !out.done {
-                    out = self.out_cv.wait(out).unwrap_or_else(|e| e.into_inner());
-                }
-                if out.frames.is_empty() {
-                    return;
-                }
-                let frames: Vec<_> = out.frames.drain(..).collect();
-                out.bytes = 0;
-                self.out_cv.notify_all();
-                frames
-            };
-            *lock(&self.last_activity) = Instant::now();
+    /// Writes the queued frames, in order, if no other thread is writing. Stops at `until`:
+    /// the rest of a frame cut there goes back to the front of the queue, whole-frame order
+    /// kept, for the writer thread to finish.
+    fn flush(&self, until: Option<Instant>) {
+        let mut out = lock(&self.outbox);
+        if out.writing || out.frames.is_empty() || out.done {
+            return;
+        }
+        out.writing = true;
+        let mut sink = lock(&self.sink);
+        let mut failed = None;
+        while let Some(f) = out.frames.pop_front() {
+            out.bytes -= f.len();
+            self.room_cv.notify_all();
+            drop(out);
             // One write per frame, never several frames in one write: over TLS each write
             // becomes records of its own, and a Python peer waits for its next frame with
             // poll() on the raw socket (rpyc's SocketStream.poll), which does not see a frame
-            // already decrypted into its SSL buffer along with the previous one. Two frames
-            // in one record (e.g. a DEL and a reply queued together) left the second unseen
-            // until the peer's call timed out.
-            let mut result = Ok(());
-            for f in frames {
-                result = result.and_then(|_| send_all(&mut *sink, &f));
+            // already decrypted into its SSL buffer along with the previous one.
+            let sent = send_until(&mut **sink, &f, until);
+            out = lock(&self.outbox);
+            match sent {
+                Ok(n) if n == f.len() => {}
+                Ok(n) => {
+                    let rest = f[n..].to_vec();
+                    out.bytes += rest.len();
+                    out.frames.push_front(rest);
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            if let Err(e) = result {
-                let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    let reason = format!("the peer read nothing for {:?}", self.settings.stall);
-                    // A peer that stopped reading: worth a warning, unlike an ordinary close.
-                    log::warn!("{}: closing the connection: {reason}", self.peer);
-                    reason
-                } else {
-                    format!("writing to the peer failed: {e}")
-                };
-                self.terminate(self.transport_failure(Error::Closed { reason }));
-                return;
-            }
+        }
+        out.writing = false;
+        // Frames queued meanwhile by threads that do not write (or the rest of one cut at our
+        // deadline): the writer thread sends them.
+        if !out.frames.is_empty() {
+            self.writer_cv.notify_one();
+        }
+        drop(out);
+        drop(sink);
+        *lock(&self.last_activity) = Instant::now();
+        if let Some(e) = failed {
+            self.write_failed(e);
         }
     }
 
-    /// What ended the connection below RPyC, if the transport knows better than `fallback`
-    /// (TLS: an alert such as TLS 1.3's late "certificate required", which the reading or
-    /// the writing thread may meet first; the other one then only sees the end of the stream).
+    fn write_failed(&self, e: io::Error) {
+        let reason = if e.kind() == io::ErrorKind::TimedOut {
+            let reason = format!("the peer read nothing for {:?}", self.settings.stall);
+            // A peer that stopped reading: worth a warning, unlike an ordinary close.
+            log::warn!("{}: closing the connection: {reason}", self.peer);
+            reason
+        } else {
+            format!("writing to the peer failed: {e}")
+        };
+        self.terminate(self.transport_failure(Error::Closed { reason }));
+    }
+
+    /// The error that ends the connection: what the transport recorded below RPyC (a TLS
+    /// alert, what an `ssh` process said), else `fallback`.
     fn transport_failure(&self, fallback: Error) -> Error {
         self.control.failure().unwrap_or(fallback)
+    }
+
+    /// The writer thread: writes what the reader thread and drops queue, and what a caller
+    /// left unfinished at its deadline, whenever no other thread is writing.
+    fn write_loop(self: Arc<Self>) {
+        loop {
+            {
+                let mut out = lock(&self.outbox);
+                while (out.frames.is_empty() || out.writing) && !out.done {
+                    out = self.writer_cv.wait(out).unwrap_or_else(|e| e.into_inner());
+                }
+                if out.done {
+                    return;
+                }
+            }
+            self.flush(None);
+        }
     }
 
     // ---- the reader ----
@@ -1167,14 +1225,21 @@ fn del_args(args: &Value) -> Option<(IdPack, u64)> {
     Some((IdPack::from_value(pack).ok()?, (*n).max(1) as u64))
 }
 
-fn send_all(sink: &mut dyn Sink, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match sink.send(buf, None)? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => buf = &buf[n..],
+/// Writes `buf` until done, `until` passes (then returns how much was written), or the sink
+/// fails (its stall timeout included).
+fn send_until(sink: &mut dyn Sink, buf: &[u8], mut until: Option<Instant>) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match sink.send(&buf[done..], until)? {
+            // `until` passed, but the transport must be offered these bytes again (a TLS
+            // record partly sent): finish them, bounded by the stall timeout alone.
+            0 if sink.committed() => until = None,
+            // `until` passed: the rest is left to the writer thread.
+            0 => return Ok(done),
+            n => done += n,
         }
     }
-    Ok(())
+    Ok(done)
 }
 
 /// A connection to a Python RPyC 6 peer (see [`crate::python`]).

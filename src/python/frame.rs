@@ -58,7 +58,15 @@ pub struct FrameReader<R> {
     max: usize,
     stall: Duration,
     budget: Arc<Budget>,
+    /// Bytes read past the frame being filled (so a small frame costs one read, not two):
+    /// `ahead[at..]` is unread.
+    ahead: Vec<u8>,
+    at: usize,
 }
+
+/// Size of the read-ahead buffer: small frames are read through it; larger reads go straight
+/// into the frame.
+const AHEAD: usize = 16 << 10;
 
 impl<R: Read> FrameReader<R> {
     /// A reader refusing frames (compressed or not) over `max` bytes, dropping a peer that
@@ -70,6 +78,8 @@ impl<R: Read> FrameReader<R> {
             max,
             stall,
             budget,
+            ahead: Vec::new(),
+            at: 0,
         }
     }
 
@@ -142,7 +152,29 @@ impl<R: Read> FrameReader<R> {
         let mut got = 0;
         let mut last = Instant::now();
         while got < buf.len() {
-            match self.r.read(&mut buf[got..]) {
+            if self.at < self.ahead.len() {
+                let n = (self.ahead.len() - self.at).min(buf.len() - got);
+                buf[got..got + n].copy_from_slice(&self.ahead[self.at..self.at + n]);
+                self.at += n;
+                got += n;
+                continue;
+            }
+            let want = buf.len() - got;
+            let read = if want >= AHEAD {
+                self.r.read(&mut buf[got..])
+            } else {
+                self.ahead.resize(AHEAD, 0);
+                self.at = 0;
+                let r = self.r.read(&mut self.ahead);
+                let n = *r.as_ref().unwrap_or(&0);
+                self.ahead.truncate(n);
+                r.map(|_| 0)
+            };
+            match read {
+                // Read ahead: copied from the buffer on the next turn.
+                Ok(0) if self.at < self.ahead.len() => {
+                    last = Instant::now();
+                }
                 Ok(0) if got == 0 && may_end => return Ok(false),
                 Ok(0) => {
                     return Err(ReadError::Io(io::Error::new(

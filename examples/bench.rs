@@ -6,7 +6,8 @@
 //! same settings, keys (RSA 2048, testdata/tls) and client-certificate verification. The
 //! `ssh.*` cases run the same server through an SSH tunnel to a throwaway sshd started by the
 //! bench, against OpenSSH's own `ssh -L` forward to the same server as the floor (skipped,
-//! saying why, without sshd).
+//! saying why, without sshd); `ssh.openssh.*` through this crate's OpenSSH transport
+//! (`ssh -W`), and `ssh.jump.*` through a second sshd as a jump host against `ssh -J -L`.
 //!
 //! Run with `cargo run --release --example bench` (about 30 s), or with `BENCH_QUICK=1` for a
 //! smoke run of a few seconds; `BENCH_FILTER=echo` runs only the cases whose name contains
@@ -414,7 +415,8 @@ fn main() -> Res<()> {
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
          targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70; ssh.* rows: floor = OpenSSH's \
-         `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8; \
+         `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8, \
+         ssh.openssh.echo.64MiB near 1.0; ssh.jump.call.16B: floor = `ssh -J` with `-L`; \
          py.* rows: floor = Python RPyC 6 (py.call: its client, py.serve: its server).",
         if quick { "quick" } else { "full" },
         plan.batches,
@@ -728,7 +730,13 @@ fn measure_one(plan: Plan, op: &mut dyn FnMut() -> Res<u64>) -> Res<Stats> {
 }
 
 fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -> Res<Vec<Row>> {
-    let names = ["ssh.call.16B", "ssh.echo.64MiB", "ssh.connect"];
+    let names = [
+        "ssh.call.16B",
+        "ssh.echo.64MiB",
+        "ssh.connect",
+        "ssh.jump.call.16B",
+        "ssh.openssh.echo.64MiB",
+    ];
     if !names.iter().any(|n| wanted(n)) {
         return Ok(Vec::new());
     }
@@ -856,6 +864,121 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
             rpyc,
             extra: show_direct(Unit::Micros("connect"), &dir),
         });
+    }
+    // ssh.openssh.echo.64MiB: this crate's OpenSSH transport (`ssh -W`), against `ssh -L`.
+    if wanted("ssh.openssh.echo.64MiB") {
+        let p = Bytes::from(
+            (0..64 * MIB)
+                .map(|i| (i * 5 + 3) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let via_openssh = options()
+            .clone()
+            .ssh(d.context().use_openssh(true))
+            .connect("127.0.0.1", port)?;
+        let r: Bytes = via_openssh.root().call("echo", (&p,))?;
+        assert!(r == p, "echo through ssh -W returned something else");
+        drop(r);
+        let mut plan = plan;
+        plan.warmup = Duration::ZERO;
+        if !quick {
+            plan.batches = 7;
+        }
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || Ok(echo(&via_ssh_l, &p)? as u64 * 2),
+            &mut || Ok(echo(&via_openssh, &p)? as u64 * 2),
+        )?;
+        rows.push(Row {
+            name: "ssh.openssh.echo.64MiB",
+            unit: Unit::MegaBytes,
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+        via_openssh.close();
+    }
+
+    // ssh.jump.call.16B: through one jump host (a second sshd), against `ssh -J` with `-L`.
+    if wanted("ssh.jump.call.16B") {
+        let jump = sshd::Sshd::start(sshd::SshdConfig::default());
+        // The target's key logs in to the jump host too; one known_hosts trusts both.
+        let mut keys = std::fs::OpenOptions::new()
+            .append(true)
+            .open(jump.path("authorized_keys"))?;
+        use std::io::Write as _;
+        writeln!(keys, "{}", sshd::read_pub(&d.client_key))?;
+        let known = jump.path("known_hosts_both");
+        std::fs::write(
+            &known,
+            format!(
+                "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
+                jump.port, jump.host_key_ed25519, d.port, d.host_key_ed25519
+            ),
+        )?;
+        let hop = format!("{}@127.0.0.1:{}", jump.user, jump.port);
+        let via_jump = options()
+            .clone()
+            .ssh(d.context().known_hosts(&known).proxy_jump(hop.clone()))
+            .connect("127.0.0.1", port)?;
+        // `ssh -J` starts a second ssh for the hop, which reads only the configuration file:
+        // the settings go there.
+        let config = jump.path("ssh_config_bench");
+        std::fs::write(
+            &config,
+            format!(
+                "Host *\n  BatchMode yes\n  IdentitiesOnly yes\n  IdentityFile {}\n  \
+                 UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n",
+                d.client_key.display(),
+                known.display()
+            ),
+        )?;
+        let local = TcpListener::bind((HOST, 0))?.local_addr()?.port();
+        let child = std::process::Command::new("ssh")
+            .arg("-N")
+            .arg("-F")
+            .arg(&config)
+            .args(["-o", "ExitOnForwardFailure=yes", "-J", &hop])
+            .args(["-p", &d.port.to_string(), "-l", &d.user])
+            .arg("-L")
+            .arg(format!("{local}:127.0.0.1:{port}"))
+            .arg(HOST)
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        let mut fwd = SshForward(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect((HOST, local)).is_err() {
+            if let Some(status) = fwd.0.try_wait()? {
+                return Err(format!("ssh -J -L exited: {status}").into());
+            }
+            if Instant::now() > deadline {
+                return Err("ssh -J -L did not open its port in 10 s".into());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let via_ssh_j = options().connect(HOST, local)?;
+        let p = Bytes::from(vec![0xcd; 16]);
+        let (floor, rpyc) = measure(
+            plan,
+            &mut || {
+                echo(&via_ssh_j, &p)?;
+                Ok(1)
+            },
+            &mut || {
+                echo(&via_jump, &p)?;
+                Ok(1)
+            },
+        )?;
+        rows.push(Row {
+            name: "ssh.jump.call.16B",
+            unit: Unit::Micros("call"),
+            floor,
+            rpyc,
+            extra: String::new(),
+        });
+        via_jump.close();
+        via_ssh_j.close();
+        drop(fwd);
     }
     via_tunnel.close();
     via_ssh_l.close();

@@ -235,7 +235,7 @@ fn proxy_command(jump: &Sshd, known_hosts: &std::path::Path, marker: &str) -> St
 }
 
 #[test]
-fn a_proxy_command_carries_the_session_and_is_gone_after_close() {
+fn a_proxy_command_carries_the_session_and_is_gone_after_close_and_drop() {
     let jump = Sshd::start(SshdConfig::default());
     let target = Sshd::start(SshdConfig::default());
     let server = serve(adder());
@@ -246,7 +246,7 @@ fn a_proxy_command_carries_the_session_and_is_gone_after_close() {
         .known_hosts(&known)
         .proxy_command(proxy_command(&jump, &known, marker));
     let conn = options()
-        .ssh(ctx)
+        .ssh(ctx.clone())
         .connect("127.0.0.1", server.port)
         .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
@@ -254,6 +254,19 @@ fn a_proxy_command_carries_the_session_and_is_gone_after_close() {
     conn.close();
     expect_within(
         "the proxy command has ended",
+        Duration::from_secs(5),
+        || !child_running(marker),
+    );
+    // Dropping the connection ends it too.
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (2, 2)).unwrap(), 4);
+    assert!(child_running(marker), "the proxy command should be running");
+    drop(conn);
+    expect_within(
+        "the proxy command has ended after drop",
         Duration::from_secs(5),
         || !child_running(marker),
     );
@@ -292,7 +305,7 @@ fn a_dead_proxy_command_fails_waiting_calls_promptly() {
 }
 
 #[test]
-fn the_openssh_transport_connects_with_a_key_and_leaves_no_ssh_behind() {
+fn the_openssh_transport_connects_with_a_key_and_leaves_no_ssh_after_close_drop_or_panic() {
     let d = sshd::shared();
     let server = serve(adder());
     let ctx = d.context().use_openssh(true);
@@ -309,7 +322,7 @@ fn the_openssh_transport_connects_with_a_key_and_leaves_no_ssh_behind() {
     });
     // Dropping the last handle ends it too.
     let conn = options()
-        .ssh(ctx)
+        .ssh(ctx.clone())
         .connect("127.0.0.1", server.port)
         .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (3, 3)).unwrap(), 6);
@@ -317,6 +330,20 @@ fn the_openssh_transport_connects_with_a_key_and_leaves_no_ssh_behind() {
     expect_within("ssh has ended after drop", Duration::from_secs(5), || {
         !child_running(&marker)
     });
+    // So does a thread that panics while it holds the connection.
+    let opts = options().ssh(ctx);
+    let port = server.port;
+    let t = std::thread::spawn(move || {
+        let conn = opts.connect("127.0.0.1", port).unwrap();
+        assert_eq!(conn.root().call::<i64, _>("add", (4, 4)).unwrap(), 8);
+        panic!("the thread holding the connection dies");
+    });
+    assert!(t.join().is_err());
+    expect_within(
+        "ssh has ended after its thread panicked",
+        Duration::from_secs(5),
+        || !child_running(&marker),
+    );
 }
 
 #[test]

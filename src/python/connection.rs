@@ -172,8 +172,18 @@ type Job = Box<dyn FnOnce() + Send>;
 /// runs only once it counts as free again (see [`Shared::work`]).
 type Request = Box<dyn FnOnce() -> Job + Send>;
 
-/// What an idle worker receives: a request to run, or `None` to end (the connection ended).
-type Task = Option<Request>;
+/// The read half, framed: whoever holds it is the connection's reader.
+type Frames = FrameReader<Box<dyn io::Read + Send>>;
+
+/// What an idle worker receives.
+enum Task {
+    /// A request to run.
+    Run(Request),
+    /// The reader role (the read half, and whether no frame has been read yet).
+    Read(Frames, bool),
+    /// The connection ended.
+    End,
+}
 
 impl Shared {
     /// Starts the reader and writer threads on a fresh transport.
@@ -219,9 +229,17 @@ impl Shared {
         let _ = t.control.set_read_timeout(Some(READ_TICK));
         let me = shared.clone();
         threads.spawn("rpyc-py-writer", move || me.write_loop())?;
+        let frames = FrameReader::new(
+            t.reader,
+            settings.max_frame,
+            settings.stall,
+            settings.budget.clone(),
+        );
+        lock(&shared.workers.state).threads = 1;
         let me = shared.clone();
-        let reader = t.reader;
-        if let Err(e) = threads.spawn("rpyc-py-reader", move || me.read_loop(reader)) {
+        if let Err(e) = threads.spawn("rpyc-py-worker", move || {
+            me.thread_main(Task::Read(frames, true))
+        }) {
             shared.terminate(Error::Io(Arc::new(e)));
             return Err(Error::Closed {
                 reason: "cannot start the reading thread".into(),
@@ -272,7 +290,7 @@ impl Shared {
             // Idle workers end now rather than after their idle time.
             let mut st = lock(&self.workers.state);
             for _ in 0..st.idle {
-                let _ = self.workers.tx.send(None);
+                let _ = self.workers.tx.send(Task::End);
             }
             st.idle = 0;
         }
@@ -802,14 +820,10 @@ impl Shared {
 
     // ---- the reader ----
 
-    fn read_loop(self: Arc<Self>, reader: Box<dyn io::Read + Send>) {
-        let mut frames = FrameReader::new(
-            reader,
-            self.settings.max_frame,
-            self.settings.stall,
-            self.settings.budget.clone(),
-        );
-        let mut first = true;
+    /// Reads frames while this thread holds the reader role. Returns a request to run once it
+    /// has passed the role on to another thread (see [`Shared::lead`]); `None` once the
+    /// connection has ended.
+    fn read_role(self: &Arc<Self>, mut frames: Frames, mut first: bool) -> Option<Request> {
         let why = loop {
             let me = &self;
             let got = frames.read(&mut || !me.is_closed());
@@ -842,12 +856,25 @@ impl Shared {
                 }
             };
             *lock(&self.last_activity) = Instant::now();
-            if let Err(why) = self.dispatch(payload, charge, first) {
-                break why;
-            }
+            let job = match self.dispatch(payload, charge, first) {
+                Ok(job) => job,
+                Err(why) => break why,
+            };
             first = false;
+            let Some((seq, job)) = job else { continue };
+            // Leader/follower: the role goes to another thread and this one runs the request
+            // (and writes its reply) itself, so the peer's request is not handed across threads
+            // on its way; the next reader wakes while it runs.
+            match self.lead(frames) {
+                Ok(()) => return Some(job),
+                Err(back) => {
+                    frames = back;
+                    self.refuse(seq);
+                }
+            }
         };
         self.terminate(why);
+        None
     }
 
     fn protocol_error(&self, why: String, first: bool) -> Error {
@@ -872,7 +899,7 @@ impl Shared {
         payload: Vec<u8>,
         charge: Charge,
         first: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<(u64, Request)>, Error> {
         if let Some(why) = proto::foreign_envelope(&payload) {
             return Err(self.protocol_error(why, first));
         }
@@ -897,25 +924,27 @@ impl Shared {
                 if let Some(tx) = lock(&self.pending).remove(&seq) {
                     let _ = tx.send(Ok(v));
                 }
-                Ok(())
+                Ok(None)
             }
             proto::MSG_EXCEPTION => {
                 let e = proto::exception_from(body).map_err(Error::Protocol)?;
                 if let Some(tx) = lock(&self.pending).remove(&seq) {
                     let _ = tx.send(Err(Error::Python(e)));
                 }
-                Ok(())
+                Ok(None)
             }
             _ => self.request_arrived(seq, body, charge),
         }
     }
 
+    /// A request: answered here if it is bookkeeping, else returned, to run on a thread of
+    /// its own.
     fn request_arrived(
         self: &Arc<Self>,
         seq: u64,
         body: Value,
         charge: Charge,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<(u64, Request)>, Error> {
         let bad = || Error::Protocol("an RPyC request that is not (handler, args)".into());
         let Value::Tuple(mut parts) = body else {
             return Err(bad());
@@ -929,12 +958,12 @@ impl Shared {
         };
         let Some(h) = Handler::from_id(id) else {
             self.reply(seq, Err(PythonError::new("KeyError", (id,))), true);
-            return Ok(());
+            return Ok(None);
         };
         if h == Handler::Del {
             self.peer_released(&args);
             self.reply(seq, Ok(Value::None), true);
-            return Ok(());
+            return Ok(None);
         }
         let args = match self.unbox(args) {
             // RPyC accepts an attribute name as bytes too (decoded as UTF-8).
@@ -949,7 +978,7 @@ impl Shared {
             Ok(_) => return Err(bad()),
             Err(why) => {
                 self.reply(seq, Err(PythonError::new("KeyError", (why,))), true);
-                return Ok(());
+                return Ok(None);
             }
         };
         match h {
@@ -964,27 +993,31 @@ impl Shared {
             }
             _ => {
                 let me = self.clone();
-                if !self.submit(Box::new(move || {
+                let job: Request = Box::new(move || {
                     let outcome = me.serve(h, args);
                     drop(charge);
                     Box::new(move || me.reply(seq, outcome, false))
-                })) {
-                    let max = self.settings.max_workers;
-                    self.reply(
-                        seq,
-                        Err(PythonError::new(
-                            "RuntimeError",
-                            (format!(
-                                "rpyc (Rust): {max} requests of this connection are running \
-                                 already (the max_workers limit); retry later"
-                            ),),
-                        )),
-                        true,
-                    );
-                }
+                });
+                return Ok(Some((seq, job)));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Answers request `seq` at once with a Python `RuntimeError`: no thread is free for it.
+    fn refuse(&self, seq: u64) {
+        let max = self.settings.max_workers;
+        self.reply(
+            seq,
+            Err(PythonError::new(
+                "RuntimeError",
+                (format!(
+                    "rpyc (Rust): {max} requests of this connection are running \
+                     already (the max_workers limit); retry later"
+                ),),
+            )),
+            true,
+        );
     }
 
     /// `DEL(obj, count)`: the peer dropped `count` sendings of one of our objects. Read from
@@ -1052,36 +1085,33 @@ impl Shared {
         }
     }
 
-    /// Runs a request on a worker: at most `max_workers` at once.
-    fn submit(self: &Arc<Self>, job: Request) -> bool {
+    /// Counts one more request running, if `max_workers` allows, and gives `task` to an idle
+    /// worker or to a new thread; gives it back if neither can be had (the connection's first
+    /// two threads are its own; further ones come out of a server's shared thread budget).
+    fn hand(self: &Arc<Self>, task: Task) -> Result<(), Task> {
         let mut st = lock(&self.workers.state);
         if st.running >= self.settings.max_workers || self.is_closed() {
-            return false;
+            return Err(task);
         }
-        st.running += 1;
         if st.idle > 0 {
             st.idle -= 1;
-            let _ = self.workers.tx.send(Some(job));
-            return true;
+            st.running += 1;
+            let _ = self.workers.tx.send(task);
+            return Ok(());
         }
-        // A connection's first worker is its own; a server's further ones come out of its
-        // shared thread budget.
-        let budgeted = st.threads > 0 && self.settings.threads.is_some();
+        let budgeted = st.threads >= 2 && self.settings.threads.is_some();
         if budgeted && !self.settings.threads.as_ref().is_some_and(|b| b.try_take()) {
-            st.running -= 1;
-            return false;
+            return Err(task);
         }
         st.threads += 1;
+        st.running += 1;
+        // Kept here too, to be given back if the thread cannot start.
+        let slot = Arc::new(Mutex::new(Some(task)));
+        let theirs = slot.clone();
         let me = self.clone();
-        let rx = self.workers.rx.clone();
         let started = self.threads.spawn("rpyc-py-worker", move || {
-            me.work(job, rx);
-            let mut st = lock(&me.workers.state);
-            st.threads -= 1;
-            if budgeted {
-                if let Some(b) = &me.settings.threads {
-                    b.give();
-                }
+            if let Some(task) = lock(&theirs).take() {
+                me.thread_main(task);
             }
         });
         if started.is_err() {
@@ -1092,58 +1122,85 @@ impl Shared {
                     b.give();
                 }
             }
-            return false;
+            let task = lock(&slot).take().expect("the thread did not start");
+            return Err(task);
         }
-        true
+        Ok(())
     }
 
-    /// A worker's life: runs `job`, then whatever it is handed, until it has been idle for
-    /// [`WORKER_IDLE`] or the connection ends.
-    fn work(&self, job: Request, rx: Receiver<Task>) {
-        let mut job = Some(job);
+    /// Passes the reader role on to an idle worker or a new thread, counting the request this
+    /// thread is about to run. Gives the role back if `max_workers` or the thread budget does
+    /// not allow another request to run.
+    fn lead(self: &Arc<Self>, frames: Frames) -> Result<(), Frames> {
+        self.hand(Task::Read(frames, false)).map_err(|t| match t {
+            Task::Read(f, _) => f,
+            _ => unreachable!("gave a Read"),
+        })
+    }
+
+    /// A pool thread's life: reads while it holds the reader role, runs requests, and waits
+    /// for either when idle, until it has been idle for [`WORKER_IDLE`] or the connection
+    /// ends.
+    fn thread_main(self: Arc<Self>, task: Task) {
+        let mut task = Some(task);
         loop {
-            if let Some(j) = job.take() {
-                let send_reply = j();
-                // Counted free before the reply goes out: the peer may send its next request
-                // as soon as it reads the reply, and that request must find this worker free,
-                // not start another thread (or, at max_workers, be refused: a strictly
-                // sequential client was, with max_workers 1).
-                let mut st = lock(&self.workers.state);
-                st.running -= 1;
-                let closed = self.is_closed();
-                let hooks = if closed && st.running == 0 {
-                    std::mem::take(&mut st.stopped)
-                } else {
-                    Vec::new()
-                };
-                if !closed {
-                    st.idle += 1;
-                }
-                drop(st);
-                send_reply();
-                for hook in hooks {
-                    hook();
-                }
-                if closed {
-                    return;
-                }
-            }
-            match rx.recv_timeout(WORKER_IDLE) {
-                Ok(Some(j)) => job = Some(j),
-                // `terminate` counted us out of the idle ones.
-                Ok(None) => return,
-                Err(_) => {
-                    let mut st = lock(&self.workers.state);
-                    // A job may have been handed to us just now.
-                    match rx.try_recv() {
-                        Ok(Some(j)) => job = Some(j),
-                        Ok(None) => return,
-                        Err(_) => {
-                            st.idle -= 1;
-                            return;
+            let job = match task.take() {
+                Some(Task::Read(frames, first)) => self.read_role(frames, first),
+                Some(Task::Run(job)) => Some(job),
+                Some(Task::End) => None,
+                None => match self.workers.rx.recv_timeout(WORKER_IDLE) {
+                    Ok(t) => {
+                        task = Some(t);
+                        continue;
+                    }
+                    Err(_) => {
+                        let mut st = lock(&self.workers.state);
+                        // A task may have been handed to us just now.
+                        match self.workers.rx.try_recv() {
+                            Ok(t) => {
+                                task = Some(t);
+                                continue;
+                            }
+                            Err(_) => {
+                                st.idle -= 1;
+                                None
+                            }
                         }
                     }
-                }
+                },
+            };
+            let Some(job) = job else { break };
+            let send_reply = job();
+            // Counted free before the reply goes out: the peer may send its next request as
+            // soon as it reads the reply, and that request must find this thread free, not
+            // start another one (or, at max_workers, be refused: a strictly sequential client
+            // was, with max_workers 1).
+            let mut st = lock(&self.workers.state);
+            st.running -= 1;
+            let closed = self.is_closed();
+            let hooks = if closed && st.running == 0 {
+                std::mem::take(&mut st.stopped)
+            } else {
+                Vec::new()
+            };
+            if !closed {
+                st.idle += 1;
+            }
+            drop(st);
+            send_reply();
+            for hook in hooks {
+                hook();
+            }
+            if closed {
+                break;
+            }
+        }
+        let mut st = lock(&self.workers.state);
+        st.threads -= 1;
+        // The first two threads are the connection's own, the others the budget's.
+        if st.threads >= 2 {
+            if let Some(b) = &self.settings.threads {
+                b.give();
             }
         }
     }

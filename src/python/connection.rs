@@ -3,40 +3,59 @@
 //!
 //! # Threads and ownership
 //!
-//! * **The reader thread** (`rpyc-py-reader`) owns the transport's read half. It is the only
-//!   thread that reads; it never runs user code and never writes to the transport, so nothing
-//!   the peer or a handler does can stop it from reading. For each frame it:
-//!   - a **reply or exception**: unboxes it and hands it to the caller waiting on that sequence
-//!     number (a one-slot channel in `pending`); a reply nobody waits for any more (its caller
-//!     timed out) is dropped, which releases the objects it referred to;
+//! * **The reader role** is the transport's read half (a `FrameReader`): exactly one thread
+//!   of the connection's pool (`rpyc-py-worker`) holds it at a time and reads, and the role
+//!   moves between them by value (leader/follower), never through a shared slot. The thread
+//!   holding it never writes to the transport, and never runs user code while it holds it,
+//!   so nothing the peer or a handler does can stop the connection from reading. For each
+//!   frame it:
+//!   - a **reply or exception**: unboxes it and puts it in the slot of the caller waiting on
+//!     that sequence number (a `ReplySlot` in `pending`: a mutex and a condvar); a reply
+//!     nobody waits for any more (its caller timed out) is dropped, which releases the objects
+//!     it referred to;
 //!   - a **request**: `DEL` and `PING` are answered at once (table bookkeeping only), `CLOSE`
-//!     ends the connection, everything else goes to a worker.
-//! * **Workers** (`rpyc-py-worker`) run requests: our services' methods, callbacks, and the
-//!   bookkeeping handlers. A worker is started when a request arrives and none is idle, and
-//!   ends after 2 s idle; at most `max_workers` run at once, and a request beyond that is
-//!   answered at once with a Python `RuntimeError` saying so (never queued without bound).
+//!     ends the connection; anything else it runs itself, after **passing the role on**
+//!     (`Shared::lead`): to an idle thread of the pool (through the pool's channel), or to a
+//!     new thread if none is idle. So the request is not handed across threads on its way to
+//!     its handler, and its reply is written by the thread that ran it; the next reader wakes
+//!     while the request runs, off the critical path of a peer that waits for the reply before
+//!     sending again.
+//! * **The pool**: threads that run requests and wait, idle, for the reader role. A request
+//!   counts as running from the moment its reader passes the role on until its reply is
+//!   queued, then its thread counts as idle again (before the reply is written, so the peer's
+//!   next request finds it free) and waits for the role; a thread idle for 2 s ends. At most
+//!   `max_workers` requests run at once: a request beyond that, or one for which no thread
+//!   can take the role (a server's shared thread budget is spent: a connection's first two
+//!   threads are its own, further ones come out of the budget), is answered at once with a
+//!   Python `RuntimeError` saying so by the reader, which keeps the role and goes on reading
+//!   (never queued without bound).
 //!   A handler may call the peer back: its call waits for its own reply like any other, while
-//!   the reader goes on reading, so callbacks nest to any depth the worker limit allows and
-//!   cannot deadlock.
+//!   the thread that took the role goes on reading (and, for a callback request, passes the
+//!   role on again), so callbacks nest to any depth the worker limit allows and cannot
+//!   deadlock.
 //! * **Writing**: every frame goes into the outbox, and one thread at a time (the one that
 //!   sets `Outbox::writing`) takes the write half and sends the queued frames whole, in order,
-//!   one write per frame. A caller or a worker that queues a frame writes it itself when
-//!   nobody else is writing (no hand-off to another thread), until its own deadline: the rest
-//!   of a frame cut there goes back to the front of the queue, so frames stay whole and in
-//!   order. The reader thread and `Drop`s never write: they queue, and **the writer thread**
-//!   (`rpyc-py-writer`) sends what they queue, and what a caller left unfinished, whenever no
-//!   one else is writing. The outbox holds at most `max_buffered` bytes (at least one frame):
-//!   a caller waits for room until its deadline; the reader's own answers (to `DEL` and
-//!   `PING`) never wait, and if the peer sends requests but does not read their answers until
+//!   one write per frame. A caller, or a pool thread replying to the request it ran, writes
+//!   the frame it queues itself when nobody else is writing (no hand-off to another thread),
+//!   until its own deadline: the rest of a frame cut there goes back to the front of the
+//!   queue, so frames stay whole and in order. The thread holding the reader role (for its
+//!   answers to `DEL` and `PING`, and its refusals) and `Drop`s never write: they queue, and
+//!   **the writer thread** (`rpyc-py-writer`) sends what they queue, and what a caller left
+//!   unfinished, whenever no one else is writing. The outbox holds at most `max_buffered`
+//!   bytes (at least one frame): a caller waits for room until its deadline; the reader's own
+//!   answers never wait, and if the peer sends requests but does not read their answers until
 //!   they exceed twice that bound, the connection is closed. A write that makes no progress
 //!   for the stall timeout also closes it.
 //!
 //! # Calls
 //!
-//! A call takes the next sequence number, registers a one-slot channel under it in `pending`,
-//! queues its frame, and waits on the channel until its deadline. On timeout it removes its
-//! entry (a late reply is then dropped). When the connection ends, for whatever reason, every
-//! entry of `pending` gets the same error at once, and later calls fail fast with it.
+//! A call takes the next sequence number, registers a `ReplySlot` under it in `pending`,
+//! queues its frame (writing it itself, see above), and sleeps on the slot's condvar until the
+//! reader puts its outcome there or its deadline passes; the caller never reads the transport
+//! itself. On timeout it removes its entry (a late reply is then dropped). When the connection
+//! ends, for whatever reason (the reader sees the peer hang up or fail, a write fails, a close),
+//! `terminate` puts the same error in every slot of `pending` at once, waking every waiting
+//! call, and later calls fail fast with it.
 //!
 //! # Objects
 //!
@@ -61,7 +80,7 @@ use crate::python::protocol::{self as proto, Handler, IdPack};
 use crate::python::service::{Call, Service};
 use crate::python::value::Value;
 use crate::transport::{Control, Credentials, Sink, Transport};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -122,7 +141,7 @@ pub(crate) struct Shared {
     pub(crate) settings: Settings,
     control: Arc<dyn Control>,
     seq: AtomicU64,
-    pending: Mutex<HashMap<u64, Sender<Outcome>>>,
+    pending: Mutex<HashMap<u64, Arc<ReplySlot>>>,
     /// Why the connection ended, once it has.
     ended: Mutex<Option<Error>>,
     is_closed: AtomicBool,
@@ -172,8 +191,16 @@ type Job = Box<dyn FnOnce() + Send>;
 /// runs only once it counts as free again (see [`Shared::work`]).
 type Request = Box<dyn FnOnce() -> Job + Send>;
 
-/// What an idle worker receives: a request to run, or `None` to end (the connection ended).
-type Task = Option<Request>;
+/// The read half, framed: whoever holds it is the connection's reader.
+type Frames = FrameReader<Box<dyn io::Read + Send>>;
+
+/// What an idle worker receives.
+enum Task {
+    /// The reader role (the read half, and whether no frame has been read yet).
+    Read(Frames, bool),
+    /// The connection ended.
+    End,
+}
 
 impl Shared {
     /// Starts the reader and writer threads on a fresh transport.
@@ -219,9 +246,17 @@ impl Shared {
         let _ = t.control.set_read_timeout(Some(READ_TICK));
         let me = shared.clone();
         threads.spawn("rpyc-py-writer", move || me.write_loop())?;
+        let frames = FrameReader::new(
+            t.reader,
+            settings.max_frame,
+            settings.stall,
+            settings.budget.clone(),
+        );
+        lock(&shared.workers.state).threads = 1;
         let me = shared.clone();
-        let reader = t.reader;
-        if let Err(e) = threads.spawn("rpyc-py-reader", move || me.read_loop(reader)) {
+        if let Err(e) = threads.spawn("rpyc-py-worker", move || {
+            me.thread_main(Task::Read(frames, true))
+        }) {
             shared.terminate(Error::Io(Arc::new(e)));
             return Err(Error::Closed {
                 reason: "cannot start the reading thread".into(),
@@ -259,8 +294,8 @@ impl Shared {
             other => log::warn!("{}: Python RPyC connection closed: {other}", self.peer),
         }
         let pending: Vec<_> = lock(&self.pending).drain().collect();
-        for (_, tx) in pending {
-            let _ = tx.send(Err(why.clone()));
+        for (_, slot) in pending {
+            slot.put(Err(why.clone()));
         }
         {
             let mut out = lock(&self.outbox);
@@ -272,7 +307,7 @@ impl Shared {
             // Idle workers end now rather than after their idle time.
             let mut st = lock(&self.workers.state);
             for _ in 0..st.idle {
-                let _ = self.workers.tx.send(None);
+                let _ = self.workers.tx.send(Task::End);
             }
             st.idle = 0;
         }
@@ -372,8 +407,8 @@ impl Shared {
         let payload = self
             .request_payload(seq, h, &args, &mut sent)
             .map_err(Error::Encode)?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        lock(&self.pending).insert(seq, tx);
+        let slot = Arc::new(ReplySlot::default());
+        lock(&self.pending).insert(seq, slot.clone());
         if self.is_closed() {
             lock(&self.pending).remove(&seq);
             self.unsend(sent);
@@ -398,21 +433,18 @@ impl Shared {
                 },
             });
         }
-        match rx.recv_deadline(deadline) {
-            Ok(outcome) => outcome,
-            Err(RecvTimeoutError::Timeout) => {
-                lock(&self.pending).remove(&seq);
-                // The reply may have slipped in meanwhile.
-                if let Ok(outcome) = rx.try_recv() {
-                    return outcome;
-                }
-                Err(Error::Timeout(Timeout::Call {
-                    method: what(),
-                    after: timeout,
-                }))
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(self.ended_error()),
+        if let Some(outcome) = slot.wait(deadline) {
+            return outcome;
         }
+        lock(&self.pending).remove(&seq);
+        // The reply may have slipped in meanwhile.
+        if let Some(outcome) = lock(&slot.value).take() {
+            return outcome;
+        }
+        Err(Error::Timeout(Timeout::Call {
+            method: what(),
+            after: timeout,
+        }))
     }
 
     /// Sends `DEL(obj, count)` without waiting (from a `Drop`).
@@ -709,7 +741,8 @@ impl Shared {
         }
         drop(out);
         // The calling thread writes itself when nobody else is (no hand-off to the writer
-        // thread), until its deadline; the reader thread and drops never write (`urgent`).
+        // thread), until its deadline; the thread holding the reader role and drops never
+        // write (`urgent`).
         if !urgent {
             self.flush(deadline);
         }
@@ -783,8 +816,8 @@ impl Shared {
         self.control.failure().unwrap_or(fallback)
     }
 
-    /// The writer thread: writes what the reader thread and drops queue, and what a caller
-    /// left unfinished at its deadline, whenever no other thread is writing.
+    /// The writer thread: writes what the reader and drops queue, and what a caller left
+    /// unfinished at its deadline, whenever no other thread is writing.
     fn write_loop(self: Arc<Self>) {
         loop {
             {
@@ -802,14 +835,10 @@ impl Shared {
 
     // ---- the reader ----
 
-    fn read_loop(self: Arc<Self>, reader: Box<dyn io::Read + Send>) {
-        let mut frames = FrameReader::new(
-            reader,
-            self.settings.max_frame,
-            self.settings.stall,
-            self.settings.budget.clone(),
-        );
-        let mut first = true;
+    /// Reads frames while this thread holds the reader role. Returns a request to run once it
+    /// has passed the role on to another thread (see [`Shared::lead`]); `None` once the
+    /// connection has ended.
+    fn read_role(self: &Arc<Self>, mut frames: Frames, mut first: bool) -> Option<Request> {
         let why = loop {
             let me = &self;
             let got = frames.read(&mut || !me.is_closed());
@@ -842,12 +871,25 @@ impl Shared {
                 }
             };
             *lock(&self.last_activity) = Instant::now();
-            if let Err(why) = self.dispatch(payload, charge, first) {
-                break why;
-            }
+            let job = match self.dispatch(payload, charge, first) {
+                Ok(job) => job,
+                Err(why) => break why,
+            };
             first = false;
+            let Some((seq, job)) = job else { continue };
+            // Leader/follower: the role goes to another thread and this one runs the request
+            // (and writes its reply) itself, so the peer's request is not handed across threads
+            // on its way; the next reader wakes while it runs.
+            match self.lead(frames) {
+                Ok(()) => return Some(job),
+                Err(back) => {
+                    frames = back;
+                    self.refuse(seq);
+                }
+            }
         };
         self.terminate(why);
+        None
     }
 
     fn protocol_error(&self, why: String, first: bool) -> Error {
@@ -872,7 +914,7 @@ impl Shared {
         payload: Vec<u8>,
         charge: Charge,
         first: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<(u64, Request)>, Error> {
         if let Some(why) = proto::foreign_envelope(&payload) {
             return Err(self.protocol_error(why, first));
         }
@@ -894,28 +936,30 @@ impl Shared {
         match kind {
             proto::MSG_REPLY => {
                 let v = self.unbox(body).map_err(Error::Protocol)?;
-                if let Some(tx) = lock(&self.pending).remove(&seq) {
-                    let _ = tx.send(Ok(v));
+                if let Some(slot) = lock(&self.pending).remove(&seq) {
+                    slot.put(Ok(v));
                 }
-                Ok(())
+                Ok(None)
             }
             proto::MSG_EXCEPTION => {
                 let e = proto::exception_from(body).map_err(Error::Protocol)?;
-                if let Some(tx) = lock(&self.pending).remove(&seq) {
-                    let _ = tx.send(Err(Error::Python(e)));
+                if let Some(slot) = lock(&self.pending).remove(&seq) {
+                    slot.put(Err(Error::Python(e)));
                 }
-                Ok(())
+                Ok(None)
             }
             _ => self.request_arrived(seq, body, charge),
         }
     }
 
+    /// A request: answered here if it is bookkeeping, else returned, to run on a thread of
+    /// its own.
     fn request_arrived(
         self: &Arc<Self>,
         seq: u64,
         body: Value,
         charge: Charge,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<(u64, Request)>, Error> {
         let bad = || Error::Protocol("an RPyC request that is not (handler, args)".into());
         let Value::Tuple(mut parts) = body else {
             return Err(bad());
@@ -929,12 +973,12 @@ impl Shared {
         };
         let Some(h) = Handler::from_id(id) else {
             self.reply(seq, Err(PythonError::new("KeyError", (id,))), true);
-            return Ok(());
+            return Ok(None);
         };
         if h == Handler::Del {
             self.peer_released(&args);
             self.reply(seq, Ok(Value::None), true);
-            return Ok(());
+            return Ok(None);
         }
         let args = match self.unbox(args) {
             // RPyC accepts an attribute name as bytes too (decoded as UTF-8).
@@ -949,7 +993,7 @@ impl Shared {
             Ok(_) => return Err(bad()),
             Err(why) => {
                 self.reply(seq, Err(PythonError::new("KeyError", (why,))), true);
-                return Ok(());
+                return Ok(None);
             }
         };
         match h {
@@ -964,27 +1008,31 @@ impl Shared {
             }
             _ => {
                 let me = self.clone();
-                if !self.submit(Box::new(move || {
+                let job: Request = Box::new(move || {
                     let outcome = me.serve(h, args);
                     drop(charge);
                     Box::new(move || me.reply(seq, outcome, false))
-                })) {
-                    let max = self.settings.max_workers;
-                    self.reply(
-                        seq,
-                        Err(PythonError::new(
-                            "RuntimeError",
-                            (format!(
-                                "rpyc (Rust): {max} requests of this connection are running \
-                                 already (the max_workers limit); retry later"
-                            ),),
-                        )),
-                        true,
-                    );
-                }
+                });
+                return Ok(Some((seq, job)));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Answers request `seq` at once with a Python `RuntimeError`: no thread is free for it.
+    fn refuse(&self, seq: u64) {
+        let max = self.settings.max_workers;
+        self.reply(
+            seq,
+            Err(PythonError::new(
+                "RuntimeError",
+                (format!(
+                    "rpyc (Rust): {max} requests of this connection are running \
+                     already (the max_workers limit); retry later"
+                ),),
+            )),
+            true,
+        );
     }
 
     /// `DEL(obj, count)`: the peer dropped `count` sendings of one of our objects. Read from
@@ -1052,36 +1100,37 @@ impl Shared {
         }
     }
 
-    /// Runs a request on a worker: at most `max_workers` at once.
-    fn submit(self: &Arc<Self>, job: Request) -> bool {
+    /// Passes the reader role on to an idle worker or a new thread, counting one more request
+    /// running (the one the calling thread is about to run). Gives the role back if
+    /// `max_workers` does not allow another request to run, or no thread can be had (the
+    /// connection's first two threads are its own; further ones come out of a server's shared
+    /// thread budget).
+    fn lead(self: &Arc<Self>, frames: Frames) -> Result<(), Frames> {
         let mut st = lock(&self.workers.state);
         if st.running >= self.settings.max_workers || self.is_closed() {
-            return false;
+            return Err(frames);
         }
-        st.running += 1;
         if st.idle > 0 {
             st.idle -= 1;
-            let _ = self.workers.tx.send(Some(job));
-            return true;
+            st.running += 1;
+            let _ = self.workers.tx.send(Task::Read(frames, false));
+            return Ok(());
         }
-        // A connection's first worker is its own; a server's further ones come out of its
-        // shared thread budget.
-        let budgeted = st.threads > 0 && self.settings.threads.is_some();
+        let budgeted = st.threads >= 2 && self.settings.threads.is_some();
         if budgeted && !self.settings.threads.as_ref().is_some_and(|b| b.try_take()) {
-            st.running -= 1;
-            return false;
+            return Err(frames);
         }
         st.threads += 1;
+        st.running += 1;
+        // Kept here too, to be given back if the thread cannot start.
+        let slot = Arc::new(Mutex::new(Some(frames)));
+        let theirs = slot.clone();
         let me = self.clone();
-        let rx = self.workers.rx.clone();
         let started = self.threads.spawn("rpyc-py-worker", move || {
-            me.work(job, rx);
-            let mut st = lock(&me.workers.state);
-            st.threads -= 1;
-            if budgeted {
-                if let Some(b) = &me.settings.threads {
-                    b.give();
-                }
+            // Bound before the call: the guard must not live while the thread runs.
+            let frames = lock(&theirs).take();
+            if let Some(frames) = frames {
+                me.thread_main(Task::Read(frames, false));
             }
         });
         if started.is_err() {
@@ -1092,58 +1141,74 @@ impl Shared {
                     b.give();
                 }
             }
-            return false;
+            let frames = lock(&slot).take().expect("the thread did not start");
+            return Err(frames);
         }
-        true
+        Ok(())
     }
 
-    /// A worker's life: runs `job`, then whatever it is handed, until it has been idle for
-    /// [`WORKER_IDLE`] or the connection ends.
-    fn work(&self, job: Request, rx: Receiver<Task>) {
-        let mut job = Some(job);
+    /// A pool thread's life: reads while it holds the reader role, runs requests, and waits
+    /// for either when idle, until it has been idle for [`WORKER_IDLE`] or the connection
+    /// ends.
+    fn thread_main(self: Arc<Self>, task: Task) {
+        let mut task = Some(task);
         loop {
-            if let Some(j) = job.take() {
-                let send_reply = j();
-                // Counted free before the reply goes out: the peer may send its next request
-                // as soon as it reads the reply, and that request must find this worker free,
-                // not start another thread (or, at max_workers, be refused: a strictly
-                // sequential client was, with max_workers 1).
-                let mut st = lock(&self.workers.state);
-                st.running -= 1;
-                let closed = self.is_closed();
-                let hooks = if closed && st.running == 0 {
-                    std::mem::take(&mut st.stopped)
-                } else {
-                    Vec::new()
-                };
-                if !closed {
-                    st.idle += 1;
-                }
-                drop(st);
-                send_reply();
-                for hook in hooks {
-                    hook();
-                }
-                if closed {
-                    return;
-                }
-            }
-            match rx.recv_timeout(WORKER_IDLE) {
-                Ok(Some(j)) => job = Some(j),
-                // `terminate` counted us out of the idle ones.
-                Ok(None) => return,
-                Err(_) => {
-                    let mut st = lock(&self.workers.state);
-                    // A job may have been handed to us just now.
-                    match rx.try_recv() {
-                        Ok(Some(j)) => job = Some(j),
-                        Ok(None) => return,
-                        Err(_) => {
-                            st.idle -= 1;
-                            return;
+            let job = match task.take() {
+                Some(Task::Read(frames, first)) => self.read_role(frames, first),
+                Some(Task::End) => None,
+                None => match self.workers.rx.recv_timeout(WORKER_IDLE) {
+                    Ok(t) => {
+                        task = Some(t);
+                        continue;
+                    }
+                    Err(_) => {
+                        let mut st = lock(&self.workers.state);
+                        // A task may have been handed to us just now.
+                        match self.workers.rx.try_recv() {
+                            Ok(t) => {
+                                task = Some(t);
+                                continue;
+                            }
+                            Err(_) => {
+                                st.idle -= 1;
+                                None
+                            }
                         }
                     }
-                }
+                },
+            };
+            let Some(job) = job else { break };
+            let send_reply = job();
+            // Counted free before the reply goes out: the peer may send its next request as
+            // soon as it reads the reply, and that request must find this thread free, not
+            // start another one (or, at max_workers, be refused: a strictly sequential client
+            // was, with max_workers 1).
+            let mut st = lock(&self.workers.state);
+            st.running -= 1;
+            let closed = self.is_closed();
+            let hooks = if closed && st.running == 0 {
+                std::mem::take(&mut st.stopped)
+            } else {
+                Vec::new()
+            };
+            if !closed {
+                st.idle += 1;
+            }
+            drop(st);
+            send_reply();
+            for hook in hooks {
+                hook();
+            }
+            if closed {
+                break;
+            }
+        }
+        let mut st = lock(&self.workers.state);
+        st.threads -= 1;
+        // The first two threads are the connection's own, the others the budget's.
+        if st.threads >= 2 {
+            if let Some(b) = &self.settings.threads {
+                b.give();
             }
         }
     }
@@ -1197,6 +1262,40 @@ impl Shared {
                     h.name()
                 ),),
             )),
+        }
+    }
+}
+
+/// Where a call's outcome is put for the caller waiting on it: a mutex and a condvar, so the
+/// caller sleeps at once rather than spinning first.
+#[derive(Default)]
+struct ReplySlot {
+    value: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+impl ReplySlot {
+    fn put(&self, outcome: Outcome) {
+        *lock(&self.value) = Some(outcome);
+        self.cv.notify_one();
+    }
+
+    /// The outcome, once put, or `None` at `deadline`.
+    fn wait(&self, deadline: Instant) -> Option<Outcome> {
+        let mut v = lock(&self.value);
+        loop {
+            if let Some(o) = v.take() {
+                return Some(o);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            v = self
+                .cv
+                .wait_timeout(v, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }

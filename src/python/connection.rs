@@ -62,7 +62,7 @@
 //! * `locals`: our objects the peer holds (services, callbacks, bound methods minted for a
 //!   `GETATTR`), with RPyC's count of how many times each was sent; the peer's `DEL(obj, n)`
 //!   takes `n` off, and the entry goes at zero. At most `max_objects` entries: beyond, sending
-//!   another object fails (the peer is told with a `MemoryError`).
+//!   another object fails (the peer gets an exception saying so).
 //! * `proxies`: the peer's objects we hold, one [`PyObject`](crate::python::PyObject) per id
 //!   pack (weakly held here), counting how many times the peer sent it. When the last handle
 //!   drops, one `DEL(obj, count)` is queued (fire and forget: its reply is ignored).

@@ -1554,3 +1554,51 @@ impl Connection {
         self.shared.proxy_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::python::Service;
+
+    fn settings(max_objects: usize) -> Settings {
+        Settings {
+            call_timeout: Duration::from_secs(5),
+            max_frame: 1 << 20,
+            max_buffered: 2 << 20,
+            max_workers: 4,
+            max_objects,
+            stall: Duration::from_secs(5),
+            budget: Budget::new(8 << 20, None),
+            threads: None,
+        }
+    }
+
+    #[test]
+    fn the_peer_may_hold_at_most_max_objects_of_ours() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = crate::transport::unix(ours, "test".into(), Duration::from_secs(5)).unwrap();
+        let shared = Shared::start(t, settings(3), Service::new("Root"), ThreadSet::new()).unwrap();
+        let objects: Vec<Service> = (0..4).map(|i| Service::new(&format!("O{i}"))).collect();
+        for o in &objects[..3] {
+            shared.export(o.clone()).unwrap();
+        }
+        // Sending one of them again takes no new entry; a fourth object is refused.
+        shared.export(objects[0].clone()).unwrap();
+        let refused = shared.export(objects[3].clone()).unwrap_err();
+        assert!(refused.contains("holds 3 of our objects"), "{refused}");
+        assert_eq!(shared.local_count(), 3);
+        // Boxing a value that holds it fails the same way, and takes nothing back it did not
+        // take.
+        let mut sent = Vec::new();
+        assert!(shared
+            .box_value(
+                &Value::Tuple(vec![Value::Local(objects[3].clone())]),
+                &mut sent
+            )
+            .is_err());
+        assert!(sent.is_empty());
+        shared.terminate(Error::Closed {
+            reason: "test over".into(),
+        });
+    }
+}

@@ -383,3 +383,29 @@ fn close_ends_handshakes_in_progress_at_once() {
         common::wait_for_hang_up(&mut s);
     }
 }
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn a_plain_connection_costs_one_descriptor_on_each_side() {
+    let server = common::serve(service());
+    let conns: Vec<_> = (0..10).map(|_| common::connect(&server)).collect();
+    common::works(&conns[0]);
+    let before = open_fds();
+    let more: Vec<_> = (0..50).map(|_| common::connect(&server)).collect();
+    for c in &more {
+        common::works(c);
+    }
+    let added = open_fds() - before;
+    // 50 connections, each a socket in the client and one in the server (both in this
+    // process): 100 descriptors, and nothing else per connection.
+    assert!(
+        (100..=104).contains(&added),
+        "50 connections added {added} descriptors"
+    );
+    drop(more);
+    drop(conns);
+}

@@ -252,7 +252,7 @@ pub(crate) fn tcp(s: TcpStream, write_timeout: Duration) -> io::Result<Transport
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "tcp peer".into());
-    socket(s, TcpStream::try_clone, peer, write_timeout)
+    Ok(socket(s, peer, write_timeout))
 }
 
 /// Wraps a connected Unix socket.
@@ -262,28 +262,32 @@ pub(crate) fn unix(
     peer: String,
     write_timeout: Duration,
 ) -> io::Result<Transport> {
-    socket(
-        s,
-        std::os::unix::net::UnixStream::try_clone,
-        peer,
-        write_timeout,
-    )
+    Ok(socket(s, peer, write_timeout))
 }
 
-/// A connected socket as a transport: one handle reads, one shuts down, the socket itself
-/// writes.
-fn socket<S>(
-    s: S,
-    try_clone: fn(&S) -> io::Result<S>,
-    peer: String,
-    write_timeout: Duration,
-) -> io::Result<Transport>
+/// Reads a socket shared with the other halves of its transport.
+struct SharedReader<S>(Arc<S>);
+
+impl<S> Read for SharedReader<S>
 where
-    S: Read + Control + AsRawFd + Send + 'static,
+    for<'a> &'a S: Read,
 {
-    Ok(Transport {
-        reader: Box::new(try_clone(&s)?),
-        control: Arc::new(try_clone(&s)?),
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+/// A connected socket as a transport: the reader, the writer and the control share the one
+/// socket (one file descriptor per connection).
+fn socket<S>(s: S, peer: String, write_timeout: Duration) -> Transport
+where
+    S: Control + AsRawFd + Send + Sync + 'static,
+    for<'a> &'a S: Read,
+{
+    let s = Arc::new(s);
+    Transport {
+        reader: Box::new(SharedReader(s.clone())),
+        control: s.clone(),
         // A peer that stops reading must not block a writer forever: a frame that makes no
         // progress for this long fails and closes the connection.
         writer: Box::new(SocketSink {
@@ -293,7 +297,7 @@ where
         peer,
         credentials: None,
         started: Instant::now(),
-    })
+    }
 }
 
 /// The write half of a stream, which `shutdown` can close from another thread (dropping it

@@ -28,6 +28,23 @@ use std::time::{Duration, Instant};
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
+/// Raises the process's soft descriptor limit to its hard one, once (see
+/// `sys::raise_nofile_limit`): each connection holds a descriptor, and the soft default of
+/// 1,024 would stop a server near a thousand clients.
+fn raise_descriptor_limit() {
+    #[cfg(unix)]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| match crate::base::sys::raise_nofile_limit() {
+            Ok((before, after)) if after > before => {
+                log::debug!("raised the soft limit on open files from {before} to {after}")
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("cannot raise the soft limit on open files: {e}"),
+        });
+    }
+}
+
 /// What a server runs on each accepted transport: this crate's native protocol with a
 /// [`Service`], or another (Python RPyC's, from the `python` layer above).
 pub(crate) trait Protocol: Send + Sync {
@@ -449,8 +466,11 @@ impl ServerBuilder {
     }
 
     /// Binds the listening socket. Fails if the authenticator's configuration is wrong (e.g.
-    /// a CA file that does not load).
+    /// a CA file that does not load). The first server a process builds raises the process's
+    /// soft limit on open files to its hard limit (as Go's runtime does): each connection
+    /// holds one descriptor.
     pub fn build(self) -> Result<Server, Error> {
+        raise_descriptor_limit();
         if let Some(a) = &self.authenticator {
             if self.unix.is_some() {
                 return Err(Error::Misuse(

@@ -409,3 +409,67 @@ fn a_plain_connection_costs_one_descriptor_on_each_side() {
     drop(more);
     drop(conns);
 }
+
+/// The soft limit on open files of this process, from /proc.
+fn soft_nofile() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+fn hard_nofile() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
+#[test]
+fn building_a_server_raises_the_soft_descriptor_limit_to_the_hard_one() {
+    // A child process started with a soft limit of 256, as under a stingy `ulimit -Sn`.
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args([
+            "child_reports_its_descriptor_limits",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RPYC_TEST_FD_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let report = text
+        .lines()
+        .find_map(|l| l.split("limits: ").nth(1))
+        .unwrap_or_else(|| panic!("no report in {text}"));
+    let n: Vec<u64> = report
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (before, after, hard) = (n[0], n[1], n[2]);
+    assert_eq!(before, 256);
+    assert_eq!(after, hard.min(1 << 20), "{report}");
+}
+
+#[test]
+#[ignore = "the child process of building_a_server_raises_the_soft_descriptor_limit_to_the_hard_one"]
+fn child_reports_its_descriptor_limits() {
+    if std::env::var_os("RPYC_TEST_FD_CHILD").is_none() {
+        return;
+    }
+    let before = soft_nofile();
+    let server = ThreadedServer::new(service()).port(0).build().unwrap();
+    println!("limits: {before} {} {}", soft_nofile(), hard_nofile());
+    drop(server);
+}

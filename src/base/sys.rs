@@ -182,6 +182,40 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit on open file descriptors to its hard limit, as Go's
+/// runtime does: the common soft default (1,024) is far below what a server of many
+/// connections needs, and the hard limit is the administrator's actual bound. Returns the soft
+/// limit before and after.
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = r.rlim_cur as u64;
+    // An unlimited hard limit cannot be a soft one (the kernel caps descriptors at nr_open).
+    let target = if r.rlim_max == libc::RLIM_INFINITY {
+        1 << 20
+    } else {
+        r.rlim_max
+    };
+    if r.rlim_cur >= target {
+        return Ok((before, before));
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: `raised` is a valid rlimit; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, target as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

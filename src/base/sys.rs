@@ -186,6 +186,7 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// runtime does: the common soft default (1,024) is far below what a server of many
 /// connections needs, and the hard limit is the administrator's actual bound. Returns the soft
 /// limit before and after.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
 pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut r = libc::rlimit {
         rlim_cur: 0,

@@ -487,6 +487,14 @@ pub fn ssl_connect(
     keyfile: Option<&str>,
     certfile: Option<&str>,
 ) -> Result<Connection, Error> {
+    Options::new()
+        .tls(ssl_client(keyfile, certfile))
+        .connect(host, port)
+}
+
+/// The TLS settings of RPyC's `ssl_connect(host, port, keyfile, certfile)`: the system's trust
+/// store, the host name verified, a client certificate when both files are given.
+pub(crate) fn ssl_client(keyfile: Option<&str>, certfile: Option<&str>) -> SslClient {
     let mut client = SslClient::new();
     if let Some(k) = keyfile {
         client = client.keyfile(k);
@@ -494,7 +502,7 @@ pub fn ssl_connect(
     if let Some(c) = certfile {
         client = client.certfile(c);
     }
-    Options::new().tls(client).connect(host, port)
+    client
 }
 
 /// Connects through SSH, as RPyC's `ssh_connect`: opens an SSH session as `ctx` says and a

@@ -410,23 +410,20 @@ fn a_plain_connection_costs_one_descriptor_on_each_side() {
     drop(conns);
 }
 
-/// The soft limit on open files of this process, from /proc.
-fn soft_nofile() -> u64 {
+/// The soft and hard limits on open files of this process, from /proc.
+fn nofile_limits() -> (u64, u64) {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
-    line.split_whitespace().nth(3).unwrap().parse().unwrap()
-}
-
-fn hard_nofile() -> u64 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (n[0], n[1])
 }
 
 #[test]
@@ -468,8 +465,9 @@ fn child_reports_its_descriptor_limits() {
     if std::env::var_os("RPYC_TEST_FD_CHILD").is_none() {
         return;
     }
-    let before = soft_nofile();
+    let (before, _) = nofile_limits();
     let server = ThreadedServer::new(service()).port(0).build().unwrap();
-    println!("limits: {before} {} {}", soft_nofile(), hard_nofile());
+    let (after, hard) = nofile_limits();
+    println!("limits: {before} {after} {hard}");
     drop(server);
 }

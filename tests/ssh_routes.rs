@@ -166,55 +166,47 @@ fn a_wrong_host_key_on_the_jump_host_or_the_target_is_refused_naming_which() {
     let target = Sshd::start(SshdConfig::default());
     authorize(&jump, &target.client_key);
     let server = serve(adder());
-    // The jump host's line holds the target's key, and the reverse.
-    let swapped = jump.path("known_hosts_swapped");
-    std::fs::write(
-        &swapped,
-        format!(
-            "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
-            jump.port, target.host_key_ed25519, target.port, target.host_key_ed25519
-        ),
-    )
-    .unwrap();
-    let e = ssh_err(
-        options()
-            .ssh(
-                target
-                    .context()
-                    .known_hosts(&swapped)
-                    .proxy_jump(jump_spec(&jump)),
-            )
-            .connect("127.0.0.1", server.port)
-            .unwrap_err(),
+    // A known_hosts where `jump_key` stands for the jump host and `target_key` for the target.
+    let refused = |name: &str, jump_key: &str, target_key: &str| {
+        let file = jump.path(name);
+        std::fs::write(
+            &file,
+            format!(
+                "[127.0.0.1]:{} {jump_key}\n[127.0.0.1]:{} {target_key}\n",
+                jump.port, target.port
+            ),
+        )
+        .unwrap();
+        let ctx = target
+            .context()
+            .known_hosts(&file)
+            .proxy_jump(jump_spec(&jump));
+        let e = ssh_err(
+            options()
+                .ssh(ctx)
+                .connect("127.0.0.1", server.port)
+                .unwrap_err(),
+        );
+        assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
+        e
+    };
+    // The jump host's line holds the target's key.
+    let e = refused(
+        "known_hosts_wrong_jump",
+        &target.host_key_ed25519,
+        &target.host_key_ed25519,
     );
-    assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
     assert!(e.message().starts_with("jump host"), "{e}");
     assert!(
         e.message().contains(&format!("127.0.0.1]:{}", jump.port)),
         "{e}"
     );
-
-    let wrong_target = jump.path("known_hosts_wrong_target");
-    std::fs::write(
-        &wrong_target,
-        format!(
-            "[127.0.0.1]:{} {}\n[127.0.0.1]:{} {}\n",
-            jump.port, jump.host_key_ed25519, target.port, jump.host_key_ed25519
-        ),
-    )
-    .unwrap();
-    let e = ssh_err(
-        options()
-            .ssh(
-                target
-                    .context()
-                    .known_hosts(&wrong_target)
-                    .proxy_jump(jump_spec(&jump)),
-            )
-            .connect("127.0.0.1", server.port)
-            .unwrap_err(),
+    // The target's line holds the jump host's key.
+    let e = refused(
+        "known_hosts_wrong_target",
+        &jump.host_key_ed25519,
+        &jump.host_key_ed25519,
     );
-    assert_eq!(e.kind(), SshErrorKind::HostKeyChanged, "{e}");
     assert!(!e.message().starts_with("jump host"), "{e}");
     assert!(
         e.message().contains(&format!("127.0.0.1]:{}", target.port)),

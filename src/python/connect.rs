@@ -10,7 +10,6 @@ use crate::python::connection::{Connection, Settings, Shared};
 use crate::python::service::Service;
 #[cfg(unix)]
 use crate::ssh::SshContext;
-use crate::tls::SslClient;
 use crate::transport::Transport;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -197,14 +196,8 @@ pub fn ssl_connect(
     keyfile: Option<&str>,
     certfile: Option<&str>,
 ) -> Result<Connection, Error> {
-    let mut client = SslClient::new();
-    if let Some(k) = keyfile {
-        client = client.keyfile(k);
-    }
-    if let Some(c) = certfile {
-        client = client.certfile(c);
-    }
-    Client::new(Options::new().tls(client)).connect(host, port)
+    Client::new(Options::new().tls(crate::client::ssl_client(keyfile, certfile)))
+        .connect(host, port)
 }
 
 /// Connects through SSH, as RPyC's `ssh_connect`: a tunnel to `port` on the SSH server's own

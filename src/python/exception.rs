@@ -26,7 +26,7 @@ impl PythonError {
         let args = args
             .into_args()
             .unwrap_or_else(|e| vec![Value::Str(e.to_string())]);
-        Self::build(
+        Self::received(
             "builtins".into(),
             class.into(),
             args,
@@ -102,17 +102,8 @@ impl PythonError {
             })
     }
 
+    /// An exception as a peer sent it (or as `new` builds one).
     pub(crate) fn received(
-        module: String,
-        class: String,
-        args: Vec<Value>,
-        attrs: Vec<(String, Value)>,
-        traceback: String,
-    ) -> PythonError {
-        Self::build(module, class, args, attrs, traceback)
-    }
-
-    fn build(
         module: String,
         class: String,
         args: Vec<Value>,

@@ -704,11 +704,16 @@ fn ssh_dash_l(d: &sshd::Sshd, target: u16) -> Res<(SshForward, u16)> {
         .arg(HOST)
         .stdin(std::process::Stdio::null())
         .spawn()?;
-    let mut fwd = SshForward(child);
+    let fwd = wait_forward(SshForward(child), local)?;
+    Ok((fwd, local))
+}
+
+/// Waits (10 s at most) until the `ssh -L` in `fwd` accepts connections on `local`.
+fn wait_forward(mut fwd: SshForward, local: u16) -> Res<SshForward> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if TcpStream::connect((HOST, local)).is_ok() {
-            return Ok((fwd, local));
+            return Ok(fwd);
         }
         if let Some(status) = fwd.0.try_wait()? {
             return Err(format!("ssh -L exited: {status}").into());
@@ -945,17 +950,7 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
             .arg(HOST)
             .stdin(std::process::Stdio::null())
             .spawn()?;
-        let mut fwd = SshForward(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect((HOST, local)).is_err() {
-            if let Some(status) = fwd.0.try_wait()? {
-                return Err(format!("ssh -J -L exited: {status}").into());
-            }
-            if Instant::now() > deadline {
-                return Err("ssh -J -L did not open its port in 10 s".into());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        let fwd = wait_forward(SshForward(child), local)?;
         let via_ssh_j = options().connect(HOST, local)?;
         let p = Bytes::from(vec![0xcd; 16]);
         let (floor, rpyc) = measure(

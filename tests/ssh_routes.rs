@@ -226,21 +226,54 @@ fn proxy_command(jump: &Sshd, known_hosts: &std::path::Path, marker: &str) -> St
     )
 }
 
+/// A target sshd behind a jump sshd, an rpyc server, and a known_hosts file for both.
+struct Behind {
+    jump: Sshd,
+    target: Sshd,
+    server: common::TestServer,
+    known: PathBuf,
+}
+
+impl Behind {
+    fn new() -> Behind {
+        let jump = Sshd::start(SshdConfig::default());
+        let target = Sshd::start(SshdConfig::default());
+        let known = known_hosts_for(&jump, &[&jump, &target]);
+        Behind {
+            jump,
+            target,
+            server: serve(adder()),
+            known,
+        }
+    }
+
+    /// A context reaching the target through `command`.
+    fn through(&self, command: String) -> SshContext {
+        self.target
+            .context()
+            .known_hosts(&self.known)
+            .proxy_command(command)
+    }
+
+    /// `proxy_command` through this jump host.
+    fn ssh_w(&self, marker: &str) -> String {
+        proxy_command(&self.jump, &self.known, marker)
+    }
+
+    fn connect(&self, ctx: &SshContext) -> rpyc::Connection {
+        options()
+            .ssh(ctx.clone())
+            .connect("127.0.0.1", self.server.port)
+            .unwrap()
+    }
+}
+
 #[test]
 fn a_proxy_command_carries_the_session_and_is_gone_after_close_and_drop() {
-    let jump = Sshd::start(SshdConfig::default());
-    let target = Sshd::start(SshdConfig::default());
-    let server = serve(adder());
-    let known = known_hosts_for(&jump, &[&jump, &target]);
+    let b = Behind::new();
     let marker = "rpyc-proxy-close";
-    let ctx = target
-        .context()
-        .known_hosts(&known)
-        .proxy_command(proxy_command(&jump, &known, marker));
-    let conn = options()
-        .ssh(ctx.clone())
-        .connect("127.0.0.1", server.port)
-        .unwrap();
+    let ctx = b.through(b.ssh_w(marker));
+    let conn = b.connect(&ctx);
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
     assert!(child_running(marker), "the proxy command should be running");
     conn.close();
@@ -250,10 +283,7 @@ fn a_proxy_command_carries_the_session_and_is_gone_after_close_and_drop() {
         || !child_running(marker),
     );
     // Dropping the connection ends it too.
-    let conn = options()
-        .ssh(ctx)
-        .connect("127.0.0.1", server.port)
-        .unwrap();
+    let conn = b.connect(&ctx);
     assert_eq!(conn.root().call::<i64, _>("add", (2, 2)).unwrap(), 4);
     assert!(child_running(marker), "the proxy command should be running");
     drop(conn);
@@ -265,20 +295,46 @@ fn a_proxy_command_carries_the_session_and_is_gone_after_close_and_drop() {
 }
 
 #[test]
+fn a_proxy_command_is_ended_with_every_process_it_started() {
+    let b = Behind::new();
+    // A helper process the command leaves behind, holding the command's stdout: unless the
+    // whole process group is ended, the pipe never closes.
+    let unique = format!("3000.{}", std::process::id());
+    let ctx = b.through(format!(
+        "sleep {unique} 2>/dev/null & {}",
+        b.ssh_w("rpyc-proxy-group")
+    ));
+    let conn = b.connect(&ctx);
+    assert_eq!(conn.root().call::<i64, _>("add", (3, 4)).unwrap(), 7);
+    let sleeping = || {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("sleep {unique}")])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    assert!(sleeping(), "the helper process should be running");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        conn.close();
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "close did not return"
+    );
+    expect_within(
+        "the helper process has ended",
+        Duration::from_secs(5),
+        || !sleeping(),
+    );
+}
+
+#[test]
 fn a_dead_proxy_command_fails_waiting_calls_promptly() {
-    let jump = Sshd::start(SshdConfig::default());
-    let target = Sshd::start(SshdConfig::default());
-    let server = serve(adder());
-    let known = known_hosts_for(&jump, &[&jump, &target]);
+    let b = Behind::new();
     let marker = "rpyc-proxy-dies";
-    let ctx = target
-        .context()
-        .known_hosts(&known)
-        .proxy_command(proxy_command(&jump, &known, marker));
-    let conn = options()
-        .ssh(ctx)
-        .connect("127.0.0.1", server.port)
-        .unwrap();
+    let conn = b.connect(&b.through(b.ssh_w(marker)));
     let waiting = {
         let conn = conn.clone();
         std::thread::spawn(move || {

@@ -182,6 +182,24 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Kills (SIGKILL) every process of the process group `pgid` (a child started with
+/// `process_group(0)` leads a group of that id).
+pub(crate) fn kill_group(pgid: u32) -> io::Result<()> {
+    let pgid = libc::pid_t::try_from(pgid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a process id"))?;
+    if pgid <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a process group",
+        ));
+    }
+    // SAFETY: kill(2) with a negative pid signals that group; no memory is involved.
+    if unsafe { libc::kill(-pgid, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Raises this process's soft limit on open file descriptors to its hard limit, as Go's
 /// runtime does: the common soft default (1,024) is far below what a server of many
 /// connections needs, and the hard limit is the administrator's actual bound. Returns the soft

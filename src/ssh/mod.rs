@@ -733,10 +733,23 @@ struct ProxyChild {
 impl Drop for ProxyChild {
     fn drop(&mut self) {
         let _ = self.ours.shutdown(std::net::Shutdown::Both);
+        // The whole process group: a command that is a pipeline (`a | b`) leaves its parts
+        // holding the pipes when only the shell dies.
+        let _ = crate::base::sys::kill_group(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The pumps end once the pipes close; a process that left the group could keep one
+        // open, so they get half a second and are then left to end on their own.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         for p in self.pumps.drain(..) {
-            let _ = p.join();
+            if p.is_finished() {
+                let _ = p.join();
+            } else {
+                log::debug!("ssh: a ProxyCommand pipe is still open; leaving its pump thread");
+            }
         }
     }
 }
@@ -794,9 +807,12 @@ fn proxy_command(
     use std::process::{Command, Stdio};
     let expanded = expand_tokens(command, r, alias);
     log::debug!("ssh: reaching {} through ProxyCommand {expanded}", r.addr());
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(format!("exec {expanded}"))
+        // A group of its own, ended as a whole (see `ProxyChild`'s drop).
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -128,19 +128,29 @@ fn dump_bytes(b: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b);
 }
 
-fn dump_tuple(items: &[Value], out: &mut Vec<u8>) -> Result<(), String> {
-    match items.len() {
+/// Writes the head of a tuple of `n` items (the items follow, each dumped in turn).
+pub fn tuple_head(n: usize, out: &mut Vec<u8>) {
+    match n {
         0 => out.push(EMPTY_TUPLE),
-        n @ 1..=4 => out.push(TUP1 + n as u8 - 1),
-        n @ 5..=255 => {
+        1..=4 => out.push(TUP1 + n as u8 - 1),
+        5..=255 => {
             out.push(TUP_L1);
             out.push(n as u8);
         }
-        n => {
+        _ => {
             out.push(TUP_L4);
             out.extend_from_slice(&(n as u32).to_be_bytes());
         }
     }
+}
+
+/// Writes an `int`.
+pub fn int(i: i64, out: &mut Vec<u8>) {
+    dump_int(i, out)
+}
+
+fn dump_tuple(items: &[Value], out: &mut Vec<u8>) -> Result<(), String> {
+    tuple_head(items.len(), out);
     for item in items {
         dump(item, out)?;
     }

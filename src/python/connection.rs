@@ -404,9 +404,14 @@ impl Shared {
         // Held until the request is queued: dropping the last handle of a peer's object among
         // the arguments queues its DEL, which must not reach the peer before the request.
         let args = Value::Tuple(args);
-        let payload = self
-            .request_payload(seq, h, &args, &mut sent)
-            .map_err(Error::Encode)?;
+        let payload = match self.request_payload(seq, h, &args, &mut sent) {
+            Ok(p) => p,
+            Err(why) => {
+                // Objects boxed before the failure were counted as sent: take that back.
+                self.unsend(sent);
+                return Err(Error::Encode(why));
+            }
+        };
         let slot = Arc::new(ReplySlot::default());
         lock(&self.pending).insert(seq, slot.clone());
         if self.is_closed() {
@@ -415,7 +420,7 @@ impl Shared {
             return Err(self.ended_error());
         }
         let timeout = self.settings.call_timeout;
-        let queued = self.queue(&payload, Some(deadline), false);
+        let queued = self.queue(payload, Some(deadline), false);
         drop(args);
         if let Err(e) = queued {
             lock(&self.pending).remove(&seq);
@@ -463,8 +468,8 @@ impl Shared {
                 ]),
             ]),
         ]);
-        if let Ok(p) = proto::message(proto::MSG_REQUEST, seq, body) {
-            let _ = self.queue(&p, None, true);
+        if let Ok(f) = proto::message(proto::MSG_REQUEST, seq, &body) {
+            let _ = self.queue(f, None, true);
         }
     }
 
@@ -475,12 +480,11 @@ impl Shared {
         args: &Value,
         sent: &mut Vec<i128>,
     ) -> Result<Vec<u8>, String> {
-        let boxed = self.box_value(args, sent)?;
-        proto::message(
-            proto::MSG_REQUEST,
-            seq,
-            Value::Tuple(vec![Value::Int(h as i64), boxed]),
-        )
+        let mut out = proto::start(proto::MSG_REQUEST, seq);
+        brine::tuple_head(2, &mut out);
+        brine::int(h as i64, &mut out);
+        self.box_into(args, &mut out, sent)?;
+        Ok(frame::seal(out))
     }
 
     /// Takes back the counts of objects boxed for a message that was never sent.
@@ -502,19 +506,26 @@ impl Shared {
 
     // ---- boxing ----
 
-    /// RPyC's box of `v`: `(1, value)` for plain values, `(2, boxes)` for a tuple holding
-    /// references, `(3, id pack)` for an object of the peer's, `(4, id pack)` for one of ours
-    /// (recorded in `locals`; its handle is pushed on `sent`).
-    pub(crate) fn box_value(&self, v: &Value, sent: &mut Vec<i128>) -> Result<Value, String> {
-        let label = |l: i64, payload: Value| Value::Tuple(vec![Value::Int(l), payload]);
-        Ok(match v {
-            v if brine::dumpable(v) => label(proto::LABEL_VALUE, v.clone()),
+    /// Writes RPyC's box of `v` after `out`, straight from `v` (no copy of its values):
+    /// `(1, value)` for plain values, `(2, boxes)` for a tuple holding references, `(3, id
+    /// pack)` for an object of the peer's, `(4, id pack)` for one of ours (recorded in
+    /// `locals`; its handle is pushed on `sent`).
+    pub(crate) fn box_into(
+        &self,
+        v: &Value,
+        out: &mut Vec<u8>,
+        sent: &mut Vec<i128>,
+    ) -> Result<(), String> {
+        brine::tuple_head(2, out);
+        match v {
+            v if brine::dumpable(v) => {
+                brine::int(proto::LABEL_VALUE, out);
+                brine::dump(v, out)
+            }
             Value::Tuple(items) => {
-                let boxes = items
-                    .iter()
-                    .map(|i| self.box_value(i, sent))
-                    .collect::<Result<Vec<_>, _>>()?;
-                label(proto::LABEL_TUPLE, Value::Tuple(boxes))
+                brine::int(proto::LABEL_TUPLE, out);
+                brine::tuple_head(items.len(), out);
+                items.iter().try_for_each(|i| self.box_into(i, out, sent))
             }
             Value::Remote(o) => {
                 if !o.belongs_to(self) {
@@ -523,20 +534,20 @@ impl Shared {
                          to the peer it came from"
                     ));
                 }
-                label(proto::LABEL_LOCAL_REF, o.id_pack().to_value())
+                brine::int(proto::LABEL_LOCAL_REF, out);
+                brine::dump(&o.id_pack().to_value(), out)
             }
             Value::Local(obj) => {
                 let pack = self.export(obj.clone())?;
                 sent.push(pack.instance);
-                label(proto::LABEL_REMOTE_REF, pack.to_value())
+                brine::int(proto::LABEL_REMOTE_REF, out);
+                brine::dump(&pack.to_value(), out)
             }
-            Value::FrozenSet(_) | Value::Slice(_) => {
-                return Err(format!(
-                    "{v:?}: a frozenset or slice can only hold plain values, not object references"
-                ))
-            }
+            Value::FrozenSet(_) | Value::Slice(_) => Err(format!(
+                "{v:?}: a frozenset or slice can only hold plain values, not object references"
+            )),
             _ => unreachable!("every other value is dumpable"),
-        })
+        }
     }
 
     /// Records one more sending of `obj` and returns its id pack.
@@ -689,9 +700,8 @@ impl Shared {
 
     // ---- the outbox and the writer ----
 
-    fn queue(&self, payload: &[u8], deadline: Option<Instant>, urgent: bool) -> Result<(), Queue> {
-        let mut f = Vec::with_capacity(payload.len().min(frame::COMPRESSION_THRESHOLD) + 6);
-        frame::encode(payload, &mut f);
+    /// Queues a whole frame ([`frame::seal`]).
+    fn queue(&self, f: Vec<u8>, deadline: Option<Instant>, urgent: bool) -> Result<(), Queue> {
         if f.len() - frame::HEADER - 1 > self.settings.max_frame {
             return Err(Queue::TooLarge(f.len()));
         }
@@ -1061,26 +1071,30 @@ impl Shared {
         let mut sent = Vec::new();
         // `outcome` lives until the reply is queued: dropping the last handle of a peer's
         // object in it queues its DEL, which must not reach the peer before the reply.
-        let payload = match &outcome {
-            Ok(v) => match self.box_value(v, &mut sent) {
-                Ok(b) => proto::message(proto::MSG_REPLY, seq, b),
-                Err(why) => proto::message(
-                    proto::MSG_EXCEPTION,
-                    seq,
-                    proto::exception_body(&PythonError::new("TypeError", (why,))),
-                ),
-            },
-            Err(e) => proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(e)),
+        let exception =
+            |e: &PythonError| proto::message(proto::MSG_EXCEPTION, seq, &proto::exception_body(e));
+        let frame = match &outcome {
+            Ok(v) => {
+                let mut out = proto::start(proto::MSG_REPLY, seq);
+                match self.box_into(v, &mut out, &mut sent) {
+                    Ok(()) => Ok(frame::seal(out)),
+                    Err(why) => {
+                        self.unsend(std::mem::take(&mut sent));
+                        exception(&PythonError::new("TypeError", (why,)))
+                    }
+                }
+            }
+            Err(e) => exception(e),
         };
-        let payload = match payload {
-            Ok(p) => p,
+        let frame = match frame {
+            Ok(f) => f,
             Err(why) => {
                 log::warn!("{}: cannot encode a reply: {why}", self.peer);
                 return;
             }
         };
         let deadline = Instant::now() + self.settings.call_timeout;
-        match self.queue(&payload, Some(deadline), urgent) {
+        match self.queue(frame, Some(deadline), urgent) {
             Ok(()) => {}
             Err(Queue::TooLarge(size)) => {
                 self.unsend(sent);
@@ -1091,9 +1105,8 @@ impl Shared {
                         self.settings.max_frame
                     ),),
                 );
-                if let Ok(p) = proto::message(proto::MSG_EXCEPTION, seq, proto::exception_body(&e))
-                {
-                    let _ = self.queue(&p, Some(deadline), urgent);
+                if let Ok(f) = exception(&e) {
+                    let _ = self.queue(f, Some(deadline), urgent);
                 }
             }
             Err(_) => self.unsend(sent),
@@ -1390,8 +1403,8 @@ fn close(shared: &Arc<Shared>) {
         Value::Int(Handler::Close as i64),
         Value::Tuple(vec![Value::Int(proto::LABEL_VALUE), Value::Tuple(vec![])]),
     ]);
-    if let Ok(p) = proto::message(proto::MSG_REQUEST, seq, body) {
-        if shared.queue(&p, None, true).is_ok() {
+    if let Ok(f) = proto::message(proto::MSG_REQUEST, seq, &body) {
+        if shared.queue(f, None, true).is_ok() {
             let grace = shared.settings.call_timeout.min(Duration::from_secs(1));
             shared.wait_closed(Some(Instant::now() + grace));
         }
@@ -1587,16 +1600,40 @@ mod tests {
         let refused = shared.export(objects[3].clone()).unwrap_err();
         assert!(refused.contains("holds 3 of our objects"), "{refused}");
         assert_eq!(shared.local_count(), 3);
-        // Boxing a value that holds it fails the same way, and takes nothing back it did not
-        // take.
+        // Boxing a value that holds it fails the same way.
         let mut sent = Vec::new();
+        let mut out = Vec::new();
         assert!(shared
-            .box_value(
+            .box_into(
                 &Value::Tuple(vec![Value::Local(objects[3].clone())]),
+                &mut out,
                 &mut sent
             )
             .is_err());
         assert!(sent.is_empty());
+        shared.terminate(Error::Closed {
+            reason: "test over".into(),
+        });
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_boxed_takes_back_what_it_exported() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = crate::transport::unix(ours, "test".into(), Duration::from_secs(5)).unwrap();
+        let shared = Shared::start(t, settings(3), Service::new("Root"), ThreadSet::new()).unwrap();
+        shared.export(Service::new("A")).unwrap();
+        shared.export(Service::new("B")).unwrap();
+        // Room for one more: the first argument is exported, the second is refused.
+        let args = vec![
+            Value::Local(Service::new("C")),
+            Value::Local(Service::new("D")),
+        ];
+        let until = Instant::now() + Duration::from_secs(1);
+        let e = shared
+            .request(Handler::Call, args, until, &|| "test".into())
+            .unwrap_err();
+        assert!(matches!(e, Error::Encode(_)), "{e:?}");
+        assert_eq!(shared.local_count(), 2);
         shared.terminate(Error::Closed {
             reason: "test over".into(),
         });

@@ -18,22 +18,36 @@ pub const HEADER: usize = 5;
 /// Payloads longer than this are compressed (RPyC's `COMPRESSION_THRESHOLD`).
 pub const COMPRESSION_THRESHOLD: usize = 3000;
 
-/// Appends the frame for `payload` to `out`.
-pub fn encode(payload: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; HEADER]);
-    let compressed = payload.len() > COMPRESSION_THRESHOLD;
+/// A buffer to write a payload into: the frame's header goes in front, once [`seal`]ed.
+pub fn open() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(128);
+    buf.resize(HEADER, 0);
+    buf
+}
+
+/// Turns a buffer from [`open`], with a payload written after its header space, into a whole
+/// frame: the header filled in and the terminator added, in place; a payload over the
+/// threshold is compressed into a new buffer.
+pub fn seal(mut buf: Vec<u8>) -> Vec<u8> {
+    let payload_len = buf.len() - HEADER;
+    let compressed = payload_len > COMPRESSION_THRESHOLD;
     if compressed {
-        let mut z = ZlibEncoder::new(std::mem::take(out), Compression::new(1));
-        z.write_all(payload).expect("writing to a Vec");
-        *out = z.finish().expect("writing to a Vec");
-    } else {
-        out.extend_from_slice(payload);
+        let mut z = ZlibEncoder::new(vec![0; HEADER], Compression::new(1));
+        z.write_all(&buf[HEADER..]).expect("writing to a Vec");
+        buf = z.finish().expect("writing to a Vec");
     }
-    let len = (out.len() - start - HEADER) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    out[start + 4] = compressed as u8;
-    out.push(b'\n');
+    let len = (buf.len() - HEADER) as u32;
+    buf[0..4].copy_from_slice(&len.to_be_bytes());
+    buf[4] = compressed as u8;
+    buf.push(b'\n');
+    buf
+}
+
+/// The frame for `payload`.
+pub fn encode(payload: &[u8]) -> Vec<u8> {
+    let mut buf = open();
+    buf.extend_from_slice(payload);
+    seal(buf)
 }
 
 /// Why reading a frame failed.
@@ -265,9 +279,7 @@ mod tests {
     use super::*;
 
     fn frames(payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        encode(payload, &mut out);
-        out
+        encode(payload)
     }
 
     fn read_one(bytes: &[u8], max: usize) -> Result<Vec<u8>, ReadError> {

@@ -109,8 +109,6 @@ pub mod wire {
 
     /// One frame carrying `payload`.
     pub fn frame(payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        super::frame::encode(payload, &mut out);
-        out
+        super::frame::encode(payload)
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::error::PythonError;
 use crate::python::brine;
+use crate::python::frame;
 use crate::python::value::Value;
 
 pub const MSG_REQUEST: u8 = 1;
@@ -146,12 +147,24 @@ fn int(i: i128) -> Value {
     }
 }
 
-/// A whole message payload: type byte and brine `(seq, body)`.
-pub fn message(kind: u8, seq: u64, body: Value) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(64);
+/// Starts a message in an open frame buffer ([`frame::open`]): its type byte and the head of
+/// `(seq, body)`; the body is written next, then the buffer is sealed ([`frame::seal`]).
+pub fn start(kind: u8, seq: u64) -> Vec<u8> {
+    let mut out = frame::open();
     out.push(kind);
-    brine::dump(&Value::Tuple(vec![Value::from(seq), body]), &mut out)?;
-    Ok(out)
+    brine::tuple_head(2, &mut out);
+    match i64::try_from(seq) {
+        Ok(s) => brine::int(s, &mut out),
+        Err(_) => brine::dump(&Value::from(seq), &mut out).expect("an int is dumpable"),
+    }
+    out
+}
+
+/// A whole frame: type byte and brine `(seq, body)`.
+pub fn message(kind: u8, seq: u64, body: &Value) -> Result<Vec<u8>, String> {
+    let mut out = start(kind, seq);
+    brine::dump(body, &mut out)?;
+    Ok(frame::seal(out))
 }
 
 /// Splits a payload into its type byte, sequence number and body. Recognizes the envelopes of

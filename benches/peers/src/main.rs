@@ -21,8 +21,7 @@
 use futures::prelude::*;
 use rpyc::{Bytes, Connection, Service, ThreadedServer};
 use std::hint::black_box;
-use std::io::{self, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -42,144 +41,11 @@ const WINDOW: usize = 64;
 const TARPC_MAX_FRAME: usize = 16 * MIB;
 const COMMAND: &str = "cd benches/peers && cargo run --release";
 
-// ---------------------------------------------------------------------------------------------
-// The raw floor (as in examples/bench.rs).
+// The raw floor: the same code as examples/bench.rs (examples/common/raw_floor.rs).
+#[path = "../../../examples/common/raw_floor.rs"]
+mod raw_floor;
 
-fn raw_server() -> io::Result<u16> {
-    let listener = TcpListener::bind((HOST, 0))?;
-    let port = listener.local_addr()?.port();
-    thread::Builder::new()
-        .name("raw-accept".into())
-        .spawn(move || {
-            for s in listener.incoming().flatten() {
-                let _ = thread::Builder::new()
-                    .name("raw-conn".into())
-                    .spawn(move || raw_serve(s));
-            }
-        })?;
-    Ok(port)
-}
-
-fn raw_serve(s: TcpStream) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let mut r = BufReader::with_capacity(64 << 10, s.try_clone()?);
-    let mut w = s;
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let mut len = [0u8; 4];
-        match r.read_exact(&mut len) {
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            other => other?,
-        }
-        let n = u32::from_be_bytes(len) as usize;
-        buf.resize(4 + n, 0);
-        buf[..4].copy_from_slice(&len);
-        read_chunked(&mut r, &mut buf[4..])?;
-        w.write_all(&buf)?;
-    }
-}
-
-/// Fills `buf` with reads of at most 64 KiB (faster on Linux loopback than one big read).
-fn read_chunked(r: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
-    for chunk in buf.chunks_mut(64 << 10) {
-        r.read_exact(chunk)?;
-    }
-    Ok(())
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(4 + payload.len());
-    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-struct RawReader {
-    r: BufReader<TcpStream>,
-    buf: Vec<u8>,
-}
-
-impl RawReader {
-    fn recv(&mut self) -> io::Result<usize> {
-        let mut len = [0u8; 4];
-        self.r.read_exact(&mut len)?;
-        let n = u32::from_be_bytes(len) as usize;
-        self.buf.resize(n, 0);
-        read_chunked(&mut self.r, &mut self.buf)?;
-        Ok(n)
-    }
-}
-
-struct RawConn {
-    w: TcpStream,
-    rd: RawReader,
-}
-
-impl RawConn {
-    fn connect(port: u16) -> io::Result<RawConn> {
-        let s = TcpStream::connect((HOST, port))?;
-        s.set_nodelay(true)?;
-        let r = BufReader::with_capacity(64 << 10, s.try_clone()?);
-        Ok(RawConn {
-            w: s,
-            rd: RawReader { r, buf: Vec::new() },
-        })
-    }
-
-    fn call(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.w.write_all(frame)?;
-        self.rd.recv()
-    }
-}
-
-/// Pipelined raw client: the caller writes a window of frames, a reader thread reads the
-/// replies and reports each full window.
-struct RawPipe {
-    w: TcpStream,
-    windows: mpsc::Receiver<io::Result<()>>,
-}
-
-impl RawPipe {
-    fn connect(port: u16, window: usize) -> io::Result<RawPipe> {
-        let c = RawConn::connect(port)?;
-        let mut rd = c.rd;
-        let (tx, rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("raw-pipe-reader".into())
-            .spawn(move || loop {
-                let mut result = Ok(());
-                for _ in 0..window {
-                    if let Err(e) = rd.recv() {
-                        result = Err(e);
-                        break;
-                    }
-                }
-                let failed = result.is_err();
-                if tx.send(result).is_err() || failed {
-                    return;
-                }
-            })?;
-        Ok(RawPipe {
-            w: c.w,
-            windows: rx,
-        })
-    }
-
-    fn window(&mut self, frame: &[u8], n: usize) -> io::Result<()> {
-        for _ in 0..n {
-            self.w.write_all(frame)?;
-        }
-        self.windows
-            .recv()
-            .map_err(|_| io::Error::other("reader thread ended"))?
-    }
-}
-
-impl Drop for RawPipe {
-    fn drop(&mut self) {
-        let _ = self.w.shutdown(std::net::Shutdown::Both);
-    }
-}
+use raw_floor::{frame, raw_server, RawConn, RawPipe};
 
 // ---------------------------------------------------------------------------------------------
 // rpyc.
@@ -565,7 +431,10 @@ fn main() -> Res<()> {
         let f = frame(&p);
         // Check every peer echoes the payload.
         assert_eq!(raw.call(&f)?, size);
-        assert!(raw.rd.buf[..] == pv[..], "raw echo returned something else");
+        assert!(
+            raw.reply()[..] == pv[..],
+            "raw echo returned something else"
+        );
         let r: Bytes = conn.root().call("echo", (&p,))?;
         assert!(r == p, "rpyc echo returned something else");
         let r = rt.block_on(tarpc.echo(context::current(), pv.clone()))?;

@@ -657,14 +657,15 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
         });
     }
 
-    if wanted("ssh.echo.64MiB") {
+    // Both 64 MiB echo rows: through `conn` against `ssh -L`, after one checked echo.
+    let echo_64mib = |conn: &Connection, seed: usize| -> Res<(Stats, Stats, Bytes, Plan)> {
         let p = Bytes::from(
             (0..64 * MIB)
-                .map(|i| (i * 7 + 1) as u8)
+                .map(|i| (i * seed + 1) as u8)
                 .collect::<Vec<u8>>(),
         );
-        let r: Bytes = via_tunnel.root().call("echo", (&p,))?;
-        assert!(r == p, "echo through the tunnel returned something else");
+        let r: Bytes = conn.root().call("echo", (&p,))?;
+        assert!(r == p, "echo through SSH returned something else");
         drop(r);
         let mut plan = plan;
         plan.warmup = Duration::ZERO;
@@ -674,8 +675,13 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
         let (floor, rpyc) = measure(
             plan,
             &mut || Ok(echo(&via_ssh_l, &p)? as u64 * 2),
-            &mut || Ok(echo(&via_tunnel, &p)? as u64 * 2),
+            &mut || Ok(echo(conn, &p)? as u64 * 2),
         )?;
+        Ok((floor, rpyc, p, plan))
+    };
+
+    if wanted("ssh.echo.64MiB") {
+        let (floor, rpyc, p, plan) = echo_64mib(&via_tunnel, 7)?;
         let dir = measure_one(plan, &mut || Ok(echo(&direct, &p)? as u64 * 2))?;
         rows.push(Row {
             name: "ssh.echo.64MiB",
@@ -727,28 +733,11 @@ fn ssh_rows(plan: Plan, quick: bool, wanted: &dyn Fn(&str) -> bool, port: u16) -
     }
     // ssh.openssh.echo.64MiB: this crate's OpenSSH transport (`ssh -W`), against `ssh -L`.
     if wanted("ssh.openssh.echo.64MiB") {
-        let p = Bytes::from(
-            (0..64 * MIB)
-                .map(|i| (i * 5 + 3) as u8)
-                .collect::<Vec<u8>>(),
-        );
         let via_openssh = options()
             .clone()
             .ssh(d.context().use_openssh(true))
             .connect("127.0.0.1", port)?;
-        let r: Bytes = via_openssh.root().call("echo", (&p,))?;
-        assert!(r == p, "echo through ssh -W returned something else");
-        drop(r);
-        let mut plan = plan;
-        plan.warmup = Duration::ZERO;
-        if !quick {
-            plan.batches = 7;
-        }
-        let (floor, rpyc) = measure(
-            plan,
-            &mut || Ok(echo(&via_ssh_l, &p)? as u64 * 2),
-            &mut || Ok(echo(&via_openssh, &p)? as u64 * 2),
-        )?;
+        let (floor, rpyc, _, _) = echo_64mib(&via_openssh, 5)?;
         rows.push(Row {
             name: "ssh.openssh.echo.64MiB",
             unit: Unit::MegaBytes,

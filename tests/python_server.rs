@@ -240,13 +240,12 @@ fn ssh_clients_of(port: u16) -> Vec<(u32, String)> {
     found
 }
 
-#[test]
-fn python_ssh_connect_through_sshd_passes_the_checks_and_leaves_no_ssh_process() {
-    let d = sshd::shared();
-    let server = pyservice::serve();
-    let args = [
+/// client_checks.py's arguments to reach the server on `port` through `d` with plumbum's
+/// `SshMachine`, then run `checks`.
+fn through_sshd(d: &sshd::Sshd, port: u16, checks: &[&str]) -> Vec<String> {
+    let mut args = vec![
         "--port".to_string(),
-        server.port.to_string(),
+        port.to_string(),
         "--ssh-port".into(),
         d.port.to_string(),
         "--ssh-user".into(),
@@ -255,8 +254,16 @@ fn python_ssh_connect_through_sshd_passes_the_checks_and_leaves_no_ssh_process()
         d.client_key.display().to_string(),
         "--ssh-known-hosts".into(),
         d.known_hosts.display().to_string(),
-        "all".into(),
     ];
+    args.extend(checks.iter().map(|c| c.to_string()));
+    args
+}
+
+#[test]
+fn python_ssh_connect_through_sshd_passes_the_checks_and_leaves_no_ssh_process() {
+    let d = sshd::shared();
+    let server = pyservice::serve();
+    let args = through_sshd(d, server.port, &["all"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Started apart so that the check below sees what plumbum left running once Python exited,
     // before the process group is killed.
@@ -295,20 +302,7 @@ fn python_ssh_connect_through_sshd_passes_the_checks_and_leaves_no_ssh_process()
 fn a_python_client_killed_mid_tunnel_leaves_no_ssh_process_and_no_server_connection() {
     let d = sshd::shared();
     let server = pyservice::serve();
-    let args = [
-        "--port".to_string(),
-        server.port.to_string(),
-        "--ssh-port".into(),
-        d.port.to_string(),
-        "--ssh-user".into(),
-        d.user.clone(),
-        "--ssh-key".into(),
-        d.client_key.display().to_string(),
-        "--ssh-known-hosts".into(),
-        d.known_hosts.display().to_string(),
-        "ping".into(),
-        "timeout".into(),
-    ];
+    let args = through_sshd(d, server.port, &["ping", "timeout"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut py = PyProcess::start("client_checks.py", &args);
     // Killed while the server sleeps in its call (`timeout` calls sleep(2.0) right after

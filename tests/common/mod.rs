@@ -43,7 +43,16 @@ pub fn serve_with(
     service: Service,
     setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
 ) -> TestServer {
-    let builder = ThreadedServer::new(service)
+    serve_builder(ThreadedServer::new(service), setup)
+}
+
+/// Runs the server `builder` makes (a native or a `rpyc::python` one) on a free port of
+/// 127.0.0.1, calls timing out after [`CALL_TIMEOUT`], with `setup` adding settings.
+pub fn serve_builder(
+    builder: ServerBuilder,
+    setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> TestServer {
+    let builder = builder
         .hostname("127.0.0.1")
         .port(0)
         .call_timeout(CALL_TIMEOUT);

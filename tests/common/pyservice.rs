@@ -3,9 +3,8 @@
 //! Python RPyC clients, and Python code written inline in a test.
 
 use super::python::PyOutput;
-use super::CALL_TIMEOUT;
 use rpyc::python::{self, PyObject, Service, Value};
-use rpyc::{PythonError, ServerBuilder, ServerHandle};
+use rpyc::{PythonError, ServerBuilder};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,35 +106,16 @@ pub fn service() -> Service {
     service_counting(Arc::new(AtomicU64::new(0)))
 }
 
-/// A Rust server for Python clients on 127.0.0.1 (calls time out after [`CALL_TIMEOUT`]);
-/// `setup` adds settings. Closed when dropped.
-pub struct PyServer {
-    pub handle: ServerHandle,
-    pub port: u16,
-}
+/// A Rust server for Python clients on 127.0.0.1 (calls time out after [`super::CALL_TIMEOUT`]),
+/// closed when dropped.
+pub type PyServer = super::TestServer;
 
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        self.handle.close();
-    }
-}
-
-/// Serves `service` to Python clients on a free port of 127.0.0.1.
+/// Serves `service` to Python clients on a free port of 127.0.0.1; `setup` adds settings.
 pub fn serve_with(
     service: Service,
     setup: impl FnOnce(ServerBuilder) -> ServerBuilder,
 ) -> PyServer {
-    let builder = python::serve(service)
-        .hostname("127.0.0.1")
-        .port(0)
-        .call_timeout(CALL_TIMEOUT);
-    let handle = setup(builder)
-        .build()
-        .expect("bind")
-        .spawn()
-        .expect("spawn the server");
-    let port = handle.port();
-    PyServer { handle, port }
+    super::serve_builder(python::serve(service), setup)
 }
 
 /// Serves the checks' [`service`] on a free port of 127.0.0.1.

@@ -32,18 +32,20 @@
 //! and reports the median batch of each; `±` is half the min-max range of the batches, relative
 //! to the median.
 
+#[path = "common/py_child.rs"]
+mod py_child;
 #[path = "common/raw_floor.rs"]
 mod raw_floor;
 #[path = "../tests/common/sshd.rs"]
 mod sshd;
 
+use py_child::{find_python, PyChild};
 use raw_floor::{frame, raw_server, RawConn, RawPipe};
 
 use rpyc::{Bytes, Connection, Service, ThreadedServer};
 use std::hint::black_box;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1016,143 +1018,9 @@ fn tls_cases(
 // ---------------------------------------------------------------------------------------------
 // Python RPyC 6: rpyc::python against Python's own client and server.
 
-/// How long a Python process may take to say it is ready (its port, `READY`), or to answer.
-const PY_WAIT: Duration = Duration::from_secs(20);
-
-/// A Python process with piped stdin and stdout, killed (its whole process group) when
-/// dropped. Its stdout is read line by line on a thread of its own, so every wait is bounded.
-struct PyChild {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    what: String,
-}
-
-impl PyChild {
-    fn spawn(python: &std::path::Path, args: &[&str]) -> Res<PyChild> {
-        use std::os::unix::process::CommandExt;
-        use std::process::{Command, Stdio};
-        let what = format!("python {}", args.join(" "));
-        let mut child = Command::new(python)
-            .arg("-u")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            // demo_server.py exits when its stdin closes: it never outlives the bench.
-            .env("RPYC_TEST_WATCH_STDIN", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start {what}: {e}"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, lines) = mpsc::channel();
-        thread::Builder::new()
-            .name("py-stdout".into())
-            .spawn(move || {
-                for line in io::BufRead::lines(BufReader::new(stdout)) {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(PyChild {
-            child,
-            stdin,
-            lines,
-            what,
-        })
-    }
-
-    /// The next line it prints, within `PY_WAIT`.
-    fn line(&self) -> Res<String> {
-        self.lines.recv_timeout(PY_WAIT).map_err(|e| {
-            let why = match e {
-                mpsc::RecvTimeoutError::Timeout => format!("said nothing for {PY_WAIT:?}"),
-                mpsc::RecvTimeoutError::Disconnected => "ended".to_string(),
-            };
-            format!("{} {why}", self.what).into()
-        })
-    }
-
-    /// Skips lines until one starts with `prefix`; returns the rest of it.
-    fn wait_for(&self, prefix: &str) -> Res<String> {
-        loop {
-            if let Some(rest) = self.line()?.strip_prefix(prefix) {
-                return Ok(rest.trim().to_string());
-            }
-        }
-    }
-
-    /// A Python RPyC server script that prints `PORT <n>`: the process and the port.
-    fn server(python: &std::path::Path, args: &[&str]) -> Res<(PyChild, u16)> {
-        let p = PyChild::spawn(python, args)?;
-        let port = p.wait_for("PORT ")?.parse()?;
-        Ok((p, port))
-    }
-
-    /// bench_client.py in batch mode, connected to `port`, warmed up: each call is one CALLATTR
-    /// `echo(payload)` request, the very request `PyObject::call_method("echo", ..)` sends.
-    fn client(python: &std::path::Path, port: u16) -> Res<PyChild> {
-        let port = port.to_string();
-        let p = PyChild::spawn(
-            python,
-            &[
-                "testdata/python/bench_client.py",
-                "--port",
-                &port,
-                "--batches",
-            ],
-        )?;
-        p.wait_for("READY")?;
-        Ok(p)
-    }
-
-    /// Has bench_client.py make `n` calls; returns when they are done.
-    fn calls(&mut self, n: u64) -> Res<()> {
-        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
-        writeln!(stdin, "{n}")?;
-        stdin.flush()?;
-        let secs: f64 = self.line()?.trim().parse()?;
-        black_box(secs);
-        Ok(())
-    }
-}
-
-impl Drop for PyChild {
-    fn drop(&mut self) {
-        self.stdin = None;
-        // SAFETY: plain syscall; the group is our own unreaped child's, so its id is not reused.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// The Python interpreter with rpyc 6: `RPYC_TEST_PYTHON`, else `target/pyenv/bin/python`.
-fn find_python() -> Result<std::path::PathBuf, String> {
-    let (path, from) = match std::env::var_os("RPYC_TEST_PYTHON") {
-        Some(p) => (std::path::PathBuf::from(p), "RPYC_TEST_PYTHON"),
-        None => (
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"),
-            "the default",
-        ),
-    };
-    if !path.exists() {
-        return Err(format!("{} ({from}) does not exist", path.display()));
-    }
-    let check = "import rpyc; print('RPYC', rpyc.__version__)";
-    let version = PyChild::spawn(&path, &["-c", check])
-        .and_then(|p| p.wait_for("RPYC "))
-        .map_err(|e| format!("{} cannot import rpyc: {e}", path.display()))?;
-    if !version.starts_with("6.") {
-        return Err(format!("{} has rpyc {version}, not 6.x", path.display()));
-    }
-    Ok(path)
+/// The repository: where `testdata/python` and `target/pyenv` are.
+fn repo() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Calls per Python batch request: about a quarter of a measured batch, so that the pipe round
@@ -1167,8 +1035,8 @@ fn py_rows(plan: Plan, wanted: &dyn Fn(&str) -> bool) -> Res<Vec<Row>> {
     if !names.iter().any(|n| wanted(n)) {
         return Ok(Vec::new());
     }
-    let python = match find_python() {
-        Ok(p) => p,
+    let python = match find_python(repo()) {
+        Ok((p, _)) => p,
         Err(why) => {
             println!(
                 "py.* rows skipped: Python with rpyc 6 not found: {why} \
@@ -1177,7 +1045,8 @@ fn py_rows(plan: Plan, wanted: &dyn Fn(&str) -> bool) -> Res<Vec<Row>> {
             return Ok(Vec::new());
         }
     };
-    let (_py_server, py_port) = PyChild::server(&python, &["testdata/python/demo_server.py"])?;
+    let (_py_server, py_port) =
+        PyChild::server(&python, repo(), &["testdata/python/demo_server.py"])?;
     let payload = Value::Bytes((0..16).map(|i| (i * 7 + 1) as u8).collect());
     let want = Value::Tuple(vec![payload.clone()]);
     let mut rows = Vec::new();
@@ -1196,7 +1065,7 @@ fn py_rows(plan: Plan, wanted: &dyn Fn(&str) -> bool) -> Res<Vec<Row>> {
         let root = conn.root()?;
         let got: Value = root.call_method("echo", (&payload,))?;
         assert_eq!(got, want, "echo returned something else");
-        let mut py = PyChild::client(&python, py_port)?;
+        let mut py = PyChild::client(&python, repo(), py_port, 16)?;
         let n = py_calls_per_op(&plan, per_call(&mut py)?);
         let (floor, rpyc) = measure(
             plan,
@@ -1230,8 +1099,8 @@ fn py_rows(plan: Plan, wanted: &dyn Fn(&str) -> bool) -> Res<Vec<Row>> {
         let server = python::serve(service).hostname(HOST).port(0).build()?;
         let rust_port = server.port();
         let server = server.spawn()?;
-        let mut to_rust = PyChild::client(&python, rust_port)?;
-        let mut to_py = PyChild::client(&python, py_port)?;
+        let mut to_rust = PyChild::client(&python, repo(), rust_port, 16)?;
+        let mut to_py = PyChild::client(&python, repo(), py_port, 16)?;
         let n = py_calls_per_op(&plan, per_call(&mut to_py)?);
         let (floor, rpyc) = measure(
             plan,

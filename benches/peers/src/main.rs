@@ -21,11 +21,8 @@
 use futures::prelude::*;
 use rpyc::{Bytes, Connection, Service, ThreadedServer};
 use std::hint::black_box;
-use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
@@ -122,129 +119,13 @@ fn tarpc_client(rt: &tokio::runtime::Runtime, port: u16) -> Res<EchoClient> {
 // ---------------------------------------------------------------------------------------------
 // Python RPyC 6 (its own client and server).
 
-const PY_WAIT: Duration = Duration::from_secs(20);
+#[path = "../../../examples/common/py_child.rs"]
+mod py_child;
 
-/// A Python process with piped stdin/stdout, killed (its process group) when dropped.
-struct PyChild {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    what: String,
-}
+use py_child::{find_python, PyChild};
 
 fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-impl PyChild {
-    fn spawn(python: &Path, args: &[&str]) -> Res<PyChild> {
-        use std::os::unix::process::CommandExt;
-        let what = format!("python {}", args.join(" "));
-        let mut child = Command::new(python)
-            .arg("-u")
-            .args(args)
-            .current_dir(repo_dir())
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            // demo_server.py exits when its stdin closes: it never outlives the bench.
-            .env("RPYC_TEST_WATCH_STDIN", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start {what}: {e}"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, lines) = mpsc::channel();
-        thread::Builder::new()
-            .name("py-stdout".into())
-            .spawn(move || {
-                for line in io::BufRead::lines(BufReader::new(stdout)) {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(PyChild {
-            child,
-            stdin,
-            lines,
-            what,
-        })
-    }
-
-    fn line(&self) -> Res<String> {
-        self.lines
-            .recv_timeout(PY_WAIT)
-            .map_err(|e| format!("{}: {e}", self.what).into())
-    }
-
-    fn wait_for(&self, prefix: &str) -> Res<String> {
-        loop {
-            if let Some(rest) = self.line()?.strip_prefix(prefix) {
-                return Ok(rest.trim().to_string());
-            }
-        }
-    }
-
-    /// bench_client.py in batch mode, `size`-byte payloads, connected and warmed up.
-    fn client(python: &Path, port: u16, size: usize) -> Res<PyChild> {
-        let (port, size) = (port.to_string(), size.to_string());
-        let p = PyChild::spawn(
-            python,
-            &[
-                "testdata/python/bench_client.py",
-                "--port",
-                &port,
-                "--size",
-                &size,
-                "--batches",
-            ],
-        )?;
-        p.wait_for("READY")?;
-        Ok(p)
-    }
-
-    /// Has bench_client.py make `n` calls; returns when they are done.
-    fn calls(&mut self, n: u64) -> Res<()> {
-        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
-        writeln!(stdin, "{n}")?;
-        stdin.flush()?;
-        let secs: f64 = self.line()?.trim().parse()?;
-        black_box(secs);
-        Ok(())
-    }
-}
-
-impl Drop for PyChild {
-    fn drop(&mut self) {
-        self.stdin = None;
-        // SAFETY: plain syscall on our own unreaped child's process group.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// The Python with rpyc 6 and its version: `RPYC_TEST_PYTHON`, else ../../target/pyenv.
-fn find_python() -> Result<(PathBuf, String), String> {
-    let (path, from) = match std::env::var_os("RPYC_TEST_PYTHON") {
-        Some(p) => (PathBuf::from(p), "RPYC_TEST_PYTHON"),
-        None => (repo_dir().join("target/pyenv/bin/python"), "the default"),
-    };
-    if !path.exists() {
-        return Err(format!("{} ({from}) does not exist", path.display()));
-    }
-    let check = "import rpyc; print('RPYC', rpyc.__version__)";
-    let version = PyChild::spawn(&path, &["-c", check])
-        .and_then(|p| p.wait_for("RPYC "))
-        .map_err(|e| format!("{} cannot import rpyc: {e}", path.display()))?;
-    if !version.starts_with("6.") {
-        return Err(format!("{} has rpyc {version}, not 6.x", path.display()));
-    }
-    Ok((path, version))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,7 +265,7 @@ fn main() -> Res<()> {
     let (rpyc_port, rpyc_handle) = rpyc_server()?;
     let tarpc_port = tarpc_server(&rt)?;
 
-    let python = find_python();
+    let python = find_python(&repo_dir());
     let py_label = match &python {
         Ok((path, version)) => {
             println!(
@@ -401,11 +282,11 @@ fn main() -> Res<()> {
         }
     };
     let py_server = match &python {
-        Ok((path, _)) => {
-            let p = PyChild::spawn(path, &["testdata/python/demo_server.py"])?;
-            let port: u16 = p.wait_for("PORT ")?.parse()?;
-            Some((p, port))
-        }
+        Ok((path, _)) => Some(PyChild::server(
+            path,
+            &repo_dir(),
+            &["testdata/python/demo_server.py"],
+        )?),
         Err(_) => None,
     };
     let py_skip = |why: &str| -> String {
@@ -441,7 +322,9 @@ fn main() -> Res<()> {
         assert!(r == pv, "tarpc echo returned something else");
 
         let mut py = match (&python, &py_server) {
-            (Ok((path, _)), Some((_, port))) => Some(PyChild::client(path, *port, size)?),
+            (Ok((path, _)), Some((_, port))) => {
+                Some(PyChild::client(path, &repo_dir(), *port, size)?)
+            }
             _ => None,
         };
         // Calls per request to bench_client.py: about a quarter of a batch, so the pipe round

@@ -61,7 +61,7 @@ use known_hosts::{KnownHosts, Verdict};
 use ssh2::{ErrorCode, MethodType, Session};
 use std::fmt;
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -688,7 +688,8 @@ fn tcp_error(addr: &str, e: io::Error) -> Error {
     }
 }
 
-/// Connects to `host:port` (sshd, or a jump tunnel's local end) before `deadline`.
+/// Connects to `host:port` (sshd, or a jump tunnel's local end) before `deadline`; a failure
+/// names the connection as `addr`.
 fn tcp_connect(
     host: &str,
     port: u16,
@@ -696,30 +697,17 @@ fn tcp_connect(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<TcpStream, Error> {
-    let timed_out = || Error::Timeout(Timeout::Connect(timeout));
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| tcp_error(addr, e))?
-        .collect();
-    let mut last = io::Error::new(
-        io::ErrorKind::NotFound,
-        "the host name resolved to no address",
-    );
-    for a in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        match TcpStream::connect_timeout(&a, left) {
-            Ok(s) => {
-                s.set_nodelay(true).map_err(|e| tcp_error(addr, e))?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(timed_out()),
-            Err(e) => last = e,
-        }
-    }
-    Err(tcp_error(addr, last))
+    let s = crate::transport::tcp_connect_until(host, port, deadline, timeout).map_err(
+        |e| match e {
+            Error::Connect { source, .. } => Error::Connect {
+                addr: format!("{addr} (sshd)"),
+                source,
+            },
+            other => other,
+        },
+    )?;
+    s.set_nodelay(true).map_err(|e| tcp_error(addr, e))?;
+    Ok(s)
 }
 
 /// A proxy command's process and the threads that carry bytes between its pipes and the

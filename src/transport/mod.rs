@@ -218,13 +218,22 @@ impl Control for std::os::unix::net::UnixStream {
 
 /// Connects over TCP, trying each address `host` resolves to.
 pub(crate) fn tcp_connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Error> {
+    tcp_connect_until(host, port, crate::base::deadline(timeout), timeout)
+}
+
+/// [`tcp_connect`] giving up at `deadline` (`timeout` is what a time-out error reports).
+pub(crate) fn tcp_connect_until(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
     let addr = format!("{host}:{port}");
     let fail = |e: io::Error| Error::Connect {
         addr: addr.clone(),
         source: Arc::new(e),
     };
     let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(fail)?.collect();
-    let deadline = crate::base::deadline(timeout);
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         "the host name resolved to no address",

@@ -1263,7 +1263,7 @@ impl Shared {
                     "AttributeError",
                     (format!(
                         "cannot set or delete '{name}' of {}: Rust objects are read-only",
-                        obj.class_name()
+                        obj.name_pack()
                     ),),
                 ))
             }

@@ -162,10 +162,6 @@ impl Service {
         names
     }
 
-    pub(crate) fn class_name(&self) -> String {
-        self.name_pack()
-    }
-
     pub(crate) fn is_bound(&self) -> bool {
         self.bound.is_some()
     }

@@ -153,7 +153,7 @@ impl Value {
             Value::Ellipsis => "ellipsis".into(),
             Value::NotImplemented => "NotImplementedType".into(),
             Value::Remote(o) => o.class_name().to_string(),
-            Value::Local(o) => o.class_name(),
+            Value::Local(o) => o.name_pack(),
         }
     }
 }

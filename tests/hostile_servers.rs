@@ -569,7 +569,13 @@ fn a_server_that_stops_reading_cannot_hold_a_call_past_its_timeout() {
     conn.root().call_oneway("after", ()).unwrap();
     let f = frames.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(f.method, "store");
+    // The caller's `Bytes` was dropped when its call returned; the frame kept its memory.
     assert!(f.payload.len() > 32 << 20);
+    let data = &f.payload[f.payload.len() - (32 << 20)..];
+    assert!(
+        data.iter().all(|&b| b == 3),
+        "the finished frame's data changed"
+    );
     let f = frames.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(f.method, "after");
 }

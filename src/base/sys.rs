@@ -157,6 +157,34 @@ pub(crate) fn send_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// [`send_nowait`] for pieces written in order, in one `sendmsg(2)` (at most `IOV_MAX`
+/// pieces are offered; the rest wait for the next call).
+pub(crate) fn send_vectored_nowait(
+    fd: RawFd,
+    pieces: &[std::io::IoSlice<'_>],
+) -> io::Result<usize> {
+    const IOV_MAX: usize = 1024;
+    let n = pieces.len().min(IOV_MAX);
+    loop {
+        // SAFETY: a zeroed msghdr is valid (no name, no control data); `IoSlice` has the
+        // layout of `iovec` on unix (std guarantees it), and the `n` pieces stay borrowed,
+        // valid for reads, for the duration of the call.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = pieces.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = n as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Shuts down the sending side of socket `fd` (the peer reads the end of our data).
 pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: shutdown takes plain integers; an invalid `fd` is reported as an error.

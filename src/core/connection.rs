@@ -99,6 +99,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+/// Most pieces of a frame offered to one vectored write.
+const PIECES: usize = 64;
+
 /// What the leader hands to a waiting caller.
 pub(crate) enum Delivery {
     /// The reply (or error reply) to the caller's request.
@@ -586,13 +589,13 @@ impl Shared {
         }
         let mut frame = OutFrame::new(method.len());
         let scope = Scope::connection(self);
-        args.encode_args(frame.payload())?;
+        frame.encode(|buf| args.encode_args(buf))?;
         drop(scope);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let parent = context::serving_parent(self.id);
         // Everything the peer would call a protocol violation fails here, before a byte is
         // written, and fails only this call.
-        let size = frame.seal(kind, id, parent, target, method)?.len() - 4;
+        let size = frame.seal(kind, id, parent, target, method)?;
         self.check_size(size)?;
         let pending = if kind == Kind::Oneway {
             None
@@ -723,10 +726,15 @@ impl Shared {
         mut at: usize,
         deadline: Option<Instant>,
     ) -> Result<(), Stopped> {
-        let bytes = frame.bytes();
         let mut sink = lock(&self.writer.sink);
-        while at < bytes.len() {
-            match sink.send(&bytes[at..], deadline) {
+        let whole = frame.contiguous();
+        let len = frame.len();
+        while at < len {
+            let sent = match whole {
+                Some(bytes) => sink.send(&bytes[at..], deadline),
+                None => sink.send_vectored(&frame.pieces_from(at, PIECES), deadline),
+            };
+            match sent {
                 Ok(0) => {
                     return Err(Stopped::Deadline {
                         at,
@@ -1044,7 +1052,7 @@ impl Shared {
                         svc.method_names().join(", ")
                     ),
                 )),
-                Some(invoke) => self.run_handler(&**invoke, frame, detached, out.payload()),
+                Some(invoke) => self.run_handler(&**invoke, frame, detached, &mut out),
             },
         };
         if let Err((RemoteErrorKind::NoSuchObject | RemoteErrorKind::NoSuchMethod, _)) = outcome {
@@ -1063,7 +1071,7 @@ impl Shared {
         let outcome = outcome.and_then(|skip| {
             out.skip_payload_prefix(skip);
             out.seal(Kind::Reply, h.id, 0, 0, "")
-                .and_then(|b| self.check_size(b.len() - 4))
+                .and_then(|body| self.check_size(body))
                 .map_err(|e| (RemoteErrorKind::BadResult, e.to_string()))
         });
         match outcome {
@@ -1084,7 +1092,7 @@ impl Shared {
         invoke: &Invoke,
         frame: &Frame,
         detached: Option<codec::Detached>,
-        out: &mut Vec<u8>,
+        out: &mut OutFrame,
     ) -> Result<usize, (RemoteErrorKind, String)> {
         let cx = Context {
             shared: self.clone(),
@@ -1093,7 +1101,9 @@ impl Shared {
         let log = Scope::recording_imports();
         let serving = Scope::serving(self, frame.header.id);
         let connection = Scope::connection(self);
-        let result = catch_unwind(AssertUnwindSafe(|| invoke(&cx, frame.payload(), out)));
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            out.encode(|buf| invoke(&cx, frame.payload(), buf))
+        }));
         drop((connection, serving));
         let imported = log.finish_imports();
         if let Ok(Err(Failure::BadArguments(_))) = &result {

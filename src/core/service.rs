@@ -306,8 +306,12 @@ pub(crate) fn encode_result<R: Serialize>(r: &R, out: &mut Vec<u8>) -> Outcome {
             return Ok(OK_HEAD.len());
         }
         if encoded.starts_with(ERR_HEAD) {
+            // Encoded again, into a buffer of its own, so whole: large byte strings in `out`
+            // were spliced, not copied.
+            let mut whole = Vec::new();
+            codec::encode_into(&mut whole, r).map_err(|e| Failure::BadResult(e.to_string()))?;
             return Err(Failure::Handler(codec::describe(
-                &encoded[ERR_HEAD.len()..],
+                &whole[ERR_HEAD.len()..],
                 HANDLER_ERROR_MAX,
             )));
         }

@@ -19,7 +19,7 @@ use crate::base::lock;
 #[cfg(unix)]
 use crate::base::sys::{self, POLLOUT};
 use crate::error::{Error, Timeout};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 #[cfg(unix)]
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -34,6 +34,20 @@ pub(crate) trait Sink: Send {
     /// transport at most until `until` (then `Ok(0)`). Fails with `TimedOut` once the peer has
     /// taken nothing for the stall timeout, or with the transport's error.
     fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize>;
+
+    /// [`send`](Self::send) for pieces to be written in order (none empty): writes a prefix of
+    /// their concatenation and returns its length. Sockets write several pieces in one system
+    /// call; other transports write from the first.
+    fn send_vectored(
+        &mut self,
+        pieces: &[IoSlice<'_>],
+        until: Option<Instant>,
+    ) -> io::Result<usize> {
+        match pieces.first() {
+            Some(p) => self.send(p, until),
+            None => Ok(0),
+        }
+    }
 
     /// Whether the transport has taken part of the bytes last offered although `send` reported
     /// none (TLS: a record built and partly sent). Then the same bytes must be offered again
@@ -131,6 +145,28 @@ impl<S: AsRawFd + Send> Sink for SocketSink<S> {
         let fd = self.socket.as_raw_fd();
         loop {
             match sys::send_nowait(fd, buf) {
+                Ok(n) => {
+                    self.stall.progress();
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.stall.wait(fd, POLLOUT, until)? {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send_vectored(
+        &mut self,
+        pieces: &[IoSlice<'_>],
+        until: Option<Instant>,
+    ) -> io::Result<usize> {
+        let fd = self.socket.as_raw_fd();
+        loop {
+            match sys::send_vectored_nowait(fd, pieces) {
                 Ok(n) => {
                     self.stall.progress();
                     return Ok(n);

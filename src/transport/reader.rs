@@ -456,7 +456,8 @@ mod tests {
     fn frame_bytes(kind: Kind, payload: &[u8]) -> Vec<u8> {
         let mut f = OutFrame::new(4);
         f.payload().extend_from_slice(payload);
-        f.seal(kind, 7, 0, 0, "echo").unwrap().to_vec()
+        f.seal(kind, 7, 0, 0, "echo").unwrap();
+        f.bytes().to_vec()
     }
 
     fn limits(max_frame: usize) -> ReadLimits {

@@ -37,6 +37,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 
 #[cfg(test)]
 mod properties;
@@ -46,15 +47,150 @@ pub(crate) mod walk;
 /// Appends the CBOR encoding of `value` to `buf`. A large encoding grows `buf` through
 /// [`crate::base::buffers`], into memory that is already mapped, rather than through fresh
 /// allocations.
+///
+/// Inside [`splicing_into`] for `buf`, a large [`Bytes`] is not copied: its head is written
+/// and its memory recorded as a [`Splice`] at that point of `buf`.
 pub(crate) fn encode_into<T: Serialize + ?Sized>(
     buf: &mut Vec<u8>,
     value: &T,
 ) -> Result<(), Error> {
-    let writer = serde_cbor::ser::IoWrite::new(buffers::PooledWriter(buf));
+    let writer = serde_cbor::ser::IoWrite::new(SpliceWriter(buf));
     let mut ser = serde_cbor::Serializer::new(writer);
     value
         .serialize(&mut ser)
         .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Byte strings of at least this many bytes are sent from their own memory (a [`Splice`])
+/// rather than copied into their frame: below it, a copy costs less than one more piece for
+/// the vectored write.
+pub(crate) const SPLICE_MIN: usize = 16 * 1024;
+
+/// A [`Bytes`]'s memory, to be sent at byte `at` of a frame's buffer.
+pub(crate) struct Splice {
+    pub(crate) at: usize,
+    pub(crate) data: Arc<Store>,
+}
+
+/// How a [`Bytes`] being serialized meets the writer of the frame it goes into, on one thread.
+///
+/// `Bytes::serialize` offers its memory (an `Arc`, so the frame keeps it alive however long
+/// it takes to send, even after the `Bytes` is gone); the CBOR serializer then writes its head
+/// and hands its data to [`SpliceWriter`], which takes the offer instead of copying only if
+/// the data is the offered memory itself and it writes the buffer [`splicing_into`] named.
+/// Anything else (another serializer, another buffer) copies as usual.
+#[derive(Default)]
+struct Splicing {
+    /// Address of the buffer being encoded with splices, or 0.
+    target: usize,
+    offer: Option<Arc<Store>>,
+    taken: Vec<Splice>,
+}
+
+thread_local! {
+    static SPLICING: RefCell<Splicing> = RefCell::new(Splicing::default());
+}
+
+/// Runs `f`, which encodes into `buf`, so that large [`Bytes`] become `splices` instead of
+/// being copied into `buf`. Nests: a frame encoded inside `f` (a call made by a handler) has
+/// its own.
+pub(crate) fn splicing_into<R>(
+    buf: &mut Vec<u8>,
+    splices: &mut Vec<Splice>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    /// Puts the outer state back, even if `f` panics.
+    struct Restore(Option<Splicing>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                let _ = SPLICING.try_with(|s| *s.borrow_mut() = outer);
+            }
+        }
+    }
+    let mine = Splicing {
+        target: buf as *const Vec<u8> as usize,
+        offer: None,
+        taken: std::mem::take(splices),
+    };
+    let restore = Restore(Some(SPLICING.with(|s| s.replace(mine))));
+    let r = f(buf);
+    *splices = SPLICING.with(|s| std::mem::take(&mut s.borrow_mut().taken));
+    drop(restore);
+    r
+}
+
+/// A [`Bytes`]'s memory offered to the frame being encoded, while it serializes.
+struct Offer(bool);
+
+impl Offer {
+    fn new(store: &Arc<Store>) -> Offer {
+        let made = SPLICING
+            .try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.target == 0 {
+                    return false;
+                }
+                s.offer = Some(store.clone());
+                true
+            })
+            .unwrap_or(false);
+        Offer(made)
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = SPLICING.try_with(|s| s.borrow_mut().offer = None);
+        }
+    }
+}
+
+/// Appends to a buffer through [`buffers::PooledWriter`], except the data of an offered
+/// [`Bytes`] (see [`Splicing`]).
+struct SpliceWriter<'a>(&'a mut Vec<u8>);
+
+impl SpliceWriter<'_> {
+    fn spliced(&mut self, data: &[u8]) -> bool {
+        let at = self.0.len();
+        let buf = &*self.0 as *const Vec<u8> as usize;
+        SPLICING
+            .try_with(|s| {
+                let mut s = s.borrow_mut();
+                let offered = s.offer.as_ref().is_some_and(|o| {
+                    let o = o.as_slice();
+                    o.as_ptr() == data.as_ptr() && o.len() == data.len()
+                });
+                if !offered || s.target != buf {
+                    return false;
+                }
+                let data = s.offer.take().expect("offered");
+                s.taken.push(Splice { at, data });
+                true
+            })
+            .unwrap_or(false)
+    }
+}
+
+impl std::io::Write for SpliceWriter<'_> {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.len() >= SPLICE_MIN && self.spliced(data) {
+            return Ok(());
+        }
+        buffers::PooledWriter(self.0).write_all(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes exactly one CBOR item filling `bytes`. A payload [`offer`]ed with a detached byte
@@ -554,8 +690,12 @@ fn bounded(e: String) -> String {
 /// A byte buffer sent as one CBOR byte string: use it for binary payloads.
 ///
 /// A plain `Vec<u8>` goes through serde as a sequence of numbers, which is several times larger
-/// and slower; `Bytes` is copied as one block. It derefs to `Vec<u8>`, so it reads and grows
-/// like one.
+/// and slower; `Bytes` is one block. It derefs to `Vec<u8>`, so it reads and grows like one.
+///
+/// A large `Bytes` (16 KiB and up) is sent from its own memory: the frame refers to it and the
+/// transport writes it with the rest of the frame in one vectored write, without copying it.
+/// For that the memory is shared: cloning a `Bytes` is cheap, and the first write through a
+/// shared one (a clone, or one a frame being sent still refers to) makes it a copy of its own.
 ///
 /// Large `Bytes` (1 MiB and up) received from the peer are built in reused memory, and a
 /// dropped `Bytes` hands its memory back for reuse: the allocator would otherwise give every
@@ -566,13 +706,40 @@ fn bounded(e: String) -> String {
 /// b.push(4);
 /// assert_eq!(&b[..], &[1, 2, 3, 4]);
 /// assert_eq!(b.len(), 4);
-/// assert_eq!(b.into_vec(), vec![1, 2, 3, 4]);
+/// let c = b.clone();
+/// b[0] = 9; // `c` keeps its own bytes
+/// assert_eq!(c.into_vec(), vec![1, 2, 3, 4]);
 /// ```
 #[derive(Default, PartialEq, Eq, Hash)]
-pub struct Bytes(Vec<u8>);
+pub struct Bytes(Arc<Store>);
+
+/// The memory of one or more [`Bytes`] (and of frames sending them): handed back to
+/// [`crate::base::buffers`] when the last one lets go.
+#[derive(Default, PartialEq, Eq, Hash)]
+pub(crate) struct Store(Vec<u8>);
+
+impl Store {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Clone for Store {
+    /// A copy, in reused memory when it is large.
+    fn clone(&self) -> Store {
+        Store(buffers::copy_of(&self.0))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.0));
+    }
+}
 
 impl Bytes {
-    /// Takes the inner vector out (its memory is then yours, not reused by rpyc).
+    /// Takes the inner vector out (its memory is then yours, not reused by rpyc); a copy if the
+    /// memory is shared.
     ///
     /// ```
     /// let b = rpyc::Bytes::from(&b"abc"[..]);
@@ -580,7 +747,10 @@ impl Bytes {
     /// assert_eq!(v, b"abc");
     /// ```
     pub fn into_vec(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.0)
+        match Arc::get_mut(&mut self.0) {
+            Some(store) => std::mem::take(&mut store.0),
+            None => self.0 .0.clone(),
+        }
     }
 
     /// The bytes, as a slice.
@@ -590,30 +760,32 @@ impl Bytes {
     /// assert_eq!(b.as_slice(), &[9, 9, 9]);
     /// ```
     pub fn as_slice(&self) -> &[u8] {
-        &self.0
+        &self.0 .0
     }
 }
 
 impl Drop for Bytes {
     fn drop(&mut self) {
-        // Only a detached byte string's data (large: see `wire`) can go back to a decode.
-        if self.0.capacity() >= 1 << 16 && reclaim_tail(&mut self.0) {
-            return;
+        // Only a detached byte string's data (large: see `wire`) can go back to a decode, and
+        // only while nothing else shares it.
+        if let Some(store) = Arc::get_mut(&mut self.0) {
+            if store.0.capacity() >= 1 << 16 {
+                reclaim_tail(&mut store.0);
+            }
         }
-        buffers::give(std::mem::take(&mut self.0));
     }
 }
 
 impl Clone for Bytes {
-    /// A copy, in reused memory when it is large.
+    /// Shares the memory; the first write through either makes its own copy.
     fn clone(&self) -> Bytes {
-        Bytes(buffers::copy_of(&self.0))
+        Bytes(self.0.clone())
     }
 }
 
 impl fmt::Debug for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Bytes({} bytes)", self.0.len())
+        write!(f, "Bytes({} bytes)", self.0 .0.len())
     }
 }
 
@@ -625,7 +797,7 @@ impl fmt::Debug for Bytes {
 /// ```
 impl From<Vec<u8>> for Bytes {
     fn from(v: Vec<u8>) -> Bytes {
-        Bytes(v)
+        Bytes(Arc::new(Store(v)))
     }
 }
 
@@ -637,7 +809,7 @@ impl From<Vec<u8>> for Bytes {
 /// ```
 impl From<&[u8]> for Bytes {
     fn from(v: &[u8]) -> Bytes {
-        Bytes(buffers::copy_of(v))
+        Bytes::from(buffers::copy_of(v))
     }
 }
 
@@ -651,11 +823,11 @@ impl From<&[u8]> for Bytes {
 impl std::ops::Deref for Bytes {
     type Target = Vec<u8>;
     fn deref(&self) -> &Vec<u8> {
-        &self.0
+        &self.0 .0
     }
 }
 
-/// Writes as the inner `Vec<u8>`.
+/// Writes as the inner `Vec<u8>` (a copy of its own first, if the memory is shared).
 ///
 /// ```
 /// let mut b = rpyc::Bytes::default();
@@ -665,13 +837,20 @@ impl std::ops::Deref for Bytes {
 /// ```
 impl std::ops::DerefMut for Bytes {
     fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+        &mut Arc::make_mut(&mut self.0).0
     }
 }
 
 impl Serialize for Bytes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        let data = &self.0 .0;
+        if data.len() < SPLICE_MIN {
+            return s.serialize_bytes(data);
+        }
+        let offered = Offer::new(&self.0);
+        let r = s.serialize_bytes(data);
+        drop(offered);
+        r
     }
 }
 
@@ -686,13 +865,13 @@ impl<'de> Deserialize<'de> for Bytes {
             fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
                 if v.is_empty() {
                     if let Some(tail) = claim_tail() {
-                        return Ok(Bytes(tail));
+                        return Ok(Bytes::from(tail));
                     }
                 }
-                Ok(Bytes(buffers::copy_of(v)))
+                Ok(Bytes::from(buffers::copy_of(v)))
             }
             fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                Ok(Bytes(v))
+                Ok(Bytes::from(v))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Bytes, A::Error> {
                 // The declared length is only the peer's claim: reserve a little, grow as the
@@ -701,7 +880,7 @@ impl<'de> Deserialize<'de> for Bytes {
                 while let Some(b) = a.next_element::<u8>()? {
                     v.push(b);
                 }
-                Ok(Bytes(v))
+                Ok(Bytes::from(v))
             }
         }
         d.deserialize_byte_buf(V)
@@ -712,6 +891,42 @@ impl<'de> Deserialize<'de> for Bytes {
 mod tests {
     use super::*;
     use crate::base::test_alloc::peak_during;
+
+    #[test]
+    fn a_cloned_bytes_shares_its_memory_until_one_of_them_is_written() {
+        let a = Bytes::from(vec![1u8; 1000]);
+        let mut b = a.clone();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "a clone shares the memory");
+        b.push(2);
+        assert_ne!(a.as_ptr(), b.as_ptr(), "a write made a copy");
+        assert_eq!((a.len(), b.len()), (1000, 1001));
+        assert!(a.iter().all(|&x| x == 1));
+        let c = a.clone();
+        assert_eq!(
+            c.into_vec(),
+            vec![1u8; 1000],
+            "into_vec of a shared one copies"
+        );
+        assert_eq!(a.into_vec(), vec![1u8; 1000]);
+    }
+
+    #[test]
+    fn a_handler_error_holding_large_bytes_is_described_whole() {
+        // `Err(Bytes)` of a handler: the description reads the whole encoding, which splicing
+        // would have left without the data.
+        let mut frame = crate::wire::OutFrame::new(0);
+        let r: Result<u8, Bytes> = Err(Bytes::from(vec![b'x'; 40_000]));
+        let outcome = frame.encode(|buf| crate::core::service::encode_result(&r, buf));
+        match outcome {
+            Err(crate::core::service::Failure::Handler(m)) => {
+                assert!(
+                    m.starts_with("h'7878") && m.contains("(40000 bytes)"),
+                    "{m}"
+                )
+            }
+            _ => panic!("expected a handler failure"),
+        }
+    }
 
     const KEY: &str = "$rpyc-obj";
 

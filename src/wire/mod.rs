@@ -20,7 +20,8 @@ pub(crate) mod codec;
 use crate::base::buffers;
 use crate::base::limits::Charge;
 use crate::error::{Error, HandshakeError, HandshakeErrorKind};
-use codec::Detached;
+use codec::{Detached, Splice};
+use std::io::IoSlice;
 use std::ops::Range;
 
 /// First four bytes each side sends.
@@ -344,6 +345,9 @@ const GAP: usize = 4 + 1 + 1 + 27 + 9;
 
 /// An outgoing frame, built payload first: the payload is encoded into the buffer after a gap,
 /// then the header and length are written into the gap, so a large payload is never copied.
+/// Large [`Bytes`](codec::Bytes) in the payload are not even copied into the buffer: the frame
+/// keeps their memory as [`Splice`]s and the transport writes buffer and splices in order with
+/// vectored writes.
 ///
 /// Sealing is where everything the receiver would call a protocol violation is refused
 /// locally, before a byte is written: a method name over [`MAX_METHOD_LEN`] bytes, an empty
@@ -352,6 +356,8 @@ const GAP: usize = 4 + 1 + 1 + 27 + 9;
 pub(crate) struct OutFrame {
     buf: Vec<u8>,
     start: usize,
+    /// Memory sent between bytes of `buf`, in order of position.
+    splices: Vec<Splice>,
     sealed: bool,
 }
 
@@ -364,16 +370,24 @@ impl OutFrame {
         OutFrame {
             buf,
             start: gap,
+            splices: Vec::new(),
             sealed: false,
         }
     }
 
-    /// The buffer to append the payload to.
+    /// The buffer to append the payload to (every byte copied into it).
     pub(crate) fn payload(&mut self) -> &mut Vec<u8> {
         &mut self.buf
     }
 
-    /// Writes header and length in front of the payload; returns the frame's bytes.
+    /// Runs `f`, which appends the payload to the buffer it is given, with large
+    /// [`Bytes`](codec::Bytes) kept as splices instead of copied (see [`codec::splicing_into`]).
+    pub(crate) fn encode<R>(&mut self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        codec::splicing_into(&mut self.buf, &mut self.splices, f)
+    }
+
+    /// Writes header and length in front of the payload; returns the body's length (the frame's
+    /// without its 4-byte length).
     pub(crate) fn seal(
         &mut self,
         kind: Kind,
@@ -381,7 +395,7 @@ impl OutFrame {
         parent: u64,
         target: u64,
         method: &str,
-    ) -> Result<&[u8], Error> {
+    ) -> Result<usize, Error> {
         if method.len() > MAX_METHOD_LEN {
             return Err(Error::Encode(format!(
                 "the method name `{}…` has {} bytes, over the protocol's limit of \
@@ -400,28 +414,72 @@ impl OutFrame {
         put_head(&mut h, 3, method.len() as u64);
         h.extend_from_slice(method.as_bytes());
         let gap = self.start.min(self.buf.len());
-        if gap == self.buf.len() {
+        if gap == self.buf.len() && self.splices.is_empty() {
             return Err(Error::Encode(
                 "a frame needs a payload (at least one CBOR item); nothing was sent".into(),
             ));
         }
         let first = gap - h.len() - 4;
-        let body_len = frame_length(self.buf.len() - first - 4)?;
+        let spliced: usize = self.splices.iter().map(|s| s.data.as_slice().len()).sum();
+        let body = self.buf.len() - first - 4 + spliced;
+        let body_len = frame_length(body)?;
         self.buf[first..first + 4].copy_from_slice(&body_len.to_be_bytes());
         self.buf[first + 4..gap].copy_from_slice(&h);
         self.start = first;
         self.sealed = true;
-        Ok(&self.buf[first..])
+        Ok(body)
     }
 
-    /// The sealed frame's bytes, length prefix included.
-    pub(crate) fn bytes(&self) -> &[u8] {
+    /// The sealed frame's length, length prefix included.
+    pub(crate) fn len(&self) -> usize {
+        let spliced: usize = self.splices.iter().map(|s| s.data.as_slice().len()).sum();
+        self.buf.len() - self.start + spliced
+    }
+
+    /// The sealed frame's bytes, length prefix included, if they are all in one piece (no
+    /// splices).
+    pub(crate) fn contiguous(&self) -> Option<&[u8]> {
         debug_assert!(self.sealed, "only a sealed frame is sent");
-        &self.buf[self.start..]
+        self.splices.is_empty().then(|| &self.buf[self.start..])
+    }
+
+    /// The sealed frame from byte `at` on, as at most `max` pieces in order (fewer if the frame
+    /// has fewer), none empty.
+    pub(crate) fn pieces_from(&self, at: usize, max: usize) -> Vec<IoSlice<'_>> {
+        debug_assert!(self.sealed, "only a sealed frame is sent");
+        let mut pieces = Vec::with_capacity(2 * self.splices.len() + 1);
+        let mut from = self.start;
+        for s in &self.splices {
+            pieces.push(&self.buf[from..s.at]);
+            pieces.push(s.data.as_slice());
+            from = s.at;
+        }
+        pieces.push(&self.buf[from..]);
+        let mut skip = at;
+        let mut out = Vec::with_capacity(max.min(pieces.len()));
+        for p in pieces {
+            if out.len() == max {
+                break;
+            }
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            out.push(IoSlice::new(&p[skip..]));
+            skip = 0;
+        }
+        out
+    }
+
+    /// The sealed frame's bytes, length prefix included (a frame without splices).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.contiguous().expect("a frame without splices")
     }
 
     /// Drops the first `n` payload bytes (before sealing), without moving the rest.
     pub(crate) fn skip_payload_prefix(&mut self, n: usize) {
+        debug_assert!(self.splices.iter().all(|s| s.at >= self.start + n));
         self.start += n;
     }
 }
@@ -448,7 +506,8 @@ mod tests {
     fn sealed(kind: Kind, id: u64, parent: u64, target: u64, method: &str) -> Vec<u8> {
         let mut f = OutFrame::new(method.len());
         f.payload().push(0xf6); // CBOR null
-        f.seal(kind, id, parent, target, method).unwrap().to_vec()
+        f.seal(kind, id, parent, target, method).unwrap();
+        f.bytes().to_vec()
     }
 
     #[test]
@@ -501,16 +560,15 @@ mod tests {
     fn protocol_document_example_is_exact() {
         let mut call = OutFrame::new(3);
         call.payload().extend_from_slice(&[0x82, 0x01, 0x02]);
+        assert_eq!(call.seal(Kind::Call, 1, 0, 0, "add").unwrap(), 12);
         assert_eq!(
-            call.seal(Kind::Call, 1, 0, 0, "add").unwrap(),
+            call.bytes(),
             &[0, 0, 0, 0x0c, 0x85, 0, 1, 0, 0, 0x63, b'a', b'd', b'd', 0x82, 1, 2]
         );
         let mut reply = OutFrame::new(0);
         reply.payload().push(0x03);
-        assert_eq!(
-            reply.seal(Kind::Reply, 1, 0, 0, "").unwrap(),
-            &[0, 0, 0, 7, 0x85, 2, 1, 0, 0, 0x60, 3]
-        );
+        assert_eq!(reply.seal(Kind::Reply, 1, 0, 0, "").unwrap(), 7);
+        assert_eq!(reply.bytes(), &[0, 0, 0, 7, 0x85, 2, 1, 0, 0, 0x60, 3]);
     }
 
     #[test]
@@ -611,9 +669,123 @@ mod tests {
         let ok = "m".repeat(MAX_METHOD_LEN);
         let mut f = OutFrame::new(ok.len());
         f.payload().push(0xf6);
-        let bytes = f.seal(Kind::Call, 1, 0, 0, &ok).unwrap().to_vec();
+        f.seal(Kind::Call, 1, 0, 0, &ok).unwrap();
+        let bytes = f.bytes().to_vec();
         assert_eq!(Frame::parse(bytes[4..].to_vec()).unwrap().method(), ok);
         let mut empty = OutFrame::new(0);
         assert!(empty.seal(Kind::Reply, 1, 0, 0, "").is_err());
+    }
+
+    /// The frame of a call whose payload is `value`, encoded with splices, and the same frame
+    /// encoded by copying everything.
+    fn spliced_and_copied<T: serde::Serialize>(value: &T) -> (OutFrame, Vec<u8>) {
+        let mut spliced = OutFrame::new(4);
+        spliced
+            .encode(|buf| codec::encode_into(buf, value))
+            .unwrap();
+        spliced.seal(Kind::Call, 9, 0, 0, "echo").unwrap();
+        let mut copied = OutFrame::new(4);
+        codec::encode_into(copied.payload(), value).unwrap();
+        copied.seal(Kind::Call, 9, 0, 0, "echo").unwrap();
+        (spliced, copied.bytes().to_vec())
+    }
+
+    fn joined(pieces: &[IoSlice<'_>]) -> Vec<u8> {
+        pieces.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    #[test]
+    fn a_large_bytes_is_sent_from_its_own_memory_not_copied_into_the_frame() {
+        let big = codec::Bytes::from(vec![7u8; 1 << 20]);
+        let medium = codec::Bytes::from(vec![8u8; codec::SPLICE_MIN]);
+        let small = codec::Bytes::from(vec![9u8; codec::SPLICE_MIN - 1]);
+        let value = (&big, "between", vec![&medium, &small], 5u8);
+        let (frame, copied) = spliced_and_copied(&value);
+        // The two large ones are pieces of their own, in their own memory; the small one and
+        // everything else were copied into the frame's buffer.
+        let pieces = frame.pieces_from(0, 64);
+        let own: Vec<*const u8> = pieces.iter().map(|p| p.as_ptr()).collect();
+        assert!(own.contains(&big.as_ptr()) && own.contains(&medium.as_ptr()));
+        assert!(!own.contains(&small.as_ptr()));
+        assert!(
+            frame.buf.len() < codec::SPLICE_MIN + 256,
+            "{}",
+            frame.buf.len()
+        );
+        assert!(frame.contiguous().is_none());
+        // On the wire it is exactly the copying encoding.
+        assert_eq!(frame.len(), copied.len());
+        assert!(joined(&pieces) == copied, "the spliced frame differs");
+    }
+
+    #[test]
+    fn a_spliced_frame_resumes_at_any_byte_and_in_pieces_of_any_count() {
+        let a = codec::Bytes::from((0..40_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let b = codec::Bytes::from(vec![1u8; 20_000]);
+        // Two splices next to each other, one at the very end of the payload.
+        let (frame, copied) = spliced_and_copied(&(&a, &b));
+        let len = copied.len();
+        let edges = [
+            0,
+            1,
+            3,
+            4,
+            20,
+            len / 2,
+            40_010,
+            len - 20_001,
+            len - 20_000,
+            len - 1,
+        ];
+        for at in edges.into_iter().chain((0..len).step_by(997)) {
+            let all = frame.pieces_from(at, 64);
+            assert!(joined(&all) == copied[at..], "from byte {at}");
+            assert!(
+                all.iter().all(|p| !p.is_empty()),
+                "an empty piece from byte {at}"
+            );
+            let one = frame.pieces_from(at, 1);
+            assert_eq!(one.len(), 1);
+            assert!(
+                copied[at..].starts_with(&one[0]),
+                "first piece from byte {at}"
+            );
+        }
+        assert!(frame.pieces_from(len, 64).is_empty());
+    }
+
+    #[test]
+    fn only_the_frame_being_encoded_takes_a_bytes_memory() {
+        let big = codec::Bytes::from(vec![5u8; 100_000]);
+        let mut outer = OutFrame::new(0);
+        let mut elsewhere = Vec::new();
+        let mut inner = OutFrame::new(0);
+        outer
+            .encode(|buf| {
+                // Another buffer encoded meanwhile copies ...
+                codec::encode_into(&mut elsewhere, &big).unwrap();
+                // ... and a frame encoded inside (a call a handler makes) takes its own.
+                inner.encode(|b| codec::encode_into(b, &big)).unwrap();
+                codec::encode_into(buf, &("outer", &big))
+            })
+            .unwrap();
+        assert_eq!(elsewhere.len(), 100_000 + 5);
+        assert_eq!((outer.splices.len(), inner.splices.len()), (1, 1));
+        assert!(inner.buf.len() < 100, "{}", inner.buf.len());
+        // Outside any frame's encoding, a `Bytes` is copied.
+        let mut plain = Vec::new();
+        codec::encode_into(&mut plain, &big).unwrap();
+        assert_eq!(plain.len(), 100_005);
+    }
+
+    #[test]
+    fn a_frame_keeps_a_bytes_memory_alive_and_unchanged_after_the_bytes_is_gone() {
+        let mut big = codec::Bytes::from(vec![4u8; 1 << 16]);
+        let (frame, copied) = spliced_and_copied(&big);
+        // Writing through the `Bytes` makes it a copy of its own: the frame still sends what
+        // was encoded.
+        big[0] = 0;
+        drop(big);
+        assert!(joined(&frame.pieces_from(0, 64)) == copied);
     }
 }

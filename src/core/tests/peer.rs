@@ -59,7 +59,8 @@ pub(crate) fn frame_bytes<T: Serialize + ?Sized>(
 ) -> Vec<u8> {
     let mut out = OutFrame::new(method.len());
     codec::encode_into(out.payload(), payload).unwrap();
-    out.seal(kind, id, parent, 0, method).unwrap().to_vec()
+    out.seal(kind, id, parent, 0, method).unwrap();
+    out.bytes().to_vec()
 }
 
 /// A frame as the connection's reader hands it to `route`.

@@ -271,7 +271,8 @@ fn main() -> Res<()> {
     println!(
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
-         targets: tcp.call.16B <= 1.25, tcp.echo.* >= 0.70; ssh.* rows: floor = OpenSSH's \
+         targets: tcp.call.16B <= 1.25, tcp.echo.* and tls.echo.* >= 0.85, tcp.async.16B \
+         >= 0.85, tcp.threads8.16B >= 0.75, tcp.connect <= 1.5; ssh.* rows: floor = OpenSSH's \
          `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8, \
          ssh.openssh.echo.64MiB near 1.0; ssh.jump.call.16B: floor = `ssh -J` with `-L`; \
          py.* rows: floor = Python RPyC 6 (py.call: its client, py.serve: its server).",
@@ -925,7 +926,7 @@ fn tls_cases(
     wanted: &dyn Fn(&str) -> bool,
     emit: &mut dyn FnMut(Row),
 ) -> Res<()> {
-    if !["tls.call.16B", "tls.echo.1MiB", "tls.connect"]
+    if !["tls.call.16B", "tls.echo.1MiB", "tls.echo.64MiB", "tls.connect"]
         .iter()
         .any(|n| wanted(n))
     {
@@ -941,10 +942,11 @@ fn tls_cases(
     let server = ThreadedServer::new(Service::new("bench").method("echo", |b: Bytes| b))
         .hostname(HOST)
         .port(0)
+        .max_frame_size(MAX_FRAME)
         .authenticator(auth)
         .build()?
         .spawn()?;
-    let client = rpyc::Options::new().tls(
+    let client = options().tls(
         rpyc::tls::SslClient::new()
             .ca_certs(tls_file("ca.pem"))
             .keyfile(tls_file("client-rsa.key"))
@@ -953,7 +955,11 @@ fn tls_cases(
     let conn = client.connect("localhost", server.port())?;
     let mut raw = RawTls::connect(&connector, raw_port)?;
 
-    for (name, size) in [("tls.call.16B", 16), ("tls.echo.1MiB", MIB)] {
+    for (name, size) in [
+        ("tls.call.16B", 16),
+        ("tls.echo.1MiB", MIB),
+        ("tls.echo.64MiB", 64 * MIB),
+    ] {
         if !wanted(name) {
             continue;
         }
@@ -964,6 +970,10 @@ fn tls_cases(
         let r: Bytes = conn.root().call("echo", (&p,))?;
         assert!(r == p, "echo returned something else");
         let per = if size == 16 { 1 } else { 2 * size as u64 };
+        let mut plan = plan;
+        if size > MIB {
+            plan.warmup = Duration::ZERO;
+        }
         let (floor, rpyc) = measure(
             plan,
             &mut || Ok(black_box(raw.call(&f)?) as u64 / size as u64 * per),

@@ -15,6 +15,17 @@
 //!   whole frame first, then takes the gate, writes the frame, and opens the gate: frames never
 //!   interleave, and nothing is held while encoding or while waiting for a reply. The leader
 //!   never takes the gate.
+//! * **Replies do not wait for the gate.** A thread whose reply (at most 16 KiB) finds the
+//!   gate taken hands the sealed frame to the holder and goes back to work; the holder writes
+//!   every frame handed to it, together (one vectored write for many), before it opens the
+//!   gate, and looks once more after opening it, so none is left behind. At most 64 replies
+//!   wait so (1 MiB); beyond that a replying thread waits for the gate like any writer, so a
+//!   peer that reads nothing cannot make this side hold its replies without bound. A holder
+//!   whose deadline passes before it has written what was handed to it leaves the rest to a
+//!   thread of the connection, as for a frame cut short.
+//! * **Large byte strings are not copied into frames.** A [`Bytes`](crate::Bytes) of 16 KiB
+//!   or more is kept by the frame as a shared reference to its memory and written with the
+//!   rest of the frame by one vectored write ([`crate::wire::OutFrame`]).
 //! * **Every write has a deadline.** A call's deadline covers waiting for the gate and writing:
 //!   a call that could not start writing in time fails with [`Timeout::Send`] and nothing was
 //!   sent; one whose deadline passes in the middle of its frame also returns on time, and a
@@ -65,6 +76,7 @@
 //! | `Writer::busy` | the gate: one frame written at a time (a flag, not a lock: its holder writes without waiting for anyone but the transport, under its deadline) | the flag is held across the write; `Writer::sink` under it |
 //! | `Writer::waiting` (with `cv`) | threads waiting for the gate | `reason` (a waiter reads why the connection closed) |
 //! | `Writer::sink` | the transport's write half | taken only by the gate's holder, so never contended |
+//! | `Writer::handed` | replies handed to the gate's holder | nothing |
 //! | `Pool::state` (with `cv`; [`crate::core::dispatch`]) | the reader token, the request queue, the pool's thread counts | nothing but the server's thread budget, which is atomics |
 //! | `Budget::held` ([`crate::base::limits`]) | bytes of the peer's data held | nothing |
 //!
@@ -187,7 +199,16 @@ struct Writer {
     cv: Condvar,
     /// Only taken by the thread that holds the gate, so never waited for.
     sink: Mutex<Box<dyn Sink>>,
+    /// Small replies of threads that found the gate taken: its holder writes them, in order
+    /// and together (one vectored write for many), before it opens the gate; the threads go
+    /// back to work at once instead of waiting for the gate.
+    handed: Mutex<Vec<OutFrame>>,
 }
+
+/// Largest reply handed to the gate's holder rather than waited for (see `Writer::handed`).
+const HAND_OVER_MAX: usize = 16 * 1024;
+/// Most replies handed over at once: with [`HAND_OVER_MAX`], at most 1 MiB per connection.
+pub(crate) const HAND_OVER_FRAMES: usize = 64;
 
 impl Writer {
     fn try_take(&self) -> bool {
@@ -208,11 +229,13 @@ pub(crate) enum SendFail {
     Closed(Error),
 }
 
-/// Where writing a frame stopped.
+/// Where writing frames stopped.
 enum Stopped {
-    /// The deadline passed after `at` bytes; `committed`: the transport holds part of the
-    /// bytes after `at` (see [`Sink::committed`]).
+    /// The deadline passed after `at` bytes of frame `frame` (its index among those being
+    /// written); `committed`: the transport holds part of the bytes after that (see
+    /// [`Sink::committed`]).
     Deadline {
+        frame: usize,
         at: usize,
         committed: bool,
     },
@@ -329,6 +352,7 @@ impl Connection {
                 waiters: AtomicUsize::new(0),
                 waiting: Mutex::new(()),
                 cv: Condvar::new(),
+                handed: Mutex::new(Vec::new()),
                 sink: Mutex::new(writer),
             },
             control,
@@ -632,30 +656,33 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes one whole sealed frame, then sends any queued releases. Waiting for the writer and
-    /// for the transport ends at `deadline` (none: only the stall timeout bounds the write).
+    /// Writes one whole sealed frame, then what others handed over and any queued releases.
+    /// Waiting for the writer and for the transport ends at `deadline` (none: only the stall
+    /// timeout bounds the write).
     fn write_frame(
         self: &Arc<Self>,
         frame: OutFrame,
         deadline: Option<Instant>,
     ) -> Result<(), SendFail> {
         self.take_gate(deadline)?;
-        match self.write_from(&frame, 0, deadline) {
+        let frames = vec![frame];
+        match self.write_frames(&frames, 0, deadline) {
             Ok(()) => {
-                self.release_gate();
+                self.open_gate(deadline);
                 self.flush_releases(deadline);
                 Ok(())
             }
             Err(Stopped::Deadline {
                 at: 0,
                 committed: false,
+                ..
             }) => {
-                self.release_gate();
+                self.open_gate(deadline);
                 self.flush_releases(deadline);
                 Err(SendFail::NotSent)
             }
             Err(Stopped::Deadline { at, .. }) => {
-                self.finish_in_background(frame, at);
+                self.finish_in_background(frames, 0, at);
                 Err(SendFail::Partly)
             }
             Err(Stopped::Failed(e)) => {
@@ -665,6 +692,30 @@ impl Shared {
                 Err(SendFail::Closed(self.closed_error()))
             }
         }
+    }
+
+    /// Sends a reply (or error reply) of ours, which nobody waits for: a small one is handed
+    /// to the gate's holder if the gate is taken; otherwise it is written like a call's frame,
+    /// without a deadline. A failure ends the connection.
+    fn write_reply(self: &Arc<Self>, frame: OutFrame) {
+        if frame.len() <= HAND_OVER_MAX {
+            let mut handed = lock(&self.writer.handed);
+            if handed.len() < HAND_OVER_FRAMES {
+                handed.push(frame);
+                drop(handed);
+                // If the holder opened the gate before it could see the reply, write it (and
+                // whatever else was handed over) here.
+                if self.writer.try_take() {
+                    self.open_gate(None);
+                    self.flush_releases(None);
+                }
+                return;
+            }
+            drop(handed);
+            let _ = self.write_frame(frame, None);
+            return;
+        }
+        let _ = self.write_frame(frame, None);
     }
 
     /// Waits for the writer until `deadline` (none: until it is free or the connection
@@ -719,31 +770,91 @@ impl Shared {
         }
     }
 
-    /// Writes `frame` from byte `at` on; the caller holds the gate.
-    fn write_from(
+    /// Opens the gate its caller holds, after writing every frame handed over to it, with
+    /// `deadline` for the writing (a frame it cuts short, and those after it, are finished in
+    /// the background). Frames handed over after it looked for the last time are written here
+    /// too if the gate is still free then, so none is left behind.
+    fn open_gate(self: &Arc<Self>, deadline: Option<Instant>) {
+        loop {
+            let frames = std::mem::take(&mut *lock(&self.writer.handed));
+            if frames.is_empty() {
+                self.release_gate();
+                if lock(&self.writer.handed).is_empty() || !self.writer.try_take() {
+                    return;
+                }
+                continue;
+            }
+            if self.is_closed() {
+                self.release_gate();
+                return;
+            }
+            match self.write_frames(&frames, 0, deadline) {
+                Ok(()) => {}
+                Err(Stopped::Deadline { frame, at, .. }) => {
+                    // These were handed over by threads that have moved on: they must go out
+                    // whole, so nothing is given up here.
+                    self.finish_in_background(frames, frame, at);
+                    return;
+                }
+                Err(Stopped::Failed(e)) => {
+                    self.write_failed(e);
+                    self.release_gate();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes `frames` in order, from byte `at` of the first one on; the caller holds the gate.
+    /// Several frames, and the pieces of frames with splices, go out in vectored writes.
+    fn write_frames(
         &self,
-        frame: &OutFrame,
+        frames: &[OutFrame],
         mut at: usize,
         deadline: Option<Instant>,
     ) -> Result<(), Stopped> {
         let mut sink = lock(&self.writer.sink);
-        let whole = frame.contiguous();
-        let len = frame.len();
-        while at < len {
+        let mut first = 0;
+        let mut pieces = Vec::new();
+        while first < frames.len() {
+            let whole = match &frames[first..] {
+                [only] => only.contiguous(),
+                _ => None,
+            };
             let sent = match whole {
                 Some(bytes) => sink.send(&bytes[at..], deadline),
-                None => sink.send_vectored(&frame.pieces_from(at, PIECES), deadline),
+                None => {
+                    pieces.clear();
+                    frames[first].pieces_into(at, &mut pieces, PIECES);
+                    for f in &frames[first + 1..] {
+                        if pieces.len() >= PIECES {
+                            break;
+                        }
+                        f.pieces_into(0, &mut pieces, PIECES);
+                    }
+                    sink.send_vectored(&pieces, deadline)
+                }
             };
             match sent {
                 Ok(0) => {
                     return Err(Stopped::Deadline {
+                        frame: first,
                         at,
                         committed: sink.committed(),
                     })
                 }
-                Ok(n) => {
-                    at += n;
+                Ok(mut n) => {
                     self.activity.touch();
+                    while n > 0 {
+                        let left = frames[first].len() - at;
+                        if n < left {
+                            at += n;
+                            break;
+                        }
+                        n -= left;
+                        first += 1;
+                        at = 0;
+                    }
                 }
                 Err(e) => return Err(Stopped::Failed(e)),
             }
@@ -751,15 +862,18 @@ impl Shared {
         Ok(())
     }
 
-    /// A caller's deadline passed in the middle of its frame: a thread of the connection sends
-    /// the rest (the peer must never see half a frame followed by another), holding the gate
-    /// until it is done or the stall timeout ends the connection.
-    fn finish_in_background(self: &Arc<Self>, frame: OutFrame, at: usize) {
+    /// A deadline passed in the middle of `frames[first]` (after `at` bytes), or before frames
+    /// handed over by others: a thread of the connection sends the rest (the peer must never
+    /// see half a frame followed by another), holding the gate until it is done or the stall
+    /// timeout ends the connection.
+    fn finish_in_background(self: &Arc<Self>, mut frames: Vec<OutFrame>, first: usize, at: usize) {
+        frames.drain(..first);
         let me = self.clone();
         let started = self.threads.spawn("rpyc-flush", move || {
-            match me.write_from(&frame, at, None) {
+            match me.write_frames(&frames, at, None) {
                 Ok(()) => {
-                    me.release_gate();
+                    drop(frames);
+                    me.open_gate(None);
                     me.flush_releases(None);
                 }
                 Err(Stopped::Failed(e)) => {
@@ -797,11 +911,18 @@ impl Shared {
         if calls_waiting
             || self.serving.load(Ordering::Acquire) > 0
             || self.writer.busy.load(Ordering::Acquire)
+            || !lock(&self.writer.handed).is_empty()
             || crate::core::dispatch::has_queued(self)
         {
             return None;
         }
         Some(self.activity.idle_for())
+    }
+
+    /// Replies handed over to the gate's holder and not written yet.
+    #[cfg(test)]
+    pub(crate) fn handed_over(&self) -> usize {
+        lock(&self.writer.handed).len()
     }
 
     /// Removes a caller from the pending table; returns its entry if it was still there.
@@ -1075,9 +1196,7 @@ impl Shared {
                 .map_err(|e| (RemoteErrorKind::BadResult, e.to_string()))
         });
         match outcome {
-            Ok(()) => {
-                let _ = self.write_frame(out, None);
-            }
+            Ok(()) => self.write_reply(out),
             Err((kind, message)) => self.send_error(h.id, kind, service_name, method, &message),
         }
     }
@@ -1188,9 +1307,7 @@ impl Shared {
     /// ends the connection, which `write_frame` already arranged.
     fn send_reply(self: &Arc<Self>, mut out: OutFrame, kind: Kind, id: u64) {
         match out.seal(kind, id, 0, 0, "") {
-            Ok(_) => {
-                let _ = self.write_frame(out, None);
-            }
+            Ok(_) => self.write_reply(out),
             Err(e) => log::error!("{}: cannot send a reply to request {id}: {e}", self.peer),
         }
     }
@@ -1214,29 +1331,31 @@ impl Shared {
                 queued.drain(..n).collect::<Vec<_>>()
             };
             if batch.is_empty() {
-                self.release_gate();
+                self.open_gate(deadline);
                 return;
             }
             let mut out = OutFrame::new(0);
             codec::encode_into(out.payload(), &batch).expect("integers encode");
             if let Err(e) = out.seal(Kind::Release, 0, 0, 0, "") {
-                self.release_gate();
+                self.open_gate(deadline);
                 log::error!("{}: cannot send releases: {e}", self.peer);
                 return;
             }
-            match self.write_from(&out, 0, deadline) {
-                Ok(()) => self.release_gate(),
+            let frames = vec![out];
+            match self.write_frames(&frames, 0, deadline) {
+                Ok(()) => self.open_gate(deadline),
                 Err(Stopped::Deadline {
                     at: 0,
                     committed: false,
+                    ..
                 }) => {
                     // Nothing went out: they wait for the next writer.
                     lock(&self.releases).splice(0..0, batch);
-                    self.release_gate();
+                    self.open_gate(deadline);
                     return;
                 }
                 Err(Stopped::Deadline { at, .. }) => {
-                    self.finish_in_background(out, at);
+                    self.finish_in_background(frames, 0, at);
                     return;
                 }
                 Err(Stopped::Failed(e)) => {
@@ -1269,6 +1388,8 @@ impl Shared {
         }
         let waiters = lock(&self.pending).take();
         drop(waiters); // every waiting caller wakes up with Disconnected -> Error::Closed
+        let handed = std::mem::take(&mut *lock(&self.writer.handed));
+        drop(handed);
         crate::core::dispatch::stop(self);
         let objects = std::mem::take(&mut *lock(&self.objects));
         drop(objects);

@@ -445,30 +445,36 @@ impl OutFrame {
 
     /// The sealed frame from byte `at` on, as at most `max` pieces in order (fewer if the frame
     /// has fewer), none empty.
+    #[cfg(test)]
     pub(crate) fn pieces_from(&self, at: usize, max: usize) -> Vec<IoSlice<'_>> {
+        let mut out = Vec::new();
+        self.pieces_into(at, &mut out, max);
+        out
+    }
+
+    /// Appends the sealed frame from byte `at` on to `out` as pieces in order, none empty,
+    /// until `out` holds `max`.
+    pub(crate) fn pieces_into<'a>(&'a self, at: usize, out: &mut Vec<IoSlice<'a>>, max: usize) {
         debug_assert!(self.sealed, "only a sealed frame is sent");
-        let mut pieces = Vec::with_capacity(2 * self.splices.len() + 1);
+        let mut skip = at;
         let mut from = self.start;
+        let mut offer = |piece: &'a [u8], out: &mut Vec<IoSlice<'a>>| {
+            if out.len() >= max {
+                return;
+            }
+            if skip >= piece.len() {
+                skip -= piece.len();
+                return;
+            }
+            out.push(IoSlice::new(&piece[skip..]));
+            skip = 0;
+        };
         for s in &self.splices {
-            pieces.push(&self.buf[from..s.at]);
-            pieces.push(s.data.as_slice());
+            offer(&self.buf[from..s.at], out);
+            offer(s.data.as_slice(), out);
             from = s.at;
         }
-        pieces.push(&self.buf[from..]);
-        let mut skip = at;
-        let mut out = Vec::with_capacity(max.min(pieces.len()));
-        for p in pieces {
-            if out.len() == max {
-                break;
-            }
-            if skip >= p.len() {
-                skip -= p.len();
-                continue;
-            }
-            out.push(IoSlice::new(&p[skip..]));
-            skip = 0;
-        }
-        out
+        offer(&self.buf[from..], out);
     }
 
     /// The sealed frame's bytes, length prefix included (a frame without splices).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// One direction: bytes written at one end and read at the other.
 pub(crate) struct Pipe {
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     /// Signalled on every change of `state`; waiters look again.
     cv: Condvar,
 }
@@ -29,6 +29,8 @@ pub(crate) struct State {
     pub(crate) blocked_reader: Option<ThreadId>,
     /// Writers waiting for room.
     pub(crate) blocked_writers: usize,
+    /// Writes that took bytes (a vectored write counts once, like `sendmsg`).
+    pub(crate) writes: usize,
 }
 
 impl State {
@@ -47,6 +49,7 @@ impl Pipe {
                 read_timeout: None,
                 blocked_reader: None,
                 blocked_writers: 0,
+                writes: 0,
             }),
             cv: Condvar::new(),
         })
@@ -120,6 +123,7 @@ impl Pipe {
             if room > 0 {
                 let n = room.min(data.len());
                 st.buf.extend(&data[..n]);
+                st.writes += 1;
                 self.changed();
                 return Ok(n);
             }
@@ -213,6 +217,16 @@ struct PipeSink(Arc<Pipe>);
 impl Sink for PipeSink {
     fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
         self.0.write_until(buf, until)
+    }
+
+    /// One write of the pieces joined, as `sendmsg` makes one of them.
+    fn send_vectored(
+        &mut self,
+        pieces: &[std::io::IoSlice<'_>],
+        until: Option<Instant>,
+    ) -> io::Result<usize> {
+        let joined: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        self.0.write_until(&joined, until)
     }
 }
 

@@ -4,6 +4,7 @@
 use super::peer::{connect, decode, finish, Peer, LONG};
 use super::pipe::Timeouts;
 use super::service;
+use crate::base::lock;
 use crate::core::config::Config;
 use crate::error::{Error, Timeout};
 use crate::wire::Kind;
@@ -135,6 +136,115 @@ fn a_frame_cut_short_by_its_deadline_is_finished_whole_before_any_other() {
     assert_eq!(logged(&peer), "after");
     after.join().unwrap().unwrap();
     assert!(!conn.is_closed());
+    drop(root);
+    finish(conn);
+}
+
+#[test]
+fn replies_finding_the_gate_taken_are_handed_over_and_go_out_whole_in_one_write() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    // A frame that cannot go out holds the gate.
+    peer.from_conn.set_capacity(1024);
+    let big = "h".repeat(8 * 1024);
+    let root = conn.root();
+    let (sent, first) = (big.clone(), root.clone());
+    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
+    assert!(peer
+        .from_conn
+        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
+    // Requests of the peer are served meanwhile: their replies are handed to the holder, and
+    // no worker waits for the gate (the only blocked writer is the holder).
+    let n = 10;
+    for id in 0..n {
+        peer.call(100 + id, 0, "record", &(id as u32,));
+    }
+    let deadline = Instant::now() + LONG;
+    while conn.shared.handed_over() < n as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the replies were not handed over"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(lock(&peer.from_conn.state).blocked_writers, 1);
+    // Once the peer reads, the holder's frame goes out whole (the rest of it in one write),
+    // then every reply, whole, all in one more write.
+    let writes_before = lock(&peer.from_conn.state).writes;
+    peer.from_conn.set_capacity(1 << 20);
+    assert_eq!(logged(&peer), big);
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let f = peer.recv();
+        assert_eq!(f.header.kind, Kind::Reply);
+        assert_eq!(decode::<u32>(&f) as u64, f.header.id - 100);
+        ids.push(f.header.id);
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        n as usize,
+        "a reply is missing or doubled: {ids:?}"
+    );
+    let writes = lock(&peer.from_conn.state).writes - writes_before;
+    assert!(
+        writes <= 2,
+        "the rest of a frame and {n} handed-over replies took {writes} writes"
+    );
+    stuck.join().unwrap().unwrap();
+    assert_eq!(conn.shared.handed_over(), 0);
+    root.call_oneway("log", ("next",)).unwrap();
+    assert_eq!(logged(&peer), "next");
+    drop(root);
+    finish(conn);
+}
+
+#[test]
+fn replies_handed_over_are_bounded_and_the_rest_wait_for_the_gate() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    peer.from_conn.set_capacity(1024);
+    let big = "w".repeat(8 * 1024);
+    let root = conn.root();
+    let (sent, first) = (big.clone(), root.clone());
+    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
+    assert!(peer
+        .from_conn
+        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
+    // More replies than may be handed over: the others' threads wait for the gate, as a
+    // peer that never reads must not make this side hold its replies without bound.
+    let n: u64 = 100;
+    for id in 0..n {
+        peer.call(100 + id, 0, "record", &(id as u32,));
+    }
+    let deadline = Instant::now() + LONG;
+    while conn.shared.handed_over() < super::super::connection::HAND_OVER_FRAMES {
+        assert!(
+            Instant::now() < deadline,
+            "the replies were not handed over"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        conn.shared.handed_over(),
+        super::super::connection::HAND_OVER_FRAMES
+    );
+    // Everything still goes out, each reply once and whole.
+    peer.from_conn.set_capacity(1 << 20);
+    assert_eq!(logged(&peer), big);
+    let mut ids: Vec<u64> = (0..n)
+        .map(|_| {
+            let f = peer.recv();
+            assert_eq!(decode::<u32>(&f) as u64, f.header.id - 100);
+            f.header.id
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (100..100 + n).collect::<Vec<_>>());
+    stuck.join().unwrap().unwrap();
     drop(root);
     finish(conn);
 }

@@ -22,6 +22,9 @@ pub(crate) struct Config {
     pub(crate) idle_timeout: Duration,
     /// Set by a server for its connections: the shared part of its memory bound.
     pub(crate) server_budget: Option<Arc<ServerBudget>>,
+    /// How async calls and replies to pipelined requests are written together
+    /// ([`crate::core::flush`]); changed only by tests.
+    pub(crate) batching: crate::core::flush::Windows,
     /// Set by a server for its connections: its budget of pool threads.
     pub(crate) thread_budget: Option<Arc<ThreadBudget>>,
 }
@@ -38,6 +41,7 @@ impl Default for Config {
             idle_timeout: Duration::MAX,
             server_budget: None,
             thread_budget: None,
+            batching: crate::core::flush::Windows::default(),
         }
     }
 }

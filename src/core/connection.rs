@@ -23,6 +23,13 @@
 //!   peer that reads nothing cannot make this side hold its replies without bound. A holder
 //!   whose deadline passes before it has written what was handed to it leaves the rest to a
 //!   thread of the connection, as for a frame cut short.
+//! * **Pipelines are written together** ([`crate::core::flush`]): an async call made within
+//!   100 µs of the previous one, and the reply to a request read while more of the peer's bytes
+//!   were already buffered, are handed over like replies that find the gate taken, and a
+//!   connection thread (`rpyc-flusher`, counted as one of the pool's) writes them 100 µs after
+//!   the first at the latest; any frame written, and any wait for an async result, writes them
+//!   first. So a thread's frames keep their order, and a slow handler holds nobody's reply back
+//!   for more than that.
 //! * **Large byte strings are not copied into frames.** A [`Bytes`](crate::Bytes) of 16 KiB
 //!   or more is kept by the frame as a shared reference to its memory and written with the
 //!   rest of the frame by one vectored write ([`crate::wire::OutFrame`]).
@@ -95,6 +102,7 @@ use crate::base::threads::ThreadSet;
 use crate::core::config::Config;
 use crate::core::context::{self, Scope};
 use crate::core::dispatch::Pool;
+use crate::core::flush::{Armed, Deferral};
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::core::service::{Args, Context, Failure, Hook, Invoke, Service};
 use crate::error::{
@@ -182,6 +190,8 @@ pub(crate) struct Shared {
     activity: Arc<Activity>,
     /// Requests of the peer being served right now (by the pool or by waiting callers).
     serving: AtomicUsize,
+    /// Async calls made in a burst, written together ([`crate::core::flush`]).
+    pub(crate) deferral: Deferral,
 }
 
 /// The write half of a connection: one frame at a time, through a gate that a thread can wait
@@ -256,6 +266,10 @@ enum Stopped {
 /// * A callback the peer makes while serving your synchronous call runs on your calling thread
 ///   (it is blocked anyway), so nested call chains of any depth need no extra threads.
 /// * Frames sent by one thread are sent in the order that thread sent them.
+/// * Pipelines cost few writes: async calls made in a burst (each within 100 µs of the last),
+///   and replies to requests the peer pipelined, go out together, at most 100 µs after the
+///   first of them (at once if anyone waits for a result). A lone async call, a synchronous
+///   call and a reply to a lone request are written at once.
 /// * Requests from the peer are handed to threads in arrival order and run concurrently, on
 ///   up to [`Options::max_workers`](crate::Options::max_workers) threads (so a later handler may
 ///   begin a moment before an earlier one): a slow handler delays no other call. Calls from different threads, async calls and oneway calls may therefore
@@ -376,6 +390,7 @@ impl Connection {
             established: AtomicBool::new(false),
             activity: activity.clone(),
             serving: AtomicUsize::new(0),
+            deferral: Deferral::new(opts.batching),
         });
         let limits = ReadLimits {
             max_frame: opts.max_frame,
@@ -631,6 +646,15 @@ impl Shared {
             };
             Some(Pending { id, rx })
         };
+        // An async call in a burst of them goes out with the others.
+        let frame = if kind == Kind::Call && !serves_nested {
+            match self.defer(frame, deadline) {
+                Ok(()) => return Ok(pending),
+                Err(frame) => frame,
+            }
+        } else {
+            frame
+        };
         if let Err(fail) = self.write_frame(frame, Some(deadline)) {
             if pending.is_some() {
                 self.forget(id);
@@ -665,7 +689,11 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Result<(), SendFail> {
         self.take_gate(deadline)?;
-        let frames = vec![frame];
+        // Frames handed over earlier go first: a thread's deferred async calls stay ahead of
+        // its later frames.
+        let mut frames = std::mem::take(&mut *lock(&self.writer.handed));
+        let own = frames.len();
+        frames.push(frame);
         match self.write_frames(&frames, 0, deadline) {
             Ok(()) => {
                 self.open_gate(deadline);
@@ -673,16 +701,23 @@ impl Shared {
                 Ok(())
             }
             Err(Stopped::Deadline {
-                at: 0,
-                committed: false,
-                ..
-            }) => {
-                self.open_gate(deadline);
-                self.flush_releases(deadline);
+                frame,
+                at,
+                committed,
+            }) if frame < own || (frame == own && at == 0 && !committed) => {
+                // Not a byte of this frame went out; those handed over before it must still
+                // go, whole.
+                frames.truncate(own);
+                if frame < own {
+                    self.finish_in_background(frames, frame, at);
+                } else {
+                    self.open_gate(deadline);
+                    self.flush_releases(deadline);
+                }
                 Err(SendFail::NotSent)
             }
-            Err(Stopped::Deadline { at, .. }) => {
-                self.finish_in_background(frames, 0, at);
+            Err(Stopped::Deadline { frame, at, .. }) => {
+                self.finish_in_background(frames, frame, at);
                 Err(SendFail::Partly)
             }
             Err(Stopped::Failed(e)) => {
@@ -691,6 +726,74 @@ impl Shared {
                 self.release_gate();
                 Err(SendFail::Closed(self.closed_error()))
             }
+        }
+    }
+
+    /// Hands the frame of an async call over to be written with others, if it comes in a
+    /// burst of them ([`crate::core::flush`]); gives it back to be written now otherwise.
+    fn defer(self: &Arc<Self>, frame: OutFrame, deadline: Instant) -> Result<(), OutFrame> {
+        if !self.deferral.in_burst() {
+            return Err(frame);
+        }
+        self.defer_frame(frame, Some(deadline))
+    }
+
+    /// Hands a frame over to be written with others, by [`FLUSH_AFTER`](crate::core::flush::FLUSH_AFTER) at the latest
+    /// ([`crate::core::flush`]); gives it back to be written now if it is large or enough
+    /// frames wait already. If no thread may be started to write it in time, it is written now,
+    /// waiting for the transport until `deadline`.
+    fn defer_frame(
+        self: &Arc<Self>,
+        frame: OutFrame,
+        deadline: Option<Instant>,
+    ) -> Result<(), OutFrame> {
+        if frame.len() > HAND_OVER_MAX {
+            return Err(frame);
+        }
+        {
+            let mut handed = lock(&self.writer.handed);
+            if handed.len() + 1 >= HAND_OVER_FRAMES {
+                // Enough for one write: this call writes them all.
+                return Err(frame);
+            }
+            handed.push(frame);
+        }
+        match self.deferral.arm() {
+            Armed::Yes => {}
+            Armed::StartThread => {
+                // The flusher counts as a thread of the pool, within its limits.
+                let started = crate::core::dispatch::reserve_helper(self) && {
+                    let me = self.clone();
+                    let spawned = self.threads.spawn("rpyc-flusher", move || {
+                        Deferral::run(&me);
+                        crate::core::dispatch::helper_ended(&me);
+                    });
+                    if let Err(e) = &spawned {
+                        log::warn!("{}: cannot start a thread: {e}", self.peer);
+                        crate::core::dispatch::helper_ended(self);
+                    }
+                    spawned.is_ok()
+                };
+                if !started {
+                    self.deferral.not_started();
+                    self.flush_deferred(deadline);
+                }
+            }
+            Armed::No => self.flush_deferred(deadline),
+        }
+        Ok(())
+    }
+
+    /// Writes the frames handed over (deferred async calls, replies) now, waiting for the
+    /// transport at most until `deadline`, unless the gate is taken: then its holder writes
+    /// them before it opens it.
+    pub(crate) fn flush_deferred(self: &Arc<Self>, deadline: Option<Instant>) {
+        if lock(&self.writer.handed).is_empty() || self.is_closed() {
+            return;
+        }
+        if self.writer.try_take() {
+            self.open_gate(deadline);
+            self.flush_releases(deadline);
         }
     }
 
@@ -1196,6 +1299,12 @@ impl Shared {
                 .map_err(|e| (RemoteErrorKind::BadResult, e.to_string()))
         });
         match outcome {
+            // The peer pipelines: this reply may wait (briefly) for those of the next requests.
+            Ok(()) if frame.more => {
+                if let Err(out) = self.defer_frame(out, None) {
+                    self.write_reply(out);
+                }
+            }
             Ok(()) => self.write_reply(out),
             Err((kind, message)) => self.send_error(h.id, kind, service_name, method, &message),
         }
@@ -1390,6 +1499,7 @@ impl Shared {
         drop(waiters); // every waiting caller wakes up with Disconnected -> Error::Closed
         let handed = std::mem::take(&mut *lock(&self.writer.handed));
         drop(handed);
+        self.deferral.stop();
         crate::core::dispatch::stop(self);
         let objects = std::mem::take(&mut *lock(&self.objects));
         drop(objects);

@@ -236,6 +236,25 @@ pub(crate) fn when_stopped(shared: &Shared, f: Box<dyn FnOnce() + Send>) {
     }
 }
 
+/// Counts a thread of the connection that is not a worker (the flusher of
+/// [`crate::core::flush`]) as one of the pool's, within the pool's and the server's limits;
+/// false if they allow no more. Its end is told with [`helper_ended`].
+pub(crate) fn reserve_helper(shared: &Shared) -> bool {
+    let pool = &shared.pool;
+    let mut st = lock(&pool.state);
+    if st.stopping {
+        return false;
+    }
+    let ok = reserve_thread(pool, &mut st);
+    st.check(pool);
+    ok
+}
+
+/// A thread counted by [`reserve_helper`] ended (or never started).
+pub(crate) fn helper_ended(shared: &Shared) {
+    thread_ended(&shared.pool, lock(&shared.pool.state));
+}
+
 /// Starts the connection's first worker, as leader.
 pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()> {
     {
@@ -573,7 +592,10 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
                 }
                 continue;
             }
-            Ok(Routed::Job(job)) => job,
+            Ok(Routed::Job(mut job)) => {
+                job.more = reader.has_buffered();
+                job
+            }
             Err(e) => {
                 ended_by(shared, &e);
                 return None;

@@ -6,6 +6,7 @@ pub(crate) mod config;
 pub(crate) mod connection;
 pub(crate) mod context;
 pub(crate) mod dispatch;
+pub(crate) mod flush;
 pub(crate) mod object;
 pub(crate) mod service;
 

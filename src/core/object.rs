@@ -476,6 +476,10 @@ impl<R: DeserializeOwned> AsyncResult<R> {
     /// `Ok` once the reply is stashed; `Err(None)` if not yet (by the deadline), `Err(Some)` if
     /// it never will.
     fn poll(&self, deadline: Option<Instant>) -> Result<(), Option<Error>> {
+        // Async calls waiting to go out together go now: someone waits for a reply.
+        self.conn
+            .shared
+            .flush_deferred(Some(deadline.unwrap_or_else(Instant::now)));
         let mut reply = match deadline {
             Some(_) => lock(&self.reply),
             // `ready` never blocks: while another thread waits in `wait` it holds the lock,

@@ -7,6 +7,7 @@
 //! which order and shows every byte the connection sends; some call `route`, `wait` and
 //! `abandon` directly.
 
+mod batching;
 mod closing;
 mod nesting;
 mod peer;

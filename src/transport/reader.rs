@@ -124,6 +124,11 @@ impl FrameReader {
         r
     }
 
+    /// Whether bytes the peer sent are read but not yet taken (the start of a next frame).
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
+    }
+
     /// Whether a thread with a deadline may hold this reader (its reads can time out).
     pub(crate) fn can_slice(&self) -> bool {
         self.can_slice

@@ -194,6 +194,9 @@ pub(crate) struct Frame {
     pub detached: Option<Detached>,
     /// What holding this frame costs its connection's memory budget, returned when it drops.
     pub charge: Option<Charge>,
+    /// More of the peer's bytes were already read when this frame was handed out: the peer
+    /// sends a pipeline, so the reply to this request may wait for those of the next ones.
+    pub more: bool,
 }
 
 impl Frame {
@@ -209,6 +212,7 @@ impl Frame {
             payload_at,
             detached: None,
             charge: None,
+            more: false,
         })
     }
 

@@ -5,6 +5,7 @@
 
 pub(crate) mod buffers;
 pub(crate) mod limits;
+pub(crate) mod mailbox;
 #[cfg(unix)]
 pub(crate) mod sys;
 #[cfg(test)]

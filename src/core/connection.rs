@@ -98,6 +98,7 @@
 
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
+use crate::base::mailbox::{self, Receiver, RecvTimeoutError, Sender};
 use crate::base::threads::ThreadSet;
 use crate::core::config::Config;
 use crate::core::context::{self, Scope};
@@ -112,7 +113,6 @@ use crate::transport::reader::{FrameReader, ReadLimits};
 use crate::transport::{Control, Sink, Transport};
 use crate::wire::codec;
 use crate::wire::{self, Frame, Hello, Kind, OutFrame};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -639,7 +639,7 @@ impl Shared {
         let pending = if kind == Kind::Oneway {
             None
         } else {
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = mailbox::mailbox();
             match lock(&self.pending).as_mut() {
                 Some(map) => map.insert(id, Waiter { tx, serves_nested }),
                 None => return Err(self.closed_error()),
@@ -1022,6 +1022,12 @@ impl Shared {
         Some(self.activity.idle_for())
     }
 
+    /// Releases waiting to be sent.
+    #[cfg(test)]
+    pub(crate) fn queued_releases(&self) -> usize {
+        lock(&self.releases).len()
+    }
+
     /// Replies handed over to the gate's holder and not written yet.
     #[cfg(test)]
     pub(crate) fn handed_over(&self) -> usize {
@@ -1095,7 +1101,7 @@ impl Shared {
         let mut expecting = !self.forget(p.id);
         loop {
             let d = if expecting {
-                p.rx.recv().ok()
+                p.rx.recv()
             } else {
                 p.rx.try_recv().ok()
             };
@@ -1162,7 +1168,7 @@ impl Shared {
                         drop(pending);
                         // Sent at once after the removal: a caller that gives up meanwhile
                         // finds its entry gone and waits for this (see `abandon`).
-                        let _ = w.tx.send(Delivery::Reply(frame));
+                        w.tx.send(Delivery::Reply(frame));
                         if w.serves_nested {
                             return Ok(Routed::ToCaller);
                         }
@@ -1197,7 +1203,7 @@ impl Shared {
                     Some(w) => {
                         // The waiter is blocked in recv; if it just gave up, `abandon` drains
                         // its channel and resubmits this request to the pool.
-                        let _ = w.tx.send(Delivery::Nested(frame));
+                        w.tx.send(Delivery::Nested(frame));
                         Ok(Routed::ToCaller)
                     }
                     None => Ok(Routed::Job(frame)),

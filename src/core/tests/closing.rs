@@ -107,6 +107,15 @@ fn a_peer_that_makes_us_release_its_objects_and_reads_nothing_is_closed_within_t
             break;
         }
         sent += 1000;
+        // One frame at a time, so that the frames read ahead stay within the memory bound
+        // and it is the queue of releases that grows.
+        let deadline = Instant::now() + LONG;
+        while conn.shared.queued_releases() < sent as usize
+            && !conn.is_closed()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     assert!(
         conn.wait_closed_timeout(LONG),

@@ -2,9 +2,10 @@
 //! [`OneShotServer`] serves one connection and stops.
 //!
 //! The accept loop only accepts: each connection's handshake runs on the connection's own
-//! thread, so a slow or silent client never delays another. Every thread a server starts
-//! belongs to its thread set, and [`ServerHandle::close`] stops accepting, closes every live
-//! connection and joins those threads.
+//! thread, so a slow or silent client never delays another, and that thread then becomes the
+//! connection's first worker. Every thread a server starts belongs to its thread set, and
+//! [`ServerHandle::close`] stops accepting, closes every live connection and joins those
+//! threads.
 
 use crate::auth::Authenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
@@ -54,12 +55,21 @@ pub(crate) trait Protocol: Send + Sync {
         t: Transport,
         config: &Config,
         threads: Arc<ThreadSet>,
-    ) -> Result<Arc<dyn Served>, Error>;
+    ) -> Result<Started, Error>;
     /// Whether a refused client is told so with a native hello (a client of another protocol
     /// could not read one: it is just hung up on).
     fn tells_refusals(&self) -> bool;
     /// What is served, for `Debug`.
     fn describe(&self) -> String;
+}
+
+/// A connection just established by a [`Protocol`].
+pub(crate) struct Started {
+    pub(crate) conn: Arc<dyn Served>,
+    /// What the handshake thread becomes once the server has taken the connection in: the
+    /// connection's first worker, so that no thread is started for it (`None`: the protocol
+    /// started the connection's threads itself).
+    pub(crate) then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// A live connection as its server manages it.
@@ -85,9 +95,13 @@ impl Protocol for Native {
         t: Transport,
         config: &Config,
         threads: Arc<ThreadSet>,
-    ) -> Result<Arc<dyn Served>, Error> {
-        let conn = Connection::establish(t, config, self.0.clone(), threads)?;
-        Ok(Arc::new(conn))
+    ) -> Result<Started, Error> {
+        let (conn, first) =
+            Connection::establish_keeping(t, config, self.0.clone(), threads, true)?;
+        Ok(Started {
+            conn: Arc::new(conn),
+            then: first.map(|w| Box::new(move || w.run()) as Box<dyn FnOnce() + Send>),
+        })
     }
     fn tells_refusals(&self) -> bool {
         true
@@ -917,8 +931,13 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         }
         let at = Instant::now();
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            serve_connection(&me, a, at);
+            let then = serve_connection(&me, a, at);
             lock(&me.handshaking).remove(&id);
+            drop(me);
+            if let Some(serve) = then {
+                crate::base::threads::rename_current("rpyc-worker");
+                serve();
+            }
         });
         if let Err(e) = started {
             log::error!("{peer}: cannot start a thread for the connection: {e}");
@@ -957,7 +976,12 @@ fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Trans
     Ok(t)
 }
 
-fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
+/// Returns what the calling (handshake) thread does next for the connection, if anything.
+fn serve_connection(
+    inner: &Arc<ServerInner>,
+    a: Accepted,
+    at: Instant,
+) -> Option<Box<dyn FnOnce() + Send>> {
     let peer = a.peer().to_string();
     let established = open_transport(inner, a, at).and_then(|t| {
         inner
@@ -966,7 +990,7 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
     });
     inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
     match established {
-        Ok(conn) => {
+        Ok(Started { conn, then }) => {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             lock(&inner.conns).insert(id, conn.clone());
             let me = inner.clone();
@@ -984,10 +1008,12 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
                 conn.close();
             }
             log::debug!("{peer}: connected");
+            then
         }
         Err(e) => {
             log::warn!("{peer}: connection failed: {e}");
             inner.connection_ended();
+            None
         }
     }
 }

@@ -15,6 +15,15 @@ pub(crate) struct ThreadSet {
     cv: Condvar,
 }
 
+/// Gives the calling thread, which now does something else than it was started for, a name
+/// that says so (as the system shows it; `std::thread::current().name()` keeps the first).
+pub(crate) fn rename_current(name: &str) {
+    #[cfg(unix)]
+    crate::base::sys::set_thread_name(name);
+    #[cfg(not(unix))]
+    let _ = name;
+}
+
 /// Removes the thread from its set when it ends, panicking or not.
 struct Member(Arc<ThreadSet>);
 

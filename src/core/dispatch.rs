@@ -31,6 +31,10 @@
 //!
 //! # The pool
 //!
+//! The pool's first thread is started when the connection is established, or, on a server,
+//! is the thread that did the handshake ([`FirstWorker`]), so that a connection starts no
+//! thread before it needs a second.
+//!
 //! Requests that are not nested in a waiting call run on the pool: the leader that read one
 //! runs it itself (so serving it costs no hand-off), and another thread takes over reading. The
 //! pool grows on demand to `max_workers` threads running handlers plus one reading (every
@@ -236,17 +240,49 @@ pub(crate) fn when_stopped(shared: &Shared, f: Box<dyn FnOnce() + Send>) {
     }
 }
 
-/// Starts the connection's first worker, as leader.
-pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()> {
-    {
-        let mut st = lock(&shared.pool.state);
-        st.reader = Some(reader);
-        st.released_at = long_ago();
-        st.threads += 1;
+/// Gives the pool the connection's reader, and counts its first thread, which is not started
+/// yet: see [`FirstWorker`].
+pub(crate) fn install(shared: &Arc<Shared>, reader: FrameReader) -> FirstWorker {
+    let mut st = lock(&shared.pool.state);
+    st.reader = Some(reader);
+    st.released_at = long_ago();
+    st.threads += 1;
+    FirstWorker(Some(shared.clone()))
+}
+
+/// The connection's first pool thread, counted but not running yet: it is started as a new
+/// thread ([`spawn`](FirstWorker::spawn)), or a thread that has nothing else to do becomes it
+/// ([`run`](FirstWorker::run)), as a server's handshake thread does, which saves starting a
+/// thread per connection. Until then the reader lies free for callers to read their own
+/// replies. Dropped unused, it counts as ended.
+pub(crate) struct FirstWorker(Option<Arc<Shared>>);
+
+impl FirstWorker {
+    /// Starts the first worker on a thread of its own.
+    pub(crate) fn spawn(mut self) -> io::Result<()> {
+        let Some(shared) = self.0.take() else {
+            return Ok(());
+        };
+        spawn_worker(&shared).inspect_err(|_| {
+            thread_ended(&shared.pool, lock(&shared.pool.state));
+        })
     }
-    spawn_worker(shared).inspect_err(|_| {
-        thread_ended(&shared.pool, lock(&shared.pool.state));
-    })
+
+    /// Makes the calling thread the first worker, until the pool lets it go (the connection
+    /// ended, or the thread was spare for [`IDLE_TIMEOUT`]).
+    pub(crate) fn run(mut self) {
+        if let Some(shared) = self.0.take() {
+            worker(shared);
+        }
+    }
+}
+
+impl Drop for FirstWorker {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            thread_ended(&shared.pool, lock(&shared.pool.state));
+        }
+    }
 }
 
 fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {

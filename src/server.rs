@@ -3,7 +3,8 @@
 //!
 //! The accept loop only accepts: each connection's handshake runs on the connection's own
 //! thread, so a slow or silent client never delays another, and that thread then becomes the
-//! connection's first worker. Every thread a server starts belongs to its thread set, and
+//! connection's first worker. Every thread a server starts belongs to its thread set, which
+//! reuses threads that finished their work for the next connections, and
 //! [`ServerHandle::close`] stops accepting, closes every live connection and joins those
 //! threads.
 
@@ -28,6 +29,11 @@ use std::time::{Duration, Instant};
 
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Most threads a server keeps parked (done with their work, waiting for more) so that the
+/// next handshake or worker needs no new thread; see [`ThreadSet::reusing`].
+const PARKED_THREADS: usize = 8;
+/// How long a parked thread waits for work before it ends.
+const PARK_FOR: Duration = Duration::from_secs(2);
 
 /// Raises the process's soft descriptor limit to its hard one, once (see
 /// `sys::raise_nofile_limit`): each connection holds a descriptor, and the soft default of
@@ -332,7 +338,8 @@ impl ServerBuilder {
     /// in their connection's queue ([`max_queued`](Self::max_queued)) for a thread of their own
     /// connection. With the other limits, a server runs at most
     /// `2 x max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more
-    /// per connection finishing a frame whose caller timed out); see the README.
+    /// per connection finishing a frame whose caller timed out), plus at most 8 that finished
+    /// their work and wait up to 2 s to be reused for the next connection's; see the README.
     ///
     /// ```
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_threads(64).build()?;
@@ -529,7 +536,7 @@ impl ServerBuilder {
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 active: AtomicUsize::new(0),
-                threads: ThreadSet::new(),
+                threads: ThreadSet::reusing(PARKED_THREADS, PARK_FOR),
                 accepting: Mutex::new(false),
                 cv: Condvar::new(),
                 accept_thread: Mutex::new(None),

@@ -1,18 +1,46 @@
 //! Every thread this crate starts belongs to a [`ThreadSet`], so whoever started it can wait for
 //! it to end: a client connection's set is its own, a server's connections share the server's.
+//!
+//! A server's set keeps a few threads that finished their work *parked* for a while, and hands
+//! them the next work instead of starting a thread: a server whose clients connect and leave
+//! all the time would otherwise start and end two threads per connection. Parked threads are
+//! still members of the set: [`ThreadSet::join`] ends them too.
 
 use crate::base::{deadline, lock};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
+
+type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 pub(crate) struct ThreadSet {
     state: Mutex<HashMap<ThreadId, Option<JoinHandle<()>>>>,
     finished: Mutex<Vec<JoinHandle<()>>>,
     cv: Condvar,
+    /// Where threads wait for more work, if this set reuses them.
+    parking: Option<Parking>,
+}
+
+/// Threads of a set waiting for their next work: at most `max`, each for at most `wait`.
+struct Parking {
+    max: usize,
+    wait: Duration,
+    state: Mutex<Parked>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Parked {
+    /// Threads parked now.
+    idle: usize,
+    /// Work handed to parked threads and not taken yet: never more than `idle`, so each has
+    /// a thread that takes it.
+    handed: VecDeque<(String, Job)>,
+    /// The set is being joined: nothing parks any more.
+    closing: bool,
 }
 
 /// Gives the calling thread, which now does something else than it was started for, a name
@@ -43,23 +71,79 @@ impl ThreadSet {
         Arc::new(ThreadSet::default())
     }
 
-    /// Starts a named thread in this set.
+    /// A set whose threads, once their work is done, wait up to `wait` for more (at most `max`
+    /// of them at once) before they end.
+    pub(crate) fn reusing(max: usize, wait: Duration) -> Arc<ThreadSet> {
+        Arc::new(ThreadSet {
+            parking: Some(Parking {
+                max,
+                wait,
+                state: Mutex::new(Parked::default()),
+                cv: Condvar::new(),
+            }),
+            ..ThreadSet::default()
+        })
+    }
+
+    /// Runs `f` on a thread of this set named `name`: a parked one if there is one, else a new
+    /// one.
     pub(crate) fn spawn(
         self: &Arc<Self>,
         name: &str,
         f: impl FnOnce() + Send + 'static,
     ) -> io::Result<()> {
+        if let Some(p) = &self.parking {
+            let mut st = lock(&p.state);
+            if !st.closing && st.idle > st.handed.len() {
+                st.handed.push_back((name.into(), Box::new(f)));
+                drop(st);
+                p.cv.notify_one();
+                return Ok(());
+            }
+        }
         let set = self.clone();
         // Hold the lock across spawn so the thread cannot finish before its handle is recorded.
         let mut live = lock(&self.state);
         let handle = thread::Builder::new().name(name.into()).spawn(move || {
-            let _member = Member(set);
-            f()
+            let _member = Member(set.clone());
+            f();
+            while let Some((name, job)) = set.park() {
+                rename_current(&name);
+                job();
+            }
         })?;
         live.insert(handle.thread().id(), Some(handle));
         drop(live);
         self.reap();
         Ok(())
+    }
+
+    /// Waits, as a thread whose work is done, for more; `None`: the thread ends.
+    fn park(&self) -> Option<(String, Job)> {
+        let p = self.parking.as_ref()?;
+        let mut st = lock(&p.state);
+        if st.closing || st.idle >= p.max {
+            return None;
+        }
+        rename_current("rpyc-parked");
+        st.idle += 1;
+        let until = deadline(p.wait);
+        let next = loop {
+            // Work handed over first: a thread counted idle when it was handed takes it.
+            if let Some(job) = st.handed.pop_front() {
+                break Some(job);
+            }
+            let now = Instant::now();
+            if st.closing || now >= until {
+                break None;
+            }
+            st =
+                p.cv.wait_timeout(st, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        };
+        st.idle -= 1;
+        next
     }
 
     /// Joins threads that have already ended, so handles do not pile up on long connections.
@@ -70,9 +154,14 @@ impl ThreadSet {
         }
     }
 
-    /// Waits until every thread of the set except the calling one has ended, then joins them.
-    /// Returns false if some were still running after `grace`.
+    /// Waits until every thread of the set except the calling one has ended (parked ones end
+    /// at once, and no thread parks any more), then joins them. Returns false if some were
+    /// still running after `grace`.
     pub(crate) fn join(&self, grace: Duration) -> bool {
+        if let Some(p) = &self.parking {
+            lock(&p.state).closing = true;
+            p.cv.notify_all();
+        }
         let me = thread::current().id();
         let deadline = deadline(grace);
         let mut live = lock(&self.state);

@@ -1223,3 +1223,32 @@ fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_call_and_close_costs_the_server_at_most_two_threads_and_the_client_one() {
+        let service = Service::new("s").method("add", |a: i64, b: i64| a + b);
+        let server = ThreadedServer::new(service).build().unwrap();
+        let port = server.port();
+        let handle = server.spawn().unwrap();
+        const CONNECTS: usize = 10;
+        for i in 0..CONNECTS as i64 {
+            let conn = crate::connect("127.0.0.1", port).unwrap();
+            assert_eq!(conn.root().call::<i64, _>("add", (i, 1)).unwrap(), i + 1);
+            // The client's reader; the call read its own reply.
+            assert_eq!(conn.shared.threads.spawned(), 1);
+            conn.close();
+        }
+        // Per connection: the handshake thread, which then reads as the first worker, and a
+        // second worker that takes over reading while the first runs the call.
+        let spawned = handle.inner.threads.spawned();
+        assert!(
+            spawned <= 2 * CONNECTS,
+            "{spawned} threads for {CONNECTS} connections"
+        );
+        handle.close();
+    }
+}

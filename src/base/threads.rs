@@ -9,6 +9,7 @@
 use crate::base::{deadline, lock};
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -20,6 +21,10 @@ pub(crate) struct ThreadSet {
     state: Mutex<HashMap<ThreadId, Option<JoinHandle<()>>>>,
     finished: Mutex<Vec<JoinHandle<()>>>,
     cv: Condvar,
+    /// Threads started so far, for tests of how many an operation costs.
+    started: AtomicUsize,
+    /// Work handed to the set so far (on new or parked threads).
+    spawned: AtomicUsize,
     /// Where threads wait for more work, if this set reuses them.
     parking: Option<Parking>,
 }
@@ -98,6 +103,7 @@ impl ThreadSet {
                 st.handed.push_back((name.into(), Box::new(f)));
                 drop(st);
                 p.cv.notify_one();
+                self.spawned.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -114,6 +120,8 @@ impl ThreadSet {
         })?;
         live.insert(handle.thread().id(), Some(handle));
         drop(live);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.spawned.fetch_add(1, Ordering::Relaxed);
         self.reap();
         Ok(())
     }
@@ -144,6 +152,18 @@ impl ThreadSet {
         };
         st.idle -= 1;
         next
+    }
+
+    /// How many threads this set has started.
+    #[cfg(test)]
+    pub(crate) fn started(&self) -> usize {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// How many times work was handed to this set (each ran on a new or a parked thread).
+    #[cfg(test)]
+    pub(crate) fn spawned(&self) -> usize {
+        self.spawned.load(Ordering::Relaxed)
     }
 
     /// Joins threads that have already ended, so handles do not pile up on long connections.
@@ -186,5 +206,87 @@ impl ThreadSet {
         drop(live);
         self.reap();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    /// A bound only a broken set reaches.
+    const LONG: Duration = Duration::from_secs(10);
+
+    impl ThreadSet {
+        fn parked(&self) -> usize {
+            self.parking.as_ref().map_or(0, |p| lock(&p.state).idle)
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let until = deadline(LONG);
+        while !f() {
+            assert!(Instant::now() < until, "{what}: not within {LONG:?}");
+            thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_reusing_set_runs_the_next_work_on_a_parked_thread_instead_of_starting_one() {
+        let set = ThreadSet::reusing(2, LONG);
+        let (tx, rx) = bounded(2);
+        let t = tx.clone();
+        set.spawn("first", move || t.send(thread::current().id()).unwrap())
+            .unwrap();
+        let first = rx.recv_timeout(LONG).unwrap();
+        wait_for("the thread parks", || set.parked() == 1);
+        set.spawn("second", move || tx.send(thread::current().id()).unwrap())
+            .unwrap();
+        assert_eq!(rx.recv_timeout(LONG).unwrap(), first);
+        assert_eq!((set.started(), set.spawned()), (1, 2));
+        assert!(set.join(LONG), "the parked thread did not end");
+        assert!(lock(&set.state).is_empty());
+    }
+
+    #[test]
+    fn joining_a_reusing_set_ends_its_parked_threads_at_once_and_nothing_parks_after() {
+        let set = ThreadSet::reusing(4, LONG);
+        // Held, so that each work gets a thread of its own.
+        let gate = Arc::new(Mutex::new(()));
+        let held = lock(&gate);
+        for _ in 0..3 {
+            let g = gate.clone();
+            set.spawn("work", move || drop(lock(&g))).unwrap();
+        }
+        drop(held);
+        wait_for("the threads park", || set.parked() == 3);
+        let started = Instant::now();
+        assert!(set.join(LONG));
+        // Not by waiting out their parking time.
+        assert!(started.elapsed() < LONG / 2);
+        set.spawn("late", || {}).unwrap();
+        assert!(set.join(LONG));
+        assert_eq!((set.started(), set.parked()), (4, 0));
+    }
+
+    #[test]
+    fn a_set_parks_at_most_its_maximum_and_a_plain_set_never_parks() {
+        let set = ThreadSet::reusing(1, LONG);
+        let gate = Arc::new(Mutex::new(()));
+        let held = lock(&gate);
+        for _ in 0..3 {
+            let g = gate.clone();
+            set.spawn("work", move || drop(lock(&g))).unwrap();
+        }
+        drop(held);
+        wait_for("two threads end, one parks", || {
+            lock(&set.state).len() == 1 && set.parked() == 1
+        });
+        assert!(set.join(LONG));
+
+        let plain = ThreadSet::new();
+        plain.spawn("work", || {}).unwrap();
+        assert!(plain.join(LONG));
+        assert_eq!(plain.parked(), 0);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The accept loop only accepts: each connection's handshake runs on the connection's own
 //! thread, so a slow or silent client never delays another, and that thread then becomes the
-//! connection's first worker. Every thread a server starts belongs to its thread set, which
+//! connection's first worker (unless the service has an `on_connect` hook, which runs there). Every thread a server starts belongs to its thread set, which
 //! reuses threads that finished their work for the next connections, and
 //! [`ServerHandle::close`] stops accepting, closes every live connection and joins those
 //! threads.

@@ -301,9 +301,10 @@ impl Connection {
     /// [`establish`](Connection::establish), but with `keep_first`, the connection's first
     /// pool thread is not started: it is returned for the calling thread to become, once it
     /// is done with the connection's setup (a server's handshake thread: one thread fewer
-    /// started per connection). Until then callers read their own replies, so `on_connect`
-    /// may call the peer. On a transport whose reads cannot time out (callers cannot read for
-    /// themselves there) the thread is started as usual and `None` returned.
+    /// started per connection). Only if the service has no `on_connect` hook: user code may
+    /// run long, and something must read the connection meanwhile (the peer may leave, or
+    /// answer the hook's calls, which callers can read for themselves only where reads time
+    /// out). Otherwise the thread is started as usual and `None` returned.
     pub(crate) fn establish_keeping(
         t: Transport,
         opts: &Config,
@@ -377,7 +378,7 @@ impl Connection {
         };
         let conn = Connection::from_shared(shared.clone());
         let reader = FrameReader::new(reader, limits, shared.control.clone());
-        let keep_first = keep_first && reader.can_slice();
+        let keep_first = keep_first && shared.service.inner.on_connect.is_none();
         let first = crate::core::dispatch::install(&shared, reader);
         let first = if keep_first {
             Some(first)

@@ -31,9 +31,9 @@
 //!
 //! # The pool
 //!
-//! The pool's first thread is started when the connection is established, or, on a server,
-//! is the thread that did the handshake ([`FirstWorker`]), so that a connection starts no
-//! thread before it needs a second. A thread that is starting counts as one that will look for
+//! The pool's first thread is started when the connection is established, or, on a server
+//! whose service has no `on_connect` hook, is the thread that did the handshake
+//! ([`FirstWorker`]), so that a connection starts no thread before it needs a second. A thread that is starting counts as one that will look for
 //! work (a free reader, a queued request): nobody else is woken or started for what it will
 //! find.
 //!
@@ -262,8 +262,8 @@ pub(crate) fn install(shared: &Arc<Shared>, reader: FrameReader) -> FirstWorker 
 /// The connection's first pool thread, counted but not running yet: it is started as a new
 /// thread ([`spawn`](FirstWorker::spawn)), or a thread that has nothing else to do becomes it
 /// ([`run`](FirstWorker::run)), as a server's handshake thread does, which saves starting a
-/// thread per connection. Until then the reader lies free for callers to read their own
-/// replies. Dropped unused, it counts as ended.
+/// thread per connection. Until then the reader lies free, so whoever holds it must run no
+/// user code meanwhile. Dropped unused, it counts as ended.
 pub(crate) struct FirstWorker(Option<Arc<Shared>>);
 
 impl FirstWorker {

@@ -2,9 +2,11 @@
 //! [`OneShotServer`] serves one connection and stops.
 //!
 //! The accept loop only accepts: each connection's handshake runs on the connection's own
-//! thread, so a slow or silent client never delays another. Every thread a server starts
-//! belongs to its thread set, and [`ServerHandle::close`] stops accepting, closes every live
-//! connection and joins those threads.
+//! thread, so a slow or silent client never delays another, and that thread then becomes the
+//! connection's first worker (unless the service has an `on_connect` hook, which runs there). Every thread a server starts belongs to its thread set, which
+//! reuses threads that finished their work for the next connections, and
+//! [`ServerHandle::close`] stops accepting, closes every live connection and joins those
+//! threads.
 
 use crate::auth::Authenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
@@ -27,6 +29,11 @@ use std::time::{Duration, Instant};
 
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Most threads a server keeps parked (done with their work, waiting for more) so that the
+/// next handshake or worker needs no new thread; see [`ThreadSet::reusing`].
+const PARKED_THREADS: usize = 8;
+/// How long a parked thread waits for work before it ends.
+const PARK_FOR: Duration = Duration::from_secs(2);
 
 /// Raises the process's soft descriptor limit to its hard one, once (see
 /// `sys::raise_nofile_limit`): each connection holds a descriptor, and the soft default of
@@ -54,12 +61,21 @@ pub(crate) trait Protocol: Send + Sync {
         t: Transport,
         config: &Config,
         threads: Arc<ThreadSet>,
-    ) -> Result<Arc<dyn Served>, Error>;
+    ) -> Result<Started, Error>;
     /// Whether a refused client is told so with a native hello (a client of another protocol
     /// could not read one: it is just hung up on).
     fn tells_refusals(&self) -> bool;
     /// What is served, for `Debug`.
     fn describe(&self) -> String;
+}
+
+/// A connection just established by a [`Protocol`].
+pub(crate) struct Started {
+    pub(crate) conn: Arc<dyn Served>,
+    /// What the handshake thread becomes once the server has taken the connection in: the
+    /// connection's first worker, so that no thread is started for it (`None`: the protocol
+    /// started the connection's threads itself).
+    pub(crate) then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// A live connection as its server manages it.
@@ -85,9 +101,13 @@ impl Protocol for Native {
         t: Transport,
         config: &Config,
         threads: Arc<ThreadSet>,
-    ) -> Result<Arc<dyn Served>, Error> {
-        let conn = Connection::establish(t, config, self.0.clone(), threads)?;
-        Ok(Arc::new(conn))
+    ) -> Result<Started, Error> {
+        let (conn, first) =
+            Connection::establish_keeping(t, config, self.0.clone(), threads, true)?;
+        Ok(Started {
+            conn: Arc::new(conn),
+            then: first.map(|w| Box::new(move || w.run()) as Box<dyn FnOnce() + Send>),
+        })
     }
     fn tells_refusals(&self) -> bool {
         true
@@ -318,7 +338,8 @@ impl ServerBuilder {
     /// in their connection's queue ([`max_queued`](Self::max_queued)) for a thread of their own
     /// connection. With the other limits, a server runs at most
     /// `2 x max_connections + max_threads + max_handshakes + 2` threads (and, rarely, one more
-    /// per connection finishing a frame whose caller timed out); see the README.
+    /// per connection finishing a frame whose caller timed out), plus at most 8 that finished
+    /// their work and wait up to 2 s to be reused for the next connection's; see the README.
     ///
     /// ```
     /// let server = rpyc::ThreadedServer::new(rpyc::Service::new("s")).max_threads(64).build()?;
@@ -515,7 +536,7 @@ impl ServerBuilder {
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 active: AtomicUsize::new(0),
-                threads: ThreadSet::new(),
+                threads: ThreadSet::reusing(PARKED_THREADS, PARK_FOR),
                 accepting: Mutex::new(false),
                 cv: Condvar::new(),
                 accept_thread: Mutex::new(None),
@@ -917,8 +938,13 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         }
         let at = Instant::now();
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            serve_connection(&me, a, at);
+            let then = serve_connection(&me, a, at);
             lock(&me.handshaking).remove(&id);
+            drop(me);
+            if let Some(serve) = then {
+                crate::base::threads::rename_current("rpyc-worker");
+                serve();
+            }
         });
         if let Err(e) = started {
             log::error!("{peer}: cannot start a thread for the connection: {e}");
@@ -957,7 +983,12 @@ fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Trans
     Ok(t)
 }
 
-fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
+/// Returns what the calling (handshake) thread does next for the connection, if anything.
+fn serve_connection(
+    inner: &Arc<ServerInner>,
+    a: Accepted,
+    at: Instant,
+) -> Option<Box<dyn FnOnce() + Send>> {
     let peer = a.peer().to_string();
     let established = open_transport(inner, a, at).and_then(|t| {
         inner
@@ -966,7 +997,7 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
     });
     inner.in_handshake.fetch_sub(1, Ordering::AcqRel);
     match established {
-        Ok(conn) => {
+        Ok(Started { conn, then }) => {
             let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
             lock(&inner.conns).insert(id, conn.clone());
             let me = inner.clone();
@@ -984,10 +1015,12 @@ fn serve_connection(inner: &Arc<ServerInner>, a: Accepted, at: Instant) {
                 conn.close();
             }
             log::debug!("{peer}: connected");
+            then
         }
         Err(e) => {
             log::warn!("{peer}: connection failed: {e}");
             inner.connection_ended();
+            None
         }
     }
 }
@@ -1188,5 +1221,34 @@ fn refuser(rx: crossbeam_channel::Receiver<std::os::fd::OwnedFd>) {
             i += 1;
             !done[i - 1]
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_call_and_close_costs_the_server_at_most_two_threads_and_the_client_one() {
+        let service = Service::new("s").method("add", |a: i64, b: i64| a + b);
+        let server = ThreadedServer::new(service).build().unwrap();
+        let port = server.port();
+        let handle = server.spawn().unwrap();
+        const CONNECTS: usize = 10;
+        for i in 0..CONNECTS as i64 {
+            let conn = crate::connect("127.0.0.1", port).unwrap();
+            assert_eq!(conn.root().call::<i64, _>("add", (i, 1)).unwrap(), i + 1);
+            // The client's reader; the call read its own reply.
+            assert_eq!(conn.shared.threads.spawned(), 1);
+            conn.close();
+        }
+        // Per connection: the handshake thread, which then reads as the first worker, and a
+        // second worker that takes over reading while the first runs the call.
+        let spawned = handle.inner.threads.spawned();
+        assert!(
+            spawned <= 2 * CONNECTS,
+            "{spawned} threads for {CONNECTS} connections"
+        );
+        handle.close();
     }
 }

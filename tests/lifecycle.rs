@@ -495,6 +495,28 @@ fn on_disconnect_runs_even_when_the_peer_leaves_during_on_connect() {
 }
 
 #[test]
+fn the_server_reads_the_connection_while_on_connect_runs_and_sees_a_client_leave() {
+    // The hook waits for the connection to close: only a thread reading it meanwhile can
+    // notice that the client left.
+    let bound = Duration::from_secs(10);
+    let (tx, rx) = mpsc::channel();
+    let service = Service::new("waits_for_close").on_connect(move |cx| {
+        let _ = tx.send(cx.connection().wait_closed_timeout(bound));
+    });
+    let server = ThreadedServer::new(service).build().unwrap();
+    let port = server.port();
+    let handle = server.spawn().unwrap();
+    let conn = rpyc::connect("127.0.0.1", port).unwrap();
+    conn.close();
+    let seen = rx.recv_timeout(bound * 2).expect("on_connect returned");
+    assert!(
+        seen,
+        "on_connect did not see the client leave within {bound:?}"
+    );
+    handle.close();
+}
+
+#[test]
 fn close_timeout_of_duration_max_means_no_limit() {
     // `Duration::MAX` is "no limit" wherever a timeout is taken: it must wait, not overflow
     // the clock. With no handler running there is nothing to wait for.

@@ -228,6 +228,23 @@ pub(crate) fn kill_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Renames the calling thread as the system shows it (`/proc/self/task/*/comm`, `top -H`,
+/// debuggers), cut to the 15 bytes Linux keeps; elsewhere it does nothing.
+pub(crate) fn set_thread_name(name: &str) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut buf = [0u8; 16];
+        let n = name.len().min(15);
+        buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes; `buf` is one.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0);
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = name;
+}
+
 /// Raises this process's soft limit on open file descriptors to its hard limit, as Go's
 /// runtime does: the common soft default (1,024) is far below what a server of many
 /// connections needs, and the hard limit is the administrator's actual bound. Returns the soft

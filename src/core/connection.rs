@@ -102,7 +102,7 @@ use crate::base::mailbox::{self, Receiver, RecvTimeoutError, Sender};
 use crate::base::threads::ThreadSet;
 use crate::core::config::Config;
 use crate::core::context::{self, Scope};
-use crate::core::dispatch::Pool;
+use crate::core::dispatch::{FirstWorker, Pool};
 use crate::core::flush::{Armed, Deferral};
 use crate::core::object::{self, ObjectTable, RemoteInner, RemoteObject};
 use crate::core::service::{Args, Context, Failure, Hook, Invoke, Service};
@@ -333,6 +333,25 @@ impl Connection {
         service: Service,
         threads: Arc<ThreadSet>,
     ) -> Result<Connection, Error> {
+        let (conn, first) = Connection::establish_keeping(t, opts, service, threads, false)?;
+        debug_assert!(first.is_none());
+        Ok(conn)
+    }
+
+    /// [`establish`](Connection::establish), but with `keep_first`, the connection's first
+    /// pool thread is not started: it is returned for the calling thread to become, once it
+    /// is done with the connection's setup (a server's handshake thread: one thread fewer
+    /// started per connection). Only if the service has no `on_connect` hook: user code may
+    /// run long, and something must read the connection meanwhile (the peer may leave, or
+    /// answer the hook's calls, which callers can read for themselves only where reads time
+    /// out). Otherwise the thread is started as usual and `None` returned.
+    pub(crate) fn establish_keeping(
+        t: Transport,
+        opts: &Config,
+        service: Service,
+        threads: Arc<ThreadSet>,
+        keep_first: bool,
+    ) -> Result<(Connection, Option<FirstWorker>), Error> {
         let Transport {
             mut reader,
             mut writer,
@@ -400,14 +419,18 @@ impl Connection {
             activity: Some(activity),
         };
         let conn = Connection::from_shared(shared.clone());
-        crate::core::dispatch::start(
-            &shared,
-            FrameReader::new(reader, limits, shared.control.clone()),
-        )
-        .map_err(|e| {
-            shared.terminate(format!("cannot start the connection's thread: {e}"));
-            Error::Io(Arc::new(e))
-        })?;
+        let reader = FrameReader::new(reader, limits, shared.control.clone());
+        let keep_first = keep_first && shared.service.inner.on_connect.is_none();
+        let first = crate::core::dispatch::install(&shared, reader);
+        let first = if keep_first {
+            Some(first)
+        } else {
+            first.spawn().map_err(|e| {
+                shared.terminate(format!("cannot start the connection's thread: {e}"));
+                Error::Io(Arc::new(e))
+            })?;
+            None
+        };
         shared.run_hook(shared.service.inner.on_connect.clone(), "on_connect");
         // The reason lock orders this against `terminate`: if the peer left while on_connect
         // ran, terminate skipped on_disconnect and it runs here, so it runs exactly once.
@@ -420,7 +443,7 @@ impl Connection {
             shared.run_on_disconnect();
         }
         crate::core::dispatch::set_ready(&shared);
-        Ok(conn)
+        Ok((conn, first))
     }
 
     /// The peer's root service: call its methods through this handle.

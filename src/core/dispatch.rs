@@ -31,6 +31,12 @@
 //!
 //! # The pool
 //!
+//! The pool's first thread is started when the connection is established, or, on a server
+//! whose service has no `on_connect` hook, is the thread that did the handshake
+//! ([`FirstWorker`]), so that a connection starts no thread before it needs a second. A thread that is starting counts as one that will look for
+//! work (a free reader, a queued request): nobody else is woken or started for what it will
+//! find.
+//!
 //! Requests that are not nested in a waiting call run on the pool: the leader that read one
 //! runs it itself (so serving it costs no hand-off), and another thread takes over reading. The
 //! pool grows on demand to `max_workers` threads running handlers plus one reading (every
@@ -89,6 +95,10 @@ struct State {
     watchers: usize,
     /// Pool threads waiting for work without a timeout.
     idle: usize,
+    /// Pool threads started (or about to be) that have not yet looked for work: each will
+    /// take a free reader or a queued request as soon as it does, so nobody else needs to be
+    /// woken or started for those.
+    starting: usize,
     /// Calling threads blocked on their reply channel (not holding the reader).
     callers_waiting: usize,
     /// Requests read and not yet run (at most `max_queued` when they were queued; requests
@@ -112,10 +122,11 @@ impl State {
     /// break them.
     fn check(&self, pool: &Pool) {
         debug_assert!(
-            self.idle + self.watchers <= self.threads,
-            "{} idle and {} watching threads, of {}",
+            self.idle + self.watchers + self.starting <= self.threads,
+            "{} idle, {} watching and {} starting threads, of {}",
             self.idle,
             self.watchers,
+            self.starting,
             self.threads
         );
         debug_assert!(
@@ -161,6 +172,7 @@ impl Pool {
                 pool_leads: false,
                 watchers: 0,
                 idle: 0,
+                starting: 0,
                 callers_waiting: 0,
                 jobs: VecDeque::new(),
                 threads: 0,
@@ -197,6 +209,7 @@ fn reserve_thread(pool: &Pool, st: &mut State) -> bool {
         }
     }
     st.threads += 1;
+    st.starting += 1;
     true
 }
 
@@ -255,17 +268,49 @@ pub(crate) fn helper_ended(shared: &Shared) {
     thread_ended(&shared.pool, lock(&shared.pool.state));
 }
 
-/// Starts the connection's first worker, as leader.
-pub(crate) fn start(shared: &Arc<Shared>, reader: FrameReader) -> io::Result<()> {
-    {
-        let mut st = lock(&shared.pool.state);
-        st.reader = Some(reader);
-        st.released_at = long_ago();
-        st.threads += 1;
+/// Gives the pool the connection's reader, and counts its first thread, which is not started
+/// yet: see [`FirstWorker`].
+pub(crate) fn install(shared: &Arc<Shared>, reader: FrameReader) -> FirstWorker {
+    let mut st = lock(&shared.pool.state);
+    st.reader = Some(reader);
+    st.released_at = long_ago();
+    st.threads += 1;
+    FirstWorker(Some(shared.clone()))
+}
+
+/// The connection's first pool thread, counted but not running yet: it is started as a new
+/// thread ([`spawn`](FirstWorker::spawn)), or a thread that has nothing else to do becomes it
+/// ([`run`](FirstWorker::run)), as a server's handshake thread does, which saves starting a
+/// thread per connection. Until then the reader lies free, so whoever holds it must run no
+/// user code meanwhile. Dropped unused, it counts as ended.
+pub(crate) struct FirstWorker(Option<Arc<Shared>>);
+
+impl FirstWorker {
+    /// Starts the first worker on a thread of its own.
+    pub(crate) fn spawn(mut self) -> io::Result<()> {
+        let Some(shared) = self.0.take() else {
+            return Ok(());
+        };
+        lock(&shared.pool.state).starting += 1;
+        spawn_worker(&shared).inspect_err(|_| spawn_failed(&shared))
     }
-    spawn_worker(shared).inspect_err(|_| {
-        thread_ended(&shared.pool, lock(&shared.pool.state));
-    })
+
+    /// Makes the calling thread the first worker, until the pool lets it go (the connection
+    /// ended, or the thread was spare for [`IDLE_TIMEOUT`]).
+    pub(crate) fn run(mut self) {
+        if let Some(shared) = self.0.take() {
+            lock(&shared.pool.state).starting += 1;
+            worker(shared);
+        }
+    }
+}
+
+impl Drop for FirstWorker {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            thread_ended(&shared.pool, lock(&shared.pool.state));
+        }
+    }
 }
 
 fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
@@ -274,10 +319,12 @@ fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
 }
 
 /// Wakes a waiting pool thread, or reserves a new one (the caller spawns it after unlocking
-/// when this returns true).
+/// when this returns true), unless a thread is starting: it looks for work on its own.
 fn wake_or_reserve(pool: &Pool, st: &mut State) -> bool {
     if st.idle + st.watchers > 0 {
         pool.cv.notify_one();
+        false
+    } else if st.starting > 0 {
         false
     } else {
         reserve_thread(pool, st)
@@ -287,8 +334,15 @@ fn wake_or_reserve(pool: &Pool, st: &mut State) -> bool {
 fn spawn_reserved(shared: &Arc<Shared>) {
     if let Err(e) = spawn_worker(shared) {
         log::error!("{}: cannot start a worker thread: {e}", shared.peer);
-        thread_ended(&shared.pool, lock(&shared.pool.state));
+        spawn_failed(shared);
     }
+}
+
+/// Uncounts a thread that was reserved but could not be started.
+fn spawn_failed(shared: &Shared) {
+    let mut st = lock(&shared.pool.state);
+    st.starting -= 1;
+    thread_ended(&shared.pool, st);
 }
 
 /// Lets queued requests run (after `on_connect`).
@@ -297,7 +351,10 @@ pub(crate) fn set_ready(shared: &Arc<Shared>) {
     let mut st = lock(&pool.state);
     st.ready = true;
     let mut wanted = 0;
-    while wanted < st.jobs.len().saturating_sub(st.idle + st.watchers)
+    while wanted
+        < st.jobs
+            .len()
+            .saturating_sub(st.idle + st.watchers + st.starting)
         && reserve_thread(pool, &mut st)
     {
         wanted += 1;
@@ -435,6 +492,7 @@ fn release(shared: &Arc<Shared>, reader: FrameReader, how: Release) {
 }
 
 fn worker(shared: Arc<Shared>) {
+    lock(&shared.pool.state).starting -= 1;
     // After running a request, a thread takes a free reader at once (it usually put it back
     // itself to run that request).
     let mut fresh = false;
@@ -478,7 +536,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 // Queued work first; make sure someone else reads or takes the rest.
                 let more = st.reader.is_some() || !st.jobs.is_empty();
                 let mut spawn = false;
-                if more && st.idle + st.watchers == 0 {
+                if more && st.idle + st.watchers + st.starting == 0 {
                     if wake_or_reserve(pool, &mut st) {
                         spawn = true;
                     } else if st.reader.is_some() {

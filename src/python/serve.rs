@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::python::connect::settings;
 use crate::python::connection::{Connection, Shared};
 use crate::python::service::Service;
-use crate::server::{Protocol, Served, ServerBuilder};
+use crate::server::{Protocol, Served, ServerBuilder, Started};
 use crate::transport::Transport;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,9 +38,12 @@ impl Protocol for Python {
         t: Transport,
         config: &Config,
         threads: Arc<ThreadSet>,
-    ) -> Result<Arc<dyn Served>, Error> {
+    ) -> Result<Started, Error> {
         let shared = Shared::start(t, settings(config), self.0.clone(), threads)?;
-        Ok(Arc::new(Connection::owned(shared)))
+        Ok(Started {
+            conn: Arc::new(Connection::owned(shared)),
+            then: None,
+        })
     }
     fn tells_refusals(&self) -> bool {
         false

@@ -15,8 +15,10 @@
 //!   whole frame first, then takes the gate, writes the frame, and opens the gate: frames never
 //!   interleave, and nothing is held while encoding or while waiting for a reply. The leader
 //!   never takes the gate.
-//! * **Replies do not wait for the gate.** A thread whose reply (at most 16 KiB) finds the
-//!   gate taken hands the sealed frame to the holder and goes back to work; the holder writes
+//! * **Replies and calls do not wait for the gate.** A thread whose reply, or synchronous
+//!   call, (at most 16 KiB) finds the gate taken hands the sealed frame to the holder and goes
+//!   back to work, or to waiting for its reply (a caller whose deadline passes while its frame
+//!   still waits takes it back: [`Timeout::Send`] with nothing sent); the holder writes
 //!   every frame handed to it, together (one vectored write for many), before it opens the
 //!   gate, and looks once more after opening it, so none is left behind. At most 64 replies
 //!   wait so (1 MiB); beyond that a replying thread waits for the gate like any writer, so a
@@ -669,14 +671,18 @@ impl Shared {
             };
             Some(Pending { id, rx })
         };
-        // An async call in a burst of them goes out with the others.
-        let frame = if kind == Kind::Call && !serves_nested {
-            match self.defer(frame, deadline) {
+        // An async call in a burst of them goes out with the others; a synchronous call that
+        // finds the writer busy is handed to its holder.
+        let frame = match (kind, serves_nested) {
+            (Kind::Call, false) => match self.defer(frame, deadline) {
                 Ok(()) => return Ok(pending),
                 Err(frame) => frame,
-            }
-        } else {
-            frame
+            },
+            (Kind::Call, true) => match self.hand_over_if_busy(frame, deadline) {
+                Ok(()) => return Ok(pending),
+                Err(frame) => frame,
+            },
+            _ => frame,
         };
         if let Err(fail) = self.write_frame(frame, Some(deadline)) {
             if pending.is_some() {
@@ -749,6 +755,46 @@ impl Shared {
                 self.release_gate();
                 Err(SendFail::Closed(self.closed_error()))
             }
+        }
+    }
+
+    /// Hands the frame of a synchronous call to the writer's holder if the writer is busy
+    /// (its caller waits for the reply anyway, and takes it back if its deadline passes before
+    /// anyone wrote it: see [`withdraw`](Self::withdraw)); gives it back to be written as usual
+    /// otherwise.
+    fn hand_over_if_busy(
+        self: &Arc<Self>,
+        frame: OutFrame,
+        deadline: Instant,
+    ) -> Result<(), OutFrame> {
+        if frame.len() > HAND_OVER_MAX || !self.writer.busy.load(Ordering::Acquire) {
+            return Err(frame);
+        }
+        {
+            let mut handed = lock(&self.writer.handed);
+            if handed.len() >= HAND_OVER_FRAMES {
+                return Err(frame);
+            }
+            handed.push(frame);
+        }
+        // The holder may have opened the gate before it could see the frame.
+        if self.writer.try_take() {
+            self.open_gate(Some(deadline));
+            self.flush_releases(Some(deadline));
+        }
+        Ok(())
+    }
+
+    /// Takes back request `id`'s frame if it still waits to be written (handed over): true
+    /// if it was there, so not a byte of it was sent.
+    pub(crate) fn withdraw(&self, id: u64) -> bool {
+        let mut handed = lock(&self.writer.handed);
+        match handed.iter().position(|f| f.id() == id) {
+            Some(i) => {
+                handed.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -1075,12 +1121,21 @@ impl Shared {
         timeout: Duration,
     ) -> Result<Frame, Error> {
         use crate::core::dispatch::{self, CallerRead};
-        let timed_out = |this: &Arc<Self>| match this.abandon(p) {
-            Some(f) => Ok(f),
-            None => Err(Error::Timeout(Timeout::Call {
-                method: name(),
-                after: timeout,
-            })),
+        let timed_out = |this: &Arc<Self>| {
+            // A request still waiting to be written was never sent.
+            let unsent = this.withdraw(p.id);
+            match this.abandon(p) {
+                Some(f) => Ok(f),
+                None if unsent => Err(Error::Timeout(Timeout::Send {
+                    method: name(),
+                    after: timeout,
+                    partly: false,
+                })),
+                None => Err(Error::Timeout(Timeout::Call {
+                    method: name(),
+                    after: timeout,
+                })),
+            }
         };
         loop {
             // Checked first on every round: a caller gets its timeout at its deadline, however

@@ -363,6 +363,8 @@ pub(crate) struct OutFrame {
     /// Memory sent between bytes of `buf`, in order of position.
     splices: Vec<Splice>,
     sealed: bool,
+    /// The request or reply id it was sealed with.
+    id: u64,
 }
 
 impl OutFrame {
@@ -376,6 +378,7 @@ impl OutFrame {
             start: gap,
             splices: Vec::new(),
             sealed: false,
+            id: 0,
         }
     }
 
@@ -431,7 +434,13 @@ impl OutFrame {
         self.buf[first + 4..gap].copy_from_slice(&h);
         self.start = first;
         self.sealed = true;
+        self.id = id;
         Ok(body)
+    }
+
+    /// The id it was sealed with.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// The sealed frame's length, length prefix included.

@@ -248,3 +248,37 @@ fn replies_handed_over_are_bounded_and_the_rest_wait_for_the_gate() {
     drop(root);
     finish(conn);
 }
+
+#[test]
+fn a_call_finding_the_writer_busy_is_handed_over_and_answered() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    peer.from_conn.set_capacity(1024);
+    let big = "s".repeat(8 * 1024);
+    let root = conn.root();
+    let (sent, first) = (big.clone(), root.clone());
+    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
+    assert!(peer
+        .from_conn
+        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
+    // The call does not wait for the writer: its frame waits with the holder, and the
+    // caller waits for its reply.
+    let caller = root.clone();
+    let call = thread::spawn(move || caller.call::<u32, _>("echo_u32", (5u32,)));
+    let deadline = Instant::now() + LONG;
+    while conn.shared.handed_over() < 1 {
+        assert!(Instant::now() < deadline, "the call was not handed over");
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(lock(&peer.from_conn.state).blocked_writers, 1);
+    peer.from_conn.set_capacity(1 << 20);
+    assert_eq!(logged(&peer), big);
+    let f = peer.recv();
+    assert_eq!((f.header.kind, f.method()), (Kind::Call, "echo_u32"));
+    assert_eq!(decode::<(u32,)>(&f).0, 5);
+    peer.reply(f.header.id, &6u32);
+    assert_eq!(call.join().unwrap().unwrap(), 6);
+    stuck.join().unwrap().unwrap();
+    drop(root);
+    finish(conn);
+}

@@ -140,11 +140,17 @@ struct SocketSink<S> {
 }
 
 #[cfg(unix)]
-impl<S: AsRawFd + Send> Sink for SocketSink<S> {
-    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
+impl<S: AsRawFd> SocketSink<S> {
+    /// Runs `send` (a non-blocking send on the socket) until it takes bytes, waiting for room
+    /// between tries: `Ok(0)` once `until` passes.
+    fn sending(
+        &mut self,
+        until: Option<Instant>,
+        mut send: impl FnMut(RawFd) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         let fd = self.socket.as_raw_fd();
         loop {
-            match sys::send_nowait(fd, buf) {
+            match send(fd) {
                 Ok(n) => {
                     self.stall.progress();
                     return Ok(n);
@@ -158,27 +164,20 @@ impl<S: AsRawFd + Send> Sink for SocketSink<S> {
             }
         }
     }
+}
+
+#[cfg(unix)]
+impl<S: AsRawFd + Send> Sink for SocketSink<S> {
+    fn send(&mut self, buf: &[u8], until: Option<Instant>) -> io::Result<usize> {
+        self.sending(until, |fd| sys::send_nowait(fd, buf))
+    }
 
     fn send_vectored(
         &mut self,
         pieces: &[IoSlice<'_>],
         until: Option<Instant>,
     ) -> io::Result<usize> {
-        let fd = self.socket.as_raw_fd();
-        loop {
-            match sys::send_vectored_nowait(fd, pieces) {
-                Ok(n) => {
-                    self.stall.progress();
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !self.stall.wait(fd, POLLOUT, until)? {
-                        return Ok(0);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.sending(until, |fd| sys::send_vectored_nowait(fd, pieces))
     }
 }
 

@@ -18,20 +18,41 @@ fn logged(peer: &Peer) -> String {
     decode::<(String,)>(&f).0
 }
 
+/// Makes a oneway call of `log` with an 8 KiB text of `fill` that the peer does not take (its
+/// pipe holds 1 KiB): the calling thread holds the gate, blocked, until the peer reads. Returns
+/// that thread and the text.
+fn hold_the_gate(
+    conn: &crate::Connection,
+    peer: &Peer,
+    fill: &str,
+) -> (thread::JoinHandle<Result<(), Error>>, String) {
+    peer.from_conn.set_capacity(1024);
+    let big = fill.repeat(8 * 1024);
+    let (sent, first) = (big.clone(), conn.root());
+    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
+    assert!(peer
+        .from_conn
+        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
+    (stuck, big)
+}
+
+/// Waits until `n` frames wait with the gate's holder.
+fn until_handed_over(conn: &crate::Connection, n: usize) {
+    let deadline = Instant::now() + LONG;
+    while conn.shared.handed_over() < n {
+        assert!(Instant::now() < deadline, "frames were not handed over");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn a_writer_that_cannot_take_the_gate_by_its_deadline_gets_a_send_timeout_with_nothing_sent() {
     let (svc, _probe) = service();
     let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
     // The peer stops reading: the pipe fills with the first frame, whose writer waits for room
     // while it holds the gate.
-    peer.from_conn.set_capacity(1024);
-    let big = "b".repeat(8 * 1024);
+    let (stuck, big) = hold_the_gate(&conn, &peer, "b");
     let root = conn.root();
-    let (sent, first) = (big.clone(), root.clone());
-    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
-    assert!(peer
-        .from_conn
-        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
 
     let timeout = Duration::from_millis(200);
     let t0 = Instant::now();
@@ -145,28 +166,15 @@ fn replies_finding_the_gate_taken_are_handed_over_and_go_out_whole_in_one_write(
     let (svc, _probe) = service();
     let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
     // A frame that cannot go out holds the gate.
-    peer.from_conn.set_capacity(1024);
-    let big = "h".repeat(8 * 1024);
+    let (stuck, big) = hold_the_gate(&conn, &peer, "h");
     let root = conn.root();
-    let (sent, first) = (big.clone(), root.clone());
-    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
-    assert!(peer
-        .from_conn
-        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
     // Requests of the peer are served meanwhile: their replies are handed to the holder, and
     // no worker waits for the gate (the only blocked writer is the holder).
     let n = 10;
     for id in 0..n {
         peer.call(100 + id, 0, "record", &(id as u32,));
     }
-    let deadline = Instant::now() + LONG;
-    while conn.shared.handed_over() < n as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the replies were not handed over"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+    until_handed_over(&conn, n as usize);
     assert_eq!(lock(&peer.from_conn.state).blocked_writers, 1);
     // Once the peer reads, the holder's frame goes out whole (the rest of it in one write),
     // then every reply, whole, all in one more write.
@@ -205,28 +213,15 @@ fn replies_finding_the_gate_taken_are_handed_over_and_go_out_whole_in_one_write(
 fn replies_handed_over_are_bounded_and_the_rest_wait_for_the_gate() {
     let (svc, _probe) = service();
     let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
-    peer.from_conn.set_capacity(1024);
-    let big = "w".repeat(8 * 1024);
+    let (stuck, big) = hold_the_gate(&conn, &peer, "w");
     let root = conn.root();
-    let (sent, first) = (big.clone(), root.clone());
-    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
-    assert!(peer
-        .from_conn
-        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
     // More replies than may be handed over: the others' threads wait for the gate, as a
     // peer that never reads must not make this side hold its replies without bound.
     let n: u64 = 100;
     for id in 0..n {
         peer.call(100 + id, 0, "record", &(id as u32,));
     }
-    let deadline = Instant::now() + LONG;
-    while conn.shared.handed_over() < super::super::connection::HAND_OVER_FRAMES {
-        assert!(
-            Instant::now() < deadline,
-            "the replies were not handed over"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+    until_handed_over(&conn, super::super::connection::HAND_OVER_FRAMES);
     thread::sleep(Duration::from_millis(50));
     assert_eq!(
         conn.shared.handed_over(),
@@ -253,23 +248,13 @@ fn replies_handed_over_are_bounded_and_the_rest_wait_for_the_gate() {
 fn a_call_finding_the_writer_busy_is_handed_over_and_answered() {
     let (svc, _probe) = service();
     let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
-    peer.from_conn.set_capacity(1024);
-    let big = "s".repeat(8 * 1024);
+    let (stuck, big) = hold_the_gate(&conn, &peer, "s");
     let root = conn.root();
-    let (sent, first) = (big.clone(), root.clone());
-    let stuck = thread::spawn(move || first.call_oneway("log", (sent,)));
-    assert!(peer
-        .from_conn
-        .wait_until(LONG, |st| st.is_full() && st.blocked_writers == 1));
     // The call does not wait for the writer: its frame waits with the holder, and the
     // caller waits for its reply.
     let caller = root.clone();
     let call = thread::spawn(move || caller.call::<u32, _>("echo_u32", (5u32,)));
-    let deadline = Instant::now() + LONG;
-    while conn.shared.handed_over() < 1 {
-        assert!(Instant::now() < deadline, "the call was not handed over");
-        thread::sleep(Duration::from_millis(2));
-    }
+    until_handed_over(&conn, 1);
     assert_eq!(lock(&peer.from_conn.state).blocked_writers, 1);
     peer.from_conn.set_capacity(1 << 20);
     assert_eq!(logged(&peer), big);

@@ -248,10 +248,8 @@ mod tests {
         assert!(lock(&set.state).is_empty());
     }
 
-    #[test]
-    fn joining_a_reusing_set_ends_its_parked_threads_at_once_and_nothing_parks_after() {
-        let set = ThreadSet::reusing(4, LONG);
-        // Held, so that each work gets a thread of its own.
+    /// Spawns three works that run at once (so each gets a thread of its own) and end.
+    fn spawn_three_at_once(set: &Arc<ThreadSet>) {
         let gate = Arc::new(Mutex::new(()));
         let held = lock(&gate);
         for _ in 0..3 {
@@ -259,6 +257,12 @@ mod tests {
             set.spawn("work", move || drop(lock(&g))).unwrap();
         }
         drop(held);
+    }
+
+    #[test]
+    fn joining_a_reusing_set_ends_its_parked_threads_at_once_and_nothing_parks_after() {
+        let set = ThreadSet::reusing(4, LONG);
+        spawn_three_at_once(&set);
         wait_for("the threads park", || set.parked() == 3);
         let started = Instant::now();
         assert!(set.join(LONG));
@@ -272,13 +276,7 @@ mod tests {
     #[test]
     fn a_set_parks_at_most_its_maximum_and_a_plain_set_never_parks() {
         let set = ThreadSet::reusing(1, LONG);
-        let gate = Arc::new(Mutex::new(()));
-        let held = lock(&gate);
-        for _ in 0..3 {
-            let g = gate.clone();
-            set.spawn("work", move || drop(lock(&g))).unwrap();
-        }
-        drop(held);
+        spawn_three_at_once(&set);
         wait_for("two threads end, one parks", || {
             lock(&set.state).len() == 1 && set.parked() == 1
         });

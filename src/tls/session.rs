@@ -72,9 +72,11 @@ impl RecvBuf {
         &mut self.buf
     }
 
-    /// Gives the buffer back if it holds nothing (the connection is quiet).
+    /// Gives the buffer back if it holds nothing (the connection is quiet), its pages to the
+    /// kernel (the allocator would keep them resident).
     fn release(&mut self) {
         if self.pos == self.end && !self.buf.is_empty() {
+            sys::release_pages(&mut self.buf);
             self.buf = Vec::new();
             self.was_full = false;
             self.pos = 0;

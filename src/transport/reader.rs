@@ -147,9 +147,12 @@ impl RecvBuf {
         self.read(inner, out, out.len())
     }
 
-    /// Gives the buffer back if it holds no bytes (the connection is quiet between frames).
+    /// Gives the buffer back if it holds no bytes (the connection is quiet between frames), its
+    /// pages to the kernel (the allocator would keep them resident).
     fn release(&mut self) {
         if self.pos == self.end && !self.buf.is_empty() {
+            #[cfg(unix)]
+            crate::base::sys::release_pages(&mut self.buf);
             *self = RecvBuf::default();
         }
     }
@@ -823,6 +826,70 @@ mod tests {
                 assert!(matches!(r.read_frame(None), Ok(Got::End)));
             }
         }
+    }
+
+    #[test]
+    fn the_receive_buffer_grows_with_traffic_and_is_given_back_when_the_connection_goes_quiet() {
+        let small = frame_bytes(Kind::Reply, &cbor(&"x"));
+        let large = frame_bytes(Kind::Error, &cbor(&data(1 << 20, 8)));
+        // Many small frames in one arrival: each read that fills the buffer doubles it.
+        let burst: Vec<u8> = (0..(BUF_MAX / small.len() + 1) * 4)
+            .flat_map(|_| small.clone())
+            .collect();
+        let frames_in_burst = burst.len() / small.len();
+        let pieces = vec![
+            Some(small.clone()),
+            None,
+            Some(large),
+            None,
+            Some(burst),
+            None,
+            Some(small),
+        ];
+        let mut r = scripted(pieces, limits(64 << 20));
+        assert_eq!(r.buf.capacity(), 0, "a new connection holds no buffer");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MIN,
+            "small frames take a small buffer"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0, "given back when quiet");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MAX,
+            "a large frame is read 64 KiB at a time"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0, "given back after a large frame");
+        for _ in 0..frames_in_burst {
+            assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        }
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MAX,
+            "a stream of small frames grows it"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0);
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert!(matches!(r.read_frame(None), Ok(Got::End)));
+    }
+
+    #[test]
+    fn a_frame_read_in_part_keeps_the_buffer_through_a_timeout() {
+        let whole = frame_bytes(Kind::Reply, &cbor(&data(5000, 9)));
+        let pieces = vec![
+            Some(whole[..100].to_vec()),
+            None,
+            Some(whole[100..].to_vec()),
+        ];
+        let mut r = scripted(pieces, limits(1 << 20));
+        assert!(matches!(r.read_frame(past()), Ok(Got::NotYet)));
+        assert!(r.buf.capacity() > 0, "kept while a frame is in progress");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
     }
 
     #[test]

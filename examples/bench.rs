@@ -622,6 +622,7 @@ impl Drop for IdleServer {
 
 /// Raises this process's soft limit on open files to `want` (at most the hard limit); returns
 /// the hard limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
 fn raise_nofile(want: u64) -> io::Result<u64> {
     let mut r = libc::rlimit {
         rlim_cur: 0,

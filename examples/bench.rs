@@ -279,7 +279,9 @@ fn main() -> Res<()> {
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
          targets: tcp.call.16B <= 1.25, tcp.echo.* and tls.echo.* >= 0.85, tcp.async.16B \
-         >= 0.85, tcp.threads8.16B >= 0.75, tcp.connect <= 1.5; ssh.* rows: floor = OpenSSH's \
+         >= 0.85, tcp.threads8.16B >= 0.75, tcp.connect <= 1.5; tcp.idle10k: floor = a twin \
+         server without the idle connections, targets 10k_rss within 1 GiB, ratio near 1.0; \
+         ssh.* rows: floor = OpenSSH's \
          `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8, \
          ssh.openssh.echo.64MiB near 1.0; ssh.jump.call.16B: floor = `ssh -J` with `-L`; \
          py.* rows: floor = Python RPyC 6 (py.call: its client, py.serve: its server).",

@@ -524,3 +524,44 @@ impl Sink for TlsWriter {
         self.committed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_buffer_grows_when_reads_fill_it_and_is_given_back_when_quiet() {
+        let mut rb = RecvBuf {
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            was_full: false,
+            eof: false,
+            first: [0; 4],
+            seen: 0,
+            clear: ClearHandshake::default(),
+        };
+        // Each read that fills the buffer doubles the next one's room, up to SOCK_BUF.
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            let n = rb.room().len();
+            sizes.push(n);
+            rb.filled(n);
+            rb.pos = rb.end;
+        }
+        assert_eq!(
+            sizes,
+            [4, 8, 16, 32, 64, 64].map(|k| k * 1024),
+            "room for successive full reads"
+        );
+        // A read that does not fill it keeps its size; bytes not yet taken keep it.
+        rb.filled(100);
+        rb.release();
+        assert_eq!(rb.buf.len(), SOCK_BUF, "kept while it holds bytes");
+        rb.pos = rb.end;
+        assert_eq!(rb.room().len(), SOCK_BUF);
+        rb.release();
+        assert!(rb.buf.is_empty() && rb.buf.capacity() == 0, "given back");
+        assert_eq!(rb.room().len(), SOCK_BUF_MIN, "small again");
+    }
+}

@@ -1160,9 +1160,14 @@ fn tls_cases(
     wanted: &dyn Fn(&str) -> bool,
     emit: &mut dyn FnMut(Row),
 ) -> Res<()> {
-    if !["tls.call.16B", "tls.echo.1MiB", "tls.echo.64MiB", "tls.connect"]
-        .iter()
-        .any(|n| wanted(n))
+    if ![
+        "tls.call.16B",
+        "tls.echo.1MiB",
+        "tls.echo.64MiB",
+        "tls.connect",
+    ]
+    .iter()
+    .any(|n| wanted(n))
     {
         return Ok(());
     }

@@ -9,6 +9,10 @@
 //! saying why, without sshd); `ssh.openssh.*` through this crate's OpenSSH transport
 //! (`ssh -W`), and `ssh.jump.*` through a second sshd as a jump host against `ssh -J -L`.
 //!
+//! `tcp.idle10k` opens 10,000 idle connections to a server in a child process and reports its
+//! resident memory per connection, and the latency of calls on one more connection beside them
+//! against the same calls to a twin server child without them.
+//!
 //! Run with `cargo run --release --example bench` (about 30 s), or with `BENCH_QUICK=1` for a
 //! smoke run of a few seconds; `BENCH_FILTER=echo` runs only the cases whose name contains
 //! `echo`. Everything runs in this process on 127.0.0.1.
@@ -258,6 +262,9 @@ impl Row {
 
 fn main() -> Res<()> {
     env_logger::init();
+    if let Ok(n) = std::env::var(IDLE_SERVER) {
+        return idle_server(n.parse()?);
+    }
     let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let plan = Plan::new(quick);
     // BENCH_FILTER=substring runs only the cases whose name contains it.
@@ -272,7 +279,9 @@ fn main() -> Res<()> {
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \
          time rows (µs) lower is better, rate rows (MB/s, calls/s) higher is better; \
          targets: tcp.call.16B <= 1.25, tcp.echo.* and tls.echo.* >= 0.85, tcp.async.16B \
-         >= 0.85, tcp.threads8.16B >= 0.75, tcp.connect <= 1.5; ssh.* rows: floor = OpenSSH's \
+         >= 0.85, tcp.threads8.16B >= 0.75, tcp.connect <= 1.5; tcp.idle10k: floor = a twin \
+         server without the idle connections, targets 10k_rss within 1 GiB, ratio near 1.0; \
+         ssh.* rows: floor = OpenSSH's \
          `ssh -L` to the same server, targets ssh.call.16B <= 1.2, ssh.echo.64MiB >= 0.8, \
          ssh.openssh.echo.64MiB near 1.0; ssh.jump.call.16B: floor = `ssh -J` with `-L`; \
          py.* rows: floor = Python RPyC 6 (py.call: its client, py.serve: its server).",
@@ -488,6 +497,14 @@ fn main() -> Res<()> {
         });
     }
 
+    // tcp.idle10k: what 10,000 idle connections cost a server, and a call beside them.
+    if wanted("tcp.idle10k") {
+        match idle_row(plan, quick)? {
+            Ok(row) => emit(row),
+            Err(why) => println!("{:<17} skipped: {why}", "tcp.idle10k"),
+        }
+    }
+
     tls_cases(plan, quick, &wanted, &mut emit)?;
 
     for row in ssh_rows(plan, quick, &wanted, rpyc_port)? {
@@ -517,6 +534,223 @@ fn main() -> Res<()> {
     println!();
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// tcp.idle10k: a server in a child process (this binary, run again with IDLE_SERVER set), so
+// that its resident memory can be read from /proc; the idle clients are raw sockets that
+// complete the native handshake by hand (no client threads), held by this process.
+
+/// Set in the child's environment to the number of connections it must accept.
+const IDLE_SERVER: &str = "RPYC_BENCH_IDLE_SERVER";
+
+/// The child: an rpyc `ThreadedServer` serving `echo`, admitting `n` connections plus a few,
+/// never evicting idle ones; says `port N` on stdout, then serves until its stdin closes.
+fn idle_server(n: usize) -> Res<()> {
+    let service = Service::new("bench").method("echo", |b: Bytes| b);
+    let server = ThreadedServer::new(service)
+        .hostname(HOST)
+        .port(0)
+        .max_connections(n + 16)
+        // A handshake counts until the connection is set up, a little after the client has
+        // the server's hello: room for the batches of `idle_connections` to overlap.
+        .max_handshakes(256)
+        .evict_idle_after(Duration::MAX)
+        .build()?;
+    println!("port {}", server.port());
+    io::stdout().flush()?;
+    let handle = server.spawn()?;
+    let mut rest = Vec::new();
+    let _ = io::stdin().read_to_end(&mut rest);
+    handle.close();
+    Ok(())
+}
+
+/// The child server of `tcp.idle10k`; killed when dropped.
+struct IdleServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl IdleServer {
+    fn start(n: usize) -> Res<IdleServer> {
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .env(IDLE_SERVER, n.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut out = io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut line = String::new();
+        io::BufRead::read_line(&mut out, &mut line)?;
+        let port = match line.trim().strip_prefix("port ").map(str::parse) {
+            Some(Ok(p)) => p,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the idle server child said {line:?}").into());
+            }
+        };
+        Ok(IdleServer { child, port })
+    }
+
+    /// Resident memory of the child, in bytes.
+    fn rss(&self) -> Res<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .ok_or("no VmRSS in /proc/PID/status")?;
+        Ok(kib * 1024)
+    }
+
+    /// The child's thread count.
+    fn threads(&self) -> Res<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| "no Threads in /proc/PID/status".into())
+    }
+}
+
+impl Drop for IdleServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raises this process's soft limit on open files to `want` (at most the hard limit); returns
+/// the hard limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
+fn raise_nofile(want: u64) -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let hard = r.rlim_max as u64;
+    if (r.rlim_cur as u64) < want.min(hard) {
+        r.rlim_cur = want.min(hard) as libc::rlim_t;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(hard)
+}
+
+/// Opens `n` connections to `port` that complete rpyc's native handshake (both sides send their
+/// 16-byte hello first) and then stay silent, in batches that stay under the listen
+/// backlog.
+fn idle_connections(port: u16, n: usize) -> Res<Vec<TcpStream>> {
+    // Magic, version 1, no flags, 64 MiB frames, 65,536 queued requests.
+    let mut hello = [0u8; 16];
+    hello[..4].copy_from_slice(b"RPYC");
+    hello[4..6].copy_from_slice(&1u16.to_be_bytes());
+    hello[8..12].copy_from_slice(&(64u32 << 20).to_be_bytes());
+    hello[12..16].copy_from_slice(&65_536u32.to_be_bytes());
+    let mut all = Vec::with_capacity(n);
+    while all.len() < n {
+        let batch = (n - all.len()).min(48);
+        let mut fresh = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let mut s = TcpStream::connect((HOST, port))?;
+            s.write_all(&hello)?;
+            fresh.push(s);
+        }
+        for mut s in fresh {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut theirs = [0u8; 16];
+            s.read_exact(&mut theirs)?;
+            if theirs[..4] != *b"RPYC" || theirs[6..8] != [0, 0] {
+                return Err(format!("the server refused connection {}", all.len()).into());
+            }
+            all.push(s);
+        }
+    }
+    Ok(all)
+}
+
+/// `tcp.idle10k`: resident memory per idle connection of a server holding 10,000 of them
+/// (1,000 with `BENCH_QUICK`), and the latency of 16-byte `echo` calls on one more connection
+/// beside them. The floor of this row is not a raw socket but the same calls to a second,
+/// identical server child without idle connections, batches alternating with the first: the
+/// question is whether idle connections slow a busy one down, and only a twin measured in the
+/// same moments answers it on a noisy machine. `Err` (outer) is a failure; `Ok(Err)` says why
+/// the row is skipped.
+fn idle_row(plan: Plan, quick: bool) -> Res<Result<Row, String>> {
+    let n: usize = if quick { 1_000 } else { 10_000 };
+    // This process holds n client sockets, the child n server sockets, plus a few of each.
+    let need = n as u64 + 256;
+    let hard = match raise_nofile(need) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(format!("cannot raise the limit on open files: {e}"))),
+    };
+    if hard < need {
+        return Ok(Err(format!(
+            "needs {need} open files in this process and in the server, the hard limit is \
+             {hard} (raise `ulimit -Hn`)"
+        )));
+    }
+    let (server, twin) = (IdleServer::start(n)?, IdleServer::start(n)?);
+    let (conn, twin_conn) = (
+        rpyc::connect(HOST, server.port)?,
+        rpyc::connect(HOST, twin.port)?,
+    );
+    let p = Bytes::from(vec![0x11; 16]);
+    echo(&conn, &p)?;
+    echo(&twin_conn, &p)?;
+    let threads_before = server.threads()?;
+    let rss_before = server.rss()?;
+    let opened = Instant::now();
+    let idle = idle_connections(server.port, n)?;
+    let open_time = opened.elapsed();
+    // Each connection's reading thread starts once its handshake is done: wait until all run.
+    let settle = Instant::now() + Duration::from_secs(10);
+    while server.threads()? < threads_before + n as u64 && Instant::now() < settle {
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let rss_idle = server.rss()?;
+    let threads_idle = server.threads()?;
+    let (floor, rpyc) = measure(
+        plan,
+        &mut || Ok(echo(&twin_conn, &p)? as u64 / 16),
+        &mut || Ok(echo(&conn, &p)? as u64 / 16),
+    )?;
+    drop(idle);
+    conn.close();
+    twin_conn.close();
+
+    let grew = rss_idle.saturating_sub(rss_before);
+    let per_conn = grew as f64 / n as f64;
+    let for_10k = per_conn * 10_000.0 + rss_before as f64;
+    Ok(Ok(Row {
+        name: "tcp.idle10k",
+        unit: Unit::Micros("call"),
+        floor,
+        rpyc,
+        extra: format!(
+            "idle={n} rss=+{:.1}MiB ({:.1} KiB/conn, {:.2} threads/conn, opened in {:.1}s) \
+             10k_rss={:.0}MiB ({} 1 GiB)  ",
+            grew as f64 / MIB as f64,
+            per_conn / 1024.0,
+            threads_idle.saturating_sub(threads_before) as f64 / n as f64,
+            open_time.as_secs_f64(),
+            for_10k / MIB as f64,
+            if for_10k <= (1u64 << 30) as f64 {
+                "within"
+            } else {
+                "over"
+            },
+        ),
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

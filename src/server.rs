@@ -897,8 +897,17 @@ impl ServerInner {
     }
 }
 
+/// While a server is out of file descriptors, how often it says so again.
+const STARVED_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// A shortage of descriptors that lasted this long is reported over when it is (shorter ones,
+/// e.g. a server at its limit flapping as descriptors come and go, only at debug level).
+const STARVED_REPORTED_AFTER: Duration = Duration::from_secs(1);
+
 fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
     let refusals = Refusals::default();
+    // Since when accepting has failed for want of descriptors; when that was last said.
+    let mut starved: Option<Instant> = None;
+    let mut warned: Option<Instant> = None;
     while !inner.closed.load(Ordering::Acquire) {
         let a = match listener.accept() {
             Ok(a) => a,
@@ -908,10 +917,17 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
                 }
                 if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
                 {
-                    log::warn!(
-                        "accept failed: {e}: this process is out of file descriptors; raise its \
-                         limit (ulimit -n) or lower max_connections"
-                    );
+                    let now = Instant::now();
+                    let since = *starved.get_or_insert(now);
+                    if warned.map_or(true, |w| now.duration_since(w) >= STARVED_WARNING_EVERY) {
+                        warned = Some(now);
+                        log::warn!(
+                            "accept failed: {e}: this process is out of file descriptors (for \
+                             {:.1?}); new clients wait unanswered until connections close; raise \
+                             its limit (ulimit -n) or lower max_connections",
+                            now.duration_since(since)
+                        );
+                    }
                 } else {
                     log::warn!("accept failed: {e}");
                 }
@@ -920,6 +936,17 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
                 continue;
             }
         };
+        if let Some(since) = starved.take() {
+            let (lasted, what) = (
+                since.elapsed(),
+                "accepting connections again after being out of file descriptors for",
+            );
+            if lasted >= STARVED_REPORTED_AFTER {
+                log::info!("{what} {lasted:.1?}");
+            } else {
+                log::debug!("{what} {lasted:.1?}");
+            }
+        }
         if inner.closed.load(Ordering::Acquire) {
             break;
         }

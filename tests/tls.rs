@@ -591,6 +591,32 @@ fn a_timed_out_call_leaves_the_tls_connection_usable() {
     assert_eq!(conn.root().call::<i64, _>("add", (1, 2)).unwrap(), 3);
 }
 
+#[test]
+fn a_tls_connection_that_went_quiet_carries_small_and_large_calls_again() {
+    // Readers on both sides wake every quarter of the call timeout while quiet, and give their
+    // receive buffers back then; the next bytes find none and wait for the socket first.
+    let call = Duration::from_secs(1);
+    let p = pki();
+    let server = serve_tls(whoami(), p.authenticator(), |b| {
+        server_options(b).call_timeout(call)
+    });
+    let conn = p
+        .client()
+        .call_timeout(call)
+        .connect("localhost", server.port)
+        .unwrap();
+    let large = Bytes::from((0..1 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+    for _ in 0..3 {
+        assert_eq!(conn.root().call::<i64, _>("add", (40, 2)).unwrap(), 42);
+        let back: Bytes = conn
+            .root()
+            .call_timeout("echo", (&large,), CALL_TIMEOUT)
+            .unwrap();
+        assert!(back == large, "echo differs");
+        std::thread::sleep(call);
+    }
+}
+
 /// A TLS server whose `block` method waits for the gate, a client, and a thread of the client
 /// waiting in `block`.
 struct BlockedCall {

@@ -1,7 +1,7 @@
 //! The one place this crate calls the operating system directly: `poll(2)`, which the
 //! transports and the SSH tunnel need to wait for a socket without holding a lock, reads and
-//! writes that never wait whatever the socket's mode, and non-blocking pipes (std has no safe
-//! equivalents).
+//! writes that never wait whatever the socket's mode, non-blocking pipes, and handing a freed
+//! buffer's pages back to the kernel (std has no safe equivalents).
 
 #![allow(unsafe_code)]
 
@@ -278,6 +278,29 @@ pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     Ok((before, target as u64))
+}
+
+/// Gives the whole pages of `buf`, a buffer about to be freed, back to the kernel
+/// (`madvise(MADV_DONTNEED)`; its bytes read as zeros afterwards). The allocator keeps freed
+/// memory resident for reuse, so without this a receive buffer dropped when its connection goes
+/// quiet would go on costing its pages. Best effort: an error leaves the pages as they were.
+pub(crate) fn release_pages(buf: &mut [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as usize,
+        _ => return,
+    };
+    let start = buf.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(page);
+    let end = (start + buf.len()) / page * page;
+    if end > first {
+        // SAFETY: [first, end) lies within `buf`, which the caller lends us exclusively; on
+        // private anonymous memory (the heap) MADV_DONTNEED only makes those pages read as
+        // zeros from now on.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+        }
+    }
 }
 
 #[cfg(test)]

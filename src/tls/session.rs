@@ -29,11 +29,17 @@ pub(super) struct Sock {
     rbuf: Arc<Mutex<RecvBuf>>,
 }
 
-/// Bytes read from the socket and not yet taken by OpenSSL.
+/// Bytes read from the socket and not yet taken by OpenSSL. The buffer grows with traffic and
+/// is given back while the connection is quiet, as the frame reader's is
+/// ([`crate::transport::reader`]): allocated at [`SOCK_BUF_MIN`] bytes for a read, doubled
+/// after a read that filled it, up to [`SOCK_BUF`]; dropped when a wait for input times out
+/// with nothing buffered, after which the reader waits for input before taking one again.
 struct RecvBuf {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// The last read filled the buffer: the next one gets twice the room.
+    was_full: bool,
     /// The socket reported its end.
     eof: bool,
     first: [u8; 4],
@@ -44,11 +50,38 @@ struct RecvBuf {
 
 /// How much one read from the socket may take: four full TLS records.
 const SOCK_BUF: usize = 64 * 1024;
+/// The buffer's size when input starts arriving: a handshake message or a few small records.
+const SOCK_BUF_MIN: usize = 4 * 1024;
 
 impl RecvBuf {
     /// Whether OpenSSL has something to take: bytes, or the end of the stream.
     fn ready(&self) -> bool {
         self.pos < self.end || self.eof
+    }
+
+    /// The room for the next read from the socket, which finds the buffer empty (see
+    /// [`RecvBuf`] for its size).
+    fn room(&mut self) -> &mut [u8] {
+        let mut size = self.buf.len().max(SOCK_BUF_MIN);
+        if self.was_full {
+            size = (size * 2).min(SOCK_BUF);
+        }
+        if size > self.buf.len() {
+            self.buf = vec![0; size];
+        }
+        &mut self.buf
+    }
+
+    /// Gives the buffer back if it holds nothing (the connection is quiet), its pages to the
+    /// kernel (the allocator would keep them resident).
+    fn release(&mut self) {
+        if self.pos == self.end && !self.buf.is_empty() {
+            sys::release_pages(&mut self.buf);
+            self.buf = Vec::new();
+            self.was_full = false;
+            self.pos = 0;
+            self.end = 0;
+        }
     }
 
     /// Records what a read of the socket into `buf` returned.
@@ -62,6 +95,7 @@ impl RecvBuf {
         self.pos = 0;
         self.end = n;
         self.eof = n == 0;
+        self.was_full = n == self.buf.len();
     }
 }
 
@@ -70,9 +104,10 @@ impl Sock {
         Sock {
             tcp,
             rbuf: Arc::new(Mutex::new(RecvBuf {
-                buf: vec![0; SOCK_BUF].into_boxed_slice(),
+                buf: Vec::new(),
                 pos: 0,
                 end: 0,
+                was_full: false,
                 eof: false,
                 first: [0; 4],
                 seen: 0,
@@ -113,7 +148,7 @@ impl Read for Sock {
             if rb.eof {
                 return Ok(0);
             }
-            let n = sys::recv_nowait(self.tcp.as_raw_fd(), &mut rb.buf)?;
+            let n = sys::recv_nowait(self.tcp.as_raw_fd(), rb.room())?;
             rb.filled(n);
         }
         let k = out.len().min(rb.end - rb.pos);
@@ -338,7 +373,8 @@ impl TlsConn {
     /// Waits for the socket and reads what it has into the SSL object's buffer, holding only
     /// the buffer (which no other thread needs meanwhile), never the SSL lock: the one place a
     /// TLS connection blocks on input. The socket's read timeout bounds the wait (then
-    /// `WouldBlock`); a shutdown from any thread ends it.
+    /// `WouldBlock` or `TimedOut`, and the empty buffer is given back); a shutdown from any
+    /// thread ends it.
     fn fill(&self) -> io::Result<()> {
         if self.closing.load(Ordering::Acquire) {
             return Err(io::Error::new(
@@ -346,13 +382,27 @@ impl TlsConn {
                 "connection closed",
             ));
         }
+        let timeout = *lock(&self.read_timeout);
         let mut rb = lock(&self.rbuf);
         if rb.ready() {
             return Ok(());
         }
+        if rb.buf.is_empty() {
+            // Given back while quiet: wait for input before taking a buffer again.
+            self.wait(POLLIN, timeout)?;
+        }
         let n = loop {
-            match (&self.sock).read(&mut rb.buf) {
+            match (&self.sock).read(rb.room()) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    rb.release();
+                    return Err(e);
+                }
                 r => break r?,
             }
         };
@@ -472,5 +522,46 @@ impl Sink for TlsWriter {
 
     fn committed(&self) -> bool {
         self.committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_buffer_grows_when_reads_fill_it_and_is_given_back_when_quiet() {
+        let mut rb = RecvBuf {
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            was_full: false,
+            eof: false,
+            first: [0; 4],
+            seen: 0,
+            clear: ClearHandshake::default(),
+        };
+        // Each read that fills the buffer doubles the next one's room, up to SOCK_BUF.
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            let n = rb.room().len();
+            sizes.push(n);
+            rb.filled(n);
+            rb.pos = rb.end;
+        }
+        assert_eq!(
+            sizes,
+            [4, 8, 16, 32, 64, 64].map(|k| k * 1024),
+            "room for successive full reads"
+        );
+        // A read that does not fill it keeps its size; bytes not yet taken keep it.
+        rb.filled(100);
+        rb.release();
+        assert_eq!(rb.buf.len(), SOCK_BUF, "kept while it holds bytes");
+        rb.pos = rb.end;
+        assert_eq!(rb.room().len(), SOCK_BUF);
+        rb.release();
+        assert!(rb.buf.is_empty() && rb.buf.capacity() == 0, "given back");
+        assert_eq!(rb.room().len(), SOCK_BUF_MIN, "small again");
     }
 }

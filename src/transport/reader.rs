@@ -1,6 +1,9 @@
 //! Reading frames from a transport: the one place that waits for a peer's bytes, under the
 //! caller's deadline and the stall timeout, charging each frame to the connection's memory
 //! budget before its body is allocated. See [`FrameReader`].
+//!
+//! The receive buffer grows with traffic and is given back when the connection goes quiet (see
+//! [`RecvBuf`]): an idle connection holds none, so a server can hold many idle connections.
 
 use crate::base::buffers;
 use crate::base::limits::{Activity, Budget, Charge, FRAME_OVERHEAD};
@@ -66,7 +69,8 @@ enum Partial {
 /// connection's idle limit. A peer that sends part of a frame and then nothing for the stall
 /// timeout is dropped.
 pub(crate) struct FrameReader {
-    inner: io::BufReader<Box<dyn Read + Send>>,
+    inner: Box<dyn Read + Send>,
+    buf: RecvBuf,
     max_frame: usize,
     control: Arc<dyn Control>,
     /// Whether the transport supports read timeouts (sockets do, pipes do not).
@@ -84,6 +88,81 @@ pub(crate) struct FrameReader {
 
 /// How long one read by a calling thread may block before it checks its deadline.
 pub(crate) const READ_SLICE: Duration = Duration::from_millis(20);
+
+/// Size of the receive buffer when frames start arriving.
+const BUF_MIN: usize = 4 * 1024;
+/// Largest size of the receive buffer: what one read from the transport takes at most.
+const BUF_MAX: usize = 64 * 1024;
+
+/// The reader's receive buffer: bytes read from the transport and not yet taken.
+///
+/// Empty (no allocation) on a connection that is quiet: a read between frames that times out
+/// gives it back, and the next frame's length is read straight from the transport. Allocated at
+/// [`BUF_MIN`] bytes when a frame's body is read, it grows to [`BUF_MAX`] at once for a frame
+/// that needs that much more, and doubles after a read that filled it (many small frames in a
+/// row), so a busy connection reads up to 64 KiB per system call while an idle one costs
+/// nothing here. It changes size only while it holds no bytes.
+#[derive(Default)]
+struct RecvBuf {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// The last read filled the buffer: the next one gets twice the room.
+    was_full: bool,
+}
+
+impl RecvBuf {
+    /// Copies buffered bytes into `out`, first refilling the buffer with one read from `inner`
+    /// if it is empty. `more`: how many bytes the frame being read still needs (at least
+    /// `out.len()`), to size the buffer. Reads smaller than the buffer go through it: the kernel
+    /// copies into this small, cache-hot buffer and we copy on. Reading straight into a large
+    /// body was up to 2.5 times slower on loopback, depending on the body's offset in its page.
+    fn read(&mut self, inner: &mut dyn Read, out: &mut [u8], more: usize) -> io::Result<usize> {
+        if self.pos == self.end {
+            let mut size = self.buf.len().max(BUF_MIN);
+            if self.was_full {
+                size *= 2;
+            }
+            size = size.max(more.min(BUF_MAX).next_power_of_two()).min(BUF_MAX);
+            if size > self.buf.len() {
+                self.buf = vec![0; size];
+            }
+            let n = inner.read(&mut self.buf)?;
+            self.was_full = n == self.buf.len();
+            self.pos = 0;
+            self.end = n;
+        }
+        let k = out.len().min(self.end - self.pos);
+        out[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
+        self.pos += k;
+        Ok(k)
+    }
+
+    /// Reads a frame's length (or part of it) into `out`: straight from `inner` while the
+    /// buffer is given back, so a quiet connection's reader waits without one.
+    fn read_len(&mut self, inner: &mut dyn Read, out: &mut [u8]) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            return inner.read(out);
+        }
+        self.read(inner, out, out.len())
+    }
+
+    /// Gives the buffer back if it holds no bytes (the connection is quiet between frames), its
+    /// pages to the kernel (the allocator would keep them resident).
+    fn release(&mut self) {
+        if self.pos == self.end && !self.buf.is_empty() {
+            #[cfg(unix)]
+            crate::base::sys::release_pages(&mut self.buf);
+            *self = RecvBuf::default();
+        }
+    }
+
+    /// Bytes allocated for the buffer.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
 
 /// Settings of a [`FrameReader`].
 pub(crate) struct ReadLimits {
@@ -108,7 +187,8 @@ impl FrameReader {
     ) -> Self {
         let can_slice = control.set_read_timeout(None).is_ok();
         let mut r = FrameReader {
-            inner: io::BufReader::with_capacity(64 * 1024, inner),
+            inner,
+            buf: RecvBuf::default(),
             max_frame: limits.max_frame,
             control,
             can_slice,
@@ -126,7 +206,7 @@ impl FrameReader {
 
     /// Whether bytes the peer sent are read but not yet taken (the start of a next frame).
     pub(crate) fn has_buffered(&self) -> bool {
-        !self.inner.buffer().is_empty()
+        self.buf.pos < self.buf.end
     }
 
     /// Whether a thread with a deadline may hold this reader (its reads can time out).
@@ -280,7 +360,7 @@ impl FrameReader {
         deadline: Option<Instant>,
     ) -> Result<bool, Option<Error>> {
         while *got < 4 {
-            match self.inner.read(&mut buf[*got..]) {
+            match self.buf.read_len(&mut self.inner, &mut buf[*got..]) {
                 Ok(0) if *got == 0 => return Err(None),
                 Ok(0) => {
                     return Err(Some(Error::Protocol(
@@ -316,18 +396,14 @@ impl FrameReader {
         frame_len: usize,
         deadline: Option<Instant>,
     ) -> Result<bool, Error> {
-        // Reads smaller than the reader's buffer go through it: the kernel copies into that
-        // small, cache-hot buffer and we copy on. Reading straight into a large buffer was up to
-        // 2.5 times slower on loopback, depending on the buffer's offset in its page.
-        let chunk = self.inner.capacity() / 2;
         while *got < len {
             if *got == body.len() {
                 let to = *got + (*got).min(len - *got);
                 body.reserve_exact(to - body.len());
                 body.resize(to, 0);
             }
-            let end = body.len().min(*got + chunk);
-            match self.inner.read(&mut body[*got..end]) {
+            let more = frame_len - (at + *got);
+            match self.buf.read(&mut self.inner, &mut body[*got..], more) {
                 Ok(0) => {
                     return Err(Error::Protocol(format!(
                         "truncated frame: the peer closed the connection after {} of \
@@ -377,6 +453,10 @@ impl FrameReader {
         match e.kind() {
             io::ErrorKind::Interrupted => Ok(true),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                if !in_frame {
+                    // Quiet between frames: the buffer is not needed while waiting.
+                    self.buf.release();
+                }
                 let now = Instant::now();
                 if in_frame && now.duration_since(self.progress_at) >= self.stall {
                     return Err(Error::Closed {
@@ -746,6 +826,70 @@ mod tests {
                 assert!(matches!(r.read_frame(None), Ok(Got::End)));
             }
         }
+    }
+
+    #[test]
+    fn the_receive_buffer_grows_with_traffic_and_is_given_back_when_the_connection_goes_quiet() {
+        let small = frame_bytes(Kind::Reply, &cbor(&"x"));
+        let large = frame_bytes(Kind::Error, &cbor(&data(1 << 20, 8)));
+        // Many small frames in one arrival: each read that fills the buffer doubles it.
+        let burst: Vec<u8> = (0..(BUF_MAX / small.len() + 1) * 4)
+            .flat_map(|_| small.clone())
+            .collect();
+        let frames_in_burst = burst.len() / small.len();
+        let pieces = vec![
+            Some(small.clone()),
+            None,
+            Some(large),
+            None,
+            Some(burst),
+            None,
+            Some(small),
+        ];
+        let mut r = scripted(pieces, limits(64 << 20));
+        assert_eq!(r.buf.capacity(), 0, "a new connection holds no buffer");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MIN,
+            "small frames take a small buffer"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0, "given back when quiet");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MAX,
+            "a large frame is read 64 KiB at a time"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0, "given back after a large frame");
+        for _ in 0..frames_in_burst {
+            assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        }
+        assert_eq!(
+            r.buf.capacity(),
+            BUF_MAX,
+            "a stream of small frames grows it"
+        );
+        assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
+        assert_eq!(r.buf.capacity(), 0);
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
+        assert!(matches!(r.read_frame(None), Ok(Got::End)));
+    }
+
+    #[test]
+    fn a_frame_read_in_part_keeps_the_buffer_through_a_timeout() {
+        let whole = frame_bytes(Kind::Reply, &cbor(&data(5000, 9)));
+        let pieces = vec![
+            Some(whole[..100].to_vec()),
+            None,
+            Some(whole[100..].to_vec()),
+        ];
+        let mut r = scripted(pieces, limits(1 << 20));
+        assert!(matches!(r.read_frame(past()), Ok(Got::NotYet)));
+        assert!(r.buf.capacity() > 0, "kept while a frame is in progress");
+        assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
     }
 
     #[test]

@@ -29,7 +29,23 @@ impl Child {
     /// plays `role` (see [`role`]).
     pub fn start(entry: &str, role: &str) -> Child {
         let exe = std::env::current_exe().expect("the test binary");
-        let mut proc = Command::new(exe)
+        Child::spawn(Command::new(exe), entry, role)
+    }
+
+    /// As [`start`](Self::start), with at most `nofile` open files (the soft and the hard
+    /// limit, as `ulimit -n` sets them), so the child cannot raise its own.
+    pub fn start_with_nofile(entry: &str, role: &str, nofile: u64) -> Child {
+        let exe = std::env::current_exe().expect("the test binary");
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+            .arg(exe);
+        Child::spawn(sh, entry, role)
+    }
+
+    /// Starts `cmd` (which runs this test binary) with the arguments that run only `entry`.
+    fn spawn(mut cmd: Command, entry: &str, role: &str) -> Child {
+        let mut proc = cmd
             .args([
                 entry,
                 "--exact",
@@ -63,6 +79,11 @@ impl Child {
         self.lines
             .recv_timeout(timeout)
             .unwrap_or_else(|e| panic!("the child said nothing within {timeout:?}: {e}"))
+    }
+
+    /// The next line the child says within `timeout`, if any.
+    pub fn heard_within(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
     }
 
     /// Sends the child `line` on its stdin (which [`serve_until_parent_leaves`] reads and

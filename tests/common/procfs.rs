@@ -43,7 +43,17 @@ fn parse_stat(stat: &str) -> Option<(String, Duration)> {
 
 /// The CPU time this process used so far, all its threads (ended ones too) together.
 pub fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat is readable");
+    cpu_of("self")
+}
+
+/// The CPU time process `pid` (a child of this one) used so far, all its threads together.
+pub fn child_cpu(pid: u32) -> Duration {
+    cpu_of(&pid.to_string())
+}
+
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat is readable: {e}"));
     parse_stat(&stat)
         .unwrap_or_else(|| panic!("not a stat line: {stat}"))
         .1

@@ -259,6 +259,10 @@ pub(crate) fn reserve_helper(shared: &Shared) -> bool {
         return false;
     }
     let ok = reserve_thread(pool, &mut st);
+    if ok {
+        // It counts among the pool's threads, but never looks for work.
+        st.starting -= 1;
+    }
     st.check(pool);
     ok
 }

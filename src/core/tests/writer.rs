@@ -22,7 +22,7 @@ fn logged(peer: &Peer) -> String {
 /// pipe holds 1 KiB): the calling thread holds the gate, blocked, until the peer reads. Returns
 /// that thread and the text.
 fn hold_the_gate(
-    conn: &crate::Connection,
+    conn: &crate::core::connection::Connection,
     peer: &Peer,
     fill: &str,
 ) -> (thread::JoinHandle<Result<(), Error>>, String) {
@@ -37,7 +37,7 @@ fn hold_the_gate(
 }
 
 /// Waits until `n` frames wait with the gate's holder.
-fn until_handed_over(conn: &crate::Connection, n: usize) {
+fn until_handed_over(conn: &crate::core::connection::Connection, n: usize) {
     let deadline = Instant::now() + LONG;
     while conn.shared.handed_over() < n {
         assert!(Instant::now() < deadline, "frames were not handed over");

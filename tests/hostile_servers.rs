@@ -362,8 +362,15 @@ fn tls13_key_updates_from_the_server_still_work() {
         .recv_timeout(Duration::from_secs(15))
         .expect("the call returns");
     assert_eq!(r.unwrap(), 3);
-    // The client updated its keys too, as asked, before sending the call.
-    assert!(server.printed(b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate"));
+    // The client updates its keys too, as asked: OpenSSL sends its KeyUpdate with the first
+    // write after it read the server's, which is the call, or (if the call went out before
+    // the reading thread got to the server's KeyUpdate, as happens under load) the next frame.
+    conn.root().call_oneway("log", ("after",)).unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || server
+            .printed(b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate")),
+        "the client did not update its keys"
+    );
     conn.close();
 }
 

@@ -85,7 +85,8 @@
 //! | `Writer::busy` | the gate: one frame written at a time (a flag, not a lock: its holder writes without waiting for anyone but the transport, under its deadline) | the flag is held across the write; `Writer::sink` under it |
 //! | `Writer::waiting` (with `cv`) | threads waiting for the gate | `reason` (a waiter reads why the connection closed) |
 //! | `Writer::sink` | the transport's write half | taken only by the gate's holder, so never contended |
-//! | `Writer::handed` | replies handed to the gate's holder | nothing |
+//! | `Writer::handed` | frames handed to the gate's holder (replies, calls, deferred async calls) | nothing |
+//! | `Deferral::state` ([`crate::core::flush`]) | when handed frames are due, the flusher thread's state | nothing |
 //! | `Pool::state` (with `cv`; [`crate::core::dispatch`]) | the reader token, the request queue, the pool's thread counts | nothing but the server's thread budget, which is atomics |
 //! | `Budget::held` ([`crate::base::limits`]) | bytes of the peer's data held | nothing |
 //!
@@ -789,7 +790,7 @@ impl Shared {
     /// if it was there, so not a byte of it was sent.
     pub(crate) fn withdraw(&self, id: u64) -> bool {
         let mut handed = lock(&self.writer.handed);
-        match handed.iter().position(|f| f.id() == id) {
+        match handed.iter().position(|f| f.is_call(id)) {
             Some(i) => {
                 handed.remove(i);
                 true

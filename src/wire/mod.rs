@@ -363,7 +363,8 @@ pub(crate) struct OutFrame {
     /// Memory sent between bytes of `buf`, in order of position.
     splices: Vec<Splice>,
     sealed: bool,
-    /// The request or reply id it was sealed with.
+    /// The kind and id it was sealed with.
+    kind: Option<Kind>,
     id: u64,
 }
 
@@ -378,6 +379,7 @@ impl OutFrame {
             start: gap,
             splices: Vec::new(),
             sealed: false,
+            kind: None,
             id: 0,
         }
     }
@@ -434,13 +436,15 @@ impl OutFrame {
         self.buf[first + 4..gap].copy_from_slice(&h);
         self.start = first;
         self.sealed = true;
+        self.kind = Some(kind);
         self.id = id;
         Ok(body)
     }
 
-    /// The id it was sealed with.
-    pub(crate) fn id(&self) -> u64 {
-        self.id
+    /// Whether it is this side's request `id` (a call: a reply carries the peer's id, from
+    /// another numbering).
+    pub(crate) fn is_call(&self, id: u64) -> bool {
+        self.kind == Some(Kind::Call) && self.id == id
     }
 
     /// The sealed frame's length, length prefix included.

@@ -267,3 +267,34 @@ fn a_call_finding_the_writer_busy_is_handed_over_and_answered() {
     drop(root);
     finish(conn);
 }
+
+#[test]
+fn a_call_that_times_out_unsent_takes_back_its_own_frame_never_a_reply_with_the_same_id() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    // The oneway holding the gate is this side's request 1; the call below will be request 2.
+    let (stuck, big) = hold_the_gate(&conn, &peer, "i");
+    let root = conn.root();
+    // The peer's own request 2 (ids are numbered by each side on its own): its reply, with id
+    // 2, is handed over first.
+    peer.call(2, 0, "record", &(7u32,));
+    until_handed_over(&conn, 1);
+    let timeout = Duration::from_millis(200);
+    match root.call_timeout::<u32, _>("echo_u32", (5u32,), timeout) {
+        Err(Error::Timeout(Timeout::Send { partly: false, .. })) => {}
+        other => panic!("expected a send timeout with nothing sent, got {other:?}"),
+    }
+    // The reply stayed; the call was taken back, so the peer gets the reply and then the next
+    // frame, not the call.
+    assert_eq!(conn.shared.handed_over(), 1);
+    peer.from_conn.set_capacity(1 << 20);
+    assert_eq!(logged(&peer), big);
+    let f = peer.recv();
+    assert_eq!((f.header.kind, f.header.id), (Kind::Reply, 2));
+    assert_eq!(decode::<u32>(&f), 7);
+    stuck.join().unwrap().unwrap();
+    root.call_oneway("log", ("next",)).unwrap();
+    assert_eq!(logged(&peer), "next");
+    drop(root);
+    finish(conn);
+}

@@ -768,21 +768,27 @@ impl Shared {
         frame: OutFrame,
         deadline: Instant,
     ) -> Result<(), OutFrame> {
-        if frame.len() > HAND_OVER_MAX || !self.writer.busy.load(Ordering::Acquire) {
+        if !self.writer.busy.load(Ordering::Acquire) {
             return Err(frame);
         }
-        {
-            let mut handed = lock(&self.writer.handed);
-            if handed.len() >= HAND_OVER_FRAMES {
-                return Err(frame);
-            }
-            handed.push(frame);
-        }
+        self.hand_over(frame)?;
         // The holder may have opened the gate before it could see the frame.
-        if self.writer.try_take() {
-            self.open_gate(Some(deadline));
-            self.flush_releases(Some(deadline));
+        self.write_handed_if_free(Some(deadline));
+        Ok(())
+    }
+
+    /// Queues a frame for the gate's next holder if it is small and fewer than
+    /// [`HAND_OVER_FRAMES`] wait; gives it back otherwise. The caller makes sure a holder comes
+    /// (the one there is, [`write_handed`](Self::write_handed), or the flusher).
+    fn hand_over(&self, frame: OutFrame) -> Result<(), OutFrame> {
+        if frame.len() > HAND_OVER_MAX {
+            return Err(frame);
         }
+        let mut handed = lock(&self.writer.handed);
+        if handed.len() >= HAND_OVER_FRAMES {
+            return Err(frame);
+        }
+        handed.push(frame);
         Ok(())
     }
 
@@ -817,17 +823,8 @@ impl Shared {
         frame: OutFrame,
         deadline: Option<Instant>,
     ) -> Result<(), OutFrame> {
-        if frame.len() > HAND_OVER_MAX {
-            return Err(frame);
-        }
-        {
-            let mut handed = lock(&self.writer.handed);
-            if handed.len() + 1 >= HAND_OVER_FRAMES {
-                // Enough for one write: this call writes them all.
-                return Err(frame);
-            }
-            handed.push(frame);
-        }
+        // When enough wait for one write, this frame is written now, with them all.
+        self.hand_over(frame)?;
         match self.deferral.arm() {
             Armed::Yes => {}
             Armed::StartThread => {
@@ -846,22 +843,26 @@ impl Shared {
                 };
                 if !started {
                     self.deferral.not_started();
-                    self.flush_deferred(deadline);
+                    self.write_handed(deadline);
                 }
             }
-            Armed::No => self.flush_deferred(deadline),
+            Armed::No => self.write_handed(deadline),
         }
         Ok(())
     }
 
-    /// Writes the frames handed over (deferred async calls, replies) now, waiting for the
-    /// transport at most until `deadline`, unless the gate is taken: then its holder writes
-    /// them before it opens it.
-    pub(crate) fn flush_deferred(self: &Arc<Self>, deadline: Option<Instant>) {
-        if lock(&self.writer.handed).is_empty() || self.is_closed() {
-            return;
+    /// Writes the frames handed over (deferred async calls, replies, calls) now, waiting for
+    /// the transport at most until `deadline`, unless the gate is taken: then its holder
+    /// writes them before it opens it.
+    pub(crate) fn write_handed(self: &Arc<Self>, deadline: Option<Instant>) {
+        if !lock(&self.writer.handed).is_empty() {
+            self.write_handed_if_free(deadline);
         }
-        if self.writer.try_take() {
+    }
+
+    /// [`write_handed`](Self::write_handed), for a caller that just handed a frame over.
+    fn write_handed_if_free(self: &Arc<Self>, deadline: Option<Instant>) {
+        if !self.is_closed() && self.writer.try_take() {
             self.open_gate(deadline);
             self.flush_releases(deadline);
         }
@@ -871,24 +872,14 @@ impl Shared {
     /// to the gate's holder if the gate is taken; otherwise it is written like a call's frame,
     /// without a deadline. A failure ends the connection.
     fn write_reply(self: &Arc<Self>, frame: OutFrame) {
-        if frame.len() <= HAND_OVER_MAX {
-            let mut handed = lock(&self.writer.handed);
-            if handed.len() < HAND_OVER_FRAMES {
-                handed.push(frame);
-                drop(handed);
-                // If the holder opened the gate before it could see the reply, write it (and
-                // whatever else was handed over) here.
-                if self.writer.try_take() {
-                    self.open_gate(None);
-                    self.flush_releases(None);
-                }
-                return;
+        match self.hand_over(frame) {
+            // Written here if the gate is free (or its holder opened it before it could see
+            // the reply).
+            Ok(()) => self.write_handed_if_free(None),
+            Err(frame) => {
+                let _ = self.write_frame(frame, None);
             }
-            drop(handed);
-            let _ = self.write_frame(frame, None);
-            return;
         }
-        let _ = self.write_frame(frame, None);
     }
 
     /// Waits for the writer until `deadline` (none: until it is free or the connection

@@ -161,7 +161,7 @@ impl Deferral {
                 Some(_) => {
                     st.due = None;
                     drop(st);
-                    shared.flush_deferred(None);
+                    shared.write_handed(None);
                     st = lock(&me.state);
                 }
             }

@@ -479,7 +479,7 @@ impl<R: DeserializeOwned> AsyncResult<R> {
         // Async calls waiting to go out together go now: someone waits for a reply.
         self.conn
             .shared
-            .flush_deferred(Some(deadline.unwrap_or_else(Instant::now)));
+            .write_handed(Some(deadline.unwrap_or_else(Instant::now)));
         let mut reply = match deadline {
             Some(_) => lock(&self.reply),
             // `ready` never blocks: while another thread waits in `wait` it holds the lock,

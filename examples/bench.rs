@@ -44,7 +44,7 @@ mod raw_floor;
 mod sshd;
 
 use py_child::{find_python, PyChild};
-use raw_floor::{frame, raw_server, RawConn, RawPipe};
+use raw_floor::{frame, raw_server, rpyc_echo as echo, rpyc_server, RawConn, RawPipe};
 
 use rpyc::{Bytes, Connection, Service, ThreadedServer};
 use std::hint::black_box;
@@ -71,22 +71,6 @@ const MAX_FRAME: usize = 80 * MIB;
 /// Client settings of the echo cases.
 fn options() -> rpyc::Options {
     rpyc::Options::new().max_frame_size(MAX_FRAME)
-}
-
-fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
-    let service = Service::new("bench").method("echo", |b: Bytes| b);
-    let server = ThreadedServer::new(service)
-        .hostname(HOST)
-        .port(0)
-        .max_frame_size(MAX_FRAME)
-        .build()?;
-    let port = server.port();
-    Ok((port, server.spawn()?))
-}
-
-fn echo(conn: &Connection, payload: &Bytes) -> Res<usize> {
-    let r: Bytes = conn.root().call("echo", (payload,))?;
-    Ok(black_box(r).len())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,7 +257,7 @@ fn main() -> Res<()> {
     let started = Instant::now();
 
     let raw_port = raw_server()?;
-    let (rpyc_port, server) = rpyc_server()?;
+    let (rpyc_port, server) = rpyc_server(MAX_FRAME)?;
 
     println!(
         "rpyc bench on {HOST} ({} mode, {} batches per side, {} CPUs). ratio = rpyc/floor: \

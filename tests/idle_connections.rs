@@ -27,21 +27,6 @@ fn service() -> Service {
     Service::new("idle").method("echo", |b: Bytes| b)
 }
 
-/// Says each log record of level info and above (`log ...`), for the parent to check.
-struct SayLogs;
-
-impl log::Log for SayLogs {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info && m.target().starts_with("rpyc::server")
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            child::say(format!("log {}", r.args()));
-        }
-    }
-    fn flush(&self) {}
-}
-
 /// The server of these tests, in a child process: `echo`, room for many connections, never
 /// evicting idle ones, saying `port N` and then each of its accept loop's log records.
 #[test]
@@ -50,8 +35,7 @@ fn child_server() {
     if child::role().is_none() {
         return;
     }
-    log::set_boxed_logger(Box::new(SayLogs)).unwrap();
-    log::set_max_level(log::LevelFilter::Info);
+    child::say_logs(log::Level::Info, "rpyc::server");
     let server = ThreadedServer::new(service())
         .hostname("127.0.0.1")
         .port(0)

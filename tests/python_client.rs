@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::python::PyProcess;
+use common::python::{same_value, PyProcess};
 use common::{expect_within, CALL_TIMEOUT, SETTLE};
 use rpyc::python::{self, IntoValue, PyObject, Service, Value};
 use rpyc::{Error, Options, PythonError, Timeout};
@@ -68,17 +68,6 @@ fn expect_balanced(conn: &python::Connection, root: &PyObject) {
         local_count(root),
         conn.exported_count()
     );
-}
-
-/// Equal as Python values, also telling -0.0 from 0.0 (which `==` does not).
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits() || a == b,
-        (Value::Tuple(x), Value::Tuple(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_value(p, q))
-        }
-        _ => a == b,
-    }
 }
 
 /// Bytes that do not compress (a linear congruential sequence).

@@ -511,29 +511,13 @@ fn a_bind_threads_client_is_closed_and_the_log_names_rpyc_bind_threads() {
 
 // ---- Memory (a server in a child process) ----
 
-/// Warnings of the child, said to the parent as `log <text>`.
-struct SayLogs;
-
-impl log::Log for SayLogs {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            child::say(format!("log {}", r.args()));
-        }
-    }
-    fn flush(&self) {}
-}
-
 /// The server the memory tests attack, in a child process: the checks service, frames limited
 /// to the `max_frame=N` of its role; it says `port N`, then each warning it logs.
 #[test]
 #[ignore = "the child process of the tests in this file; they start it themselves"]
 fn child_server() {
     let role = child::role().expect("run only as a child process by the tests of this file");
-    log::set_boxed_logger(Box::new(SayLogs)).unwrap();
-    log::set_max_level(log::LevelFilter::Warn);
+    child::say_logs(log::Level::Warn, "");
     watch_panics();
     let max_frame: usize = role
         .split_whitespace()

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::python::{run_python, PyProcess};
+use common::python::{run_python, same_value, PyProcess};
 use rpyc::python::wire::{brine_dump, brine_load, frame};
 use rpyc::python::Value;
 use std::collections::{BTreeMap, HashSet};
@@ -185,17 +185,6 @@ fn rpyc_vectors() -> Vec<(String, Vec<u8>)> {
             (name.to_string(), unhex(h))
         })
         .collect()
-}
-
-/// Equal as Python values, also telling -0.0 from 0.0 (which `==` does not).
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits() || a == b,
-        (Value::Tuple(x), Value::Tuple(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_value(p, q))
-        }
-        _ => a == b,
-    }
 }
 
 #[test]

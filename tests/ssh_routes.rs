@@ -98,32 +98,9 @@ fn descends_from(pid: &str, ancestor: &str) -> bool {
     false
 }
 
-#[test]
-fn a_jump_host_carries_the_connection_and_its_death_fails_waiting_calls() {
-    let jump = Sshd::start(SshdConfig {
-        log_level: "DEBUG1",
-        ..Default::default()
-    });
-    let target = Sshd::start(SshdConfig::default());
-    authorize(&jump, &target.client_key);
-    let server = serve(adder());
-    let ctx = target
-        .context()
-        .known_hosts(known_hosts_for(&jump, &[&jump, &target]))
-        .proxy_jump(jump_spec(&jump));
-    let conn = options()
-        .ssh(ctx)
-        .connect("127.0.0.1", server.port)
-        .unwrap();
-    assert_eq!(conn.root().call::<i64, _>("add", (2, 3)).unwrap(), 5);
-    // The jump host opened the channel to the target's sshd: the hop was used.
-    let opened = format!("target 127.0.0.1 port {}", target.port);
-    expect_within("the jump sshd logs the hop", Duration::from_secs(5), || {
-        jump.log()
-            .lines()
-            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&opened))
-    });
-    // The jump host dies mid-call: the waiting call fails promptly.
+/// A call waiting on `conn` when `kill` ends part of its route fails within half the call
+/// timeout.
+fn a_waiting_call_fails_promptly(conn: &rpyc::Connection, death: &str, kill: impl FnOnce()) {
     let waiting = {
         let conn = conn.clone();
         std::thread::spawn(move || {
@@ -135,10 +112,50 @@ fn a_jump_host_carries_the_connection_and_its_death_fails_waiting_calls() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    jump.kill();
+    kill();
     let (r, took) = waiting.join().unwrap();
-    assert!(r.is_err(), "the call survived the jump host's death");
+    assert!(r.is_err(), "the call survived {death}");
     assert!(took < CALL_TIMEOUT / 2, "failed only after {took:?}");
+}
+
+/// A jump host whose sshd logs the channels it opens (see [`hop_was_used`]), and a target that
+/// takes the jump host's key.
+fn logging_jump_and_target() -> (Sshd, Sshd) {
+    let jump = Sshd::start(SshdConfig {
+        log_level: "DEBUG1",
+        ..Default::default()
+    });
+    let target = Sshd::start(SshdConfig::default());
+    authorize(&jump, &target.client_key);
+    (jump, target)
+}
+
+/// The jump host opened a channel to the target's sshd: the route went through it.
+fn hop_was_used(jump: &Sshd, target: &Sshd) {
+    let opened = format!("target 127.0.0.1 port {}", target.port);
+    expect_within("the jump sshd logs the hop", Duration::from_secs(5), || {
+        jump.log()
+            .lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&opened))
+    });
+}
+
+#[test]
+fn a_jump_host_carries_the_connection_and_its_death_fails_waiting_calls() {
+    let (jump, target) = logging_jump_and_target();
+    let server = serve(adder());
+    let ctx = target
+        .context()
+        .known_hosts(known_hosts_for(&jump, &[&jump, &target]))
+        .proxy_jump(jump_spec(&jump));
+    let conn = options()
+        .ssh(ctx)
+        .connect("127.0.0.1", server.port)
+        .unwrap();
+    assert_eq!(conn.root().call::<i64, _>("add", (2, 3)).unwrap(), 5);
+    hop_was_used(&jump, &target);
+    // The jump host dies mid-call: the waiting call fails promptly.
+    a_waiting_call_fails_promptly(&conn, "the jump host's death", || jump.kill());
 }
 
 #[test]
@@ -335,21 +352,9 @@ fn a_dead_proxy_command_fails_waiting_calls_promptly() {
     let b = Behind::new();
     let marker = "rpyc-proxy-dies";
     let conn = b.connect(&b.through(b.ssh_w(marker)));
-    let waiting = {
-        let conn = conn.clone();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let r = conn
-                .root()
-                .call::<(), _>("sleep", (CALL_TIMEOUT.as_millis() as u64,));
-            (r, started.elapsed())
-        })
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("pkill").args(["-KILL", "-f", marker]).status();
-    let (r, took) = waiting.join().unwrap();
-    assert!(r.is_err(), "the call survived the proxy command's death");
-    assert!(took < CALL_TIMEOUT / 2, "failed only after {took:?}");
+    a_waiting_call_fails_promptly(&conn, "the proxy command's death", || {
+        let _ = Command::new("pkill").args(["-KILL", "-f", marker]).status();
+    });
 }
 
 #[test]
@@ -580,12 +585,7 @@ fn a_revoked_host_key_is_refused_by_both_transports() {
 
 #[test]
 fn proxy_jump_comes_from_the_ssh_config_as_users_write_it() {
-    let jump = Sshd::start(SshdConfig {
-        log_level: "DEBUG1",
-        ..Default::default()
-    });
-    let target = Sshd::start(SshdConfig::default());
-    authorize(&jump, &target.client_key);
+    let (jump, target) = logging_jump_and_target();
     let server = serve(adder());
     let config = jump.path("ssh_config");
     std::fs::write(
@@ -609,10 +609,5 @@ fn proxy_jump_comes_from_the_ssh_config_as_users_write_it() {
         .connect("127.0.0.1", server.port)
         .unwrap();
     assert_eq!(conn.root().call::<i64, _>("add", (6, 7)).unwrap(), 13);
-    let opened = format!("target 127.0.0.1 port {}", target.port);
-    expect_within("the jump sshd logs the hop", Duration::from_secs(5), || {
-        jump.log()
-            .lines()
-            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&opened))
-    });
+    hop_was_used(&jump, &target);
 }

@@ -1,6 +1,7 @@
 //! The raw floor of the benchmarks: a blocking TCP echo server and clients with
 //! length-prefixed frames, the same code for `examples/bench.rs` and `benches/peers` (each
-//! includes this file with `#[path]`), so both measure against the same floor.
+//! includes this file with `#[path]`), so both measure against the same floor; and the rpyc
+//! echo server and call both measure.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -161,4 +162,23 @@ impl Drop for RawPipe {
 }
 
 // ---------------------------------------------------------------------------------------------
-// rpyc.
+// rpyc: the side measured against the floor, the same in both benchmarks.
+
+/// Starts an rpyc `ThreadedServer` serving `echo(Bytes) -> Bytes` with frames of up to
+/// `max_frame` bytes; its port and handle.
+pub fn rpyc_server(max_frame: usize) -> Result<(u16, rpyc::ServerHandle), rpyc::Error> {
+    let service = rpyc::Service::new("bench").method("echo", |b: rpyc::Bytes| b);
+    let server = rpyc::ThreadedServer::new(service)
+        .hostname(HOST)
+        .port(0)
+        .max_frame_size(max_frame)
+        .build()?;
+    let port = server.port();
+    Ok((port, server.spawn()?))
+}
+
+/// Calls `echo(payload)`; the length of what came back.
+pub fn rpyc_echo(conn: &rpyc::Connection, payload: &rpyc::Bytes) -> Result<usize, rpyc::Error> {
+    let r: rpyc::Bytes = conn.root().call("echo", (payload,))?;
+    Ok(std::hint::black_box(r).len())
+}

@@ -213,29 +213,14 @@ fn reserve(v: &mut Vec<u8>, needed: usize) {
     }
 }
 
-/// A `std::io::Write` onto a `Vec<u8>` that grows it through the pool (see [`reserve`]).
-pub(crate) struct PooledWriter<'a>(pub(crate) &'a mut Vec<u8>);
-
-impl std::io::Write for PooledWriter<'_> {
-    #[inline]
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.write_all(data)?;
-        Ok(data.len())
+/// Appends `data` to `buf`, growing it through the pool (see [`reserve`]) once it is large.
+#[inline]
+pub(crate) fn append(buf: &mut Vec<u8>, data: &[u8]) {
+    let needed = buf.len() + data.len();
+    if needed > buf.capacity() && needed >= MIN_POOLED {
+        reserve(buf, needed);
     }
-
-    #[inline]
-    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        let needed = self.0.len() + data.len();
-        if needed > self.0.capacity() && needed >= MIN_POOLED {
-            reserve(self.0, needed);
-        }
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    buf.extend_from_slice(data);
 }
 
 #[cfg(test)]
@@ -304,12 +289,12 @@ mod tests {
     }
 
     #[test]
-    fn pooled_writer_keeps_the_prefix_when_it_moves_to_a_larger_buffer() {
+    fn appending_keeps_the_prefix_when_it_moves_to_a_larger_buffer() {
         let mut v = b"head".to_vec();
         let big: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
         // Make sure some cached buffer is large enough, whatever other tests took.
         give(Vec::with_capacity(4 * MIB));
-        std::io::Write::write_all(&mut PooledWriter(&mut v), &big).unwrap();
+        append(&mut v, &big);
         assert_eq!(&v[..4], b"head");
         assert_eq!(&v[4..], &big[..]);
     }

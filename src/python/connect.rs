@@ -183,8 +183,9 @@ pub fn connect(host: &str, port: u16) -> Result<Connection, Error> {
 
 /// Connects over TLS, as RPyC's `ssl_connect`, but verifying the server's certificate and
 /// host name against the system's trust store (Python's client verifies nothing by default):
-/// for a private CA use [`Client`] with [`Options::tls`] and [`SslClient::ca_certs`](crate::tls::SslClient::ca_certs). Presents
-/// `keyfile`/`certfile` when given (servers whose `SSLAuthenticator` has a CA require them).
+/// for a private CA use [`Client`] with [`Options::tls`] and
+/// [`SslClient::ca_certs`](crate::tls::SslClient::ca_certs). Presents `keyfile`/`certfile` when
+/// given (servers whose `SSLAuthenticator` has a CA require them).
 ///
 /// ```no_run
 /// let py = rpyc::python::ssl_connect("labhost", 12345, Some("client.key"), Some("client.cert"))?;

@@ -34,6 +34,7 @@ pub(super) struct Sock {
 /// ([`crate::transport::reader`]): allocated at [`SOCK_BUF_MIN`] bytes for a read, doubled
 /// after a read that filled it, up to [`SOCK_BUF`]; dropped when a wait for input times out
 /// with nothing buffered, after which the reader waits for input before taking one again.
+#[derive(Default)]
 struct RecvBuf {
     buf: Vec<u8>,
     pos: usize,
@@ -103,16 +104,7 @@ impl Sock {
     pub(super) fn new(tcp: TcpStream) -> Sock {
         Sock {
             tcp,
-            rbuf: Arc::new(Mutex::new(RecvBuf {
-                buf: Vec::new(),
-                pos: 0,
-                end: 0,
-                was_full: false,
-                eof: false,
-                first: [0; 4],
-                seen: 0,
-                clear: ClearHandshake::default(),
-            })),
+            rbuf: Arc::new(Mutex::new(RecvBuf::default())),
         }
     }
 
@@ -531,16 +523,7 @@ mod tests {
 
     #[test]
     fn the_socket_buffer_grows_when_reads_fill_it_and_is_given_back_when_quiet() {
-        let mut rb = RecvBuf {
-            buf: Vec::new(),
-            pos: 0,
-            end: 0,
-            was_full: false,
-            eof: false,
-            first: [0; 4],
-            seen: 0,
-            clear: ClearHandshake::default(),
-        };
+        let mut rb = RecvBuf::default();
         // Each read that fills the buffer doubles the next one's room, up to SOCK_BUF.
         let mut sizes = Vec::new();
         for _ in 0..6 {

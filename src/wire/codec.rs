@@ -147,7 +147,7 @@ impl Drop for Offer {
     }
 }
 
-/// Appends to a buffer through [`buffers::PooledWriter`], except the data of an offered
+/// Appends to a buffer through [`buffers::append`], except the data of an offered
 /// [`Bytes`] (see [`Splicing`]).
 struct SpliceWriter<'a>(&'a mut Vec<u8>);
 
@@ -185,7 +185,8 @@ impl std::io::Write for SpliceWriter<'_> {
         if data.len() >= SPLICE_MIN && self.spliced(data) {
             return Ok(());
         }
-        buffers::PooledWriter(self.0).write_all(data)
+        buffers::append(self.0, data);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

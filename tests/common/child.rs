@@ -173,6 +173,26 @@ pub fn say(line: impl std::fmt::Display) {
     out.flush().unwrap();
 }
 
+/// In a child process: says each log record at `level` or above whose target starts with
+/// `target` (`log ...`), for the parent to check.
+#[allow(dead_code)]
+pub fn say_logs(level: log::Level, target: &'static str) {
+    struct SayLogs(log::Level, &'static str);
+    impl log::Log for SayLogs {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= self.0 && m.target().starts_with(self.1)
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                say(format!("log {}", r.args()));
+            }
+        }
+        fn flush(&self) {}
+    }
+    log::set_boxed_logger(Box::new(SayLogs(level, target))).unwrap();
+    log::set_max_level(level.to_level_filter());
+}
+
 /// In a child: serves until the parent closes its stdin (or kills it), then exits.
 pub fn serve_until_parent_leaves() -> ! {
     let mut line = String::new();

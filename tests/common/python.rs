@@ -528,3 +528,16 @@ impl Drop for PyProcess {
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }
+
+/// Equal as Python values, also telling -0.0 from 0.0 (which `==` does not).
+#[allow(dead_code)]
+pub fn same_value(a: &rpyc::python::Value, b: &rpyc::python::Value) -> bool {
+    use rpyc::python::Value;
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits() || a == b,
+        (Value::Tuple(x), Value::Tuple(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_value(p, q))
+        }
+        _ => a == b,
+    }
+}

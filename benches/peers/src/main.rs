@@ -19,7 +19,7 @@
 //! same run, of the shown values (time rows: lower is better; rate rows: higher is better).
 
 use futures::prelude::*;
-use rpyc::{Bytes, Connection, Service, ThreadedServer};
+use rpyc::Bytes;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,29 +38,12 @@ const WINDOW: usize = 64;
 const TARPC_MAX_FRAME: usize = 16 * MIB;
 const COMMAND: &str = "cd benches/peers && cargo run --release";
 
-// The raw floor: the same code as examples/bench.rs (examples/common/raw_floor.rs).
+// The raw floor and the rpyc side: the same code as examples/bench.rs
+// (examples/common/raw_floor.rs).
 #[path = "../../../examples/common/raw_floor.rs"]
 mod raw_floor;
 
-use raw_floor::{frame, raw_server, RawConn, RawPipe};
-
-// ---------------------------------------------------------------------------------------------
-// rpyc.
-
-fn rpyc_server() -> Res<(u16, rpyc::ServerHandle)> {
-    let service = Service::new("bench").method("echo", |b: Bytes| b);
-    let server = ThreadedServer::new(service)
-        .hostname(HOST)
-        .port(0)
-        .build()?;
-    let port = server.port();
-    Ok((port, server.spawn()?))
-}
-
-fn rpyc_echo(conn: &Connection, payload: &Bytes) -> Res<usize> {
-    let r: Bytes = conn.root().call("echo", (payload,))?;
-    Ok(black_box(r).len())
-}
+use raw_floor::{frame, raw_server, rpyc_echo, rpyc_server, RawConn, RawPipe};
 
 // ---------------------------------------------------------------------------------------------
 // tarpc.
@@ -262,7 +245,8 @@ fn main() -> Res<()> {
         .build()?;
 
     let raw_port = raw_server()?;
-    let (rpyc_port, rpyc_handle) = rpyc_server()?;
+    // The default frame limit.
+    let (rpyc_port, rpyc_handle) = rpyc_server(64 << 20)?;
     let tarpc_port = tarpc_server(&rt)?;
 
     let python = find_python(&repo_dir());

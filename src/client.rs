@@ -347,7 +347,7 @@ impl Options {
     }
 
     fn establish(&self, t: Transport) -> Result<Connection, Error> {
-        Connection::establish(t, &self.config, self.service.clone(), ThreadSet::new())
+        Connection::establish(t, &self.config, self.service.clone(), ThreadSet::clients())
     }
 
     /// Refuses settings that only a TCP connection can use.

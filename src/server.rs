@@ -11,7 +11,7 @@
 use crate::auth::Authenticator;
 use crate::base::limits::{ServerBudget, ThreadBudget};
 use crate::base::lock;
-use crate::base::threads::ThreadSet;
+use crate::base::threads::{ThreadSet, PARKED_THREADS, PARK_FOR};
 use crate::core::config::Config;
 use crate::core::connection::Connection;
 use crate::core::service::Service;
@@ -29,11 +29,6 @@ use std::time::{Duration, Instant};
 
 /// How long `close` waits for handlers still running user code before leaving them detached.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
-/// Most threads a server keeps parked (done with their work, waiting for more) so that the
-/// next handshake or worker needs no new thread; see [`ThreadSet::reusing`].
-const PARKED_THREADS: usize = 8;
-/// How long a parked thread waits for work before it ends.
-const PARK_FOR: Duration = Duration::from_secs(2);
 
 /// Raises the process's soft descriptor limit to its hard one, once (see
 /// `sys::raise_nofile_limit`): each connection holds a descriptor, and the soft default of
@@ -62,9 +57,10 @@ pub(crate) trait Protocol: Send + Sync {
         config: &Config,
         threads: Arc<ThreadSet>,
     ) -> Result<Started, Error>;
-    /// Whether a refused client is told so with a native hello (a client of another protocol
-    /// could not read one: it is just hung up on).
-    fn tells_refusals(&self) -> bool;
+    /// Whether a client of this protocol reads a native hello first, so that the accepting
+    /// thread can greet it with ours at once, or tell it that it is refused (a client of
+    /// another protocol could not read one: a refused one is just hung up on).
+    fn reads_native_hello(&self) -> bool;
     /// What is served, for `Debug`.
     fn describe(&self) -> String;
 }
@@ -109,7 +105,7 @@ impl Protocol for Native {
             then: first.map(|w| Box::new(move || w.run()) as Box<dyn FnOnce() + Send>),
         })
     }
-    fn tells_refusals(&self) -> bool {
+    fn reads_native_hello(&self) -> bool {
         true
     }
     fn describe(&self) -> String {
@@ -603,6 +599,25 @@ impl Accepted {
         }
     }
 
+    /// Writes what the socket takes of `hello` without waiting (all of it, on a fresh socket),
+    /// and returns how much that was; the handshake writes the rest, and reports any error.
+    fn greet(&self, hello: &[u8]) -> usize {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = match self {
+                Accepted::Tcp(s, _) => s.as_raw_fd(),
+                Accepted::Unix(s, _) => s.as_raw_fd(),
+            };
+            crate::base::sys::send_nowait(fd, hello).unwrap_or(0)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = hello;
+            0
+        }
+    }
+
     /// The socket alone, for a refusal.
     #[cfg(unix)]
     fn into_fd(self) -> std::os::fd::OwnedFd {
@@ -953,10 +968,18 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         if let Err(why) = inner.admit() {
             log::warn!("{}: refused: {why}", a.peer());
             // An authenticating client cannot read a plain refusal: just hang up.
-            let tell = inner.authenticator.is_none() && inner.protocol.tells_refusals();
+            let tell = inner.authenticator.is_none() && inner.protocol.reads_native_hello();
             refusals.refuse(inner, a, tell);
             continue;
         }
+        // Our hello goes out now rather than from the handshake thread, once it runs: the
+        // client, which waits for it, is one thread hand-off sooner connected. Not through an
+        // authenticator, whose own handshake comes first.
+        let hello_sent = if inner.authenticator.is_none() && inner.protocol.reads_native_hello() {
+            a.greet(&crate::core::connection::our_hello(&inner.config).encode())
+        } else {
+            0
+        };
         let me = inner.clone();
         let peer = a.peer().to_string();
         let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -965,7 +988,7 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
         }
         let at = Instant::now();
         let started = inner.threads.spawn("rpyc-handshake", move || {
-            let then = serve_connection(&me, a, at);
+            let then = serve_connection(&me, a, at, hello_sent);
             lock(&me.handshaking).remove(&id);
             drop(me);
             if let Some(serve) = then {
@@ -989,8 +1012,14 @@ fn accept_loop(listener: Listener, inner: &Arc<ServerInner>) {
     inner.cv.notify_all();
 }
 
-/// Authenticates the client (if the server has an authenticator), then does the handshake.
-fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Transport, Error> {
+/// Authenticates the client (if the server has an authenticator), then does the handshake;
+/// `hello_sent` bytes of our hello were already written.
+fn open_transport(
+    inner: &ServerInner,
+    a: Accepted,
+    at: Instant,
+    hello_sent: usize,
+) -> Result<Transport, Error> {
     let write_timeout = inner.config.write_timeout();
     let mut t = match (a, &inner.authenticator) {
         #[cfg(unix)]
@@ -1007,6 +1036,7 @@ fn open_transport(inner: &ServerInner, a: Accepted, at: Instant) -> Result<Trans
     };
     // The handshake timeout counts from the accept, authentication included.
     t.started = at;
+    t.hello_sent = hello_sent;
     Ok(t)
 }
 
@@ -1015,9 +1045,10 @@ fn serve_connection(
     inner: &Arc<ServerInner>,
     a: Accepted,
     at: Instant,
+    hello_sent: usize,
 ) -> Option<Box<dyn FnOnce() + Send>> {
     let peer = a.peer().to_string();
-    let established = open_transport(inner, a, at).and_then(|t| {
+    let established = open_transport(inner, a, at, hello_sent).and_then(|t| {
         inner
             .protocol
             .establish(t, &inner.config, inner.threads.clone())
@@ -1266,7 +1297,10 @@ mod tests {
             let conn = crate::connect("127.0.0.1", port).unwrap();
             assert_eq!(conn.root().call::<i64, _>("add", (i, 1)).unwrap(), i + 1);
             // The client's reader; the call read its own reply.
-            assert_eq!(conn.shared.threads.spawned(), 1);
+            assert_eq!(conn.shared.threads_spawned(), 1);
+            // Taken from the threads all client connections share, where it parks for the
+            // next connection when this one closes.
+            assert!(Arc::ptr_eq(&conn.shared.threads, &ThreadSet::clients()));
             conn.close();
         }
         // Per connection: the handshake thread, which then reads as the first worker, and a

@@ -4,7 +4,8 @@
 //! A server's set keeps a few threads that finished their work *parked* for a while, and hands
 //! them the next work instead of starting a thread: a server whose clients connect and leave
 //! all the time would otherwise start and end two threads per connection. Parked threads are
-//! still members of the set: [`ThreadSet::join`] ends them too.
+//! still members of the set: [`ThreadSet::join`] ends them too. Client connections share one
+//! such set ([`ThreadSet::clients`]), for a program that connects again and again.
 
 use crate::base::{deadline, lock};
 use std::collections::{HashMap, VecDeque};
@@ -15,6 +16,11 @@ use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// Most threads a reusing set keeps parked at once.
+pub(crate) const PARKED_THREADS: usize = 8;
+/// How long a thread stays parked, waiting for work, before it ends.
+pub(crate) const PARK_FOR: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 pub(crate) struct ThreadSet {
@@ -72,6 +78,7 @@ impl Drop for Member {
 }
 
 impl ThreadSet {
+    #[cfg(test)]
     pub(crate) fn new() -> Arc<ThreadSet> {
         Arc::new(ThreadSet::default())
     }
@@ -88,6 +95,17 @@ impl ThreadSet {
             }),
             ..ThreadSet::default()
         })
+    }
+
+    /// The set of every client connection's threads in this process: a connection's threads
+    /// that end park for [`PARK_FOR`] (at most [`PARKED_THREADS`] at once), for the next
+    /// connection to take instead of starting one. Nobody joins it: a client connection's
+    /// threads end on their own once it closes, and parked ones when their time is up.
+    pub(crate) fn clients() -> Arc<ThreadSet> {
+        static CLIENTS: std::sync::OnceLock<Arc<ThreadSet>> = std::sync::OnceLock::new();
+        CLIENTS
+            .get_or_init(|| ThreadSet::reusing(PARKED_THREADS, PARK_FOR))
+            .clone()
     }
 
     /// Runs `f` on a thread of this set named `name`: a parked one if there is one, else a new

@@ -185,7 +185,11 @@ pub(crate) struct Shared {
     /// memory bound): more means the peer reads nothing of what it makes us release.
     max_releases: usize,
     pub(crate) pool: Pool,
+    /// Where the connection's threads come from: its server's set, or the one all client
+    /// connections share; start them with [`Shared::spawn`].
     pub(crate) threads: Arc<ThreadSet>,
+    /// Threads started (or taken from those parked) for this connection so far.
+    threads_spawned: AtomicUsize,
     user_handles: AtomicUsize,
     on_close: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     established: AtomicBool,
@@ -362,10 +366,18 @@ impl Connection {
             control,
             credentials,
             started,
+            hello_sent,
         } = t;
         // One deadline for the whole handshake, authentication (TLS) included.
         let deadline = crate::base::deadline_from(started, opts.handshake_timeout);
-        let theirs = match handshake(&mut reader, &mut *writer, &*control, &peer, opts, deadline) {
+        let shake = Shake {
+            control: &*control,
+            peer: &peer,
+            opts,
+            hello_sent,
+            deadline,
+        };
+        let theirs = match handshake(&mut reader, &mut *writer, shake) {
             Ok(h) => h,
             Err(e) => {
                 control.shutdown();
@@ -407,6 +419,7 @@ impl Connection {
                 opts.thread_budget.clone(),
             ),
             threads,
+            threads_spawned: AtomicUsize::new(0),
             user_handles: AtomicUsize::new(0),
             on_close: Mutex::new(Vec::new()),
             established: AtomicBool::new(false),
@@ -424,7 +437,7 @@ impl Connection {
         let conn = Connection::from_shared(shared.clone());
         let reader = FrameReader::new(reader, limits, shared.control.clone());
         let keep_first = keep_first && shared.service.inner.on_connect.is_none();
-        let first = crate::core::dispatch::install(&shared, reader);
+        let first = crate::core::dispatch::install(&shared, reader, !keep_first);
         let first = if keep_first {
             Some(first)
         } else {
@@ -831,7 +844,7 @@ impl Shared {
                 // The flusher counts as a thread of the pool, within its limits.
                 let started = crate::core::dispatch::reserve_helper(self) && {
                     let me = self.clone();
-                    let spawned = self.threads.spawn("rpyc-flusher", move || {
+                    let spawned = self.spawn("rpyc-flusher", move || {
                         Deferral::run(&me);
                         crate::core::dispatch::helper_ended(&me);
                     });
@@ -1033,7 +1046,7 @@ impl Shared {
     fn finish_in_background(self: &Arc<Self>, mut frames: Vec<OutFrame>, first: usize, at: usize) {
         frames.drain(..first);
         let me = self.clone();
-        let started = self.threads.spawn("rpyc-flush", move || {
+        let started = self.spawn("rpyc-flush", move || {
             match me.write_frames(&frames, at, None) {
                 Ok(()) => {
                     drop(frames);
@@ -1596,6 +1609,23 @@ impl Shared {
         self.run_hook(self.service.inner.on_disconnect.clone(), "on_disconnect");
     }
 
+    /// Runs `f` on a thread of the connection's set (see [`ThreadSet::spawn`]).
+    pub(crate) fn spawn(
+        &self,
+        name: &str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.threads.spawn(name, f)?;
+        self.threads_spawned.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many threads were started, or taken from those parked, for this connection.
+    #[cfg(test)]
+    pub(crate) fn threads_spawned(&self) -> usize {
+        self.threads_spawned.load(Ordering::Relaxed)
+    }
+
     /// Runs one of the service's hooks with this connection's context, its panic caught and
     /// logged.
     fn run_hook(self: &Arc<Self>, hook: Option<Arc<Hook>>, name: &str) {
@@ -1614,28 +1644,47 @@ impl Shared {
     }
 }
 
-/// Exchanges hellos before `deadline` and checks the peer's: the rpyc handshake. A transport
+/// What the handshake works with, beside the transport's two halves.
+struct Shake<'a> {
+    control: &'a dyn Control,
+    peer: &'a str,
+    opts: &'a Config,
+    /// Bytes of our hello already written (see [`Transport::hello_sent`]).
+    hello_sent: usize,
+    deadline: Instant,
+}
+
+/// Our hello, for connections with these settings.
+pub(crate) fn our_hello(opts: &Config) -> Hello {
+    Hello {
+        version: wire::VERSION,
+        flags: 0,
+        max_frame: opts.max_frame as u32,
+        max_queued: opts.max_queued as u32,
+    }
+}
+
+/// Exchanges hellos before the deadline and checks the peer's: the rpyc handshake. A transport
 /// that cannot time out a read (a stream, or a zero timeout) gets a watchdog thread that shuts
 /// it down when the time is up: a child process is killed, a stream peer sees the end of our
 /// side. The hello is read unbuffered, so nothing after it is taken from the stream.
 fn handshake(
     reader: &mut Box<dyn std::io::Read + Send>,
     writer: &mut dyn Sink,
-    control: &dyn Control,
-    peer: &str,
-    opts: &Config,
-    deadline: Instant,
+    shake: Shake<'_>,
 ) -> Result<Hello, Error> {
+    let Shake {
+        control,
+        peer,
+        opts,
+        hello_sent,
+        deadline,
+    } = shake;
     let timed_out = || Error::Timeout(Timeout::Handshake(opts.handshake_timeout));
     let left = deadline.saturating_duration_since(Instant::now());
     let timed_read = !left.is_zero() && control.set_read_timeout(Some(left)).is_ok();
     let expired = AtomicBool::new(false);
-    let ours = Hello {
-        version: wire::VERSION,
-        flags: 0,
-        max_frame: opts.max_frame as u32,
-        max_queued: opts.max_queued as u32,
-    };
+    let ours = our_hello(opts);
     let theirs = std::thread::scope(|s| {
         let (done, finished) = crossbeam_channel::bounded::<()>(0);
         if !timed_read {
@@ -1660,8 +1709,14 @@ fn handshake(
                 Err(std::io::ErrorKind::Unsupported.into())
             }
         };
-        let r =
-            crate::transport::hello::exchange_hello(reader, writer, ours, deadline, &set_timeout);
+        let r = crate::transport::hello::exchange_hello(
+            reader,
+            writer,
+            ours,
+            hello_sent,
+            deadline,
+            &set_timeout,
+        );
         drop(done);
         r
     });

@@ -33,9 +33,13 @@
 //!
 //! The pool's first thread is started when the connection is established, or, on a server
 //! whose service has no `on_connect` hook, is the thread that did the handshake
-//! ([`FirstWorker`]), so that a connection starts no thread before it needs a second. A thread that is starting counts as one that will look for
-//! work (a free reader, a queued request): nobody else is woken or started for what it will
-//! find.
+//! ([`FirstWorker`]), so that a connection starts no thread before it needs a second. A
+//! started first thread finds the reader released lazily, as a caller leaves it: a client's
+//! first call, usually right behind `connect`, reads its own reply. A thread that is starting
+//! counts as one that will look for work (a free reader, a queued request): nobody else is
+//! woken or started for what it will find. A client's threads come from a set that all client
+//! connections of the process share ([`ThreadSet::clients`](crate::base::threads::ThreadSet::clients)):
+//! a thread that ends parks a while, for the next connection to take.
 //!
 //! Requests that are not nested in a waiting call run on the pool: the leader that read one
 //! runs it itself (so serving it costs no hand-off), and another thread takes over reading. The
@@ -273,11 +277,13 @@ pub(crate) fn helper_ended(shared: &Shared) {
 }
 
 /// Gives the pool the connection's reader, and counts its first thread, which is not started
-/// yet: see [`FirstWorker`].
-pub(crate) fn install(shared: &Arc<Shared>, reader: FrameReader) -> FirstWorker {
+/// yet: see [`FirstWorker`]. `lazy`: the reader is left as if a caller had just put it back, so
+/// that a first call made right away (a client's, or an `on_connect` hook's) reads its reply
+/// itself, without a thread hand-off; the first thread takes it after [`GRACE`] otherwise.
+pub(crate) fn install(shared: &Arc<Shared>, reader: FrameReader, lazy: bool) -> FirstWorker {
     let mut st = lock(&shared.pool.state);
     st.reader = Some(reader);
-    st.released_at = long_ago();
+    st.released_at = if lazy { Instant::now() } else { long_ago() };
     st.threads += 1;
     FirstWorker(Some(shared.clone()))
 }
@@ -319,7 +325,7 @@ impl Drop for FirstWorker {
 
 fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
     let s = shared.clone();
-    shared.threads.spawn("rpyc-worker", move || worker(s))
+    shared.spawn("rpyc-worker", move || worker(s))
 }
 
 /// Wakes a waiting pool thread, or reserves a new one (the caller spawns it after unlocking

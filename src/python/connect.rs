@@ -85,7 +85,7 @@ impl Client {
             t,
             settings(&self.options.config),
             self.service.clone(),
-            ThreadSet::new(),
+            ThreadSet::clients(),
         )?;
         Ok(Connection::owned(shared))
     }

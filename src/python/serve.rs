@@ -45,7 +45,7 @@ impl Protocol for Python {
             then: None,
         })
     }
-    fn tells_refusals(&self) -> bool {
+    fn reads_native_hello(&self) -> bool {
         false
     }
     fn describe(&self) -> String {

@@ -224,6 +224,7 @@ impl TlsConn {
             control: conn,
             credentials: None,
             started: Instant::now(),
+            hello_sent: 0,
         }
     }
 

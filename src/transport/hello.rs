@@ -6,8 +6,8 @@ use crate::wire::{Hello, HELLO_LEN};
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
-/// Sends our hello and reads the peer's, both before `deadline`. Both sides send first, so
-/// neither waits on the other. `set_read_timeout` bounds each read by the time left (an error
+/// Sends our hello (but its first `sent` bytes, already written) and reads the peer's, both
+/// before `deadline`. Both sides send first, so neither waits on the other. `set_read_timeout` bounds each read by the time left (an error
 /// from it means the transport cannot time out a read: then whoever called this bounds the
 /// whole exchange some other way, e.g. by shutting the transport down), so a peer that
 /// dribbles its hello a byte at a time is dropped at the deadline like a silent one.
@@ -15,6 +15,7 @@ pub(crate) fn exchange_hello(
     r: &mut dyn Read,
     w: &mut dyn Sink,
     ours: Hello,
+    sent: usize,
     deadline: Instant,
     set_read_timeout: &dyn Fn(Option<Duration>) -> io::Result<()>,
 ) -> Result<Hello, Error> {
@@ -42,7 +43,7 @@ pub(crate) fn exchange_hello(
         }
     };
     let hello = ours.encode();
-    let mut sent = 0;
+    let mut sent = sent.min(HELLO_LEN);
     while sent < HELLO_LEN {
         match w.send(&hello[sent..], Some(deadline)) {
             Ok(0) => return Err(timed_out()),

@@ -230,6 +230,9 @@ pub(crate) struct Transport {
     /// When the peer was reached (accepted or connected): the handshake timeout, authentication
     /// included, counts from here.
     pub started: Instant,
+    /// How many bytes of our hello are already written: a server's accepting thread greets a
+    /// plain client at once ([`crate::server`]), the handshake writes the rest.
+    pub hello_sent: usize,
 }
 
 impl Control for TcpStream {
@@ -341,6 +344,7 @@ where
         peer,
         credentials: None,
         started: Instant::now(),
+        hello_sent: 0,
     }
 }
 
@@ -551,6 +555,7 @@ where
         }),
         credentials: None,
         started: Instant::now(),
+        hello_sent: 0,
     }
 }
 
@@ -632,5 +637,6 @@ fn spawn_child(
         }),
         credentials: None,
         started: Instant::now(),
+        hello_sent: 0,
     })
 }

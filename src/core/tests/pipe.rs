@@ -277,6 +277,7 @@ pub(crate) fn transport(inbound: Arc<Pipe>, outbound: Arc<Pipe>, timeouts: Timeo
         }),
         credentials: None,
         started: Instant::now(),
+        hello_sent: 0,
     }
 }
 

@@ -111,6 +111,18 @@ pub(crate) fn wait_fd(fd: RawFd, events: i16, timeout: Option<Duration>) -> io::
     Ok(p[0].revents)
 }
 
+/// Whether `fd` has input to read (or its end, or an error, to report) right now, without
+/// waiting; an error counts as input (a read will report it).
+pub(crate) fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid, exclusively borrowed pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, 0) != 0 }
+}
+
 /// Reads what a socket has without waiting, whatever its blocking mode: `WouldBlock` when it
 /// has nothing.
 pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {

@@ -1620,6 +1620,11 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether a frame is being written right now (someone holds the write gate).
+    pub(crate) fn writing(&self) -> bool {
+        self.writer.busy.load(Ordering::Relaxed)
+    }
+
     /// How many threads were started, or taken from those parked, for this connection.
     #[cfg(test)]
     pub(crate) fn threads_spawned(&self) -> usize {

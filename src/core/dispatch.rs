@@ -24,7 +24,13 @@
 //!   the token once it has lain unused for [`GRACE`], so the connection is never left unread for
 //!   more than a few milliseconds: a slow handler delays other requests by at most that, and
 //!   callbacks reach an idle client just as fast. Watchers poll only while the connection is
-//!   active (or a caller holds the token), and sleep after [`LINGER`] of quiet.
+//!   active (or a caller holds the token), and sleep after [`LINGER`] of quiet. While a frame is
+//!   being written, no caller is blocked and no input waits (in the reader's buffer, in TLS's,
+//!   or in the socket), the watcher leaves the token for another grace period: its holder is
+//!   most likely the thread writing a large call or reply, which comes back to read next, and
+//!   taking the token would only cost a thread hand-off (over TLS, also a fight with the
+//!   writer for the SSL object). Input that arrives meanwhile is read within a grace period,
+//!   so two peers writing large frames to each other both go on reading.
 //!
 //! When other callers are blocked waiting, the token is never left lying: it goes to a pool
 //! thread at once, which routes their replies.
@@ -566,8 +572,12 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             }
         }
         if st.reader.is_some() && (fresh || now >= st.released_at + GRACE) {
-            st.pool_leads = true;
-            return st.reader.take().map(Task::Lead);
+            if fresh || st.callers_waiting > 0 || !holder_returns(shared, &st) {
+                st.pool_leads = true;
+                return st.reader.take().map(Task::Lead);
+            }
+            // Looked at again after another grace period.
+            st.released_at = now;
         }
         fresh = false;
         if st.releases != seen {
@@ -612,6 +622,23 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             }
         }
     }
+}
+
+/// Whether the reader lies free (nobody holds it), for tests.
+#[cfg(test)]
+pub(crate) fn reader_is_free(shared: &Shared) -> bool {
+    lock(&shared.pool.state).reader.is_some()
+}
+
+/// Whether a watcher may leave a reader that lay unused for [`GRACE`] to the thread that put
+/// it back: that thread is likely writing a long frame (a large call, whose reply it will read
+/// itself, or the reply of a request it ran, after which it reads again), nothing waits to be
+/// read, and no caller is blocked. Taking the reader then would only hand the next frame to
+/// another thread (a wake-up, and over TLS a fight for the SSL object with the writer). Input
+/// arriving is read within another grace period, so two peers writing large frames to each
+/// other both end up reading.
+fn holder_returns(shared: &Shared, st: &State) -> bool {
+    shared.writing() && st.reader.as_ref().is_some_and(|r| !r.input_waiting())
 }
 
 /// Reads and routes frames until this thread must run a request (returned, after the reader

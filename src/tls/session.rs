@@ -172,6 +172,8 @@ pub(super) struct TlsConn {
     sock: TcpStream,
     peer: String,
     read_timeout: Mutex<Option<Duration>>,
+    /// OpenSSL kept decrypted bytes after the last read (they are the next read's).
+    read_pending: AtomicBool,
     closing: AtomicBool,
     /// The first TLS-level failure after the handshake, described (e.g. TLS 1.3's late
     /// "certificate required" alert), for the connection's error message.
@@ -199,6 +201,7 @@ impl TlsConn {
             ssl: Mutex::new(s),
             peer,
             read_timeout: Mutex::new(None),
+            read_pending: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
             side,
@@ -332,7 +335,10 @@ impl TlsConn {
             let r = {
                 let mut s = lock(&self.ssl);
                 if filled || s.ssl().pending() > 0 || s.get_ref().ready() {
-                    Some(s.ssl_read(buf))
+                    let r = s.ssl_read(buf);
+                    self.read_pending
+                        .store(s.ssl().pending() > 0, Ordering::Relaxed);
+                    Some(r)
                 } else {
                     None
                 }
@@ -489,6 +495,14 @@ impl Control for TlsConn {
 
     fn failure(&self) -> Option<Error> {
         lock(&self.failure).clone().map(Error::Tls)
+    }
+
+    /// Decrypted bytes OpenSSL kept, bytes read from the socket and not yet taken by OpenSSL,
+    /// or input in the socket.
+    fn input_waiting(&self) -> bool {
+        self.read_pending.load(Ordering::Relaxed)
+            || self.rbuf.try_lock().map_or(true, |rb| rb.ready())
+            || sys::readable_now(self.fd)
     }
 }
 

@@ -213,6 +213,11 @@ pub(crate) trait Control: Send + Sync {
     fn failure(&self) -> Option<Error> {
         None
     }
+    /// Whether input (or the end of it) waits below the frame reader right now, without
+    /// waiting; `true` when the transport cannot tell, so callers treat it as input.
+    fn input_waiting(&self) -> bool {
+        true
+    }
 }
 
 /// What the peer proved about itself: any value an authenticator chose to keep (for TLS, a
@@ -242,6 +247,10 @@ impl Control for TcpStream {
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, d)
     }
+    #[cfg(unix)]
+    fn input_waiting(&self) -> bool {
+        sys::readable_now(self.as_raw_fd())
+    }
 }
 
 #[cfg(unix)]
@@ -251,6 +260,9 @@ impl Control for std::os::unix::net::UnixStream {
     }
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         std::os::unix::net::UnixStream::set_read_timeout(self, d)
+    }
+    fn input_waiting(&self) -> bool {
+        sys::readable_now(self.as_raw_fd())
     }
 }
 

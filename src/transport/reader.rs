@@ -209,6 +209,11 @@ impl FrameReader {
         self.buf.pos < self.buf.end
     }
 
+    /// Whether input waits to be read, here or below (`true` if the transport cannot tell).
+    pub(crate) fn input_waiting(&self) -> bool {
+        self.has_buffered() || self.control.input_waiting()
+    }
+
     /// Whether a thread with a deadline may hold this reader (its reads can time out).
     pub(crate) fn can_slice(&self) -> bool {
         self.can_slice

@@ -254,6 +254,11 @@ impl Control for PipeControl {
         lock(&self.inbound.state).read_timeout = d;
         Ok(())
     }
+
+    fn input_waiting(&self) -> bool {
+        let st = lock(&self.inbound.state);
+        !st.buf.is_empty() || st.closed
+    }
 }
 
 /// Whether reads of a transport can time out: with them a calling thread may read its own

@@ -4,6 +4,7 @@
 use super::peer::{connect, finish, frame_bytes, Peer, LONG};
 use super::pipe::Timeouts;
 use super::{service, Event};
+use crate::base::lock;
 use crate::core::config::Config;
 use crate::core::connection::Connection;
 use crate::core::dispatch;
@@ -291,5 +292,44 @@ fn a_panic_in_the_drop_of_an_object_the_peer_releases_costs_the_connection_no_wo
         peer.recv_reply::<()>(n);
     }
     assert!(!conn.is_closed());
+    finish(conn);
+}
+
+#[test]
+fn a_reader_left_free_during_a_long_write_waits_for_its_writer_until_input_comes() {
+    let (svc, probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    // 64 KiB of room towards the peer, which reads nothing for now: a 512 KiB call waits for
+    // room, holding the writer.
+    peer.from_conn.set_capacity(64 << 10);
+    let big = crate::wire::codec::Bytes::from(vec![7u8; 512 << 10]);
+    let c = conn.clone();
+    let writing = thread::spawn(move || c.root().call::<usize, _>("sink", (big,)));
+    assert!(
+        peer.from_conn.wait_until(LONG, |st| st.blocked_writers > 0),
+        "the call never waited for room"
+    );
+    // The pool thread reading takes the request and runs it, putting the reader back lazily;
+    // the handler blocks, so that thread does not come back for it.
+    peer.call(10, 0, "block", &(1u32,));
+    assert_eq!(started(probe.next()).0, 1);
+    // A watcher would take a reader unused for GRACE (0.5 ms), but a frame is being written
+    // and nothing waits to be read: the reader stays free, for the writer to come back to.
+    // Forty grace periods: enough for a broken rule to show, whatever the scheduling.
+    thread::sleep(Duration::from_millis(20));
+    assert!(
+        dispatch::reader_is_free(&conn.shared),
+        "a watcher took the reader"
+    );
+    assert!(lock(&peer.to_conn.state).blocked_reader.is_none());
+    // Input arrives: it is read and run although the writer is still stuck.
+    peer.call(11, 0, "record", &(2u32,));
+    assert_eq!(started(probe.next()).0, 2);
+    // The peer reads the call and answers it; the blocked handler is let go.
+    peer.from_conn.set_capacity(4 << 20);
+    let call = peer.recv_call("sink");
+    peer.reply(call.header.id, &(512usize << 10));
+    assert_eq!(writing.join().unwrap().unwrap(), 512 << 10);
+    drop(probe);
     finish(conn);
 }

@@ -29,8 +29,9 @@
 //!   or in the socket), the watcher leaves the token for another grace period: its holder is
 //!   most likely the thread writing a large call or reply, which comes back to read next, and
 //!   taking the token would only cost a thread hand-off (over TLS, also a fight with the
-//!   writer for the SSL object). Input that arrives meanwhile is read within a grace period,
-//!   so two peers writing large frames to each other both go on reading.
+//!   writer for the SSL object). It looks again every [`HELD_POLL`], so input that arrives
+//!   meanwhile waits at most that, and two peers writing large frames to each other both go
+//!   on reading.
 //!
 //! When other callers are blocked waiting, the token is never left lying: it goes to a pool
 //! thread at once, which routes their replies.
@@ -576,8 +577,8 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 st.pool_leads = true;
                 return st.reader.take().map(Task::Lead);
             }
-            // Looked at again after another grace period.
-            st.released_at = now;
+            // Looked at again as a held reader is, after `HELD_POLL`.
+            st.released_at = now + (HELD_POLL - GRACE);
         }
         fresh = false;
         if st.releases != seen {
@@ -635,8 +636,8 @@ pub(crate) fn reader_is_free(shared: &Shared) -> bool {
 /// itself, or the reply of a request it ran, after which it reads again), nothing waits to be
 /// read, and no caller is blocked. Taking the reader then would only hand the next frame to
 /// another thread (a wake-up, and over TLS a fight for the SSL object with the writer). Input
-/// arriving is read within another grace period, so two peers writing large frames to each
-/// other both end up reading.
+/// arriving is read within [`HELD_POLL`], so two peers writing large frames to each other both
+/// end up reading.
 fn holder_returns(shared: &Shared, st: &State) -> bool {
     shared.writing() && st.reader.as_ref().is_some_and(|r| !r.input_waiting())
 }

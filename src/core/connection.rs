@@ -31,7 +31,12 @@
 //!   connection thread (`rpyc-flusher`, counted as one of the pool's) writes them 100 µs after
 //!   the first at the latest; any frame written, and any wait for an async result, writes them
 //!   first. So a thread's frames keep their order, and a slow handler holds nobody's reply back
-//!   for more than that.
+//!   for more than that. A reply deferred while a pool thread watches the connection sets no
+//!   timer (waking the flusher for every batch cost more than the writes it saved): the
+//!   watcher, which looks every [`GRACE`](crate::core::dispatch) to
+//!   [`HELD_POLL`](crate::core::dispatch) anyway, arms it if the reply still waits then, and
+//!   the next pool thread to wait for input writes it first; such a reply is at most about
+//!   2 ms late behind a slow handler.
 //! * **Large byte strings are not copied into frames.** A [`Bytes`](crate::Bytes) of 16 KiB
 //!   or more is kept by the frame as a shared reference to its memory and written with the
 //!   rest of the frame by one vectored write ([`crate::wire::OutFrame`]).
@@ -275,8 +280,9 @@ enum Stopped {
 /// * Frames sent by one thread are sent in the order that thread sent them.
 /// * Pipelines cost few writes: async calls made in a burst (each within 100 µs of the last),
 ///   and replies to requests the peer pipelined, go out together, at most 100 µs after the
-///   first of them (at once if anyone waits for a result). A lone async call, a synchronous
-///   call and a reply to a lone request are written at once.
+///   first of them (at once if anyone waits for a result; a reply behind a slow handler at
+///   most about 2 ms late). A lone async call, a synchronous call and a reply to a lone
+///   request are written at once.
 /// * Requests from the peer are handed to threads in arrival order and run concurrently, on
 ///   up to [`Options::max_workers`](crate::Options::max_workers) threads (so a later handler may
 ///   begin a moment before an earlier one): a slow handler delays no other call. Calls from different threads, async calls and oneway calls may therefore
@@ -838,6 +844,14 @@ impl Shared {
     ) -> Result<(), OutFrame> {
         // When enough wait for one write, this frame is written now, with them all.
         self.hand_over(frame)?;
+        self.flush_soon(deadline);
+        Ok(())
+    }
+
+    /// Makes sure the frames handed over are written by [`FLUSH_AFTER`](crate::core::flush::FLUSH_AFTER)
+    /// from now at the latest: by the flusher thread, or now if it cannot run (then waiting
+    /// for the transport until `deadline`).
+    pub(crate) fn flush_soon(self: &Arc<Self>, deadline: Option<Instant>) {
         match self.deferral.arm() {
             Armed::Yes => {}
             Armed::StartThread => {
@@ -861,7 +875,11 @@ impl Shared {
             }
             Armed::No => self.write_handed(deadline),
         }
-        Ok(())
+    }
+
+    /// Whether frames handed over wait to be written.
+    pub(crate) fn has_handed(&self) -> bool {
+        !lock(&self.writer.handed).is_empty()
     }
 
     /// Writes the frames handed over (deferred async calls, replies, calls) now, waiting for
@@ -1389,6 +1407,13 @@ impl Shared {
         });
         match outcome {
             // The peer pipelines: this reply may wait (briefly) for those of the next requests.
+            // A pool thread watching the connection looks at it every few hundred microseconds
+            // anyway, and has the flusher write it if it still waits then: no timer to arm.
+            Ok(()) if frame.more && crate::core::dispatch::watched(self) => {
+                if let Err(out) = self.hand_over(out) {
+                    self.write_reply(out);
+                }
+            }
             Ok(()) if frame.more => {
                 if let Err(out) = self.defer_frame(out, None) {
                     self.write_reply(out);

@@ -542,6 +542,7 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     let mut fresh = fresh;
     let mut seen = st.releases;
     let mut active_until = Instant::now() + LINGER;
+    let mut flushed = false;
     loop {
         if st.stopping {
             thread_ended(pool, st);
@@ -604,7 +605,21 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             st.watchers -= 1;
+            if shared.has_handed() {
+                drop(st);
+                shared.flush_soon(None);
+                st = lock(&pool.state);
+            }
         } else {
+            if !flushed && shared.has_handed() {
+                // What was handed over goes out before this thread stops watching (once: the
+                // flusher is armed); then the state is looked at again.
+                flushed = true;
+                drop(st);
+                shared.flush_soon(None);
+                st = lock(&pool.state);
+                continue;
+            }
             st.idle += 1;
             let (guard, timeout) = pool
                 .cv
@@ -622,6 +637,21 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 return None;
             }
         }
+    }
+}
+
+/// Whether a pool thread watches the connection: it wakes every [`GRACE`] to [`HELD_POLL`]
+/// while the connection is active, and then has the flusher write what was handed over and
+/// still waits ([`flush_waiting`]).
+pub(crate) fn watched(shared: &Shared) -> bool {
+    lock(&shared.pool.state).watchers > 0
+}
+
+/// Has the flusher write the frames handed over, if some wait (see [`watched`]). Not with the
+/// pool's lock held (starting the flusher takes it).
+fn flush_waiting(shared: &Arc<Shared>) {
+    if shared.has_handed() {
+        shared.flush_soon(None);
     }
 }
 
@@ -649,6 +679,10 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
     let pool = &shared.pool;
     reader.set_sliced(false);
     loop {
+        if !reader.has_buffered() {
+            // About to wait for input: replies handed over meanwhile must not wait for it.
+            flush_waiting(shared);
+        }
         let frame = match reader.read_frame(None) {
             Ok(Got::Frame(f)) => f,
             Ok(Got::NotYet) => {

@@ -143,3 +143,29 @@ fn a_reply_waiting_for_the_next_ones_is_not_held_up_by_a_slow_handler() {
     assert_eq!((f.header.id, decode::<u32>(&f)), (101, 8));
     finish(conn);
 }
+
+#[test]
+fn with_a_thread_watching_a_reply_waiting_for_the_next_ones_is_not_held_up_by_a_slow_handler() {
+    // A reply deferred while a pool thread watches arms no timer: the watcher has it written
+    // when it next looks, or whoever reads next writes it before waiting for input.
+    let (svc, probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    peer.call(1, 0, "record", &(1u32,));
+    assert_eq!(peer.recv_reply::<u32>(1), 1);
+    let until = std::time::Instant::now() + LONG;
+    while !crate::core::dispatch::watched(&conn.shared) {
+        assert!(std::time::Instant::now() < until, "no pool thread watches");
+        std::thread::yield_now();
+    }
+    pipelined(&peer, &[("record", 7), ("block", 8)]);
+    let f = peer.recv();
+    assert_eq!((f.header.kind, f.header.id), (Kind::Reply, 100));
+    assert_eq!(decode::<u32>(&f), 7);
+    let started = std::iter::from_fn(|| probe.events.recv_timeout(LONG).ok())
+        .any(|e| matches!(e, super::Event::Started(8, _)));
+    assert!(started, "`block` never started");
+    probe.gate.send(()).unwrap();
+    let f = peer.recv();
+    assert_eq!((f.header.id, decode::<u32>(&f)), (101, 8));
+    finish(conn);
+}

@@ -92,7 +92,7 @@
 //! | `Writer::sink` | the transport's write half | taken only by the gate's holder, so never contended |
 //! | `Writer::handed` | frames handed to the gate's holder (replies, calls, deferred async calls) | nothing |
 //! | `Deferral::state` ([`crate::core::flush`]) | when handed frames are due, the flusher thread's state | nothing |
-//! | `Pool::state` (with `cv`; [`crate::core::dispatch`]) | the reader token, the request queue, the pool's thread counts | nothing but the server's thread budget, which is atomics |
+//! | `Pool::state` (with `cv`; [`crate::core::dispatch`]) | the reader token, the request queue, the pool's thread counts | nothing but the server's thread budget, which is atomics, and a look at the transport's input that never waits (TLS's receive buffer by `try_lock`) |
 //! | `Budget::held` ([`crate::base::limits`]) | bytes of the peer's data held | nothing |
 //!
 //! The transports add their own: TLS's SSL-object lock, held for one non-blocking OpenSSL call
@@ -1103,10 +1103,12 @@ impl Shared {
     /// frame being written).
     pub(crate) fn idle_for(&self) -> Option<Duration> {
         let calls_waiting = lock(&self.pending).as_ref().is_some_and(|m| !m.is_empty());
+        // Each lock on its own: none is held while the next is taken.
+        let handed = self.has_handed();
         if calls_waiting
+            || handed
             || self.serving.load(Ordering::Acquire) > 0
             || self.writer.busy.load(Ordering::Acquire)
-            || !lock(&self.writer.handed).is_empty()
             || crate::core::dispatch::has_queued(self)
         {
             return None;

@@ -605,18 +605,17 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             st.watchers -= 1;
-            if shared.has_handed() {
-                drop(st);
-                shared.flush_soon(None);
-                st = lock(&pool.state);
-            }
+            // Never under the pool's lock: the handed frames' lock is taken before it elsewhere.
+            drop(st);
+            flush_waiting(shared);
+            st = lock(&pool.state);
         } else {
-            if !flushed && shared.has_handed() {
-                // What was handed over goes out before this thread stops watching (once: the
-                // flusher is armed); then the state is looked at again.
+            if !flushed {
+                // What was handed over goes out before this thread stops watching; then the
+                // state, unlocked meanwhile, is looked at again.
                 flushed = true;
                 drop(st);
-                shared.flush_soon(None);
+                flush_waiting(shared);
                 st = lock(&pool.state);
                 continue;
             }

@@ -114,13 +114,7 @@ pub(crate) fn wait_fd(fd: RawFd, events: i16, timeout: Option<Duration>) -> io::
 /// Whether `fd` has input to read (or its end, or an error, to report) right now, without
 /// waiting; an error counts as input (a read will report it).
 pub(crate) fn readable_now(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `p` is a valid, exclusively borrowed pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, 0) != 0 }
+    wait_fd(fd, libc::POLLIN, Some(Duration::ZERO)).map_or(true, |r| r != 0)
 }
 
 /// Reads what a socket has without waiting, whatever its blocking mode: `WouldBlock` when it
@@ -320,6 +314,19 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn readable_now_tells_input_and_the_end_of_the_stream_without_waiting() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!readable_now(b.as_raw_fd()), "nothing sent yet");
+        a.write_all(b"x").unwrap();
+        assert!(readable_now(b.as_raw_fd()), "a byte waits");
+        let mut one = [0u8; 1];
+        assert_eq!(recv_nowait(b.as_raw_fd(), &mut one).unwrap(), 1);
+        assert!(!readable_now(b.as_raw_fd()), "the byte was taken");
+        drop(a);
+        assert!(readable_now(b.as_raw_fd()), "the end of the stream is input");
+    }
 
     #[test]
     fn poll_reports_readable_and_times_out() {

@@ -6,6 +6,7 @@ use super::cert::PeerCertificate;
 use super::handshake::{peer_of, server_alert, side_name, ClearHandshake, Side};
 use crate::auth::Authenticated;
 use crate::base::lock;
+use crate::base::recv_buf::RecvBuf;
 use crate::base::sys::{self, POLLIN, POLLOUT};
 use crate::error::{Error, TlsError, TlsErrorKind};
 use crate::transport::Credentials;
@@ -26,21 +27,16 @@ use std::time::{Duration, Instant};
 /// read, so a failed handshake can tell a plain rpyc server from a broken TLS one.
 pub(super) struct Sock {
     pub(super) tcp: TcpStream,
-    rbuf: Arc<Mutex<RecvBuf>>,
+    rbuf: Arc<Mutex<SockBuf>>,
 }
 
-/// Bytes read from the socket and not yet taken by OpenSSL. The buffer grows with traffic and
-/// is given back while the connection is quiet, as the frame reader's is
-/// ([`crate::transport::reader`]): allocated at [`SOCK_BUF_MIN`] bytes for a read, doubled
-/// after a read that filled it, up to [`SOCK_BUF`]; dropped when a wait for input times out
-/// with nothing buffered, after which the reader waits for input before taking one again.
+/// Bytes read from the socket and not yet taken by OpenSSL, in a buffer that grows with
+/// traffic and is given back while the connection is quiet ([`RecvBuf`], as the frame
+/// reader's): dropped when a wait for input times out with nothing buffered, after which the
+/// reader waits for input before taking one again.
 #[derive(Default)]
-struct RecvBuf {
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-    /// The last read filled the buffer: the next one gets twice the room.
-    was_full: bool,
+struct SockBuf {
+    bytes: RecvBuf,
     /// The socket reported its end.
     eof: bool,
     first: [u8; 4],
@@ -49,54 +45,22 @@ struct RecvBuf {
     clear: ClearHandshake,
 }
 
-/// How much one read from the socket may take: four full TLS records.
-const SOCK_BUF: usize = 64 * 1024;
-/// The buffer's size when input starts arriving: a handshake message or a few small records.
-const SOCK_BUF_MIN: usize = 4 * 1024;
-
-impl RecvBuf {
+impl SockBuf {
     /// Whether OpenSSL has something to take: bytes, or the end of the stream.
     fn ready(&self) -> bool {
-        self.pos < self.end || self.eof
+        self.bytes.has_bytes() || self.eof
     }
 
-    /// The room for the next read from the socket, which finds the buffer empty (see
-    /// [`RecvBuf`] for its size).
-    fn room(&mut self) -> &mut [u8] {
-        let mut size = self.buf.len().max(SOCK_BUF_MIN);
-        if self.was_full {
-            size = (size * 2).min(SOCK_BUF);
-        }
-        if size > self.buf.len() {
-            self.buf = vec![0; size];
-        }
-        &mut self.buf
-    }
-
-    /// Gives the buffer back if it holds nothing (the connection is quiet), its pages to the
-    /// kernel (the allocator would keep them resident).
-    fn release(&mut self) {
-        if self.pos == self.end && !self.buf.is_empty() {
-            sys::release_pages(&mut self.buf);
-            self.buf = Vec::new();
-            self.was_full = false;
-            self.pos = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Records what a read of the socket into `buf` returned.
+    /// Records what a read of the socket into the buffer's room returned.
     fn filled(&mut self, n: usize) {
+        let got = self.bytes.filled(n);
         if self.seen < 4 {
             let k = n.min(4 - self.seen);
-            self.first[self.seen..self.seen + k].copy_from_slice(&self.buf[..k]);
+            self.first[self.seen..self.seen + k].copy_from_slice(&got[..k]);
             self.seen += k;
         }
-        self.clear.feed(&self.buf[..n]);
-        self.pos = 0;
-        self.end = n;
+        self.clear.feed(got);
         self.eof = n == 0;
-        self.was_full = n == self.buf.len();
     }
 }
 
@@ -104,7 +68,7 @@ impl Sock {
     pub(super) fn new(tcp: TcpStream) -> Sock {
         Sock {
             tcp,
-            rbuf: Arc::new(Mutex::new(RecvBuf::default())),
+            rbuf: Arc::new(Mutex::new(SockBuf::default())),
         }
     }
 
@@ -136,17 +100,14 @@ impl Read for Sock {
                 return Err(io::ErrorKind::WouldBlock.into())
             }
         };
-        if rb.pos == rb.end {
+        if !rb.bytes.has_bytes() {
             if rb.eof {
                 return Ok(0);
             }
-            let n = sys::recv_nowait(self.tcp.as_raw_fd(), rb.room())?;
+            let n = sys::recv_nowait(self.tcp.as_raw_fd(), rb.bytes.room(0))?;
             rb.filled(n);
         }
-        let k = out.len().min(rb.end - rb.pos);
-        out[..k].copy_from_slice(&rb.buf[rb.pos..rb.pos + k]);
-        rb.pos += k;
-        Ok(k)
+        Ok(rb.bytes.take(out))
     }
 }
 
@@ -166,7 +127,7 @@ impl Write for Sock {
 pub(super) struct TlsConn {
     ssl: Mutex<SslStream<Sock>>,
     /// The SSL object's receive buffer, which the reader fills without the SSL lock.
-    rbuf: Arc<Mutex<RecvBuf>>,
+    rbuf: Arc<Mutex<SockBuf>>,
     fd: RawFd,
     /// Another handle on the socket: shuts it down without taking the SSL lock.
     sock: TcpStream,
@@ -386,12 +347,12 @@ impl TlsConn {
         if rb.ready() {
             return Ok(());
         }
-        if rb.buf.is_empty() {
+        if rb.bytes.is_released() {
             // Given back while quiet: wait for input before taking a buffer again.
             self.wait(POLLIN, timeout)?;
         }
         let n = loop {
-            match (&self.sock).read(rb.room()) {
+            match (&self.sock).read(rb.bytes.room(0)) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -399,7 +360,7 @@ impl TlsConn {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    rb.release();
+                    rb.bytes.release();
                     return Err(e);
                 }
                 r => break r?,
@@ -529,37 +490,5 @@ impl Sink for TlsWriter {
 
     fn committed(&self) -> bool {
         self.committed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_socket_buffer_grows_when_reads_fill_it_and_is_given_back_when_quiet() {
-        let mut rb = RecvBuf::default();
-        // Each read that fills the buffer doubles the next one's room, up to SOCK_BUF.
-        let mut sizes = Vec::new();
-        for _ in 0..6 {
-            let n = rb.room().len();
-            sizes.push(n);
-            rb.filled(n);
-            rb.pos = rb.end;
-        }
-        assert_eq!(
-            sizes,
-            [4, 8, 16, 32, 64, 64].map(|k| k * 1024),
-            "room for successive full reads"
-        );
-        // A read that does not fill it keeps its size; bytes not yet taken keep it.
-        rb.filled(100);
-        rb.release();
-        assert_eq!(rb.buf.len(), SOCK_BUF, "kept while it holds bytes");
-        rb.pos = rb.end;
-        assert_eq!(rb.room().len(), SOCK_BUF);
-        rb.release();
-        assert!(rb.buf.is_empty() && rb.buf.capacity() == 0, "given back");
-        assert_eq!(rb.room().len(), SOCK_BUF_MIN, "small again");
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::base::buffers;
 use crate::base::limits::{Activity, Budget, Charge, FRAME_OVERHEAD};
+use crate::base::recv_buf::RecvBuf;
 use crate::error::Error;
 use crate::transport::Control;
 use crate::wire::codec::{Detached, PLACEHOLDER};
@@ -89,79 +90,16 @@ pub(crate) struct FrameReader {
 /// How long one read by a calling thread may block before it checks its deadline.
 pub(crate) const READ_SLICE: Duration = Duration::from_millis(20);
 
-/// Size of the receive buffer when frames start arriving.
-const BUF_MIN: usize = 4 * 1024;
-/// Largest size of the receive buffer: what one read from the transport takes at most.
-const BUF_MAX: usize = 64 * 1024;
-
-/// The reader's receive buffer: bytes read from the transport and not yet taken.
-///
-/// Empty (no allocation) on a connection that is quiet: a read between frames that times out
-/// gives it back, and the next frame's length is read straight from the transport. Allocated at
-/// [`BUF_MIN`] bytes when a frame's body is read, it grows to [`BUF_MAX`] at once for a frame
-/// that needs that much more, and doubles after a read that filled it (many small frames in a
-/// row), so a busy connection reads up to 64 KiB per system call while an idle one costs
-/// nothing here. It changes size only while it holds no bytes.
-#[derive(Default)]
-struct RecvBuf {
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-    /// The last read filled the buffer: the next one gets twice the room.
-    was_full: bool,
-}
-
-impl RecvBuf {
-    /// Copies buffered bytes into `out`, first refilling the buffer with one read from `inner`
-    /// if it is empty. `more`: how many bytes the frame being read still needs (at least
-    /// `out.len()`), to size the buffer. Reads smaller than the buffer go through it: the kernel
-    /// copies into this small, cache-hot buffer and we copy on. Reading straight into a large
-    /// body was up to 2.5 times slower on loopback, depending on the body's offset in its page.
-    fn read(&mut self, inner: &mut dyn Read, out: &mut [u8], more: usize) -> io::Result<usize> {
-        if self.pos == self.end {
-            let mut size = self.buf.len().max(BUF_MIN);
-            if self.was_full {
-                size *= 2;
-            }
-            size = size.max(more.min(BUF_MAX).next_power_of_two()).min(BUF_MAX);
-            if size > self.buf.len() {
-                self.buf = vec![0; size];
-            }
-            let n = inner.read(&mut self.buf)?;
-            self.was_full = n == self.buf.len();
-            self.pos = 0;
-            self.end = n;
-        }
-        let k = out.len().min(self.end - self.pos);
-        out[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
-        self.pos += k;
-        Ok(k)
+/// Reads a frame's length (or part of it) into `out`: straight from `inner` while the buffer
+/// is given back, so a quiet connection's reader waits without one. Reads of a frame's body go
+/// through the buffer (with room for what the frame still needs): the kernel copies into a
+/// small, cache-hot buffer and we copy on, where reading straight into a large body was up to
+/// 2.5 times slower on loopback, depending on the body's offset in its page.
+fn read_len(buf: &mut RecvBuf, inner: &mut dyn Read, out: &mut [u8]) -> io::Result<usize> {
+    if buf.is_released() {
+        return inner.read(out);
     }
-
-    /// Reads a frame's length (or part of it) into `out`: straight from `inner` while the
-    /// buffer is given back, so a quiet connection's reader waits without one.
-    fn read_len(&mut self, inner: &mut dyn Read, out: &mut [u8]) -> io::Result<usize> {
-        if self.buf.is_empty() {
-            return inner.read(out);
-        }
-        self.read(inner, out, out.len())
-    }
-
-    /// Gives the buffer back if it holds no bytes (the connection is quiet between frames), its
-    /// pages to the kernel (the allocator would keep them resident).
-    fn release(&mut self) {
-        if self.pos == self.end && !self.buf.is_empty() {
-            #[cfg(unix)]
-            crate::base::sys::release_pages(&mut self.buf);
-            *self = RecvBuf::default();
-        }
-    }
-
-    /// Bytes allocated for the buffer.
-    #[cfg(test)]
-    fn capacity(&self) -> usize {
-        self.buf.capacity()
-    }
+    buf.read(inner, out, out.len())
 }
 
 /// Settings of a [`FrameReader`].
@@ -206,7 +144,7 @@ impl FrameReader {
 
     /// Whether bytes the peer sent are read but not yet taken (the start of a next frame).
     pub(crate) fn has_buffered(&self) -> bool {
-        self.buf.pos < self.buf.end
+        self.buf.has_bytes()
     }
 
     /// Whether input waits to be read, here or below (`true` if the transport cannot tell).
@@ -365,7 +303,7 @@ impl FrameReader {
         deadline: Option<Instant>,
     ) -> Result<bool, Option<Error>> {
         while *got < 4 {
-            match self.buf.read_len(&mut self.inner, &mut buf[*got..]) {
+            match read_len(&mut self.buf, &mut self.inner, &mut buf[*got..]) {
                 Ok(0) if *got == 0 => return Err(None),
                 Ok(0) => {
                     return Err(Some(Error::Protocol(
@@ -521,6 +459,7 @@ fn closed_by_io(e: io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::recv_buf;
     use crate::wire::{frame_length, Kind, OutFrame};
 
     #[test]
@@ -838,7 +777,7 @@ mod tests {
         let small = frame_bytes(Kind::Reply, &cbor(&"x"));
         let large = frame_bytes(Kind::Error, &cbor(&data(1 << 20, 8)));
         // Many small frames in one arrival: each read that fills the buffer doubles it.
-        let burst: Vec<u8> = (0..(BUF_MAX / small.len() + 1) * 4)
+        let burst: Vec<u8> = (0..(recv_buf::MAX / small.len() + 1) * 4)
             .flat_map(|_| small.clone())
             .collect();
         let frames_in_burst = burst.len() / small.len();
@@ -856,7 +795,7 @@ mod tests {
         assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
         assert_eq!(
             r.buf.capacity(),
-            BUF_MIN,
+            recv_buf::MIN,
             "small frames take a small buffer"
         );
         assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
@@ -864,7 +803,7 @@ mod tests {
         assert!(matches!(r.read_frame(None), Ok(Got::Frame(_))));
         assert_eq!(
             r.buf.capacity(),
-            BUF_MAX,
+            recv_buf::MAX,
             "a large frame is read 64 KiB at a time"
         );
         assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));
@@ -874,7 +813,7 @@ mod tests {
         }
         assert_eq!(
             r.buf.capacity(),
-            BUF_MAX,
+            recv_buf::MAX,
             "a stream of small frames grows it"
         );
         assert!(matches!(r.read_frame(None), Ok(Got::NotYet)));

@@ -325,7 +325,10 @@ mod tests {
         assert_eq!(recv_nowait(b.as_raw_fd(), &mut one).unwrap(), 1);
         assert!(!readable_now(b.as_raw_fd()), "the byte was taken");
         drop(a);
-        assert!(readable_now(b.as_raw_fd()), "the end of the stream is input");
+        assert!(
+            readable_now(b.as_raw_fd()),
+            "the end of the stream is input"
+        );
     }
 
     #[test]

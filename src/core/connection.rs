@@ -7,7 +7,7 @@
 //!   says who and when): a pool thread (the *leader*), or a calling thread reading its own
 //!   reply. The holder only reads frames and routes them; it never runs user code while holding
 //!   it, never writes, and never waits for anything but the socket. A token put back is taken
-//!   by a watching pool thread within a few milliseconds, so something always reads the
+//!   by a watching pool thread within 8 ms, so something always reads the
 //!   connection while it is open, whatever user threads do, and callbacks are served without a
 //!   background thread started by hand.
 //! * **The write half** sits behind a gate (a flag, waited for on a condition variable, so that
@@ -31,12 +31,11 @@
 //!   connection thread (`rpyc-flusher`, counted as one of the pool's) writes them 100 µs after
 //!   the first at the latest; any frame written, and any wait for an async result, writes them
 //!   first. So a thread's frames keep their order, and a slow handler holds nobody's reply back
-//!   for more than that. A reply deferred while a pool thread watches the connection sets no
-//!   timer (waking the flusher for every batch cost more than the writes it saved): the
-//!   watcher, which looks every [`GRACE`](crate::core::dispatch) to
-//!   [`HELD_POLL`](crate::core::dispatch) anyway, arms it if the reply still waits then, and
-//!   the next pool thread to wait for input writes it first; such a reply is at most about
-//!   2 ms late behind a slow handler.
+//!   for more than that. A reply deferred while a pool thread watches the connection and
+//!   looks again within [`HELD_POLL`](crate::core::dispatch::HELD_POLL) sets no timer (waking
+//!   the flusher for every batch cost more than the writes it saved): the watcher, which looks
+//!   then anyway, arms it if the reply still waits, and the next pool thread to wait for input
+//!   writes it first; such a reply is at most about 2 ms late behind a slow handler.
 //! * **Large byte strings are not copied into frames.** A [`Bytes`](crate::Bytes) of 16 KiB
 //!   or more is kept by the frame as a shared reference to its memory and written with the
 //!   rest of the frame by one vectored write ([`crate::wire::OutFrame`]).

@@ -22,8 +22,12 @@
 //!   soon (the next request of a sequential client, the end of a short handler). A pool thread
 //!   *watches* (one thread, looking every [`HELD_POLL`] while someone holds the token) and takes
 //!   the token once it has lain unused for [`GRACE`], so the connection is never left unread for
-//!   more than a few milliseconds: a slow handler delays other requests by at most that, and
-//!   callbacks reach an idle client just as fast. Watchers poll only while the connection is
+//!   more than [`HELD_POLL_MAX`] (8 ms): a slow handler delays other requests by at most that,
+//!   and callbacks reach an idle client just as fast. Each look that finds the token held and
+//!   nothing to do doubles the wait before the next, up to [`HELD_POLL_MAX`]: a look is a
+//!   wake-up, and one in the middle of a large transfer stalls it (about five context switches
+//!   each, in a 1 MiB echo); a look that finds work, or a reply left to the watcher, brings it
+//!   back to [`HELD_POLL`]. Watchers poll only while the connection is
 //!   active (or a caller holds the token), and sleep after [`LINGER`] of quiet. While a frame is
 //!   being written, no caller is blocked and no input waits (in the reader's buffer, in TLS's,
 //!   or in the socket), the watcher leaves the token for another grace period: its holder is
@@ -77,8 +81,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_micros(500);
 /// How long pool threads keep watching after the last lazy release.
 const LINGER: Duration = Duration::from_millis(50);
-/// How often the watcher looks at a reader that someone holds.
-const HELD_POLL: Duration = Duration::from_millis(2);
+/// How often the watcher looks at a reader that someone holds, at first.
+pub(crate) const HELD_POLL: Duration = Duration::from_millis(2);
+/// How seldom the watcher looks at a held reader at most: each look that finds nothing to do
+/// doubles the wait from [`HELD_POLL`] up to this.
+pub(crate) const HELD_POLL_MAX: Duration = Duration::from_millis(8);
 /// How often a caller blocked on its channel checks whether it should read itself.
 pub(crate) const CALLER_POLL: Duration = Duration::from_millis(10);
 
@@ -104,6 +111,16 @@ struct State {
     pool_leads: bool,
     /// Pool threads waiting with a short timeout, ready to take the reader.
     watchers: usize,
+    /// How long the watcher waits before it looks at a held reader again: [`HELD_POLL`],
+    /// doubled after each look that found nothing to do, up to [`HELD_POLL_MAX`].
+    held_poll: Duration,
+    /// When the watcher looks next (while `watchers > 0`).
+    next_look: Instant,
+    /// A reply was left for the watcher to flush since it last looked ([`watched`]).
+    left_to_watcher: bool,
+    /// Looks that went back to [`HELD_POLL`] because a reply had been left to the watcher.
+    #[cfg(test)]
+    left_resets: u64,
     /// Pool threads waiting for work without a timeout.
     idle: usize,
     /// Pool threads started (or about to be) that have not yet looked for work: each will
@@ -182,6 +199,11 @@ impl Pool {
                 releases: 0,
                 pool_leads: false,
                 watchers: 0,
+                held_poll: HELD_POLL,
+                next_look: Instant::now(),
+                left_to_watcher: false,
+                #[cfg(test)]
+                left_resets: 0,
                 idle: 0,
                 starting: 0,
                 callers_waiting: 0,
@@ -575,6 +597,10 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
         }
         if st.reader.is_some() && (fresh || now >= st.released_at + GRACE) {
             if fresh || st.callers_waiting > 0 || !holder_returns(shared, &st) {
+                if !fresh {
+                    // A watcher's look found work: look often again.
+                    st.held_poll = HELD_POLL;
+                }
                 st.pool_leads = true;
                 return st.reader.take().map(Task::Lead);
             }
@@ -591,14 +617,17 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
         let watch =
             st.watchers == 0 && (st.reader.is_some() || !st.pool_leads || now < active_until);
         if watch {
+            let held = st.reader.is_none();
             let wait = match st.reader {
                 Some(_) => (st.released_at + GRACE).saturating_duration_since(now),
                 // Held by a caller, or by a pool leader shortly after activity: it will be put
-                // back lazily, so look again soon (but not as often as for a free reader).
-                None => HELD_POLL,
+                // back lazily, so look again soon (but not as often as for a free reader, and
+                // less often while looks find nothing to do).
+                None => st.held_poll,
             }
             .max(Duration::from_micros(50));
             st.watchers += 1;
+            st.next_look = now + wait;
             st = pool
                 .cv
                 .wait_timeout(st, wait)
@@ -607,8 +636,20 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
             st.watchers -= 1;
             // Never under the pool's lock: the handed frames' lock is taken before it elsewhere.
             drop(st);
-            flush_waiting(shared);
+            let found = flush_waiting(shared);
             st = lock(&pool.state);
+            let left = std::mem::take(&mut st.left_to_watcher);
+            #[cfg(test)]
+            if left {
+                st.left_resets += 1;
+            }
+            if found || left {
+                st.held_poll = HELD_POLL;
+            } else if held && st.reader.is_none() {
+                // Held before and after, nothing handed over: its holders keep coming back in
+                // time, and each look costs a wake-up that can stall a busy transfer.
+                st.held_poll = (st.held_poll * 2).min(HELD_POLL_MAX);
+            }
         } else {
             if !flushed {
                 // What was handed over goes out before this thread stops watching; then the
@@ -620,6 +661,10 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
                 continue;
             }
             st.idle += 1;
+            if st.watchers == 0 {
+                // Nobody watches now: the next watcher starts looking often.
+                st.held_poll = HELD_POLL;
+            }
             let (guard, timeout) = pool
                 .cv
                 .wait_timeout(st, IDLE_TIMEOUT)
@@ -639,19 +684,34 @@ fn next_task(shared: &Arc<Shared>, fresh: bool) -> Option<Task> {
     }
 }
 
-/// Whether a pool thread watches the connection: it wakes every [`GRACE`] to [`HELD_POLL`]
-/// while the connection is active, and then has the flusher write what was handed over and
-/// still waits ([`flush_waiting`]).
+/// Whether a pool thread watches the connection and looks within [`HELD_POLL`]: it then has
+/// the flusher write what was handed over and still waits ([`flush_waiting`]). If it watches,
+/// it looks every [`HELD_POLL`] from its next look on, for the replies that may follow.
 pub(crate) fn watched(shared: &Shared) -> bool {
-    lock(&shared.pool.state).watchers > 0
+    let mut st = lock(&shared.pool.state);
+    if st.watchers == 0 {
+        return false;
+    }
+    st.left_to_watcher = true;
+    st.next_look <= Instant::now() + HELD_POLL
 }
 
-/// Has the flusher write the frames handed over, if some wait (see [`watched`]). Not with the
-/// pool's lock held (starting the flusher takes it).
-fn flush_waiting(shared: &Arc<Shared>) {
-    if shared.has_handed() {
+/// Has the flusher write the frames handed over, if some wait (see [`watched`]); returns
+/// whether some did. Not with the pool's lock held (starting the flusher takes it).
+fn flush_waiting(shared: &Arc<Shared>) -> bool {
+    let waiting = shared.has_handed();
+    if waiting {
         shared.flush_soon(None);
     }
+    waiting
+}
+
+/// The watcher's wait between looks at a held reader, and how many of its looks went back to
+/// [`HELD_POLL`] because a reply had been left to it, for tests.
+#[cfg(test)]
+pub(crate) fn held_poll(shared: &Shared) -> (Duration, u64) {
+    let st = lock(&shared.pool.state);
+    (st.held_poll, st.left_resets)
 }
 
 /// Whether the reader lies free (nobody holds it), for tests.
@@ -680,7 +740,7 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
     loop {
         if !reader.has_buffered() {
             // About to wait for input: replies handed over meanwhile must not wait for it.
-            flush_waiting(shared);
+            let _ = flush_waiting(shared);
         }
         let frame = match reader.read_frame(None) {
             Ok(Got::Frame(f)) => f,

@@ -17,11 +17,12 @@
 //! ended with the connection, or after 10 s without deferrals.
 //!
 //! Replies to requests the peer pipelined are deferred the same way. While a pool thread
-//! watches the connection ([`crate::core::dispatch`]), they set no timer: waking the flusher
-//! for each batch cost more CPU than the writes it saved. The watcher looks every 0.5 to 2 ms
-//! anyway and arms the timer if replies still wait then, and a pool thread about to wait for
-//! input writes them first; usually the reply to the batch's last request has written them
-//! all long before.
+//! watches the connection ([`crate::core::dispatch`]) and looks again within 2 ms, they set no
+//! timer: waking the flusher for each batch cost more CPU than the writes it saved. The
+//! watcher looks anyway and arms the timer if replies still wait then (and looks every 2 ms
+//! from then on, as long as replies are left to it), and a pool thread about to wait for input
+//! writes them first; usually the reply to the batch's last request has written them all long
+//! before.
 
 use crate::base::lock;
 use crate::core::connection::Shared;

@@ -165,3 +165,39 @@ fn with_a_thread_watching_a_reply_waiting_for_the_next_ones_is_not_held_up_by_a_
     }
     reply_not_held_up_by_a_slow_handler(conn, &peer, &probe);
 }
+
+#[test]
+fn a_reply_left_to_a_watcher_that_looks_seldom_makes_it_look_often_again() {
+    // A watcher looking every HELD_POLL_MAX has such a reply written by the flusher; its next
+    // look goes back to every HELD_POLL, for the replies that may follow.
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    let mut id = super::pool::back_off_watcher(&conn, &peer, 1);
+    let (_, resets) = crate::core::dispatch::held_poll(&conn.shared);
+    let until = Instant::now() + LONG;
+    // Tried again if the watcher happened to be between two looks when the reply was left.
+    while crate::core::dispatch::held_poll(&conn.shared).1 == resets {
+        assert!(
+            Instant::now() < until,
+            "the watcher never looked often again"
+        );
+        let mut all = Vec::new();
+        for i in 0..2 {
+            all.extend(frame_bytes(Kind::Call, id + i, 0, "record", &(i as u32,)));
+        }
+        peer.to_conn.write_all(&all).unwrap();
+        // The two may run on two threads: their replies in either order.
+        let mut got: Vec<(u64, u32)> = (0..2)
+            .map(|_| {
+                let f = peer.recv();
+                assert_eq!(f.header.kind, Kind::Reply);
+                (f.header.id, decode(&f))
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, [(id, 0), (id + 1, 1)]);
+        id += 2;
+        std::thread::sleep(2 * crate::core::dispatch::HELD_POLL_MAX);
+    }
+    finish(conn);
+}

@@ -7,7 +7,7 @@ use super::{service, Event};
 use crate::base::lock;
 use crate::core::config::Config;
 use crate::core::connection::Connection;
-use crate::core::dispatch;
+use crate::core::dispatch::{self, HELD_POLL, HELD_POLL_MAX};
 use crate::core::service::Service;
 use crate::error::Error;
 use crate::wire::Kind;
@@ -331,5 +331,49 @@ fn a_reader_left_free_during_a_long_write_waits_for_its_writer_until_input_comes
     peer.reply(call.header.id, &(512usize << 10));
     assert_eq!(writing.join().unwrap().unwrap(), 512 << 10);
     drop(probe);
+    finish(conn);
+}
+
+/// Has the peer make requests one at a time until the watcher waits [`HELD_POLL_MAX`]
+/// between its looks: the pool thread reading puts the reader back lazily to run each request
+/// and takes it again at once, so the watcher's looks find it held and nothing to do. Returns
+/// the next free request id.
+pub(super) fn back_off_watcher(conn: &Connection, peer: &Peer, mut id: u64) -> u64 {
+    let until = std::time::Instant::now() + LONG;
+    loop {
+        let (wait, _) = dispatch::held_poll(&conn.shared);
+        if wait >= HELD_POLL_MAX {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the watcher still looks every {wait:?}"
+        );
+        peer.call(id, 0, "noop", &());
+        peer.recv_reply::<()>(id);
+        id += 1;
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_watcher_that_keeps_finding_the_reader_held_looks_half_as_often_each_time_down_to_a_floor() {
+    let (svc, _probe) = service();
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::Yes);
+    assert_eq!(dispatch::held_poll(&conn.shared).0, HELD_POLL);
+    let mut id = back_off_watcher(&conn, &peer, 1);
+    // More of the same, for several of its looks: the wait grows no further.
+    let until = std::time::Instant::now() + 4 * HELD_POLL_MAX;
+    while std::time::Instant::now() < until {
+        peer.call(id, 0, "noop", &());
+        peer.recv_reply::<()>(id);
+        id += 1;
+        let (wait, _) = dispatch::held_poll(&conn.shared);
+        assert!(
+            wait <= HELD_POLL_MAX,
+            "the watcher waits {wait:?} between looks"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     finish(conn);
 }

@@ -1,12 +1,13 @@
 //! The bottom layer: what every other layer uses and that uses nothing of theirs. Locks that
 //! survive a panic elsewhere, deadlines that cannot overflow, the one wrapper around the
 //! operating system (`sys`), the threads the crate starts, the cache of large buffers, the
-//! receive buffers that grow with traffic, and the bounds a peer's data is held to.
+//! receive buffers that grow with traffic, the short spin before a wait for input, and the bounds a peer's data is held to.
 
 pub(crate) mod buffers;
 pub(crate) mod limits;
 pub(crate) mod mailbox;
 pub(crate) mod recv_buf;
+pub(crate) mod spin;
 #[cfg(unix)]
 pub(crate) mod sys;
 #[cfg(test)]

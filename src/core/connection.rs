@@ -6,7 +6,9 @@
 //! * **The read half** is a token held by at most one thread at a time ([`crate::core::dispatch`]
 //!   says who and when): a pool thread (the *leader*), or a calling thread reading its own
 //!   reply. The holder only reads frames and routes them; it never runs user code while holding
-//!   it, never writes, and never waits for anything but the socket. A token put back is taken
+//!   it, never writes, and never waits for anything but the socket (a holder about to wait for
+//!   the next frame looks for it for up to 50 µs first, while the peer answers that fast:
+//!   [`crate::base::spin`]). A token put back is taken
 //!   by a watching pool thread within 8 ms, so something always reads the
 //!   connection while it is open, whatever user threads do, and callbacks are served without a
 //!   background thread started by hand.
@@ -224,6 +226,9 @@ struct Writer {
     /// and together (one vectored write for many), before it opens the gate; the threads go
     /// back to work at once instead of waiting for the gate.
     handed: Mutex<Vec<OutFrame>>,
+    /// A pipelined reply was handed over with no timer armed, for a watcher or the next pool
+    /// thread to wait for input to have written ([`Shared::left_unwritten`]).
+    unarmed: AtomicBool,
 }
 
 /// Largest reply handed to the gate's holder rather than waited for (see `Writer::handed`).
@@ -406,6 +411,7 @@ impl Connection {
                 waiting: Mutex::new(()),
                 cv: Condvar::new(),
                 handed: Mutex::new(Vec::new()),
+                unarmed: AtomicBool::new(false),
                 sink: Mutex::new(writer),
             },
             control,
@@ -799,6 +805,13 @@ impl Shared {
     /// [`HAND_OVER_FRAMES`] wait; gives it back otherwise. The caller makes sure a holder comes
     /// (the one there is, [`write_handed`](Self::write_handed), or the flusher).
     fn hand_over(&self, frame: OutFrame) -> Result<(), OutFrame> {
+        if std::env::var("RPYC_DEBUG_SPAWN").is_ok() {
+            eprintln!(
+                "HAND {:?} {}",
+                std::thread::current().name(),
+                std::backtrace::Backtrace::force_capture()
+            );
+        }
         if frame.len() > HAND_OVER_MAX {
             return Err(frame);
         }
@@ -879,6 +892,17 @@ impl Shared {
     /// Whether frames handed over wait to be written.
     pub(crate) fn has_handed(&self) -> bool {
         !lock(&self.writer.handed).is_empty()
+    }
+
+    /// Whether a pipelined reply handed over without a timer ([`dispatch::watched`]) may still
+    /// wait with nobody to write it: frames are handed over and nobody holds the gate (its
+    /// holder writes them before it lets the next writer in). Other frames handed over are on
+    /// their way: their thread writes them if the gate is free. Each such reply is answered
+    /// once: the next call says no until another is handed over.
+    ///
+    /// [`dispatch::watched`]: crate::core::dispatch::watched
+    pub(crate) fn left_unwritten(&self) -> bool {
+        self.writer.unarmed.swap(false, Ordering::AcqRel) && self.has_handed() && !self.writing()
     }
 
     /// Writes the frames handed over (deferred async calls, replies, calls) now, waiting for
@@ -1411,8 +1435,9 @@ impl Shared {
             // A pool thread watching the connection looks at it every few hundred microseconds
             // anyway, and has the flusher write it if it still waits then: no timer to arm.
             Ok(()) if frame.more && crate::core::dispatch::watched(self) => {
-                if let Err(out) = self.hand_over(out) {
-                    self.write_reply(out);
+                match self.hand_over(out) {
+                    Ok(()) => self.writer.unarmed.store(true, Ordering::Release),
+                    Err(out) => self.write_reply(out),
                 }
             }
             Ok(()) if frame.more => {

@@ -40,6 +40,12 @@
 //! When other callers are blocked waiting, the token is never left lying: it goes to a pool
 //! thread at once, which routes their replies.
 //!
+//! A holder about to wait for the next frame (the leader, or a caller) first looks for input
+//! for up to 50 µs if the previous wait on the connection was that short
+//! ([`FrameReader::next_frame`], [`crate::base::spin`]): a peer that answers that fast is
+//! then read without a sleep and a wake-up, which on a virtual machine cost more than the
+//! wait. The leader writes the replies handed over to it before it starts looking.
+//!
 //! # The pool
 //!
 //! The pool's first thread is started when the connection is established, or, on a server
@@ -696,10 +702,11 @@ pub(crate) fn watched(shared: &Shared) -> bool {
     st.next_look <= Instant::now() + HELD_POLL
 }
 
-/// Has the flusher write the frames handed over, if some wait (see [`watched`]); returns
-/// whether some did. Not with the pool's lock held (starting the flusher takes it).
+/// Has the flusher write a pipelined reply left to the watcher, if it still waits with nobody
+/// to write it ([`Shared::left_unwritten`]); returns whether it did. Not with the pool's lock
+/// held (starting the flusher takes it).
 fn flush_waiting(shared: &Arc<Shared>) -> bool {
-    let waiting = shared.has_handed();
+    let waiting = shared.left_unwritten();
     if waiting {
         shared.flush_soon(None);
     }
@@ -742,7 +749,7 @@ fn lead(shared: &Arc<Shared>, mut reader: FrameReader) -> Option<Frame> {
             // About to wait for input: replies handed over meanwhile must not wait for it.
             let _ = flush_waiting(shared);
         }
-        let frame = match reader.read_frame(None) {
+        let frame = match reader.next_frame(None) {
             Ok(Got::Frame(f)) => f,
             Ok(Got::NotYet) => {
                 if let Some(idle) = shared.idle_for() {
@@ -873,7 +880,7 @@ pub(crate) fn read_for_caller(
             release(shared, reader, Release::Now);
             return CallerRead::TimedOut;
         }
-        let frame = match reader.read_frame(Some(deadline)) {
+        let frame = match reader.next_frame(Some(deadline)) {
             Ok(Got::Frame(f)) => f,
             Ok(Got::NotYet) => {
                 release(shared, reader, Release::Now);

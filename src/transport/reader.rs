@@ -8,6 +8,7 @@
 use crate::base::buffers;
 use crate::base::limits::{Activity, Budget, Charge, FRAME_OVERHEAD};
 use crate::base::recv_buf::RecvBuf;
+use crate::base::spin::{Slots, SLOTS, SPIN_FOR};
 use crate::error::Error;
 use crate::transport::Control;
 use crate::wire::codec::{Detached, PLACEHOLDER};
@@ -85,6 +86,11 @@ pub(crate) struct FrameReader {
     partial: Partial,
     /// When the frame being read last made progress.
     progress_at: Instant,
+    /// Look for input a while before blocking for the next frame ([`FrameReader::next_frame`]):
+    /// the last wait for a frame was short.
+    spin: bool,
+    /// Where spinning threads take their place.
+    slots: &'static Slots,
 }
 
 /// How long one read by a calling thread may block before it checks its deadline.
@@ -137,9 +143,32 @@ impl FrameReader {
             activity: limits.activity,
             partial: Partial::Idle,
             progress_at: Instant::now(),
+            spin: true,
+            slots: &SLOTS,
         };
         r.set_sliced(false);
         r
+    }
+
+    /// Reads the next frame as [`read_frame`](Self::read_frame) does; but if nothing of it is
+    /// here yet and the last wait for a frame took at most [`SPIN_FOR`], first looks for input
+    /// for up to that long (and until `deadline`) before blocking ([`crate::base::spin`]): the
+    /// peer answers that fast, and sleeping would cost more than the wait. A wait that took
+    /// longer (the peer is slow, or the connection quiet) turns the looking off until a wait is
+    /// short again.
+    pub(crate) fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Got, Error> {
+        if self.has_buffered() || !matches!(self.partial, Partial::Idle) {
+            return self.read_frame(deadline);
+        }
+        let start = Instant::now();
+        if self.spin {
+            let control = &self.control;
+            self.slots.spin(deadline, || control.input_waiting());
+        }
+        let got = self.read_frame(deadline);
+        // A tick or a deadline that passed first was a long wait too.
+        self.spin = matches!(got, Ok(Got::Frame(_))) && start.elapsed() <= SPIN_FOR;
+        got
     }
 
     /// Whether bytes the peer sent are read but not yet taken (the start of a next frame).
@@ -727,6 +756,54 @@ mod tests {
     /// A reader over `pieces` (with `None` a read that times out).
     fn scripted(pieces: Vec<Option<Vec<u8>>>, limits: ReadLimits) -> FrameReader {
         FrameReader::new(Box::new(Script(pieces.into())), limits, Arc::new(NoCtl))
+    }
+
+    /// A control that counts how often it is asked whether input waits, and always says no.
+    #[derive(Default)]
+    struct Looks(std::sync::atomic::AtomicUsize);
+
+    impl Control for Looks {
+        fn shutdown(&self) {}
+        fn input_waiting(&self) -> bool {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }
+    }
+
+    #[test]
+    fn a_reader_looks_for_input_before_waiting_for_a_frame_only_while_its_waits_are_short() {
+        let n = 40;
+        let pieces = (0..n)
+            .map(|_| Some(frame_bytes(Kind::Reply, &cbor(&"x"))))
+            .collect::<Vec<_>>();
+        let looks = Arc::new(Looks::default());
+        let mut r = FrameReader::new(
+            Box::new(Script(pieces.into())),
+            limits(1 << 20),
+            looks.clone(),
+        );
+        r.slots = Box::leak(Box::new(Slots::new(1)));
+        let count = || looks.0.load(std::sync::atomic::Ordering::SeqCst);
+        let next = |r: &mut FrameReader| assert!(matches!(r.next_frame(None), Ok(Got::Frame(_))));
+        // The first wait: it looks (here for all of SPIN_FOR, as no input ever shows), and that
+        // wait was long.
+        next(&mut r);
+        let first = count();
+        assert!(first > 1, "it looked {first} times before the first frame");
+        // So the next one does not look; the frame is there at once, a short wait.
+        next(&mut r);
+        assert_eq!(count(), first, "it looked after a long wait");
+        // A short wait turns looking on again (some wait is short, however slow the machine).
+        let mut looked_again = false;
+        for _ in 2..n {
+            let before = count();
+            next(&mut r);
+            if count() > before {
+                looked_again = true;
+                break;
+            }
+        }
+        assert!(looked_again, "it never looked again after short waits");
     }
 
     fn past() -> Option<Instant> {

@@ -287,6 +287,10 @@ enum Stopped {
 ///   first of them (at once if anyone waits for a result; a reply behind a slow handler at
 ///   most about 2 ms late). A lone async call, a synchronous call and a reply to a lone
 ///   request are written at once.
+/// * A thread waiting for the next frame (your calling thread reading its reply, or the
+///   connection's reading thread) looks for it for up to 50 µs before it sleeps, yielding its
+///   CPU between looks, while the peer has been answering that fast: no sleep and wake-up per
+///   call. At most as many threads as the process may run at once do so at a time.
 /// * Requests from the peer are handed to threads in arrival order and run concurrently, on
 ///   up to [`Options::max_workers`](crate::Options::max_workers) threads (so a later handler may
 ///   begin a moment before an earlier one): a slow handler delays no other call. Calls from different threads, async calls and oneway calls may therefore

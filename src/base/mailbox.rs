@@ -8,6 +8,7 @@
 //! is only woken by its own deadline.
 
 use crate::base::lock;
+use crate::base::spin::Slots;
 pub(crate) use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -115,6 +116,22 @@ impl<T> Receiver<T> {
         self.wait(Some(deadline))
     }
 
+    /// Like [`recv_deadline`](Self::recv_deadline), but looks for an item for a while first
+    /// (with a place from `slots`: [`crate::base::spin`]) before it parks.
+    pub(crate) fn recv_deadline_spinning(
+        &self,
+        deadline: Instant,
+        slots: &Slots,
+    ) -> Result<T, RecvTimeoutError> {
+        // A look never waits for the lock: the sender holds it only to push.
+        slots.spin(Some(deadline), || {
+            self.0
+                .try_lock()
+                .is_ok_and(|st| !st.items.is_empty() || st.closed)
+        });
+        self.wait(Some(deadline))
+    }
+
     /// The next item, waiting as long as it takes; `None` once the sender is gone and nothing
     /// is left.
     pub(crate) fn recv(&self) -> Option<T> {
@@ -152,6 +169,35 @@ mod tests {
         assert_eq!(rx.recv_deadline(far), Ok(7));
         assert_eq!(rx.recv_deadline(far), Err(RecvTimeoutError::Disconnected));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_receiver_that_looks_before_it_parks_gets_its_item_or_the_senders_end_or_its_deadline() {
+        let slots = Slots::new(1);
+        let (tx, rx) = mailbox::<u32>();
+        let far = Instant::now() + Duration::from_secs(30);
+        // Sent while it looks, or after it parked: either way it arrives.
+        let t = thread::spawn(move || {
+            tx.send(7);
+            thread::sleep(Duration::from_millis(20));
+            tx.send(8);
+            thread::sleep(Duration::from_millis(20));
+            drop(tx);
+        });
+        assert_eq!(rx.recv_deadline_spinning(far, &slots), Ok(7));
+        assert_eq!(rx.recv_deadline_spinning(far, &slots), Ok(8));
+        assert_eq!(
+            rx.recv_deadline_spinning(far, &slots),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        t.join().unwrap();
+        let (_tx, rx) = mailbox::<u32>();
+        let soon = Instant::now() + Duration::from_millis(5);
+        assert_eq!(
+            rx.recv_deadline_spinning(soon, &slots),
+            Err(RecvTimeoutError::Timeout)
+        );
+        assert!(Instant::now() >= soon);
     }
 
     #[test]

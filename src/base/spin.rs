@@ -7,12 +7,17 @@
 //! [`SPIN_FOR`] (50 µs), giving its CPU to any other runnable thread between looks, and blocks
 //! only if none came ([`FrameReader`](crate::transport::reader::FrameReader) decides when;
 //! only where a reply or request is likely soon: the previous wait on that connection was
-//! that short).
+//! that short). A calling thread waiting for a reply that another thread of the connection
+//! reads looks at its own mailbox the same way, while its connection's last such wait took at
+//! most [`SHORT_REPLY_WAIT`] (200 µs): the reader then hands the reply over without waking
+//! anybody.
 //!
-//! Bounds: a spin lasts at most [`SPIN_FOR`], and at most as many threads as the process may
-//! run at once ([`std::thread::available_parallelism`]) spin at any time; others block at
-//! once. Each look is a system call (`poll` with a zero timeout) and each turn gives the CPU
-//! away (`sched_yield`), so a spinning thread only takes CPU time nobody else wanted.
+//! Bounds: a spin lasts at most [`SPIN_FOR`]; at most as many threads as the process may run at
+//! once ([`std::thread::available_parallelism`]) spin before reading a connection
+//! ([`SLOTS`]), and at most four times as many calling threads spin on their mailbox
+//! ([`WAITER_SLOTS`]); others block at once. Each look is a system call (`poll` with a zero
+//! timeout) or a lock attempt, and each turn gives the CPU away (`sched_yield`), so a spinning
+//! thread only takes CPU time no other runnable thread wanted.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,29 +25,54 @@ use std::time::{Duration, Instant};
 /// How long a thread looks for input before it blocks.
 pub(crate) const SPIN_FOR: Duration = Duration::from_micros(50);
 
+/// A calling thread waiting for a reply that another thread reads looks for it first (for up to
+/// [`SPIN_FOR`]) while the last such wait on its connection took at most this long. Such a wait
+/// includes the turns of the other threads sharing the connection, so it is longer than a
+/// reader's; a spin that ends in a sleep costs at most a quarter of such a wait.
+pub(crate) const SHORT_REPLY_WAIT: Duration = Duration::from_micros(200);
+
 /// Places for threads spinning at once.
 pub(crate) struct Slots {
     taken: AtomicUsize,
-    /// How many; 0 until first needed, then [`std::thread::available_parallelism`].
+    /// How many; 0 until first needed, then `per_cpu` times
+    /// [`std::thread::available_parallelism`].
     limit: AtomicUsize,
+    per_cpu: usize,
 }
 
-/// The process's: as many as it may run threads at once.
-pub(crate) static SLOTS: Slots = Slots::new(0);
+/// The process's places for threads about to read a connection: as many as it may run threads
+/// at once.
+pub(crate) static SLOTS: Slots = Slots::per_cpu(1);
+
+/// The process's places for calling threads waiting for a reply that another thread reads:
+/// four per CPU the process may use.
+pub(crate) static WAITER_SLOTS: Slots = Slots::per_cpu(4);
 
 impl Slots {
-    /// `limit` places (0: as many as the process may run threads at once).
+    /// `limit` places.
+    #[cfg(test)]
     pub(crate) const fn new(limit: usize) -> Slots {
         Slots {
             taken: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
+            per_cpu: 1,
+        }
+    }
+
+    /// `n` places for every CPU the process may use.
+    pub(crate) const fn per_cpu(n: usize) -> Slots {
+        Slots {
+            taken: AtomicUsize::new(0),
+            limit: AtomicUsize::new(0),
+            per_cpu: n,
         }
     }
 
     fn limit(&self) -> usize {
         match self.limit.load(Ordering::Relaxed) {
             0 => {
-                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let n = cpus * self.per_cpu;
                 self.limit.store(n, Ordering::Relaxed);
                 n
             }
@@ -128,8 +158,9 @@ mod tests {
     }
 
     #[test]
-    fn the_process_has_as_many_places_as_it_may_run_threads() {
+    fn the_process_has_places_per_cpu_it_may_use() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(Slots::new(0).limit(), n);
+        assert_eq!(Slots::per_cpu(1).limit(), n);
+        assert_eq!(Slots::per_cpu(4).limit(), 4 * n);
     }
 }

@@ -108,6 +108,7 @@
 use crate::base::limits::{Activity, Budget};
 use crate::base::lock;
 use crate::base::mailbox::{self, Receiver, RecvTimeoutError, Sender};
+use crate::base::spin::{SHORT_REPLY_WAIT, WAITER_SLOTS};
 use crate::base::threads::ThreadSet;
 use crate::core::config::Config;
 use crate::core::context::{self, Scope};
@@ -205,6 +206,9 @@ pub(crate) struct Shared {
     serving: AtomicUsize,
     /// Async calls made in a burst, written together ([`crate::core::flush`]).
     pub(crate) deferral: Deferral,
+    /// A calling thread that waits for a reply another thread reads looks for it a while
+    /// before it parks ([`Receiver::recv_deadline_spinning`]): the last such wait was short.
+    callers_spin: AtomicBool,
 }
 
 /// The write half of a connection: one frame at a time, through a gate that a thread can wait
@@ -290,7 +294,9 @@ enum Stopped {
 /// * A thread waiting for the next frame (your calling thread reading its reply, or the
 ///   connection's reading thread) looks for it for up to 50 µs before it sleeps, yielding its
 ///   CPU between looks, while the peer has been answering that fast: no sleep and wake-up per
-///   call. At most as many threads as the process may run at once do so at a time.
+///   call. At most as many threads as the process may run at once do so at a time. A calling
+///   thread whose reply another thread reads looks for it the same way while such replies have
+///   been coming within 200 µs (at most four such threads per CPU at a time).
 /// * Requests from the peer are handed to threads in arrival order and run concurrently, on
 ///   up to [`Options::max_workers`](crate::Options::max_workers) threads (so a later handler may
 ///   begin a moment before an earlier one): a slow handler delays no other call. Calls from different threads, async calls and oneway calls may therefore
@@ -441,6 +447,7 @@ impl Connection {
             activity: activity.clone(),
             serving: AtomicUsize::new(0),
             deferral: Deferral::new(opts.batching),
+            callers_spin: AtomicBool::new(true),
         });
         let limits = ReadLimits {
             max_frame: opts.max_frame,
@@ -893,6 +900,13 @@ impl Shared {
         }
     }
 
+    /// Whether a calling thread waiting for a reply would look for it before it parks, for
+    /// tests.
+    #[cfg(test)]
+    pub(crate) fn callers_spin(&self) -> bool {
+        self.callers_spin.load(Ordering::Relaxed)
+    }
+
     /// Whether frames handed over wait to be written.
     pub(crate) fn has_handed(&self) -> bool {
         !lock(&self.writer.handed).is_empty()
@@ -1207,9 +1221,18 @@ impl Shared {
                     CallerRead::Ended => {}
                 }
             }
-            let poll = Instant::now() + dispatch::CALLER_POLL;
+            let now = Instant::now();
+            let until = (now + dispatch::CALLER_POLL).min(deadline);
             dispatch::caller_blocked(self, true);
-            let got = p.rx.recv_deadline(poll.min(deadline));
+            let got = if self.callers_spin.load(Ordering::Relaxed) {
+                p.rx.recv_deadline_spinning(until, &WAITER_SLOTS)
+            } else {
+                p.rx.recv_deadline(until)
+            };
+            self.callers_spin.store(
+                got.is_ok() && now.elapsed() <= SHORT_REPLY_WAIT,
+                Ordering::Relaxed,
+            );
             dispatch::caller_blocked(self, false);
             match got {
                 Ok(Delivery::Reply(f)) => return Ok(f),

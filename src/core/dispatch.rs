@@ -44,7 +44,10 @@
 //! for up to 50 µs if the previous wait on the connection was that short
 //! ([`FrameReader::next_frame`], [`crate::base::spin`]): a peer that answers that fast is
 //! then read without a sleep and a wake-up, which on a virtual machine cost more than the
-//! wait. The leader writes the replies handed over to it before it starts looking.
+//! wait. The leader writes the replies handed over to it before it starts looking. A caller
+//! blocked on its channel looks at it the same way first, while such waits on the connection
+//! have been short ([`crate::base::spin::SHORT_REPLY_WAIT`]), so the thread routing its reply
+//! need not wake it.
 //!
 //! # The pool
 //!

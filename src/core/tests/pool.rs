@@ -377,3 +377,42 @@ fn a_watcher_that_keeps_finding_the_reader_held_looks_half_as_often_each_time_do
     }
     finish(conn);
 }
+
+#[test]
+fn a_caller_looks_for_its_reply_before_it_parks_only_while_replies_come_within_a_short_wait() {
+    use crate::base::spin::SHORT_REPLY_WAIT;
+    let (svc, _probe) = service();
+    // Pipes cannot time out a read: callers never read, they wait for the pool's thread.
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::No);
+    let call = |conn: &Connection| {
+        let c = conn.clone();
+        thread::spawn(move || c.root().call::<(), _>("noop", ()))
+    };
+    let answer = |delay: Duration| {
+        let t = call(&conn);
+        let id = peer.recv_call("noop").header.id;
+        thread::sleep(delay);
+        peer.reply(id, &());
+        t.join().unwrap().unwrap();
+    };
+    // A reply that takes long: the next caller parks at once.
+    answer(10 * SHORT_REPLY_WAIT);
+    assert!(
+        !conn.shared.callers_spin(),
+        "callers still look after a long wait"
+    );
+    // Replies that come at once: callers look again (some reply is quick, however slow the
+    // machine).
+    let until = std::time::Instant::now() + LONG;
+    while !conn.shared.callers_spin() {
+        assert!(
+            std::time::Instant::now() < until,
+            "callers never looked again"
+        );
+        answer(Duration::ZERO);
+    }
+    // And a long one turns it off again.
+    answer(10 * SHORT_REPLY_WAIT);
+    assert!(!conn.shared.callers_spin());
+    finish(conn);
+}

@@ -816,13 +816,6 @@ impl Shared {
     /// [`HAND_OVER_FRAMES`] wait; gives it back otherwise. The caller makes sure a holder comes
     /// (the one there is, [`write_handed`](Self::write_handed), or the flusher).
     fn hand_over(&self, frame: OutFrame) -> Result<(), OutFrame> {
-        if std::env::var("RPYC_DEBUG_SPAWN").is_ok() {
-            eprintln!(
-                "HAND {:?} {}",
-                std::thread::current().name(),
-                std::backtrace::Backtrace::force_capture()
-            );
-        }
         if frame.len() > HAND_OVER_MAX {
             return Err(frame);
         }

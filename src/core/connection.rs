@@ -905,6 +905,22 @@ impl Shared {
         !lock(&self.writer.handed).is_empty()
     }
 
+    /// Hands a pipelined reply over with no timer armed, for a watcher or the next pool thread
+    /// to wait for input to have written ([`left_unwritten`](Self::left_unwritten)); gives it
+    /// back if it cannot wait so.
+    pub(crate) fn leave_to_watcher(&self, frame: OutFrame) -> Result<(), OutFrame> {
+        self.hand_over(frame)?;
+        self.writer.unarmed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Hands a frame over as [`write_reply`](Self::write_reply) does before it writes it, for
+    /// tests.
+    #[cfg(test)]
+    pub(crate) fn hand_over_in_transit(&self, frame: OutFrame) {
+        assert!(self.hand_over(frame).is_ok(), "the frame was not taken");
+    }
+
     /// Whether a pipelined reply handed over without a timer ([`dispatch::watched`]) may still
     /// wait with nobody to write it: frames are handed over and nobody holds the gate (its
     /// holder writes them before it lets the next writer in). Other frames handed over are on
@@ -1455,9 +1471,8 @@ impl Shared {
             // A pool thread watching the connection looks at it every few hundred microseconds
             // anyway, and has the flusher write it if it still waits then: no timer to arm.
             Ok(()) if frame.more && crate::core::dispatch::watched(self) => {
-                match self.hand_over(out) {
-                    Ok(()) => self.writer.unarmed.store(true, Ordering::Release),
-                    Err(out) => self.write_reply(out),
+                if let Err(out) = self.leave_to_watcher(out) {
+                    self.write_reply(out);
                 }
             }
             Ok(()) if frame.more => {

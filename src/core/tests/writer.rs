@@ -298,3 +298,47 @@ fn a_call_that_times_out_unsent_takes_back_its_own_frame_never_a_reply_with_the_
     drop(root);
     finish(conn);
 }
+
+/// A sealed reply frame with `value`.
+fn reply_frame(id: u64, value: u32) -> crate::wire::OutFrame {
+    let mut out = crate::wire::OutFrame::new(0);
+    crate::wire::codec::encode_into(out.payload(), &value).unwrap();
+    out.seal(Kind::Reply, id, 0, 0, "").unwrap();
+    out
+}
+
+#[test]
+fn only_a_reply_left_to_the_watcher_and_nobody_writing_counts_as_left_unwritten_and_once() {
+    let (svc, _probe) = service();
+    // Pipes cannot time out a read: the pool's reading thread waits without ticks, so no other
+    // thread asks meanwhile.
+    let (conn, peer) = connect(&Config::default(), svc, Timeouts::No);
+    let shared = &conn.shared;
+    // A reply on its way to a free writer (its thread writes it right after handing it over):
+    // nobody is to be asked to write it.
+    shared.hand_over_in_transit(reply_frame(1, 1));
+    assert!(
+        !shared.left_unwritten(),
+        "a reply in transit counted as left"
+    );
+    // A reply left to the watcher: counted, once.
+    assert!(shared.leave_to_watcher(reply_frame(2, 2)).is_ok());
+    assert!(shared.left_unwritten());
+    assert!(!shared.left_unwritten(), "counted twice");
+    shared.write_handed(None);
+    assert_eq!(peer.recv_reply::<u32>(1), 1);
+    assert_eq!(peer.recv_reply::<u32>(2), 2);
+    // While a thread holds the gate, it writes what waits before letting the next writer in:
+    // not counted either, and it does go out.
+    let (stuck, big) = hold_the_gate(&conn, &peer, "c");
+    assert!(shared.leave_to_watcher(reply_frame(3, 3)).is_ok());
+    assert!(
+        !shared.left_unwritten(),
+        "counted while the gate's holder will write it"
+    );
+    peer.from_conn.set_capacity(1 << 20);
+    assert_eq!(logged(&peer), big);
+    stuck.join().unwrap().unwrap();
+    assert_eq!(peer.recv_reply::<u32>(3), 3);
+    finish(conn);
+}

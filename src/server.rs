@@ -485,7 +485,8 @@ impl ServerBuilder {
     /// Binds the listening socket. Fails if the authenticator's configuration is wrong (e.g.
     /// a CA file that does not load). The first server a process builds raises the process's
     /// soft limit on open files to its hard limit (as Go's runtime does): each connection
-    /// holds one descriptor.
+    /// holds one descriptor (two while its handshake runs, so that closing the server can end
+    /// it from another thread).
     pub fn build(self) -> Result<Server, Error> {
         raise_descriptor_limit();
         if let Some(a) = &self.authenticator {

@@ -83,13 +83,23 @@ impl Slots {
     /// Looks for input (`ready`) until it comes, `until` passes or [`SPIN_FOR`] has gone by,
     /// yielding the CPU between looks; returns whether it came. Looks not at all (returns
     /// false) if every place is taken.
-    pub(crate) fn spin(&self, until: Option<Instant>, mut ready: impl FnMut() -> bool) -> bool {
+    pub(crate) fn spin(&self, until: Option<Instant>, ready: impl FnMut() -> bool) -> bool {
+        self.spin_for(SPIN_FOR, until, ready)
+    }
+
+    /// As [`spin`](Self::spin), for at most `most` rather than [`SPIN_FOR`].
+    fn spin_for(
+        &self,
+        most: Duration,
+        until: Option<Instant>,
+        mut ready: impl FnMut() -> bool,
+    ) -> bool {
         if self.taken.fetch_add(1, Ordering::AcqRel) >= self.limit() {
             self.taken.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
         let start = Instant::now();
-        let end = until.map_or(start + SPIN_FOR, |u| u.min(start + SPIN_FOR));
+        let end = until.map_or(start + most, |u| u.min(start + most));
         let came = loop {
             if ready() {
                 break true;
@@ -113,7 +123,9 @@ mod tests {
     fn a_spin_looks_until_input_comes() {
         let slots = Slots::new(1);
         let looks = Cell::new(0);
-        let came = slots.spin(None, || {
+        // Longer than SPIN_FOR: on a busy machine, each yield may give the CPU away for longer
+        // than that.
+        let came = slots.spin_for(Duration::from_secs(10), None, || {
             looks.set(looks.get() + 1);
             looks.get() == 3
         });

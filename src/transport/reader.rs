@@ -785,11 +785,12 @@ mod tests {
         r.slots = Box::leak(Box::new(Slots::new(1)));
         let count = || looks.0.load(std::sync::atomic::Ordering::SeqCst);
         let next = |r: &mut FrameReader| assert!(matches!(r.next_frame(None), Ok(Got::Frame(_))));
-        // The first wait: it looks (here for all of SPIN_FOR, as no input ever shows), and that
-        // wait was long.
+        // The first wait: it looks (here for all of SPIN_FOR, as no input ever shows: several
+        // times, or once on a machine so busy that one yield outlasts SPIN_FOR), and that wait
+        // was long.
         next(&mut r);
         let first = count();
-        assert!(first > 1, "it looked {first} times before the first frame");
+        assert!(first >= 1, "it did not look before the first frame");
         // So the next one does not look; the frame is there at once, a short wait.
         next(&mut r);
         assert_eq!(count(), first, "it looked after a long wait");

@@ -1238,10 +1238,12 @@ impl Shared {
             } else {
                 p.rx.recv_deadline(until)
             };
-            self.callers_spin.store(
-                got.is_ok() && now.elapsed() <= SHORT_REPLY_WAIT,
-                Ordering::Relaxed,
-            );
+            let short = got.is_ok() && now.elapsed() <= SHORT_REPLY_WAIT;
+            // Written only when it changes: every thread sharing the connection reads it, and a
+            // store per call would move its cache line between their CPUs.
+            if self.callers_spin.load(Ordering::Relaxed) != short {
+                self.callers_spin.store(short, Ordering::Relaxed);
+            }
             dispatch::caller_blocked(self, false);
             match got {
                 Ok(Delivery::Reply(f)) => return Ok(f),
